@@ -1,0 +1,23 @@
+"""Failures of one task, each carrying the protocol error code it is published with."""
+
+from __future__ import annotations
+
+from . import protocol
+
+
+class TaskFailure(Exception):
+    """A task could not be completed; `str(exc)` is the user-facing message (sanitized later)."""
+
+    code = protocol.INTERNAL_ERROR
+
+
+class LlmError(TaskFailure):
+    code = protocol.LLM_ERROR
+
+
+class TaskTimeout(TaskFailure):
+    code = protocol.INTERNAL_ERROR
+
+
+class InvalidTask(TaskFailure):
+    code = protocol.INVALID_INPUT

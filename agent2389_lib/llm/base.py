@@ -1,0 +1,62 @@
+"""Provider-neutral chat types; each provider converts them to its own wire format."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+from ..errors import TaskTimeout
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: Any  # parsed JSON; a provider's malformed arguments arrive as the raw string
+
+
+@dataclass(frozen=True)
+class ToolDef:
+    name: str
+    description: str
+    schema: dict
+
+
+@dataclass
+class Message:
+    """role is "user", "assistant" or "tool" (a tool result answering `tool_call_id`)."""
+
+    role: str
+    content: str = ""
+    tool_calls: list = field(default_factory=list)
+    tool_call_id: Optional[str] = None
+    tool_name: Optional[str] = None
+    is_error: bool = False
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    text: str
+    tool_calls: tuple = ()
+    finish_reason: str = "stop"
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+class Provider(Protocol):
+    name: str
+
+    def verify(self) -> None:
+        """Check at startup that the provider answers (raises LlmError)."""
+
+    def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
+        """One completion; raises LlmError or TaskTimeout."""
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left before the task deadline; raises TaskTimeout when none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TaskTimeout("task deadline passed")
+    return left

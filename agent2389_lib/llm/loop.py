@@ -1,0 +1,92 @@
+"""The agent loop (PROTOCOL.md 4): messages, tool calls, budget, failover between providers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional, Protocol
+
+from ..config import BudgetSettings
+from ..errors import LlmError
+from ..protocol import TaskEnvelope, rfc3339
+from .base import ChatReply, Message, Provider, ToolCall
+
+log = logging.getLogger("agent2389.llm")
+
+BUDGET_SPENT = ("The tool budget for this task is spent. Give your best final answer now, "
+                "using what you already have.")
+
+
+class ToolBox(Protocol):
+    def definitions(self) -> list: ...
+
+    def execute(self, call: ToolCall, deadline: float) -> tuple[bool, str]:
+        """(ok, content): content goes back to the model as the tool result."""
+
+
+def initial_messages(envelope: TaskEnvelope) -> list[Message]:
+    messages = []
+    if envelope.instruction is not None:
+        messages.append(Message("user", envelope.instruction))
+    if envelope.input is not None:
+        messages.append(Message("user", "Input data: " + json.dumps(envelope.input, separators=(",", ":"),
+                                                                    ensure_ascii=False)))
+    return messages or [Message("user", "(no instruction or input was given)")]
+
+
+class ProviderChain:
+    """Providers tried in order; the next one is asked only when the previous failed after retries."""
+
+    def __init__(self, providers: list[Provider]):
+        self.providers = providers
+
+    def verify(self) -> None:
+        self.providers[0].verify()
+
+    def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
+        failure: Optional[LlmError] = None
+        for index, provider in enumerate(self.providers):
+            try:
+                reply = provider.chat(system, messages, tools, deadline)
+            except LlmError as exc:
+                failure = exc
+                if index + 1 < len(self.providers):
+                    log.warning("provider %s failed (%s); failing over to %s", provider.name, exc,
+                                self.providers[index + 1].name)
+                continue
+            if index:
+                log.info("provider %s answered after failover", provider.name)
+            return reply
+        assert failure is not None
+        raise failure
+
+
+class AgentLoop:
+    def __init__(self, chain: ProviderChain, tools: Optional[ToolBox], budget: BudgetSettings, system_prompt: str):
+        self.chain = chain
+        self.tools = tools
+        self.budget = budget
+        self.system_prompt = system_prompt
+
+    def think(self, envelope: TaskEnvelope, deadline: float) -> str:
+        system = f"{self.system_prompt}\n\nCurrent UTC time: {rfc3339()}"
+        messages = initial_messages(envelope)
+        definitions = self.tools.definitions() if self.tools else []
+        tool_calls = 0
+        for iteration in range(1, self.budget.max_iterations + 1):
+            offer = bool(definitions) and tool_calls < self.budget.max_tool_calls \
+                and iteration < self.budget.max_iterations
+            if definitions and not offer and iteration > 1:
+                messages.append(Message("user", BUDGET_SPENT))
+            reply = self.chain.chat(system, messages, definitions if offer else [], deadline)
+            if not (offer and reply.tool_calls):
+                return reply.text
+            messages.append(Message("assistant", reply.text, tool_calls=list(reply.tool_calls)))
+            for call in reply.tool_calls:
+                if tool_calls >= self.budget.max_tool_calls:
+                    ok, content = False, "not executed: the tool budget for this task is spent"
+                else:
+                    tool_calls += 1
+                    ok, content = self.tools.execute(call, deadline)
+                messages.append(Message("tool", content, tool_call_id=call.id, tool_name=call.name, is_error=not ok))
+        raise AssertionError("unreachable: the last iteration never offers tools")

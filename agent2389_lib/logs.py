@@ -1,0 +1,91 @@
+"""Process-wide logging: JSON lines or readable text, with secrets redacted everywhere.
+
+A JSON line looks like the deployment guide's example:
+`{"timestamp", "level", "target", "span": {...}, "fields": {"message": ...}}`.
+`target` is the logger name with dots as `::` (e.g. `agent2389::transport::mqtt`), so
+`jq 'select(.target | contains("mqtt"))'` picks the MQTT lines. Pass `extra={"span": {...}}`
+to attach a span (e.g. `{"operation": "task_processing", "task_id": ...}`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Iterable, Optional, TextIO
+
+from .protocol import redact
+
+_LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
+_PY_LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.fromtimestamp(record.created, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _target(record: logging.LogRecord) -> str:
+    return record.name.replace(".", "::")
+
+
+def _level(record: logging.LogRecord) -> str:
+    return _LEVEL_NAMES.get(record.levelname, record.levelname)
+
+
+class RedactingFilter(logging.Filter):
+    """Renders each record's message (and exception) once, with secrets masked."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        self.secrets = tuple(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage(), self.secrets)
+        record.args = None
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), self.secrets)
+            record.exc_info = None
+        span = getattr(record, "span", None)
+        if isinstance(span, dict):
+            record.span = {k: redact(v, self.secrets) if isinstance(v, str) else v for k, v in span.items()}
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {"message": record.getMessage()}
+        if record.exc_text:
+            fields["exception"] = record.exc_text
+        line = {"timestamp": _timestamp(record), "level": _level(record), "target": _target(record)}
+        span = getattr(record, "span", None)
+        if span:
+            line["span"] = span
+        line["fields"] = fields
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        span = getattr(record, "span", None)
+        span_text = " " + " ".join(f"{k}={v}" for k, v in span.items()) if span else ""
+        text = f"{_timestamp(record)} {_level(record):5} {_target(record)}{span_text}: {record.getMessage()}"
+        if record.exc_text:
+            text += "\n" + record.exc_text
+        return text
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = (),
+                      stream: Optional[TextIO] = None) -> logging.Handler:
+    """Install one handler on the root logger (replacing earlier ones) and return it."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactingFilter(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_PY_LEVELS.get(level.upper(), logging.INFO))
+    logging.getLogger("urllib3").setLevel(max(root.level, logging.INFO))
+    return handler

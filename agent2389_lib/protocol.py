@@ -1,0 +1,459 @@
+"""The 2389 wire contract: topics, envelopes, message builders, error sanitizing.
+
+Pure functions only: nothing here touches sockets, threads or configuration.
+Parsing raises only `EnvelopeError`, whatever bytes it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+# Error codes (PROTOCOL.md 2.5).
+TOOL_EXECUTION_FAILED = "tool_execution_failed"
+LLM_ERROR = "llm_error"
+INVALID_INPUT = "invalid_input"
+PIPELINE_DEPTH_EXCEEDED = "pipeline_depth_exceeded"
+INTERNAL_ERROR = "internal_error"
+ERROR_CODES = (TOOL_EXECUTION_FAILED, LLM_ERROR, INVALID_INPUT, PIPELINE_DEPTH_EXCEEDED, INTERNAL_ERROR)
+
+AVAILABLE = "available"
+UNAVAILABLE = "unavailable"
+
+PROGRESS_EVENT_TYPES = (
+    "TaskStart", "TaskComplete", "TaskError", "ToolCall", "ToolComplete", "ToolError",
+    "LlmRequest", "LlmResponse", "LlmError", "ValidationError",
+)
+_PROGRESS_SUFFIX = {"General": "", "Tool": "/tools", "LLM": "/llm"}
+
+AGENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
+_UUID_RE = re.compile(
+    r"^(?:urn:uuid:)?(\{)?([0-9a-f]{8})(-?)([0-9a-f]{4})\3([0-9a-f]{4})\3([0-9a-f]{4})\3([0-9a-f]{12})(?(1)\})$",
+    re.IGNORECASE,
+)
+_TOPIC_UNSAFE = ("+", "#", "\0", "/")
+MAX_TOPIC_BYTES = 65535
+MAX_ERROR_MESSAGE_BYTES = 500
+_TRUNCATED = "...[truncated]"
+
+
+class EnvelopeError(ValueError):
+    """A payload that is not a valid task envelope.
+
+    `task_id` and `conversation_id` are set when they could be read, so the caller can
+    publish an `invalid_input` error to the conversation.
+    """
+
+    def __init__(self, message: str, task_id: Optional[str] = None, conversation_id: Optional[str] = None):
+        super().__init__(message)
+        self.task_id = task_id
+        self.conversation_id = conversation_id
+
+
+# ---------------------------------------------------------------- topics
+
+def canonicalize_topic(topic: str) -> str:
+    """RFC FR-006: one leading slash, no empty levels, no trailing slash."""
+    return "/" + "/".join(part for part in topic.split("/") if part)
+
+
+def input_topic(agent_id: str) -> str:
+    return f"/control/agents/{agent_id}/input"
+
+
+def status_topic(agent_id: str) -> str:
+    return f"/control/agents/{agent_id}/status"
+
+
+def progress_topic(agent_id: str, category: str) -> str:
+    return f"/control/agents/{agent_id}/progress{_PROGRESS_SUFFIX[category]}"
+
+
+def conversation_topic(conversation_id: str, agent_id: str) -> str:
+    return f"/conversations/{conversation_id}/{agent_id}"
+
+
+def next_agent_id(next_topic: str) -> str:
+    """The agent addressed by a `next.topic`; raises EnvelopeError unless it is an agent input topic."""
+    parts = canonicalize_topic(next_topic).split("/")
+    if len(parts) < 4 or parts[1] != "control" or parts[2] != "agents" or not is_valid_agent_id(parts[3]):
+        raise EnvelopeError(f"next.topic {next_topic!r} is not of the form /control/agents/{{agent_id}}/input")
+    return parts[3]
+
+
+def is_valid_agent_id(agent_id: object) -> bool:
+    return isinstance(agent_id, str) and bool(AGENT_ID_RE.match(agent_id))
+
+
+def is_topic_safe(level: str) -> bool:
+    """Whether a string can be used as one topic level (no wildcards, NUL or separators)."""
+    return bool(level) and not any(ch in level for ch in _TOPIC_UNSAFE)
+
+
+# ---------------------------------------------------------------- envelopes
+
+@dataclass(frozen=True)
+class NextTask:
+    topic: str
+    instruction: Optional[str]
+    input: Any
+    next: Optional["NextTask"]
+
+
+@dataclass(frozen=True)
+class TaskEnvelope:
+    task_id: str  # lowercase hyphenated
+    conversation_id: str
+    topic: str
+    instruction: Optional[str]
+    input: Any
+    next: Optional[NextTask]
+    depth: int  # 1 + number of nested `next`
+    version: Optional[str] = None  # set only for v2 envelopes
+    context: Optional[dict] = None
+    routing_trace: Optional[list] = None
+
+
+def normalize_uuid(value: object) -> Optional[str]:
+    """Any standard UUID spelling to lowercase hyphenated, or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    match = _UUID_RE.match(value.strip())
+    if not match:
+        return None
+    return str(uuid.UUID("".join(match.group(2, 4, 5, 6, 7))))
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_json(payload: bytes | str) -> Any:
+    """Strict JSON (UTF-8, no NaN/Infinity); raises EnvelopeError with a readable reason."""
+    try:
+        text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError(f"payload is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise EnvelopeError("payload JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise EnvelopeError(f"payload is not valid JSON: {_first_line(str(exc))}") from None
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0][:200] if text else ""
+
+
+def parse_envelope(payload: bytes | str) -> TaskEnvelope:
+    """Parse a task envelope (v1 or v2); raises EnvelopeError only."""
+    data = decode_json(payload)
+    if not isinstance(data, dict):
+        raise EnvelopeError(f"envelope must be a JSON object, got {_json_type(data)}")
+    raw_task_id = data.get("task_id")
+    task_id = normalize_uuid(raw_task_id)
+    raw_cid = data.get("conversation_id")
+    cid = raw_cid if _usable_conversation_id(raw_cid) else None
+    try:
+        return _parse_envelope_object(data, task_id, raw_task_id, raw_cid)
+    except EnvelopeError as exc:
+        raise EnvelopeError(str(exc), task_id, cid) from None
+
+
+def peek_ids(payload: bytes | str) -> tuple[Optional[str], Optional[str]]:
+    """Best-effort (task_id, conversation_id) of a payload we cannot otherwise accept."""
+    try:
+        parse_envelope(payload)
+    except EnvelopeError as exc:
+        return exc.task_id, exc.conversation_id
+    return None, None
+
+
+def _parse_envelope_object(data: dict, task_id: Optional[str], raw_task_id: Any, raw_cid: Any) -> TaskEnvelope:
+    if "task_id" not in data:
+        raise EnvelopeError("envelope has no task_id")
+    if task_id is None:
+        raise EnvelopeError(f"task_id must be a UUID string, got {_short(raw_task_id)}")
+    if not isinstance(raw_cid, str):
+        raise EnvelopeError("conversation_id must be a string" if "conversation_id" in data
+                            else "envelope has no conversation_id")
+    if not raw_cid:
+        raise EnvelopeError("conversation_id must not be empty")
+    if not is_topic_safe(raw_cid):
+        raise EnvelopeError("conversation_id must not contain '/', '+', '#' or NUL")
+    if not _usable_conversation_id(raw_cid):
+        raise EnvelopeError("conversation_id is too long for an MQTT topic")
+    topic, instruction = _topic_and_instruction(data, "")
+    if "input" not in data:
+        raise EnvelopeError("envelope has no input (use null for none)")
+    nxt, depth = _parse_next_chain(data.get("next"))
+    version, context, trace = _v2_fields(data)
+    return TaskEnvelope(task_id, raw_cid, topic, instruction, data["input"], nxt, depth, version, context, trace)
+
+
+def _usable_conversation_id(value: Any) -> bool:
+    return (isinstance(value, str) and is_topic_safe(value)
+            and len(conversation_topic(value, "x" * 64).encode("utf-8")) <= MAX_TOPIC_BYTES)
+
+
+def _topic_and_instruction(obj: dict, where: str) -> tuple[str, Optional[str]]:
+    topic = obj.get("topic")
+    if not isinstance(topic, str):
+        raise EnvelopeError(f"{where}topic must be a string" if "topic" in obj else f"{where}topic is missing")
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise EnvelopeError(f"{where}instruction must be a string or null")
+    return topic, instruction
+
+
+def _parse_next_chain(raw: Any) -> tuple[Optional[NextTask], int]:
+    """Iterative, so a long chain cannot exhaust the stack."""
+    levels: list[dict] = []
+    where = "next."
+    while raw is not None:
+        if not isinstance(raw, dict):
+            raise EnvelopeError(f"{where[:-1]} must be an object or null")
+        levels.append(raw)
+        raw = raw.get("next")
+        where += "next."
+    built: Optional[NextTask] = None
+    for index in range(len(levels) - 1, -1, -1):
+        topic, instruction = _topic_and_instruction(levels[index], "next." * (index + 1))
+        built = NextTask(topic, instruction, levels[index].get("input"), built)
+    return built, 1 + len(levels)
+
+
+def _v2_fields(data: dict) -> tuple[Optional[str], Optional[dict], Optional[list]]:
+    """v2 only when `version` is a string and context/routing_trace are well formed (else v1)."""
+    version = data.get("version")
+    if not isinstance(version, str):
+        return None, None, None
+    context = data.get("context")
+    trace = data.get("routing_trace")
+    if context is not None and not _valid_context(context):
+        return None, None, None
+    if trace is not None and not (isinstance(trace, list) and all(_valid_routing_step(s) for s in trace)):
+        return None, None, None
+    return version, context, trace
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid_context(context: Any) -> bool:
+    if not isinstance(context, dict) or not isinstance(context.get("original_query"), str):
+        return False
+    steps = context.get("steps_completed")
+    if not isinstance(steps, list):
+        return False
+    for step in steps:
+        if not isinstance(step, dict) or not all(isinstance(step.get(k), str) for k in ("agent_id", "action", "timestamp")):
+            return False
+    return "iteration_count" not in context or _is_count(context["iteration_count"])
+
+
+def _valid_routing_step(step: Any) -> bool:
+    return (isinstance(step, dict)
+            and all(isinstance(step.get(k), str) for k in ("from_agent", "to_agent", "reason", "timestamp"))
+            and _is_count(step.get("step_number")))
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def forward_envelope(envelope: TaskEnvelope, final_text: str, self_id: str, now: Optional[datetime] = None) -> tuple[str, dict]:
+    """The envelope for the next agent and the topic to publish it on (PROTOCOL.md 3)."""
+    nxt = envelope.next
+    if nxt is None:
+        raise ValueError("envelope has no next step")
+    target = next_agent_id(nxt.topic)
+    out: dict = {
+        "task_id": envelope.task_id,
+        "conversation_id": envelope.conversation_id,
+        "topic": nxt.topic,
+        "instruction": nxt.instruction,
+        "input": nxt.input if nxt.input is not None else final_text,
+        "next": next_task_to_dict(nxt.next),
+    }
+    if envelope.version is not None:
+        trace = list(envelope.routing_trace or [])
+        trace.append({"from_agent": self_id, "to_agent": target, "reason": "static pipeline",
+                      "timestamp": rfc3339(now), "step_number": len(trace) + 1})
+        out["version"] = envelope.version
+        if envelope.context is not None:
+            out["context"] = envelope.context
+        out["routing_trace"] = trace
+    return input_topic(target), out
+
+
+def next_task_to_dict(nxt: Optional[NextTask]) -> Optional[dict]:
+    chain: list[NextTask] = []
+    while nxt is not None:
+        chain.append(nxt)
+        nxt = nxt.next
+    built: Optional[dict] = None
+    for item in reversed(chain):
+        built = {"topic": item.topic, "instruction": item.instruction, "input": item.input, "next": built}
+    return built
+
+
+# ---------------------------------------------------------------- builders
+
+def rfc3339(now: Optional[datetime] = None) -> str:
+    """RFC 3339 UTC with millisecond precision and a `Z` suffix (RULE-003)."""
+    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def to_payload(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def status_message(agent_id: str, status: str, *, capabilities: Sequence[str] = (), description: str = "",
+                   load: float = 0.0, version: str = "", now: Optional[datetime] = None) -> dict:
+    stamp = rfc3339(now)
+    msg: dict = {"agent_id": agent_id, "status": status, "timestamp": stamp}
+    if capabilities:
+        msg["capabilities"] = list(capabilities)
+    if description:
+        msg["description"] = description
+    msg.update({"health": "ok", "load": round(min(max(load, 0.0), 1.0), 3), "last_updated": stamp})
+    if version:
+        msg["version"] = version
+    return msg
+
+
+def response_message(response: str, task_id: str) -> dict:
+    return {"response": response, "task_id": task_id}
+
+
+def error_message(code: str, message: str, task_id: str, secrets: Iterable[str] = ()) -> dict:
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    return {"error": {"code": code, "message": sanitize_error_message(message, secrets)}, "task_id": task_id}
+
+
+def progress_message(agent_id: str, task_id: str, conversation_id: str, category: str, event_type: str,
+                     message: str, tool_name: Optional[str] = None, now: Optional[datetime] = None) -> dict:
+    if category not in _PROGRESS_SUFFIX or event_type not in PROGRESS_EVENT_TYPES:
+        raise ValueError(f"unknown progress category/event {category!r}/{event_type!r}")
+    return {"agent_id": agent_id, "task_id": task_id, "conversation_id": conversation_id,
+            "timestamp": rfc3339(now), "category": category, "event_type": event_type, "message": message,
+            "metadata": {"tool_name": tool_name} if tool_name is not None else None}
+
+
+# ---------------------------------------------------------------- sanitizing
+
+_SECRET_ASSIGNMENT_RE = re.compile(
+    r"""(?i)\b([\w-]*(?:password|passwd|token|key|secret|authorization))(["']?\s*[=:]\s*)("[^"]*"|'[^']*'|[^\s,;&"'}]+)""")
+_BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_SECRET_PATH_RE = re.compile(r"""(?:[A-Za-z]:)?(?:[/\\][^\s/\\'"]+)*[/\\](?:secrets|\.ssh|\.aws|\.config)(?:[/\\][^\s'"]*)?""")
+_TRACEBACK_RE = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Mask configured secret values and credential-looking assignments anywhere in `text`."""
+    for secret in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    return _SECRET_ASSIGNMENT_RE.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+
+
+def sanitize_error_message(message: str, secrets: Iterable[str] = ()) -> str:
+    """PROTOCOL.md 2.5: no traces, credentials or secret paths; at most 500 UTF-8 bytes."""
+    text = _TRACEBACK_RE.sub("", message).strip()
+    text = redact(text, secrets)
+    text = _SECRET_PATH_RE.sub("[REDACTED_PATH]", text)
+    return truncate_utf8(text, MAX_ERROR_MESSAGE_BYTES)
+
+
+def truncate_utf8(text: str, limit: int, marker: str = _TRUNCATED) -> str:
+    """Cut to at most `limit` bytes on a character boundary, ending with `marker` when cut."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    room = limit - len(marker.encode("utf-8"))
+    return data[:room].decode("utf-8", errors="ignore") + marker
+
+
+# ---------------------------------------------------------------- response extraction
+
+_FENCE_RE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+_MAX_OBJECT_CANDIDATES = 32
+
+
+def extract_response(text: str) -> str:
+    """PROTOCOL.md 2.4: an object's `result` when the text is or contains one, else the text."""
+    found = _find_json_object(text)
+    if isinstance(found, dict) and "result" in found:
+        result = found["result"]
+        return result if isinstance(result, str) else json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+    return text
+
+
+def _loads_object(text: str) -> Optional[dict]:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _find_json_object(text: str) -> Optional[dict]:
+    whole = _loads_object(text.strip())
+    if whole is not None:
+        return whole
+    for fence in _FENCE_RE.finditer(text):
+        fenced = _loads_object(fence.group(1).strip())
+        if fenced is not None:
+            return fenced
+    start = text.find("{")
+    for _ in range(_MAX_OBJECT_CANDIDATES):
+        if start < 0:
+            return None
+        end = _balanced_end(text, start)
+        if end is None:
+            return None
+        candidate = _loads_object(text[start:end])
+        if candidate is not None:
+            return candidate
+        start = text.find("{", start + 1)
+    return None
+
+
+def _balanced_end(text: str, start: int) -> Optional[int]:
+    """Index just past the `}` that closes the `{` at `start`, honouring JSON strings."""
+    depth = 0
+    in_string = escaped = False
+    for index in range(start, len(text)):
+        char = text[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None

@@ -1,0 +1,237 @@
+"""Lifecycle of one agent process (PROTOCOL.md 5): startup order, workers, heartbeat, shutdown.
+
+Data flow: paho intake thread --(enqueue only)--> Intake (bounded) --> worker pool --> processor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Optional
+
+from . import __version__, protocol
+from .config import AgentConfig
+from .dedupe import DedupeStore
+from .errors import LlmError
+from .llm import build_agent_loop
+from .logs import configure_logging
+from .processor import TaskProcessor
+from .transport import MqttTransport, SubscriptionRefused
+
+log = logging.getLogger("agent2389.runtime")
+
+EXIT_OK, EXIT_STARTUP = 0, 1
+_STOP = object()
+_STATUS_WAIT = 5.0
+_MAX_PACKET_SLACK = 2
+
+
+class StartupError(Exception):
+    pass
+
+
+class Intake:
+    """Bounded hand-off from the network thread to the workers.
+
+    The network thread only reads the socket while `has_room()`; taking an item from a full
+    intake calls `on_room` so the network thread resumes at once.
+    """
+
+    def __init__(self, capacity: int, on_room: Callable[[], None] = lambda: None):
+        self.capacity = capacity
+        self.on_room = on_room
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+
+    def has_room(self) -> bool:
+        return self._queue.qsize() < self.capacity
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def put(self, item: Any) -> None:
+        self._queue.put_nowait(item)
+
+    def get(self) -> Any:
+        was_full = self._queue.qsize() >= self.capacity
+        item = self._queue.get()
+        if was_full:
+            self.on_room()
+        return item
+
+    def drain(self) -> int:
+        """Drop everything queued (unacknowledged, so the broker redelivers it); returns how many."""
+        dropped = 0
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return dropped
+            dropped += 1
+
+
+class AgentRuntime:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.workers = config.max_pipeline_depth
+        self.state = "starting"
+        self.stop_requested = threading.Event()
+        self._hard_stop = threading.Event()
+        self._accepting = True
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._futures: list[Future] = []
+        self.status_topic = protocol.status_topic(config.agent_id)
+        self.intake = Intake(capacity=2 * self.workers)
+        self.transport = MqttTransport(
+            config.mqtt, input_topic=protocol.input_topic(config.agent_id), will_topic=self.status_topic,
+            will_payload=self._status_payload(protocol.UNAVAILABLE), may_read=self._may_read,
+            receive_maximum=self.workers,
+            max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536)
+        self.intake.on_room = self.transport.wake_intake
+        self.transport.on_delivery = self._on_delivery
+        self.transport.on_subscribed = self._on_subscribed
+        self.dedupe = DedupeStore(config.completed_store_size, config.state_dir)
+        self.agent_loop = build_agent_loop(config)
+        self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe,
+                                       should_abandon=self._hard_stop.is_set)
+        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
+
+    # -------------------------------------------------------------- status
+    def load(self) -> float:
+        with self._busy_lock:
+            return self._busy / self.workers
+
+    def _status_payload(self, status: str) -> bytes:
+        return protocol.to_payload(protocol.status_message(
+            self.config.agent_id, status, capabilities=self.config.capabilities,
+            description=self.config.description, load=self.load() if status == protocol.AVAILABLE else 0.0,
+            version=__version__))
+
+    def publish_status(self, status: str, wait_seconds: Optional[float] = None) -> bool:
+        ticket = self.transport.publish(self.status_topic, self._status_payload(status), retain=True)
+        return ticket.wait(wait_seconds) if wait_seconds is not None else True
+
+    def _on_subscribed(self) -> None:
+        if self.state == "running":  # a reconnect: tell the world we are back
+            self.publish_status(protocol.AVAILABLE)
+
+    # -------------------------------------------------------------- intake
+    def _may_read(self) -> bool:
+        return self._accepting and self.intake.has_room()
+
+    def _on_delivery(self, delivery: Any) -> None:
+        if self._accepting:
+            self.intake.put(delivery)
+        else:
+            log.debug("not accepting tasks (shutting down); %s will be redelivered", delivery.topic)
+
+    def saturated(self) -> bool:
+        return not self.intake.has_room()
+
+    def _worker(self) -> None:
+        while True:
+            delivery = self.intake.get()
+            if delivery is _STOP:
+                return
+            with self._busy_lock:
+                self._busy += 1
+            try:
+                self.processor.handle(delivery)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Connect, subscribe (SUBACK), verify the LLM, start workers, then publish `available`."""
+        mqtt = self.config.mqtt
+        log.info("agent %s starting (version %s): broker %s, %d workers", self.config.agent_id, __version__,
+                 mqtt.broker_url, self.workers)
+        if mqtt.tls_insecure_skip_verify:
+            log.warning("TLS certificate and host name verification is OFF (tls_insecure_skip_verify = true): "
+                        "anyone on the network path can impersonate the broker")
+        self.transport.start()
+        try:
+            while not self.transport.wait_subscribed(1.0):
+                if self.stop_requested.is_set():
+                    raise StartupError("stopped before the broker connection was established")
+        except SubscriptionRefused as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.agent_loop.chain.verify()
+        except LlmError as exc:
+            raise StartupError(f"LLM provider check failed: {exc}") from None
+        self._futures = [self.executor.submit(self._worker) for _ in range(self.workers)]
+        self.state = "running"
+        if not self.publish_status(protocol.AVAILABLE, wait_seconds=_STATUS_WAIT):
+            log.warning("the broker has not yet acknowledged the available status; it is sent on reconnect")
+        log.info("agent %s is available on %s", self.config.agent_id, protocol.input_topic(self.config.agent_id))
+
+    def serve(self) -> None:
+        """Heartbeat until a stop is requested."""
+        while not self.stop_requested.wait(self.config.heartbeat_interval):
+            self.publish_status(protocol.AVAILABLE)
+
+    def shutdown(self) -> bool:
+        """Warm shutdown; returns False when tasks were still running after the grace period."""
+        self.state = "stopping"
+        self._accepting = False
+        dropped = self.intake.drain()
+        if dropped:
+            log.info("%d queued tasks left unacknowledged; the broker will redeliver them", dropped)
+        for _ in self._futures:
+            self.intake.put(_STOP)
+        done, pending = wait(self._futures, timeout=self.config.shutdown_grace)
+        if pending:
+            self._hard_stop.set()
+            log.warning("%d tasks still running after shutdown_grace (%d s); they stay unacknowledged "
+                        "and will be redelivered", len(pending), self.config.shutdown_grace)
+        if self.transport.connected:
+            self.publish_status(protocol.UNAVAILABLE, wait_seconds=_STATUS_WAIT)
+        self.transport.stop()
+        self.executor.shutdown(wait=False)
+        self.dedupe.close()
+        self.state = "stopped"
+        log.info("agent %s stopped", self.config.agent_id)
+        return not pending
+
+
+def _install_signal_handlers(runtime: AgentRuntime) -> None:
+    def handle(signum: int, frame: Any) -> None:
+        if runtime.stop_requested.is_set():
+            log.warning("second signal: exiting at once")
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("received %s: finishing in-flight tasks (send again to exit at once)", signal.Signals(signum).name)
+        runtime.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def run_agent(config: AgentConfig) -> int:
+    configure_logging(config.log_level, config.log_format, config.secrets())
+    try:
+        runtime = AgentRuntime(config)
+    except StartupError as exc:
+        log.error("startup failed: %s", exc)
+        return EXIT_STARTUP
+    _install_signal_handlers(runtime)
+    try:
+        runtime.start()
+    except StartupError as exc:
+        log.error("startup failed: %s", exc)
+        runtime.shutdown()
+        return EXIT_STARTUP
+    runtime.serve()
+    finished = runtime.shutdown()
+    if not finished:  # worker threads cannot be interrupted; leave without waiting for them
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(EXIT_OK)
+    return EXIT_OK

@@ -1,0 +1,426 @@
+"""MQTT transport on paho-mqtt 2.x: two links to the broker, each with its own network thread.
+
+* The intake link subscribes to the input topic with a persistent session, carries the
+  Last Will, and reads the socket only while the caller's intake has room. mosquitto lets a
+  new Receive-Maximum window through for every PUBACK, so broker flow control is no bound;
+  not reading is, because TCP then holds the backlog at the broker. Incoming tasks are
+  acknowledged by the caller (manual ack) once their outcome is safely published.
+* The output link publishes outcomes and status at QoS 1. Keeping it separate means
+  waiting for a PUBACK never requires reading past a backlog of tasks.
+
+Both links reconnect with exponential backoff and full jitter; on every intake reconnect the
+subscription is renewed and `on_subscribed` fires (the runtime re-publishes `available`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from .config import MqttSettings
+
+log = logging.getLogger("agent2389.transport.mqtt")
+
+_POLL_SECONDS = 1.0
+_BACKOFF_INITIAL = 0.5
+_BACKOFF_MAX = 30.0
+
+
+class SubscriptionRefused(RuntimeError):
+    pass
+
+
+@dataclass
+class Delivery:
+    """One task message as received; `ack()` sends its PUBACK (only if its session still exists).
+
+    Two deliveries are equal when they are the same broker message (packet id within one
+    session), so a redelivery is recognized and acknowledged once.
+    """
+
+    topic: str = field(compare=False)
+    payload: bytes = field(compare=False, repr=False)
+    retain: bool = field(compare=False)
+    mid: int
+    _link: "_Link" = field(repr=False, compare=False)
+    _generation: int = field(repr=False, default=0)
+
+    def ack(self) -> None:
+        self._link.ack(self.mid, self._generation)
+
+
+class PublishTicket:
+    """Completion of one QoS 1 publish: set when the broker's PUBACK arrives."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        return self.done.wait(timeout)
+
+
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog's recipe)."""
+
+    def __init__(self, initial: float = _BACKOFF_INITIAL, maximum: float = _BACKOFF_MAX):
+        self.initial, self.maximum, self.attempt = initial, maximum, 0
+
+    def next_delay(self) -> float:
+        cap = min(self.maximum, self.initial * (2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return random.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """System CAs or `ca_cert_path`, optional client certificate, TLS 1.2+, hostname checked."""
+    context = ssl.create_default_context(cafile=settings.ca_cert_path)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.client_cert_path:
+        context.load_cert_chain(settings.client_cert_path, settings.client_key_path)
+    if settings.tls_insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    """paho leaves Nagle on, which costs 40-80 ms per hop on small messages."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # pragma: no cover - e.g. a non-TCP socket
+        pass
+
+
+class _Link:
+    """One paho client driven by our own select loop on a dedicated thread."""
+
+    def __init__(self, name: str, settings: MqttSettings, client_id: str, *, persistent: bool,
+                 will: Optional[tuple[str, bytes]] = None, may_read: Callable[[], bool] = lambda: True,
+                 receive_maximum: Optional[int] = None, max_packet_size: Optional[int] = None):
+        self.name = name
+        self.settings = settings
+        self._may_read = may_read
+        self._stop = threading.Event()
+        self._closing = threading.Event()
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[int, PublishTicket] = {}
+        self._acked_early: set[int] = set()
+        self._generation = 0
+        self._last_read = time.monotonic()
+        self._backoff = Backoff()
+        self._thread: Optional[threading.Thread] = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.on_connected: Callable[[bool], None] = lambda session_present: None
+        self.on_disconnected: Callable[[], None] = lambda: None
+        self.on_message: Callable[[Delivery], None] = lambda delivery: None
+        self.connect_failures = 0
+        self.client = self._make_client(client_id, persistent, will, receive_maximum, max_packet_size)
+
+    # -------------------------------------------------------------- setup
+    def _make_client(self, client_id: str, persistent: bool, will: Optional[tuple[str, bytes]],
+                     receive_maximum: Optional[int], max_packet_size: Optional[int]) -> mqtt.Client:
+        v5 = self.settings.protocol == "5"
+        kwargs = {} if v5 else {"clean_session": not persistent}
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, manual_ack=True, **kwargs)
+        if self.settings.username:
+            password = self.settings.password.reveal() if self.settings.password else None
+            client.username_pw_set(self.settings.username, password)
+        if will:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        if self.settings.tls:
+            client.tls_set_context(tls_context(self.settings))
+        client.on_socket_open = _set_nodelay
+        client.on_socket_register_write = lambda c, u, s: self.wake()
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_publish = self._handle_publish
+        client.on_message = self._handle_message
+        connect_kwargs: dict = {}
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.settings.session_expiry if persistent else 0
+            if receive_maximum:
+                props.ReceiveMaximum = receive_maximum
+            if max_packet_size:
+                props.MaximumPacketSize = max_packet_size
+            connect_kwargs = {"clean_start": not persistent, "properties": props}
+        client.connect_async(self.settings.host, self.settings.port, self.settings.keep_alive, **connect_kwargs)
+        return client
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.name}", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- state
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: Optional[float]) -> bool:
+        return self._connected.wait(timeout)
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -------------------------------------------------------------- publishing and acking
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> PublishTicket:
+        """Queue a QoS 1 publish; paho sends it now or after the next reconnect."""
+        ticket = PublishTicket()
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise RuntimeError("MQTT outgoing queue is full")
+        with self._lock:
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+                ticket.done.set()
+            else:
+                self._pending[info.mid] = ticket
+        self.wake()
+        return ticket
+
+    def ack(self, mid: int, generation: int) -> None:
+        """PUBACK a delivery, unless the broker lost the session it came from (then the id is stale)."""
+        if generation != self._generation:
+            log.info("not acknowledging message %d: the broker session it belongs to is gone", mid)
+            return
+        self.client.ack(mid, 1)
+        self.wake()
+
+    # -------------------------------------------------------------- paho callbacks (network thread)
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.connect_failures += 1
+            log.error("broker %s:%d refused the %s connection: %s (check [mqtt] username/password, "
+                      "client certificate and broker ACLs); retrying with backoff",
+                      self.settings.host, self.settings.port, self.name, reason_code)
+            return
+        if not flags.session_present:
+            self._generation += 1
+        self._backoff.reset()
+        log.info("connected to broker %s:%d (%s link, session %s)", self.settings.host, self.settings.port,
+                 self.name, "resumed" if flags.session_present else "new")
+        self._connected.set()
+        self.on_connected(flags.session_present)
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and not self._closing.is_set():
+            log.warning("lost connection to broker %s:%d (%s link): %s", self.settings.host,
+                        self.settings.port, self.name, reason_code)
+        self.on_disconnected()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            ticket = self._pending.pop(mid, None)
+            if ticket is None:
+                self._acked_early.add(mid)
+        if ticket is not None:
+            ticket.done.set()
+        if reason_code.is_failure:
+            log.error("broker rejected publish %d on the %s link: %s", mid, self.name, reason_code)
+
+    def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        self.on_message(Delivery(message.topic, message.payload, bool(message.retain), message.mid,
+                                 self, self._generation))
+
+    # -------------------------------------------------------------- network loop
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.client.socket() is None and not self._connect_once():
+                self._stop.wait(self._backoff.next_delay())
+                continue
+            try:
+                self._service()
+            except Exception:  # never let the network thread die
+                log.exception("unexpected error in the %s network loop; reconnecting", self.name)
+                self._drop_socket()
+        self._drop_socket()
+
+    def _connect_once(self) -> bool:
+        try:
+            self.client.reconnect()
+            self._last_read = time.monotonic()
+            return True
+        except ssl.SSLError as exc:
+            self.connect_failures += 1
+            log.error("TLS handshake with broker %s:%d failed (%s link): %s", self.settings.host,
+                      self.settings.port, self.name, describe_tls_error(exc))
+        except (OSError, ValueError) as exc:
+            self.connect_failures += 1
+            log.warning("cannot connect to broker %s:%d (%s link): %s; retrying", self.settings.host,
+                        self.settings.port, self.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        return False
+
+    def _service(self) -> None:
+        sock = self.client.socket()
+        if sock is None:
+            return
+        read = self._may_read() or time.monotonic() - self._last_read >= self.settings.keep_alive / 2
+        if read and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            readable, writable = [sock], []
+        else:
+            rlist = [sock, self._wake_r] if read else [self._wake_r]
+            wlist = [sock] if self.client.want_write() else []
+            readable, writable, _ = select.select(rlist, wlist, [], _POLL_SECONDS)
+        if self._wake_r in readable:
+            self._drain_wake()
+        rc = mqtt.MQTT_ERR_SUCCESS
+        if sock in writable or self.client.want_write():
+            rc = self.client.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS and sock in readable:
+            rc = self.client.loop_read()
+            self._last_read = time.monotonic()
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            rc = self.client.loop_misc()
+        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            self._drop_socket()
+            self._stop.wait(self._backoff.next_delay())
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _drop_socket(self) -> None:
+        if self.client.socket() is not None:
+            self.client._sock_close()  # paho has no public "close without DISCONNECT"
+        if self._connected.is_set():
+            self._connected.clear()
+            self.on_disconnected()
+
+    # -------------------------------------------------------------- shutdown
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send DISCONNECT (so the broker does not publish the Last Will), then end the thread."""
+        self._closing.set()
+        if self.connected:
+            self.client.disconnect()
+            self.wake()
+            deadline = time.monotonic() + timeout
+            while self.client.socket() is not None and time.monotonic() < deadline:
+                if self._thread is None or not self._thread.is_alive():
+                    break
+                time.sleep(0.01)
+        self._stop.set()
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def describe_tls_error(exc: ssl.SSLError) -> str:
+    """One line saying which part of TLS failed."""
+    text = str(exc)
+    reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or text
+    if "certificate verify failed" in text or isinstance(exc, ssl.SSLCertVerificationError):
+        if "Hostname mismatch" in text or "hostname" in str(reason).lower() or "IP address mismatch" in text:
+            return f"the broker certificate does not match the host name ({reason})"
+        if "expired" in text:
+            return f"the broker certificate has expired ({reason})"
+        return f"the broker certificate is not trusted: unknown CA, set [mqtt] ca_cert_path ({reason})"
+    if "certificate required" in text.lower() or "CERTIFICATE_REQUIRED" in text:
+        return "the broker requires a client certificate: set [mqtt] client_cert_path and client_key_path"
+    return str(reason)
+
+
+class MqttTransport:
+    """The agent's view of the broker: tasks in, outcomes and status out."""
+
+    def __init__(self, settings: MqttSettings, *, input_topic: str, will_topic: str, will_payload: bytes,
+                 may_read: Callable[[], bool], receive_maximum: int, max_packet_size: int):
+        self.settings = settings
+        self.input_topic = input_topic
+        self._subscribed = threading.Event()
+        self._refusal: Optional[str] = None
+        self.on_subscribed: Callable[[], None] = lambda: None
+        self.on_delivery: Callable[[Delivery], None] = lambda delivery: None
+        self.on_connection_change: Callable[[], None] = lambda: None
+        self.intake = _Link("intake", settings, settings.client_id, persistent=True,
+                            will=(will_topic, will_payload),
+                            may_read=lambda: not self._subscribed.is_set() or may_read(),
+                            receive_maximum=receive_maximum, max_packet_size=max_packet_size)
+        self.output = _Link("output", settings, f"{settings.client_id}-out", persistent=False)
+        self.intake.on_connected = self._intake_connected
+        self.intake.on_message = lambda delivery: self.on_delivery(delivery)
+        self.intake.on_disconnected = self._intake_disconnected
+        self.output.on_connected = lambda session_present: self.on_connection_change()
+        self.output.on_disconnected = lambda: self.on_connection_change()
+        self.intake.client.on_subscribe = self._handle_suback
+
+    def start(self) -> None:
+        self.output.start()
+        self.intake.start()
+
+    @property
+    def connected(self) -> bool:
+        return self.intake.connected and self.output.connected and self._subscribed.is_set()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """True once SUBACK granted the input subscription; raises SubscriptionRefused on refusal."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._refusal:
+                raise SubscriptionRefused(self._refusal)
+            if self._subscribed.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+                return True
+        return self._subscribed.is_set()
+
+    def wake_intake(self) -> None:
+        self.intake.wake()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> PublishTicket:
+        return self.output.publish(topic, payload, retain)
+
+    def _intake_connected(self, session_present: bool) -> None:
+        if self.settings.protocol == "5":
+            result, _ = self.intake.client.subscribe(
+                self.input_topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
+        else:
+            result, _ = self.intake.client.subscribe(self.input_topic, 1)
+        if result != mqtt.MQTT_ERR_SUCCESS:
+            log.warning("could not send SUBSCRIBE for %s: %s", self.input_topic, mqtt.error_string(result))
+
+    def _intake_disconnected(self) -> None:
+        self._subscribed.clear()
+        self.on_connection_change()
+
+    def _handle_suback(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            self._refusal = (f"the broker refused the subscription to {self.input_topic}: {refused[0]} "
+                             f"(check the broker ACL for this client)")
+            log.error(self._refusal)
+            return
+        log.info("subscribed to %s", self.input_topic)
+        self._subscribed.set()
+        self.on_connection_change()
+        self.on_subscribed()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.intake.stop(timeout)
+        self.output.stop(timeout)
