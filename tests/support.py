@@ -1,0 +1,302 @@
+"""Test helpers: a real mosquitto on a free loopback port, a watching MQTT client, agent processes.
+
+Nothing here sleeps to synchronize: every wait is on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import uuid
+from typing import Any, Callable, Optional
+
+import paho.mqtt.client as mqtt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGENT_SCRIPT = os.path.join(ROOT, "agent2389.py")
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def new_task_id() -> str:
+    return str(uuid.uuid4())
+
+
+def envelope(agent_id: str, *, task_id: Optional[str] = None, cid: str = "conv1", instruction: Optional[str] = "Do it",
+             input: Any = None, next: Any = None, **extra: Any) -> dict:
+    msg = {"task_id": task_id or new_task_id(), "conversation_id": cid,
+           "topic": f"/control/agents/{agent_id}/input", "instruction": instruction, "input": input, "next": next}
+    msg.update(extra)
+    return msg
+
+
+class Mosquitto:
+    """A mosquitto broker of our own, on a free port, optionally persistent across restarts."""
+
+    def __init__(self, persistence: bool = False, extra_conf: str = ""):
+        self.dir = tempfile.mkdtemp(prefix="mosq-")
+        self.port = free_port()
+        self.persistence = persistence
+        self.extra_conf = extra_conf
+        self.proc: Optional[subprocess.Popen] = None
+        self.conf = os.path.join(self.dir, "mosquitto.conf")
+
+    def _write_conf(self) -> None:
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true",
+                 "max_queued_messages 0", f"persistence {'true' if self.persistence else 'false'}",
+                 f"persistence_location {self.dir}/", f"log_dest file {self.dir}/mosquitto.log",
+                 "log_type error", "log_type warning", "log_type notice", "log_type information"]
+        if os.geteuid() == 0:
+            lines.append("user root")
+        with open(self.conf, "w") as handle:
+            handle.write("\n".join(lines) + "\n" + self.extra_conf + "\n")
+
+    def start(self) -> "Mosquitto":
+        self._write_conf()
+        self.proc = subprocess.Popen(["mosquitto", "-c", self.conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._accepts, 10, f"mosquitto to listen on port {self.port}")
+        return self
+
+    def _accepts(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited with {self.proc.returncode}: {self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "mosquitto.log")) as handle:
+                return handle.read()[-4000:]
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+class Watcher:
+    """A paho client that records every message on its subscriptions and can publish."""
+
+    def __init__(self, port: int, *topics: str, protocol: int = mqtt.MQTTv5):
+        self.messages: list[mqtt.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watcher-{uuid.uuid4().hex[:8]}",
+                                  protocol=protocol)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.loop_start()
+        if topics:
+            self.client.subscribe([(t, 1) for t in topics])
+            if not self._subscribed.wait(10):
+                raise AssertionError("watcher could not subscribe")
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    def publish(self, topic: str, payload: Any, retain: bool = False, qos: int = 1) -> None:
+        data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+        info = self.client.publish(topic, data, qos=qos, retain=retain)
+        info.wait_for_publish(10)
+
+    def matching(self, topic: Optional[str] = None, where: Callable[[Any], bool] = lambda p: True) -> list:
+        with self._cond:
+            found = []
+            for msg in self.messages:
+                if topic is not None and not mqtt.topic_matches_sub(topic, msg.topic):
+                    continue
+                try:
+                    payload = json.loads(msg.payload)
+                except ValueError:
+                    payload = msg.payload
+                if where(payload):
+                    found.append(payload)
+            return found
+
+    def wait_for(self, topic: Optional[str] = None, where: Callable[[Any], bool] = lambda p: True,
+                 count: int = 1, timeout: float = 15) -> list:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = self.matching(topic, where)
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {count} message(s) on {topic}; got {found[-5:]}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def write_toml(path: str, sections: dict) -> str:
+    """Top-level keys first, then one [section] per dict value."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
+    for name, table in sections.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{name}]")
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+def base_env(**extra: str) -> dict:
+    """A clean environment: nothing of the developer's leaks into agent processes."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONPATH": ROOT}
+    env.update(extra)
+    return env
+
+
+class AgentProcess:
+    """`python agent2389.py run --config FILE` as a subprocess."""
+
+    def __init__(self, broker: Mosquitto, agent_id: str = "agent-one", workdir: Optional[str] = None,
+                 env: Optional[dict] = None, **sections: Any):
+        self.agent_id = agent_id
+        self.broker = broker
+        self.dir = workdir or tempfile.mkdtemp(prefix="agent-")
+        config = {"agent": {"id": agent_id, "description": "test agent", "capabilities": ["testing"]},
+                  "mqtt": {"broker_url": broker.url},
+                  "llm": {"provider": "echo"}}
+        for name, table in sections.items():
+            if isinstance(table, dict):
+                config.setdefault(name, {}).update(table)
+            else:
+                config[name] = table
+        self.config_path = write_toml(os.path.join(self.dir, "agent.toml"), config)
+        self.env = base_env(HEALTH_PORT=str(free_port()), LOG_LEVEL="DEBUG", **(env or {}))
+        self.log_path = os.path.join(self.dir, "agent.log")
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "AgentProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, "run", "--config", self.config_path],
+                                     env=self.env, cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def start_and_wait_available(self, watcher: Watcher, timeout: float = 20) -> "AgentProcess":
+        before = len(watcher.matching(f"/control/agents/{self.agent_id}/status"))
+        self.start()
+        watcher.wait_for(f"/control/agents/{self.agent_id}/status", lambda p: p.get("status") == "available",
+                         count=before + 1 if before else 1, timeout=timeout)
+        return self
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> Optional[int]:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
+
+
+class BrokerTestCase(unittest.TestCase):
+    """One broker per test class; agents and watchers are cleaned up after each test."""
+
+    broker: Mosquitto
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.broker = Mosquitto().start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.broker.cleanup()
+
+    def setUp(self) -> None:
+        self.agents: list[AgentProcess] = []
+
+    def tearDown(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        if not getattr(getattr(self, "_outcome", None), "success", True):  # show what the agents said
+            for agent in self.agents:
+                print(f"\n--- log of {agent.agent_id} ---\n{agent.log()[-3000:]}", file=sys.stderr)
+
+    def watcher(self, *topics: str) -> Watcher:
+        watcher = Watcher(self.broker.port, *topics)
+        self.addCleanup(watcher.close)
+        return watcher
+
+    def agent(self, agent_id: str = "agent-one", **kwargs: Any) -> AgentProcess:
+        agent = AgentProcess(self.broker, agent_id, **kwargs)
+        self.agents.append(agent)
+        return agent
