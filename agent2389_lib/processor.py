@@ -137,6 +137,7 @@ class TaskProcessor:
 
     def _run_claimed(self, envelope: TaskEnvelope) -> None:
         started = time.monotonic()
+        log.info("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=self._span(envelope))
         topic, message = self._outcome(envelope)
         self._publish_outcome(envelope.task_id, topic, message)
         kind = "error" if "error" in message else ("response" if "response" in message else "forward")
@@ -174,12 +175,15 @@ class TaskProcessor:
             deadline = time.monotonic() + self.config.task_timeout
             text = self.think(envelope, deadline)
             if time.monotonic() > deadline:
-                raise TaskTimeout(f"task exceeded {self.config.task_timeout} s")
+                raise TaskTimeout()
             if envelope.next is not None:
                 return protocol.forward_envelope(envelope, text, self.agent_id)
             return reply_topic, protocol.response_message(protocol.extract_response(text), envelope.task_id)
         except EnvelopeError as exc:
             return reply_topic, self._error(envelope, protocol.INVALID_INPUT, str(exc))
+        except TaskTimeout:
+            return reply_topic, self._error(envelope, protocol.INTERNAL_ERROR,
+                                            f"task exceeded {self.config.task_timeout} s")
         except TaskFailure as exc:
             return reply_topic, self._error(envelope, exc.code, str(exc))
         except Exception:

@@ -20,6 +20,8 @@ import uuid
 from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_SCRIPT = os.path.join(ROOT, "agent2389.py")
@@ -118,56 +120,73 @@ class Mosquitto:
 class Watcher:
     """A paho client that records every message on its subscriptions and can publish."""
 
-    def __init__(self, port: int, *topics: str, protocol: int = mqtt.MQTTv5):
+    def __init__(self, port: int, *topics: str):
+        """Persistent session, resubscribing on every connect: nothing is missed across broker restarts."""
         self.messages: list[mqtt.MQTTMessage] = []
+        self.parsed: list[tuple[str, Any]] = []
+        self.topics = topics
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watcher-{uuid.uuid4().hex[:8]}",
-                                  protocol=protocol)
+                                  protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.connect("127.0.0.1", port, 30)
+        self.client.max_inflight_messages_set(1000)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600
+        self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=props)
+        self.client.reconnect_delay_set(0.05, 0.5)
         self.client.loop_start()
-        if topics:
-            self.client.subscribe([(t, 1) for t in topics])
-            if not self._subscribed.wait(10):
-                raise AssertionError("watcher could not subscribe")
+        if not self._subscribed.wait(10):
+            raise AssertionError("watcher could not subscribe")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.topics:
+            client.subscribe([(t, 1) for t in self.topics])
+        else:
+            self._subscribed.set()
 
     def _on_message(self, client, userdata, message) -> None:
+        try:
+            payload = json.loads(message.payload)
+        except ValueError:
+            payload = message.payload
         with self._cond:
             self.messages.append(message)
+            self.parsed.append((message.topic, payload))
             self._cond.notify_all()
 
-    def publish(self, topic: str, payload: Any, retain: bool = False, qos: int = 1) -> None:
+    def publish(self, topic: str, payload: Any, retain: bool = False, qos: int = 1, wait: bool = True):
         data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
         info = self.client.publish(topic, data, qos=qos, retain=retain)
-        info.wait_for_publish(10)
+        if wait:
+            info.wait_for_publish(10)
+        return info
+
+    @staticmethod
+    def _scan(items: list, topic: Optional[str], where: Callable[[Any], bool]) -> list:
+        return [p for t, p in items if (topic is None or mqtt.topic_matches_sub(topic, t)) and where(p)]
 
     def matching(self, topic: Optional[str] = None, where: Callable[[Any], bool] = lambda p: True) -> list:
         with self._cond:
-            found = []
-            for msg in self.messages:
-                if topic is not None and not mqtt.topic_matches_sub(topic, msg.topic):
-                    continue
-                try:
-                    payload = json.loads(msg.payload)
-                except ValueError:
-                    payload = msg.payload
-                if where(payload):
-                    found.append(payload)
-            return found
+            return self._scan(self.parsed, topic, where)
 
     def wait_for(self, topic: Optional[str] = None, where: Callable[[Any], bool] = lambda p: True,
                  count: int = 1, timeout: float = 15) -> list:
         deadline = time.monotonic() + timeout
+        found: list = []
+        scanned = 0
         with self._cond:
             while True:
-                found = self.matching(topic, where)
+                found.extend(self._scan(self.parsed[scanned:], topic, where))
+                scanned = len(self.parsed)
                 if len(found) >= count:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"timed out waiting for {count} message(s) on {topic}; got {found[-5:]}")
+                    raise AssertionError(f"timed out waiting for {count} message(s) on {topic}; "
+                                         f"got {len(found)}: {found[-3:]}")
                 self._cond.wait(left)
 
     def close(self) -> None:
@@ -236,10 +255,11 @@ class AgentProcess:
         return self
 
     def start_and_wait_available(self, watcher: Watcher, timeout: float = 20) -> "AgentProcess":
-        before = len(watcher.matching(f"/control/agents/{self.agent_id}/status"))
+        topic = f"/control/agents/{self.agent_id}/status"
+        available = lambda p: p.get("status") == "available"  # noqa: E731
+        before = len(watcher.matching(topic, available))
         self.start()
-        watcher.wait_for(f"/control/agents/{self.agent_id}/status", lambda p: p.get("status") == "available",
-                         count=before + 1 if before else 1, timeout=timeout)
+        watcher.wait_for(topic, available, count=before + 1, timeout=timeout)
         return self
 
     def signal(self, signum: int) -> None:
@@ -266,6 +286,17 @@ class AgentProcess:
     def log(self) -> str:
         with open(self.log_path, errors="replace") as handle:
             return handle.read()
+
+    def wait_log(self, text: str, timeout: float = 15) -> None:
+        wait_until(lambda: text in self.log(), timeout, f"{text!r} in the log of {self.agent_id}")
+
+    def peak_rss_kb(self) -> int:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmHWM")
 
 
 class BrokerTestCase(unittest.TestCase):

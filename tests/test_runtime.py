@@ -1,0 +1,314 @@
+"""The agent process against a real mosquitto: lifecycle, every processing rule, faults."""
+
+import json
+import re
+import signal
+import subprocess
+import unittest
+
+from support import BrokerTestCase, Mosquitto, Watcher, envelope, new_task_id, wait_until
+
+AGENT = "agent-one"
+INPUT = f"/control/agents/{AGENT}/input"
+STATUS = f"/control/agents/{AGENT}/status"
+
+
+def chain(depth, target="next-agent"):
+    nxt = None
+    for _ in range(depth - 1):
+        nxt = {"topic": f"/control/agents/{target}/input", "instruction": "go on", "input": None, "next": nxt}
+    return nxt
+
+
+class LifecycleTests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(extra_conf="log_type all").start()
+
+    def test_available_after_suback_then_answers_mosquitto_pub(self):
+        watcher = self.watcher(STATUS, "/conversations/#")
+        self.agent(AGENT).start_and_wait_available(watcher)
+        status = watcher.matching(STATUS)[-1]
+        self.assertEqual((status["agent_id"], status["status"], status["capabilities"], status["description"]),
+                         (AGENT, "available", ["testing"], "test agent"))
+        self.assertRegex(status["timestamp"], r"Z$")
+        log = self.broker.log()
+        subscribed = log.find(f"Received SUBSCRIBE from agent2389-{AGENT}")
+        available = log.find(f"Received PUBLISH from agent2389-{AGENT}-out (d0, q1, r1")
+        self.assertTrue(0 <= subscribed < available, "available must follow the SUBACKed subscription")
+
+        task_id = new_task_id()
+        payload = json.dumps(envelope(AGENT, task_id=task_id, cid="c-pub", instruction="Hello", input={"x": 1}))
+        subprocess.run(["mosquitto_pub", "-p", str(self.broker.port), "-q", "1", "-t", INPUT, "-m", payload],
+                       check=True, timeout=10)
+        (reply,) = watcher.wait_for(f"/conversations/c-pub/{AGENT}")
+        self.assertEqual(reply, {"response": 'Hello\nInput data: {"x":1}', "task_id": task_id})
+
+    def test_sigterm_finishes_in_flight_task_then_unavailable(self):
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT, llm={"latency_ms": 1500}).start_and_wait_available(watcher)
+        task_id = new_task_id()
+        watcher.publish(INPUT, envelope(AGENT, task_id=task_id, cid="c-term"))
+        agent.wait_log(f"task {task_id} accepted")
+        agent.signal(signal.SIGTERM)
+        self.assertEqual(agent.wait(30), 0)
+        (reply,) = watcher.wait_for(f"/conversations/c-term/{AGENT}")
+        self.assertEqual(reply["task_id"], task_id)
+        last = watcher.wait_for(STATUS, lambda p: p["status"] == "unavailable")[-1]
+        self.assertEqual(last["agent_id"], AGENT)
+        fresh = Watcher(self.broker.port, STATUS)  # the retained status a newcomer sees
+        self.addCleanup(fresh.close)
+        self.assertEqual(fresh.wait_for(STATUS)[0]["status"], "unavailable")
+
+    def test_sigkill_last_will(self):
+        watcher = self.watcher(STATUS)
+        agent = self.agent(AGENT).start_and_wait_available(watcher)
+        agent.proc.kill()
+        agent.wait(10)
+        watcher.wait_for(STATUS, lambda p: p["status"] == "unavailable")
+
+
+class ProcessingRuleTests(BrokerTestCase):
+    """One test per row of PROTOCOL.md section 3, checking what is and is not published."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.watch = Watcher(cls.broker.port, "/conversations/#", "/control/agents/next-agent/input")
+        cls.proc = None
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.watch.close()
+        super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        status = Watcher(self.broker.port, STATUS)
+        self.addCleanup(status.close)
+        self.current = self.agent(AGENT, max_message_size=4096).start_and_wait_available(status)
+
+    def send(self, payload, retain=False):
+        self.watch.publish(INPUT, payload, retain=retain)
+
+    def answered(self, cid, *handled):
+        """What was published for `cid`, once the agent logged each of `handled` (its decision on
+        the case under test) and a marker task made the round trip through the broker."""
+        for text in handled:
+            self.current.wait_log(text)
+        marker = new_task_id()
+        self.send(envelope(AGENT, task_id=marker, cid=cid + "-marker"))
+        self.watch.wait_for(f"/conversations/{cid}-marker/{AGENT}", lambda p: p.get("task_id") == marker)
+        return self.watch.matching(f"/conversations/{cid}/{AGENT}")
+
+    def test_retained_message_ignored(self):
+        self.send(envelope(AGENT, cid="c-retained"), retain=True)
+        self.addCleanup(self.watch.publish, INPUT, b"", True)  # clear the retained message
+        self.assertEqual(self.answered("c-retained", "ignoring a retained message"), [])
+
+    def test_oversized_with_readable_ids(self):
+        task_id = new_task_id()
+        self.send(envelope(AGENT, task_id=task_id, cid="c-big", input={"blob": "x" * 5000}))
+        (reply,) = self.watch.wait_for(f"/conversations/c-big/{AGENT}")
+        self.assertEqual(reply["task_id"], task_id)
+        self.assertEqual(reply["error"]["code"], "invalid_input")
+        self.assertIn("exceeds max_message_size (4096 bytes)", reply["error"]["message"])
+
+    def test_oversized_without_ids_publishes_nothing(self):
+        self.send("x" * 5000)
+        self.assertEqual(self.answered("c-big2", "message of 5000 bytes exceeds max_message_size"), [])
+
+    def test_not_json(self):
+        self.send(b"\xff\xfe not json")
+        self.send("hello")
+        self.assertEqual(self.answered("c-nojson", "payload is not valid UTF-8", "payload is not valid JSON"), [])
+
+    def test_invalid_envelope_with_known_conversation(self):
+        task_id = new_task_id()
+        self.send(envelope(AGENT, task_id=task_id, cid="c-invalid", instruction=42))
+        (reply,) = self.watch.wait_for(f"/conversations/c-invalid/{AGENT}")
+        self.assertEqual(reply, {"error": {"code": "invalid_input",
+                                           "message": "invalid task envelope: instruction must be a string or null"},
+                                 "task_id": task_id})
+
+    def test_topic_mismatch(self):
+        bad = envelope(AGENT, cid="c-mismatch")
+        bad["topic"] = "/control/agents/someone-else/input"
+        self.send(bad)
+        self.assertEqual(self.answered("c-mismatch", "does not match the topic it arrived on"), [])
+
+    def test_topic_compared_canonically(self):
+        odd = envelope(AGENT, cid="c-canon")
+        odd["topic"] = f"//control//agents/{AGENT}/input/"
+        self.send(odd)
+        self.assertEqual(len(self.watch.wait_for(f"/conversations/c-canon/{AGENT}")), 1)
+
+    def test_duplicate_dropped_silently(self):
+        task = envelope(AGENT, cid="c-dup")
+        self.send(task)
+        self.watch.wait_for(f"/conversations/c-dup/{AGENT}")
+        self.send(task)
+        self.send(dict(task, task_id=task["task_id"].upper()))  # same id, other spelling
+        self.current.wait_log(f"discarding duplicate of completed task {task['task_id']}")
+        wait_until(lambda: self.current.log().count(f"discarding duplicate of completed task {task['task_id']}") == 2,
+                   15, "both duplicates discarded")
+        self.assertEqual(len(self.answered("c-dup")), 1)
+
+    def test_depth_16_forwarded_17_rejected(self):
+        ok = envelope(AGENT, cid="c-depth16", next=chain(16))
+        self.send(ok)
+        forwarded = self.watch.wait_for("/control/agents/next-agent/input",
+                                        lambda p: p.get("task_id") == ok["task_id"])
+        self.assertEqual(forwarded[0]["next"], chain(15))
+        too_deep = envelope(AGENT, cid="c-depth17", next=chain(17))
+        self.send(too_deep)
+        (reply,) = self.watch.wait_for(f"/conversations/c-depth17/{AGENT}")
+        self.assertEqual(reply["error"]["code"], "pipeline_depth_exceeded")
+        self.assertEqual(reply["task_id"], too_deep["task_id"])
+        self.assertEqual(self.watch.matching(f"/conversations/c-depth16/{AGENT}"), [])
+
+    def test_failed_task_followed_by_successful_one(self):
+        self.send(envelope(AGENT, cid="c-fail", next=chain(20)))
+        self.watch.wait_for(f"/conversations/c-fail/{AGENT}", lambda p: "error" in p)
+        good = envelope(AGENT, cid="c-after")
+        self.send(good)
+        (reply,) = self.watch.wait_for(f"/conversations/c-after/{AGENT}")
+        self.assertEqual(reply["task_id"], good["task_id"])
+        self.assertIn("response", reply)
+
+    def test_bad_next_topic_is_invalid_input(self):
+        task = envelope(AGENT, cid="c-badnext", next={"topic": "/somewhere/else", "instruction": None,
+                                                       "input": None, "next": None})
+        self.send(task)
+        (reply,) = self.watch.wait_for(f"/conversations/c-badnext/{AGENT}")
+        self.assertEqual(reply["error"]["code"], "invalid_input")
+
+
+class DeadlineTests(BrokerTestCase):
+    def test_task_deadline_gives_internal_error(self):
+        watcher = self.watcher(STATUS, "/conversations/#")
+        self.agent(AGENT, agent={"task_timeout": 30}, llm={"latency_ms": 60000}).start_and_wait_available(watcher)
+        task_id = new_task_id()
+        watcher.publish(INPUT, envelope(AGENT, task_id=task_id, cid="c-late"))
+        (reply,) = watcher.wait_for(f"/conversations/c-late/{AGENT}", timeout=60)
+        self.assertEqual(reply["error"]["code"], "internal_error")
+        self.assertIn("task exceeded 30 s", reply["error"]["message"])
+
+
+class PipelineTests(BrokerTestCase):
+    def test_three_agents(self):
+        watcher = self.watcher("/control/agents/+/status", "/conversations/#", "/control/agents/+/input")
+        for name in ("researcher", "writer", "editor"):
+            self.agent(name).start_and_wait_available(watcher)
+        task_id = new_task_id()
+        trace = [{"from_agent": "client", "to_agent": "researcher", "reason": "start",
+                  "timestamp": "2026-01-01T00:00:00.000Z", "step_number": 1}]
+        context = {"original_query": "q", "steps_completed": [], "iteration_count": 0}
+        task = envelope("researcher", task_id=task_id, cid="c-pipe", instruction="Research", input={"topic": "x"},
+                        version="2.0", context=context, routing_trace=trace,
+                        next={"topic": "/control/agents/writer/input", "instruction": "Write", "input": None,
+                              "next": {"topic": "/control/agents/editor/input", "instruction": "Edit",
+                                       "input": {"style": "short"}, "next": None}})
+        watcher.publish("/control/agents/researcher/input", task)
+        (final,) = watcher.wait_for("/conversations/c-pipe/+")
+        self.assertEqual(final, {"response": 'Edit\nInput data: {"style":"short"}', "task_id": task_id})
+        to_writer = watcher.matching("/control/agents/writer/input")[0]
+        self.assertEqual(to_writer["input"], 'Research\nInput data: {"topic":"x"}')  # null input: the text
+        self.assertEqual(to_writer["instruction"], "Write")
+        self.assertEqual([s["to_agent"] for s in to_writer["routing_trace"]], ["researcher", "writer"])
+        to_editor = watcher.matching("/control/agents/editor/input")[0]
+        self.assertEqual(to_editor["input"], {"style": "short"})  # non-null input kept
+        self.assertIsNone(to_editor["next"])
+        self.assertEqual(to_editor["version"], "2.0")
+        self.assertEqual(to_editor["context"], context)
+        self.assertEqual([(s["from_agent"], s["to_agent"], s["step_number"]) for s in to_editor["routing_trace"]],
+                         [("client", "researcher", 1), ("researcher", "writer", 2), ("writer", "editor", 3)])
+        only = {m.topic for m in watcher.messages if m.topic.startswith("/conversations/")}
+        self.assertEqual(only, {"/conversations/c-pipe/editor"})  # only the last agent answers
+
+
+class BrokerRestartTests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(persistence=True).start()
+
+    def test_reconnect_resubscribe_and_answer_everything(self):
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT).start_and_wait_available(watcher)
+        before = [envelope(AGENT, cid="c-restart") for _ in range(5)]
+        for task in before:
+            watcher.publish(INPUT, task)
+        watcher.wait_for("/conversations/c-restart/+", count=5)
+        available_count = len(watcher.matching(STATUS, lambda p: p["status"] == "available"))
+
+        self.broker.stop()
+        during = [envelope(AGENT, cid="c-restart") for _ in range(5)]
+        for task in during:  # queued by the publishing client while the broker is down
+            watcher.publish(INPUT, task, wait=False)
+        self.broker.start()
+        after = [envelope(AGENT, cid="c-restart") for _ in range(5)]
+        watcher.wait_for(STATUS, lambda p: p["status"] == "available", count=available_count + 1, timeout=30)
+        for task in after:
+            watcher.publish(INPUT, task)
+        wanted = {t["task_id"] for t in before + during + after}
+        wait_until(lambda: wanted <= {r["task_id"] for r in watcher.matching("/conversations/c-restart/+")},
+                   30, "every task answered")  # QoS 1: the watcher itself may see redeliveries
+        self.assertIn("session resumed", agent.log())
+        for task_id in wanted:
+            self.assertEqual(agent.log().count(f"task {task_id} finished"), 1)
+
+
+class CrashSafetyTests(BrokerTestCase):
+    def test_sigkill_with_200_tasks_loses_none(self):
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT, agent={"state_dir": "./state"}, llm={"latency_ms": 20})
+        agent.start_and_wait_available(watcher)
+        tasks = [envelope(AGENT, cid="c-crash") for _ in range(200)]
+        for task in tasks:
+            watcher.publish(INPUT, task, wait=False)
+        watcher.wait_for("/conversations/c-crash/+", count=40, timeout=30)
+        agent.proc.kill()
+        agent.wait(10)
+        answered_before = len(watcher.matching("/conversations/c-crash/+"))
+        agent.stop()
+        restarted = self.agent(AGENT, workdir=agent.dir, agent={"state_dir": "./state"}, llm={"latency_ms": 20})
+        restarted.start()
+        replies = wait_until(lambda: self._all_answered(watcher, tasks), 60, "all 200 tasks answered")
+        ids = [r["task_id"] for r in replies]
+        duplicates = len(ids) - len(set(ids))
+        print(f"\ncrash safety: {answered_before} answered before SIGKILL, {len(set(ids))}/200 answered in all, "
+              f"{duplicates} answered twice")
+        self.assertLessEqual(duplicates, 16, "only outcomes published but not yet recorded may repeat")
+
+    @staticmethod
+    def _all_answered(watcher, tasks):
+        replies = watcher.matching("/conversations/c-crash/+")
+        wanted = {t["task_id"] for t in tasks}
+        return replies if wanted <= {r["task_id"] for r in replies} else None
+
+
+class BacklogTests(BrokerTestCase):
+    TASKS = 20000
+
+    def test_backlog_drained_with_bounded_memory(self):
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT, llm={"latency_ms": 2})
+        agent.start_and_wait_available(watcher)
+        agent.signal(signal.SIGTERM)
+        self.assertEqual(agent.wait(30), 0)
+        tasks = [envelope(AGENT, cid="c-backlog", input={"n": i, "text": "lorem ipsum " * 10})
+                 for i in range(self.TASKS)]
+        infos = [watcher.publish(INPUT, task, wait=False) for task in tasks]
+        for info in infos:
+            info.wait_for_publish(60)
+        restarted = self.agent(AGENT, workdir=agent.dir, llm={"latency_ms": 2})
+        restarted.start()
+        replies = watcher.wait_for("/conversations/c-backlog/+", count=self.TASKS, timeout=300)
+        peak_mb = restarted.peak_rss_kb() / 1024
+        print(f"\nbacklog: {self.TASKS} tasks drained, agent peak RSS {peak_mb:.1f} MB")
+        self.assertEqual(len({r["task_id"] for r in replies}), self.TASKS)
+        self.assertLess(peak_mb, 80)
+
+
+if __name__ == "__main__":
+    unittest.main()
