@@ -124,6 +124,7 @@ class ToolSpec:
     description: str = ""
     env: tuple = ()
     options: dict = field(default_factory=dict)
+    secret: Optional[Secret] = None  # a builtin's API key (web_search: SERPER_API_KEY)
 
 
 @dataclass(frozen=True)
@@ -531,7 +532,7 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
         mqtt=_build_mqtt(read, env, agent_id),
         llm=llm,
         budget=_build_budget(read),
-        tools=tuple(_build_tools(read)),
+        tools=tuple(_build_tools(read, env)),
         routing=_build_routing(read),
     )
     return config, run_problems
@@ -712,11 +713,11 @@ def _build_budget(read: _Reader) -> BudgetSettings:
                           max_iterations=read.integer("budget.max_iterations", 8, 1, 1000))
 
 
-def _build_tools(read: _Reader) -> list[ToolSpec]:
+def _build_tools(read: _Reader, env: Mapping[str, str]) -> list[ToolSpec]:
     specs: list[ToolSpec] = []
     seen: set = set()
     for origin, name, table in read.raw("tools", []):
-        spec = _build_tool(read.out, origin, name, table)
+        spec = _build_tool(read.out, origin, name, table, env)
         if spec is None:
             continue
         if spec.name in seen:
@@ -727,7 +728,7 @@ def _build_tools(read: _Reader) -> list[ToolSpec]:
     return specs
 
 
-def _build_tool(out: _Collector, origin: str, name: Any, table: Any) -> Optional[ToolSpec]:
+def _build_tool(out: _Collector, origin: str, name: Any, table: Any, env: Mapping[str, str]) -> Optional[ToolSpec]:
     if not isinstance(table, dict):
         out.problem(f"{origin} must be \"builtin\" or a table")
         return None
@@ -758,7 +759,9 @@ def _build_tool(out: _Collector, origin: str, name: Any, table: Any) -> Optional
         if name not in BUILTIN_TOOLS:
             out.problem(f"{origin}: there is no builtin tool named {name!r} (builtins: {', '.join(BUILTIN_TOOLS)})")
             return None
-        return ToolSpec(name=name, kind="builtin", **common)
+        key_var = options.get("api_key_env", "SERPER_API_KEY") if name == "web_search" else None
+        secret = Secret(env[key_var]) if key_var and env.get(key_var) else None
+        return ToolSpec(name=name, kind="builtin", secret=secret, **common)
     if impl in ("external", "command"):
         command = reader.string("command", None, allow_empty=False)
         if not command:

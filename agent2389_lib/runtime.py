@@ -21,6 +21,8 @@ from .errors import LlmError
 from .llm import build_agent_loop
 from .logs import configure_logging
 from .processor import TaskProcessor
+from .tools import build_registry
+from .tools.registry import ToolStartupError
 from .transport import MqttTransport, SubscriptionRefused
 
 log = logging.getLogger("agent2389.runtime")
@@ -96,7 +98,11 @@ class AgentRuntime:
         self.transport.on_delivery = self._on_delivery
         self.transport.on_subscribed = self._on_subscribed
         self.dedupe = DedupeStore(config.completed_store_size, config.state_dir)
-        self.agent_loop = build_agent_loop(config)
+        try:
+            self.tools = build_registry(config)
+        except ToolStartupError as exc:
+            raise StartupError(str(exc)) from None
+        self.agent_loop = build_agent_loop(config, self.tools if config.tools else None)
         self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe,
                                        should_abandon=self._hard_stop.is_set)
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
@@ -163,6 +169,10 @@ class AgentRuntime:
         except SubscriptionRefused as exc:
             raise StartupError(str(exc)) from None
         try:
+            self.tools.initialize()
+        except ToolStartupError as exc:
+            raise StartupError(str(exc)) from None
+        try:
             self.agent_loop.chain.verify()
         except LlmError as exc:
             raise StartupError(f"LLM provider check failed: {exc}") from None
@@ -194,6 +204,7 @@ class AgentRuntime:
         if self.transport.connected:
             self.publish_status(protocol.UNAVAILABLE, wait_seconds=_STATUS_WAIT)
         self.transport.stop()
+        self.tools.shutdown()
         self.executor.shutdown(wait=False)
         self.dedupe.close()
         self.state = "stopped"

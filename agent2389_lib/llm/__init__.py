@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from ..config import AgentConfig, LlmSettings
 from .base import Provider
+from .anthropic import AnthropicProvider
 from .echo import EchoProvider
 from .loop import AgentLoop, ProviderChain
+from .openai import OpenAIProvider
 
 
 def build_provider(settings: LlmSettings) -> Provider:
-    if settings.provider == "echo":
-        return EchoProvider(settings.latency_ms)
-    raise NotImplementedError(settings.provider)
+    if settings.provider == "openai":
+        return OpenAIProvider(settings)
+    if settings.provider == "anthropic":
+        return AnthropicProvider(settings)
+    return EchoProvider(settings.latency_ms)
 
 
 def build_agent_loop(config: AgentConfig, tools=None) -> AgentLoop:

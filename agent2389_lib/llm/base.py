@@ -16,13 +16,6 @@ class ToolCall:
     arguments: Any  # parsed JSON; a provider's malformed arguments arrive as the raw string
 
 
-@dataclass(frozen=True)
-class ToolDef:
-    name: str
-    description: str
-    schema: dict
-
-
 @dataclass
 class Message:
     """role is "user", "assistant" or "tool" (a tool result answering `tool_call_id`)."""

@@ -9,7 +9,7 @@ from typing import Optional, Protocol
 from ..config import BudgetSettings
 from ..errors import LlmError
 from ..protocol import TaskEnvelope, rfc3339
-from .base import ChatReply, Message, Provider, ToolCall
+from .base import ChatReply, Message, Provider
 
 log = logging.getLogger("agent2389.llm")
 
@@ -20,7 +20,7 @@ BUDGET_SPENT = ("The tool budget for this task is spent. Give your best final an
 class ToolBox(Protocol):
     def definitions(self) -> list: ...
 
-    def execute(self, call: ToolCall, deadline: float) -> tuple[bool, str]:
+    def execute(self, name: str, arguments: object, deadline: float) -> tuple[bool, str]:
         """(ok, content): content goes back to the model as the tool result."""
 
 
@@ -87,6 +87,6 @@ class AgentLoop:
                     ok, content = False, "not executed: the tool budget for this task is spent"
                 else:
                     tool_calls += 1
-                    ok, content = self.tools.execute(call, deadline)
+                    ok, content = self.tools.execute(call.name, call.arguments, deadline)
                 messages.append(Message("tool", content, tool_call_id=call.id, tool_name=call.name, is_error=not ok))
         raise AssertionError("unreachable: the last iteration never offers tools")

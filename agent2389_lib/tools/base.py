@@ -1,0 +1,43 @@
+"""The tool interface (RFC: describe, initialize, execute, optional shutdown)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ToolDef:
+    """What the model is told about a tool."""
+
+    name: str
+    description: str
+    schema: dict
+
+
+class ToolError(Exception):
+    """A tool failed; the message goes back to the model as the tool result."""
+
+
+class ToolTimeout(ToolError):
+    pass
+
+
+class Tool:
+    name: str = ""
+    description: str = ""
+    schema: dict = {"type": "object"}
+
+    def initialize(self) -> None:
+        """Check at startup that the tool can work (raises ToolError with a clear message)."""
+
+    def execute(self, params: dict, deadline: float) -> str:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Release resources at exit."""
+
+
+def as_text(value: Any) -> str:
+    import json
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))

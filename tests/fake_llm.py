@@ -1,0 +1,286 @@
+"""Loopback HTTP servers that behave like the OpenAI and Anthropic APIs.
+
+They check credentials and validate request bodies the way the real APIs do (OpenAI: its own
+published JSON Schema plus the tool-message ordering rule; Anthropic: required fields,
+alternating roles, tool_result placement), answering 400/401 with each API's error JSON.
+A test scripts what comes next (`reply`, `tool_calls`, `status`, `hang`) and reads back every
+request with its arrival time on the server's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+from jsonschema import Draft202012Validator
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def _validator(name: str) -> Draft202012Validator:
+    with open(os.path.join(DATA, name)) as handle:
+        return Draft202012Validator(json.load(handle))
+
+
+OPENAI_REQUEST = _validator("openai-chat-completions-request.schema.json")
+OPENAI_RESPONSE = _validator("openai-chat-completions-response.schema.json")
+
+
+class Reply:
+    def __init__(self, text: str = "", tool_calls: Optional[list] = None):
+        self.text, self.tool_calls = text, tool_calls or []  # tool_calls: [(name, arguments)]
+
+
+class Status:
+    def __init__(self, code: int, headers: Optional[dict] = None, body: Any = None):
+        self.code, self.headers, self.body = code, headers or {}, body
+
+
+class Hang:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+
+class BadRequest(Exception):
+    pass
+
+
+class FakeLLM:
+    """Base: a threaded server, a script of what to answer, a log of what was asked."""
+
+    models_path = "/models"
+    completion_path = "/chat/completions"
+
+    def __init__(self, api_key: str = "sk-test-key-0123456789", default_text: str = "fake answer"):
+        self.api_key = api_key
+        self.default_text = default_text
+        self.script: list = []
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake._record(self, None)
+                if not fake.authorized(self.headers):
+                    return fake.send(self, *fake.auth_error())
+                if self.path == fake.models_path:
+                    return fake.send(self, 200, fake.models())
+                fake.send(self, 404, fake.error_body("not_found_error", f"no route {self.path}"))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+                fake._record(self, body)
+                if self.path != fake.completion_path:
+                    return fake.send(self, 404, fake.error_body("not_found_error", f"no route {self.path}"))
+                if not fake.authorized(self.headers):
+                    return fake.send(self, *fake.auth_error())
+                try:
+                    fake.validate(self.headers, body)
+                except BadRequest as exc:
+                    return fake.send(self, 400, fake.error_body("invalid_request_error", str(exc)))
+                fake.respond(self, body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    # -------------------------------------------------------------- plumbing
+    def _record(self, handler: BaseHTTPRequestHandler, body: Any) -> None:
+        with self.lock:
+            self.requests.append({"method": handler.command, "path": handler.path, "headers": dict(handler.headers),
+                                  "body": body, "at": time.monotonic()})
+
+    def send(self, handler: BaseHTTPRequestHandler, code: int, body: Any, headers: Optional[dict] = None) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def respond(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        with self.lock:
+            action = self.script.pop(0) if self.script else Reply(self.default_text)
+        while isinstance(action, Hang):
+            time.sleep(action.seconds)
+            with self.lock:
+                action = self.script.pop(0) if self.script else Reply(self.default_text)
+        if isinstance(action, Status):
+            body_out = action.body if action.body is not None else self.error_body("api_error", "scripted failure")
+            return self.send(handler, action.code, body_out, action.headers)
+        self.send(handler, 200, self.completion(body, action))
+
+    def completions(self) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if r["method"] == "POST"]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeOpenAI(FakeLLM):
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    models_path = "/v1/models"
+    completion_path = "/v1/chat/completions"
+
+    def authorized(self, headers: Any) -> bool:
+        return headers.get("Authorization") == f"Bearer {self.api_key}"
+
+    def auth_error(self) -> tuple:
+        return 401, {"error": {"message": "Incorrect API key provided. You can find your API key at "
+                                          "https://platform.openai.com/account/api-keys.",
+                               "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+
+    @staticmethod
+    def error_body(kind: str, message: str) -> dict:
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": "gpt-4o", "object": "model", "created": 1700000000,
+                                            "owned_by": "system"}]}
+
+    def validate(self, headers: Any, body: Any) -> None:
+        if not isinstance(body, dict):
+            raise BadRequest("We could not parse the JSON body of your request.")
+        errors = sorted(OPENAI_REQUEST.iter_errors(body), key=lambda e: list(e.absolute_path))
+        if errors:
+            first = errors[0]
+            raise BadRequest(f"Invalid value at {'.'.join(map(str, first.absolute_path))}: {first.message[:200]}")
+        open_calls: set = set()
+        for index, message in enumerate(body["messages"]):
+            if message["role"] == "tool":
+                if message["tool_call_id"] not in open_calls:
+                    raise BadRequest(f"Invalid parameter: messages with role 'tool' must be a response to a preceeding "
+                                     f"message with 'tool_calls' (messages[{index}]).")
+                open_calls.discard(message["tool_call_id"])
+                continue
+            if open_calls:
+                raise BadRequest("An assistant message with 'tool_calls' must be followed by tool messages responding "
+                                 f"to each 'tool_call_id'. Missing: {sorted(open_calls)}")
+            if message["role"] == "assistant":
+                open_calls = {c["id"] for c in message.get("tool_calls", [])}
+
+    def completion(self, request: dict, action: Reply) -> dict:
+        message: dict = {"role": "assistant", "content": action.text or None, "refusal": None}
+        if action.tool_calls:
+            message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                                      "function": {"name": name, "arguments": json.dumps(args)}}
+                                     for name, args in action.tool_calls]
+        out = {"id": f"chatcmpl-{uuid.uuid4().hex[:10]}", "object": "chat.completion", "created": int(time.time()),
+               "model": request["model"],
+               "choices": [{"index": 0, "message": message, "logprobs": None,
+                            "finish_reason": "tool_calls" if action.tool_calls else "stop"}],
+               "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+        errors = list(OPENAI_RESPONSE.iter_errors(out))
+        assert not errors, errors[0].message  # the fake itself must speak the real format
+        return out
+
+
+class FakeAnthropic(FakeLLM):
+    models_path = "/v1/models"
+    completion_path = "/v1/messages"
+    block_types = {"text", "image", "tool_use", "tool_result", "document", "thinking"}
+
+    def authorized(self, headers: Any) -> bool:
+        return headers.get("x-api-key") == self.api_key
+
+    def auth_error(self) -> tuple:
+        return 401, self.error_body("authentication_error", "invalid x-api-key")
+
+    @staticmethod
+    def error_body(kind: str, message: str) -> dict:
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def models(self) -> dict:
+        return {"data": [{"type": "model", "id": "claude-sonnet-4-20250514", "display_name": "Claude Sonnet 4",
+                          "created_at": "2025-05-14T00:00:00Z"}], "has_more": False,
+                "first_id": "claude-sonnet-4-20250514", "last_id": "claude-sonnet-4-20250514"}
+
+    def validate(self, headers: Any, body: Any) -> None:
+        if headers.get("anthropic-version") != "2023-06-01":
+            raise BadRequest("anthropic-version: header is required and must be a valid version")
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        for field, kind in (("model", str), ("max_tokens", int), ("messages", list)):
+            if not isinstance(body.get(field), kind):
+                raise BadRequest(f"{field}: Field required")
+        if body["max_tokens"] < 1:
+            raise BadRequest("max_tokens: must be greater than or equal to 1")
+        if "system" in body and not isinstance(body["system"], (str, list)):
+            raise BadRequest("system: Input should be a valid string")
+        if "temperature" in body and not 0 <= body["temperature"] <= 1:
+            raise BadRequest("temperature: Input should be less than or equal to 1")
+        for index, tool in enumerate(body.get("tools", [])):
+            if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict) \
+                    or tool["input_schema"].get("type") != "object":
+                raise BadRequest(f"tools.{index}: name and an input_schema of type object are required")
+        messages = body["messages"]
+        if not messages or messages[0].get("role") != "user":
+            raise BadRequest("messages: first message must use the \"user\" role")
+        pending: set = set()
+        for index, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in ("user", "assistant"):
+                raise BadRequest(f"messages.{index}.role: Input should be 'user' or 'assistant'")
+            if index and messages[index - 1].get("role") == role:
+                raise BadRequest("messages: roles must alternate between \"user\" and \"assistant\"")
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(blocks, list) or not blocks:
+                raise BadRequest(f"messages.{index}.content: must be a string or a non-empty list of blocks")
+            kinds = [b.get("type") for b in blocks]
+            if any(k not in self.block_types for k in kinds):
+                raise BadRequest(f"messages.{index}.content: unknown content block type")
+            results = [b for b in blocks if b["type"] == "tool_result"]
+            if results:
+                if role != "user" or kinds[:len(results)] != ["tool_result"] * len(results):
+                    raise BadRequest(f"messages.{index}: tool_result blocks must come first in a user message")
+                ids = {b.get("tool_use_id") for b in results}
+                if ids - pending:
+                    raise BadRequest(f"messages.{index}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                                     f"{sorted(ids - pending)}. Each `tool_result` block must have a corresponding "
+                                     "`tool_use` block in the previous message.")
+            if pending and not {b.get("tool_use_id") for b in results} >= pending:
+                raise BadRequest(f"messages.{index}: `tool_use` ids were found without `tool_result` blocks "
+                                 f"immediately after: {sorted(pending)}")
+            pending = {b["id"] for b in blocks if b["type"] == "tool_use"} if role == "assistant" else set()
+            for block in blocks:
+                if block["type"] == "text" and not isinstance(block.get("text"), str):
+                    raise BadRequest(f"messages.{index}: text blocks need a string text")
+        if pending:
+            raise BadRequest("the last message has tool_use blocks without tool results")
+
+    def completion(self, request: dict, action: Reply) -> dict:
+        content: list = [{"type": "text", "text": action.text}] if action.text else []
+        for name, args in action.tool_calls:
+            content.append({"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": name, "input": args})
+        return {"id": f"msg_{uuid.uuid4().hex[:20]}", "type": "message", "role": "assistant", "model": request["model"],
+                "content": content, "stop_reason": "tool_use" if action.tool_calls else "end_turn",
+                "stop_sequence": None, "usage": {"input_tokens": 13, "output_tokens": 5}}
