@@ -410,7 +410,9 @@ class MqttTransport:
         self.on_connection_change()
 
     def _handle_suback(self, client, userdata, mid, reason_codes, properties) -> None:
-        refused = [rc for rc in reason_codes if rc.is_failure]
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        refused += [f"granted QoS {rc.value} only; at-least-once delivery needs QoS 1 (check the broker's max_qos)"
+                    for rc in reason_codes if not rc.is_failure and rc.value < 1]
         if refused:
             self._refusal = (f"the broker refused the subscription to {self.input_topic}: {refused[0]} "
                              f"(check the broker ACL for this client)")

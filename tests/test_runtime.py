@@ -6,11 +6,13 @@ import signal
 import subprocess
 import unittest
 
-from support import BrokerTestCase, Mosquitto, Watcher, envelope, new_task_id, wait_until
+from fake_llm import FakeOpenAI, Reply, Status
+from support import AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, new_task_id, wait_until
 
 AGENT = "agent-one"
 INPUT = f"/control/agents/{AGENT}/input"
 STATUS = f"/control/agents/{AGENT}/status"
+OPENAI_KEY = "sk-runtime-test-key-000111"
 
 
 def chain(depth, target="next-agent"):
@@ -60,12 +62,49 @@ class LifecycleTests(BrokerTestCase):
         self.addCleanup(fresh.close)
         self.assertEqual(fresh.wait_for(STATUS)[0]["status"], "unavailable")
 
+    def test_second_signal_exits_at_once(self):
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT, llm={"latency_ms": 60000}).start_and_wait_available(watcher)
+        task_id = new_task_id()
+        watcher.publish(INPUT, envelope(AGENT, task_id=task_id, cid="c-twice"))
+        agent.wait_log(f"task {task_id} accepted")
+        agent.signal(signal.SIGTERM)
+        agent.wait_log("finishing in-flight tasks")
+        agent.signal(signal.SIGTERM)
+        self.assertEqual(agent.wait(10), 128 + signal.SIGTERM)
+        self.assertEqual(watcher.matching("/conversations/c-twice/+"), [])  # unanswered: redelivered later
+
     def test_sigkill_last_will(self):
         watcher = self.watcher(STATUS)
         agent = self.agent(AGENT).start_and_wait_available(watcher)
         agent.proc.kill()
         agent.wait(10)
         watcher.wait_for(STATUS, lambda p: p["status"] == "unavailable")
+
+
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+class RefusedSubscriptionTests(unittest.TestCase):
+    """mosquitto's acl_file never refuses a SUBSCRIBE; its dynamic-security plugin does (0x87)."""
+
+    def start_agent(self, extra_conf):
+        broker = Mosquitto(extra_conf=extra_conf)
+        self.addCleanup(broker.cleanup)
+        with open(f"{broker.dir}/dynsec.json", "w") as handle:
+            json.dump({"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True,
+                                            "subscribe": False, "unsubscribe": True},
+                       "clients": [], "groups": [], "roles": []}, handle)
+        broker.extra_conf = extra_conf.replace("DIR", broker.dir)
+        broker.start()
+        agent = AgentProcess(broker, AGENT).start()
+        self.addCleanup(agent.stop)
+        self.assertEqual(agent.wait(30), 1)
+        return agent.log()
+
+    def test_not_authorized_stops_startup(self):
+        log = self.start_agent(f"plugin {DYNSEC_PLUGIN}\nplugin_opt_config_file DIR/dynsec.json")
+        self.assertIn(f"startup failed: the broker refused the subscription to {INPUT}: Not authorized", log)
 
 
 class ProcessingRuleTests(BrokerTestCase):
@@ -182,6 +221,46 @@ class ProcessingRuleTests(BrokerTestCase):
         self.send(task)
         (reply,) = self.watch.wait_for(f"/conversations/c-badnext/{AGENT}")
         self.assertEqual(reply["error"]["code"], "invalid_input")
+
+
+class LlmFailureTests(BrokerTestCase):
+    def test_llm_error_then_next_task_succeeds(self):
+        fake = FakeOpenAI(api_key=OPENAI_KEY)
+        self.addCleanup(fake.close)
+        watcher = self.watcher(STATUS, "/conversations/#")
+        self.agent(AGENT, llm={"provider": "openai", "base_url": fake.base_url, "max_attempts": 2},
+                   env={"OPENAI_API_KEY": OPENAI_KEY}).start_and_wait_available(watcher)
+        fake.script = [Status(500), Status(502)]
+        failing = envelope(AGENT, cid="c-llm")
+        watcher.publish(INPUT, failing)
+        (error,) = watcher.wait_for(f"/conversations/c-llm/{AGENT}")
+        self.assertEqual(error["task_id"], failing["task_id"])
+        self.assertEqual(error["error"]["code"], "llm_error")
+        self.assertIn("HTTP 502", error["error"]["message"])
+        self.assertNotIn(OPENAI_KEY, json.dumps(error))
+        fake.script = [Reply("the model is back")]
+        good = envelope(AGENT, cid="c-llm-after")
+        watcher.publish(INPUT, good)
+        (reply,) = watcher.wait_for(f"/conversations/c-llm-after/{AGENT}")
+        self.assertEqual(reply, {"response": "the model is back", "task_id": good["task_id"]})
+
+    def test_tool_request_reaches_tool_through_echo_provider(self):
+        watcher = self.watcher(STATUS, "/conversations/#")
+        self.agent(AGENT, tools={"echo": "builtin"}).start_and_wait_available(watcher)
+        task = envelope(AGENT, cid="c-tool", instruction=None,
+                        input={"tool_request": {"name": "echo", "parameters": {"message": "from the tool"}}})
+        watcher.publish(INPUT, task)
+        (reply,) = watcher.wait_for(f"/conversations/c-tool/{AGENT}")
+        self.assertEqual(reply["response"], "from the tool")
+
+    def test_startup_fails_clearly_when_provider_check_fails(self):
+        fake = FakeOpenAI(api_key=OPENAI_KEY)
+        self.addCleanup(fake.close)
+        agent = self.agent(AGENT, llm={"provider": "openai", "base_url": fake.base_url},
+                           env={"OPENAI_API_KEY": "sk-not-the-right-key"}).start()
+        self.assertEqual(agent.wait(30), 1)
+        self.assertIn("LLM provider check failed: openai rejected the API key (HTTP 401", agent.log())
+        self.assertNotIn("sk-not-the-right-key", agent.log())
 
 
 class DeadlineTests(BrokerTestCase):
