@@ -14,6 +14,10 @@ class TaskFailure(Exception):
 class LlmError(TaskFailure):
     code = protocol.LLM_ERROR
 
+    def __init__(self, message: str, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind  # for the per-provider error counters: auth, rate_limited, server_error, ...
+
 
 class TaskTimeout(TaskFailure):
     code = protocol.INTERNAL_ERROR

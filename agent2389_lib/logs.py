@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterable, Optional, TextIO
+from typing import Any, Iterable, Iterator, Optional, TextIO
 
 from .protocol import redact
 
 _LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
 _PY_LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG}
+_spans_enabled = False
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -76,9 +79,28 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+@contextmanager
+def span(logger: logging.Logger, operation: str, **fields: Any) -> Iterator[dict]:
+    """Fields for `extra=` that tie log lines to one operation; with LOG_SPANS=true also a
+    `span start` and a `span end` event carrying `duration_ms`."""
+    context = {"operation": operation, **fields}
+    if not _spans_enabled:
+        yield {"span": context}
+        return
+    started = time.monotonic()
+    logger.info("span start", extra={"span": {**context, "event": "start"}})
+    try:
+        yield {"span": context}
+    finally:
+        duration = round((time.monotonic() - started) * 1000, 3)
+        logger.info("span end", extra={"span": {**context, "event": "end", "duration_ms": duration}})
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = (),
-                      stream: Optional[TextIO] = None) -> logging.Handler:
+                      stream: Optional[TextIO] = None, spans: bool = False) -> logging.Handler:
     """Install one handler on the root logger (replacing earlier ones) and return it."""
+    global _spans_enabled
+    _spans_enabled = spans
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter(secrets))

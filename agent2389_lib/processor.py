@@ -16,6 +16,9 @@ from . import protocol
 from .config import AgentConfig
 from .dedupe import COMPLETED, IN_FLIGHT, DedupeStore
 from .errors import TaskFailure, TaskTimeout
+from .llm.loop import Progress
+from .logs import span
+from .metrics import Metrics
 from .protocol import EnvelopeError, TaskEnvelope
 
 log = logging.getLogger("agent2389.processor")
@@ -24,6 +27,7 @@ _PEEK_BYTES = 65536
 _PEEK_RE = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([^"\\]{1,200})"')
             for name in ("task_id", "conversation_id")}
 _PUBLISH_PATIENCE = 10.0
+_REJECTION_CODES = (protocol.INVALID_INPUT, protocol.PIPELINE_DEPTH_EXCEEDED)
 
 Think = Callable[[TaskEnvelope, float], str]
 
@@ -62,8 +66,11 @@ def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
 
 class TaskProcessor:
     def __init__(self, config: AgentConfig, think: Think, publisher: Publisher, dedupe: DedupeStore,
+                 metrics: Metrics, progress: Optional[Progress] = None,
                  should_abandon: Callable[[], bool] = lambda: False):
         self.config = config
+        self.metrics = metrics
+        self.progress: Progress = progress or (lambda *args: None)
         self.agent_id = config.agent_id
         self.input_topic = protocol.canonicalize_topic(protocol.input_topic(config.agent_id))
         self.think = think
@@ -83,8 +90,10 @@ class TaskProcessor:
             log.exception("unexpected error while handling a message on %s", delivery.topic)
 
     def _handle(self, delivery: Delivery) -> None:
+        self.metrics.task_received()
         if delivery.retain:
             log.debug("ignoring a retained message on %s", delivery.topic)
+            self.metrics.task_dropped("ignored")
             delivery.ack()
             return
         size = len(delivery.payload)
@@ -101,6 +110,7 @@ class TaskProcessor:
         if protocol.canonicalize_topic(envelope.topic) != protocol.canonicalize_topic(delivery.topic):
             log.warning("discarding task %s: its topic %r does not match the topic it arrived on (%s)",
                         envelope.task_id, envelope.topic, delivery.topic, extra=self._span(envelope))
+            self.metrics.task_dropped("rejected")
             delivery.ack()
             return
         if self._claim(envelope.task_id, delivery):
@@ -109,6 +119,8 @@ class TaskProcessor:
     # -------------------------------------------------------------- steps
     def _claim(self, task_id: str, delivery: Delivery) -> bool:
         state = self.dedupe.begin(task_id, delivery)
+        if state in (COMPLETED, IN_FLIGHT):
+            self.metrics.task_dropped("duplicate")
         if state == COMPLETED:
             log.info("discarding duplicate of completed task %s", task_id)
             delivery.ack()
@@ -126,23 +138,38 @@ class TaskProcessor:
         if not (task_id and cid):
             log.warning("discarding message on %s: %s (no task_id/conversation_id to reply to)",
                         delivery.topic, reason)
+            self.metrics.task_dropped("rejected")
             delivery.ack()
             return
         log.warning("rejecting task %s: %s", task_id, reason,
-                    extra={"span": self._span_fields(task_id, cid)})
+                    extra={"span": {"operation": "task_processing", **self._ids(task_id, cid)}})
         if not self._claim(task_id, delivery):
             return
+        self.progress(task_id, cid, "General", "ValidationError", "the task envelope is invalid", None)
         self._publish_outcome(task_id, protocol.conversation_topic(cid, self.agent_id),
                               protocol.error_message(protocol.INVALID_INPUT, reason, task_id, self.secrets))
+        self.metrics.task_dropped("rejected")
 
     def _run_claimed(self, envelope: TaskEnvelope) -> None:
         started = time.monotonic()
-        log.info("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=self._span(envelope))
-        topic, message = self._outcome(envelope)
-        self._publish_outcome(envelope.task_id, topic, message)
-        kind = "error" if "error" in message else ("response" if "response" in message else "forward")
-        log.info("task %s finished: %s in %.0f ms", envelope.task_id, kind, (time.monotonic() - started) * 1000,
-                 extra=self._span(envelope))
+        ids = (envelope.task_id, envelope.conversation_id)
+        outcome = "failed"
+        self.metrics.task_started()
+        try:
+            with span(log, "task_processing", **self._ids(*ids)) as extra:
+                log.info("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=extra)
+                self.progress(*ids, "General", "TaskStart", "task accepted", None)
+                topic, message = self._outcome(envelope)
+                self._publish_outcome(envelope.task_id, topic, message)
+                error = message.get("error")
+                outcome = "completed" if error is None else ("rejected" if error["code"] in _REJECTION_CODES else "failed")
+                kind = "error " + error["code"] if error else ("response" if "response" in message else "forward")
+                self.progress(*ids, "General", "TaskError" if error else "TaskComplete", f"task finished: {kind}", None)
+                log.info("task %s finished: %s in %.0f ms", envelope.task_id, kind,
+                         (time.monotonic() - started) * 1000, extra=extra)
+        finally:
+            self._finish(envelope.task_id, completed=False)  # a no-op once the outcome was recorded
+            self.metrics.task_finished(outcome, time.monotonic() - started)
 
     def _publish_outcome(self, task_id: str, topic: str, message: dict) -> None:
         try:
@@ -192,12 +219,13 @@ class TaskProcessor:
                                             "internal error while processing the task (details are in the agent log)")
 
     def _error(self, envelope: TaskEnvelope, code: str, message: str) -> dict:
-        log.warning("task %s failed: %s: %s", envelope.task_id, code, message, extra=self._span(envelope))
+        level = logging.WARNING if code in _REJECTION_CODES else logging.ERROR  # failures need attention
+        log.log(level, "task %s failed: %s: %s", envelope.task_id, code, message, extra=self._span(envelope))
         return protocol.error_message(code, message, envelope.task_id, self.secrets)
 
     # -------------------------------------------------------------- logging
-    def _span_fields(self, task_id: str, cid: Any) -> dict:
-        return {"operation": "task_processing", "task_id": task_id, "conversation_id": cid, "agent_id": self.agent_id}
+    def _ids(self, task_id: str, cid: Any) -> dict:
+        return {"task_id": task_id, "conversation_id": cid, "agent_id": self.agent_id}
 
     def _span(self, envelope: TaskEnvelope) -> dict:
-        return {"span": self._span_fields(envelope.task_id, envelope.conversation_id)}
+        return {"span": {"operation": "task_processing", **self._ids(envelope.task_id, envelope.conversation_id)}}

@@ -18,8 +18,10 @@ from . import __version__, protocol
 from .config import AgentConfig
 from .dedupe import DedupeStore
 from .errors import LlmError
+from .health import AgentStatus, HealthServer
 from .llm import build_agent_loop
-from .logs import configure_logging
+from .logs import configure_logging, span
+from .metrics import Metrics
 from .processor import TaskProcessor
 from .tools import build_registry
 from .tools.registry import ToolStartupError
@@ -80,7 +82,8 @@ class AgentRuntime:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.workers = config.max_pipeline_depth
-        self.state = "starting"
+        self.metrics = Metrics(config.agent_id, self.workers)
+        self._state = "starting"
         self.stop_requested = threading.Event()
         self._hard_stop = threading.Event()
         self._accepting = True
@@ -89,8 +92,9 @@ class AgentRuntime:
         self._futures: list[Future] = []
         self.status_topic = protocol.status_topic(config.agent_id)
         self.intake = Intake(capacity=2 * self.workers)
+        self.metrics.intake_depth = self.intake.depth
         self.transport = MqttTransport(
-            config.mqtt, input_topic=protocol.input_topic(config.agent_id), will_topic=self.status_topic,
+            config.mqtt, self.metrics, input_topic=protocol.input_topic(config.agent_id), will_topic=self.status_topic,
             will_payload=self._status_payload(protocol.UNAVAILABLE), may_read=self._may_read,
             receive_maximum=self.workers,
             max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536)
@@ -102,10 +106,37 @@ class AgentRuntime:
             self.tools = build_registry(config)
         except ToolStartupError as exc:
             raise StartupError(str(exc)) from None
-        self.agent_loop = build_agent_loop(config, self.tools if config.tools else None)
-        self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe,
-                                       should_abandon=self._hard_stop.is_set)
+        self.tools.on_execution = self.metrics.tool_execution
+        self.agent_loop = build_agent_loop(config, self.tools if config.tools else None, self.metrics,
+                                           self.publish_progress)
+        self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.metrics,
+                                       self.publish_progress, should_abandon=self._hard_stop.is_set)
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
+        try:
+            self.health = HealthServer(self.metrics, self.status, config.health_port, config.health_bind)
+        except OSError as exc:
+            raise StartupError(f"cannot serve health checks on {config.health_bind}:{config.health_port}: "
+                               f"{exc.strerror} (set HEALTH_PORT to a free port)") from None
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        self.metrics.set_state(value)
+
+    def status(self) -> AgentStatus:
+        return AgentStatus(self.state, self.transport.connected, self.saturated(), self.intake.depth())
+
+    def publish_progress(self, task_id: str, conversation_id: str, category: str, event_type: str, message: str,
+                         tool_name: Optional[str]) -> None:
+        """Fire and forget: progress never delays a task and is off when `progress_events = false`."""
+        if self.config.progress:
+            payload = protocol.to_payload(protocol.progress_message(
+                self.config.agent_id, task_id, conversation_id, category, event_type, message, tool_name))
+            self.transport.publish(protocol.progress_topic(self.config.agent_id, category), payload)
 
     # -------------------------------------------------------------- status
     def load(self) -> float:
@@ -118,8 +149,11 @@ class AgentRuntime:
             description=self.config.description, load=self.load() if status == protocol.AVAILABLE else 0.0,
             version=__version__))
 
-    def publish_status(self, status: str, wait_seconds: Optional[float] = None) -> bool:
-        ticket = self.transport.publish(self.status_topic, self._status_payload(status), retain=True)
+    def publish_status(self, status: str, wait_seconds: Optional[float] = None, heartbeat: bool = False) -> bool:
+        with span(log, "publish_status", topic=self.status_topic, agent_id=self.config.agent_id) as extra:
+            ticket = self.transport.publish(self.status_topic, self._status_payload(status), retain=True)
+            log.log(logging.DEBUG if heartbeat else logging.INFO, "Published agent status (%s)", status, extra=extra)
+        self.metrics.heartbeat()
         return ticket.wait(wait_seconds) if wait_seconds is not None else True
 
     def _on_subscribed(self) -> None:
@@ -161,6 +195,7 @@ class AgentRuntime:
         if mqtt.tls_insecure_skip_verify:
             log.warning("TLS certificate and host name verification is OFF (tls_insecure_skip_verify = true): "
                         "anyone on the network path can impersonate the broker")
+        self.health.start()
         self.transport.start()
         try:
             while not self.transport.wait_subscribed(1.0):
@@ -185,7 +220,7 @@ class AgentRuntime:
     def serve(self) -> None:
         """Heartbeat until a stop is requested."""
         while not self.stop_requested.wait(self.config.heartbeat_interval):
-            self.publish_status(protocol.AVAILABLE)
+            self.publish_status(protocol.AVAILABLE, heartbeat=True)
 
     def shutdown(self) -> bool:
         """Warm shutdown; returns False when tasks were still running after the grace period."""
@@ -208,6 +243,7 @@ class AgentRuntime:
         self.executor.shutdown(wait=False)
         self.dedupe.close()
         self.state = "stopped"
+        self.health.stop()
         log.info("agent %s stopped", self.config.agent_id)
         return not pending
 
@@ -226,7 +262,7 @@ def _install_signal_handlers(runtime: AgentRuntime) -> None:
 
 
 def run_agent(config: AgentConfig) -> int:
-    configure_logging(config.log_level, config.log_format, config.secrets())
+    configure_logging(config.log_level, config.log_format, config.secrets(), spans=config.log_spans)
     try:
         runtime = AgentRuntime(config)
     except StartupError as exc:

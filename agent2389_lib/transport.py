@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import MqttSettings
+from .metrics import Metrics
 
 log = logging.getLogger("agent2389.transport.mqtt")
 
@@ -111,11 +112,12 @@ def _set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> 
 class _Link:
     """One paho client driven by our own select loop on a dedicated thread."""
 
-    def __init__(self, name: str, settings: MqttSettings, client_id: str, *, persistent: bool,
+    def __init__(self, name: str, settings: MqttSettings, client_id: str, metrics: Metrics, *, persistent: bool,
                  will: Optional[tuple[str, bytes]] = None, may_read: Callable[[], bool] = lambda: True,
                  receive_maximum: Optional[int] = None, max_packet_size: Optional[int] = None):
         self.name = name
         self.settings = settings
+        self.metrics = metrics
         self._may_read = may_read
         self._stop = threading.Event()
         self._closing = threading.Event()
@@ -133,7 +135,6 @@ class _Link:
         self.on_connected: Callable[[bool], None] = lambda session_present: None
         self.on_disconnected: Callable[[], None] = lambda: None
         self.on_message: Callable[[Delivery], None] = lambda delivery: None
-        self.connect_failures = 0
         self.client = self._make_client(client_id, persistent, will, receive_maximum, max_packet_size)
 
     # -------------------------------------------------------------- setup
@@ -213,7 +214,7 @@ class _Link:
     # -------------------------------------------------------------- paho callbacks (network thread)
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self.connect_failures += 1
+            self.metrics.mqtt_connection(False, failed=True)
             log.error("broker %s:%d refused the %s connection: %s (check [mqtt] username/password, "
                       "client certificate and broker ACLs); retrying with backoff",
                       self.settings.host, self.settings.port, self.name, reason_code)
@@ -241,6 +242,7 @@ class _Link:
                 self._acked_early.add(mid)
         if ticket is not None:
             ticket.done.set()
+        self.metrics.published_message(not reason_code.is_failure)
         if reason_code.is_failure:
             log.error("broker rejected publish %d on the %s link: %s", mid, self.name, reason_code)
 
@@ -262,16 +264,17 @@ class _Link:
         self._drop_socket()
 
     def _connect_once(self) -> bool:
+        self.metrics.mqtt_connecting()
         try:
             self.client.reconnect()
             self._last_read = time.monotonic()
             return True
         except ssl.SSLError as exc:
-            self.connect_failures += 1
+            self.metrics.mqtt_connection(False, failed=True)
             log.error("TLS handshake with broker %s:%d failed (%s link): %s", self.settings.host,
                       self.settings.port, self.name, describe_tls_error(exc))
         except (OSError, ValueError) as exc:
-            self.connect_failures += 1
+            self.metrics.mqtt_connection(False, failed=True)
             log.warning("cannot connect to broker %s:%d (%s link): %s; retrying", self.settings.host,
                         self.settings.port, self.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
         return False
@@ -351,25 +354,25 @@ def describe_tls_error(exc: ssl.SSLError) -> str:
 class MqttTransport:
     """The agent's view of the broker: tasks in, outcomes and status out."""
 
-    def __init__(self, settings: MqttSettings, *, input_topic: str, will_topic: str, will_payload: bytes,
-                 may_read: Callable[[], bool], receive_maximum: int, max_packet_size: int):
+    def __init__(self, settings: MqttSettings, metrics: Metrics, *, input_topic: str, will_topic: str,
+                 will_payload: bytes, may_read: Callable[[], bool], receive_maximum: int, max_packet_size: int):
         self.settings = settings
+        self.metrics = metrics
         self.input_topic = input_topic
         self._subscribed = threading.Event()
         self._refusal: Optional[str] = None
         self.on_subscribed: Callable[[], None] = lambda: None
         self.on_delivery: Callable[[Delivery], None] = lambda delivery: None
-        self.on_connection_change: Callable[[], None] = lambda: None
-        self.intake = _Link("intake", settings, settings.client_id, persistent=True,
+        self.intake = _Link("intake", settings, settings.client_id, metrics, persistent=True,
                             will=(will_topic, will_payload),
                             may_read=lambda: not self._subscribed.is_set() or may_read(),
                             receive_maximum=receive_maximum, max_packet_size=max_packet_size)
-        self.output = _Link("output", settings, f"{settings.client_id}-out", persistent=False)
+        self.output = _Link("output", settings, f"{settings.client_id}-out", metrics, persistent=False)
         self.intake.on_connected = self._intake_connected
         self.intake.on_message = lambda delivery: self.on_delivery(delivery)
         self.intake.on_disconnected = self._intake_disconnected
-        self.output.on_connected = lambda session_present: self.on_connection_change()
-        self.output.on_disconnected = lambda: self.on_connection_change()
+        self.output.on_connected = lambda session_present: self._connection_changed()
+        self.output.on_disconnected = self._connection_changed
         self.intake.client.on_subscribe = self._handle_suback
 
     def start(self) -> None:
@@ -407,7 +410,10 @@ class MqttTransport:
 
     def _intake_disconnected(self) -> None:
         self._subscribed.clear()
-        self.on_connection_change()
+        self._connection_changed()
+
+    def _connection_changed(self) -> None:
+        self.metrics.mqtt_connection(self.connected)
 
     def _handle_suback(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [str(rc) for rc in reason_codes if rc.is_failure]
@@ -420,7 +426,7 @@ class MqttTransport:
             return
         log.info("subscribed to %s", self.input_topic)
         self._subscribed.set()
-        self.on_connection_change()
+        self._connection_changed()
         self.on_subscribed()
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -244,7 +244,7 @@ class AgentProcess:
             else:
                 config[name] = table
         self.config_path = write_toml(os.path.join(self.dir, "agent.toml"), config)
-        self.env = base_env(HEALTH_PORT=str(free_port()), LOG_LEVEL="DEBUG", **(env or {}))
+        self.env = base_env(**{"HEALTH_PORT": str(free_port()), "LOG_LEVEL": "DEBUG", **(env or {})})
         self.log_path = os.path.join(self.dir, "agent.log")
         self.proc: Optional[subprocess.Popen] = None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import requests
 
@@ -11,7 +11,8 @@ from ..errors import LlmError
 from ..protocol import truncate_utf8
 from ..tools.base import ToolDef
 from .base import ChatReply, Message, ToolCall
-from .http import Attempted, JsonHttpClient
+from ..metrics import Metrics
+from .http import JsonHttpClient
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -71,19 +72,20 @@ def from_wire(data: Any) -> ChatReply:
         return ChatReply(text=text, tool_calls=calls, finish_reason=data.get("stop_reason") or "end_turn",
                          tokens_in=int(usage.get("input_tokens") or 0), tokens_out=int(usage.get("output_tokens") or 0))
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise LlmError("anthropic answered with an unexpected response shape (no content blocks)") from None
+        raise LlmError("anthropic answered with an unexpected response shape (no content blocks)",
+                       "bad_response") from None
 
 
 class AnthropicProvider:
     name = "anthropic"
 
-    def __init__(self, settings: LlmSettings):
+    def __init__(self, settings: LlmSettings, metrics: Optional[Metrics] = None):
         self.settings = settings
         headers = {"Content-Type": "application/json", "anthropic-version": API_VERSION}
         if settings.api_key:
             headers["x-api-key"] = settings.api_key.reveal()
         self.http = JsonHttpClient("anthropic", settings.base_url or DEFAULT_BASE_URL, headers,
-                                   settings.max_attempts, settings.request_timeout, describe_error)
+                                   settings.max_attempts, settings.request_timeout, describe_error, metrics)
 
     def verify(self) -> None:
         self.http.get("/v1/models", _VERIFY_TIMEOUT)
@@ -95,4 +97,4 @@ class AnthropicProvider:
             body["tools"] = [tool_spec(t) for t in tools]
         if self.settings.temperature is not None:
             body["temperature"] = min(self.settings.temperature, 1.0)
-        return from_wire(self.http.post("/v1/messages", body, deadline, Attempted()))
+        return self.http.complete("/v1/messages", body, deadline, from_wire)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Optional
 
 from ..errors import TaskTimeout
+from ..metrics import Metrics
 from .base import ChatReply, Message, ToolCall, remaining
 
 _INPUT_PREFIX = "Input data: "
@@ -20,13 +22,28 @@ _INPUT_PREFIX = "Input data: "
 class EchoProvider:
     name = "echo"
 
-    def __init__(self, latency_ms: int = 0):
+    def __init__(self, latency_ms: int = 0, metrics: Optional[Metrics] = None):
         self.latency = latency_ms / 1000.0
+        self.metrics = metrics
 
     def verify(self) -> None:
         return None
 
     def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
+        started = time.monotonic()
+        try:
+            reply = self._answer(messages, tools, deadline)
+        except TaskTimeout:
+            self._record(started, "deadline")
+            raise
+        self._record(started, None)
+        return reply
+
+    def _record(self, started: float, kind: Optional[str]) -> None:
+        if self.metrics is not None:
+            self.metrics.llm_request(self.name, seconds=time.monotonic() - started, retries=0, error_kind=kind)
+
+    def _answer(self, messages: list, tools: list, deadline: float) -> ChatReply:
         if self.latency:
             pause = min(self.latency, remaining(deadline))
             time.sleep(pause)

@@ -17,9 +17,10 @@ from typing import Any, Callable, Optional
 
 import requests
 
-from ..errors import LlmError
+from ..errors import LlmError, TaskFailure
+from ..metrics import Metrics
 from ..protocol import truncate_utf8
-from .base import remaining
+from .base import ChatReply, remaining
 
 log = logging.getLogger("agent2389.llm.http")
 
@@ -53,6 +54,16 @@ def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Op
     return max(0.0, moment.timestamp() - (time.time() if now is None else now))
 
 
+def error_kind(status: int) -> str:
+    if status == 401 or status == 403:
+        return "auth"
+    if status == 429:
+        return "rate_limited"
+    if status == 529:
+        return "overloaded"
+    return "server_error" if status >= 500 else "bad_request"
+
+
 def backoff_delay(attempt: int) -> float:
     """Full jitter: uniform(0, min(cap, base * 2**attempt))."""
     return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * (2 ** attempt)))
@@ -62,8 +73,11 @@ class JsonHttpClient:
     """One provider endpoint; a requests.Session per thread (pooled keep-alive connections)."""
 
     def __init__(self, provider: str, base_url: str, headers: dict, max_attempts: int, request_timeout: float,
-                 describe_error: Callable[[requests.Response], str]):
+                 describe_error: Callable[[requests.Response], str], metrics: Optional[Metrics] = None,
+                 label: str = ""):
         self.provider = provider
+        self.label = label or provider
+        self.metrics = metrics
         self.base_url = base_url.rstrip("/")
         self.headers = headers
         self.max_attempts = max_attempts
@@ -84,14 +98,30 @@ class JsonHttpClient:
         try:
             response = self._session().get(url, timeout=timeout)
         except requests.RequestException as exc:
-            raise LlmError(f"{self.provider} endpoint {url} is unreachable: {type(exc).__name__}") from None
+            raise LlmError(f"{self.provider} endpoint {url} is unreachable: {type(exc).__name__}", "connection") from None
         if response.status_code != 200:
-            raise LlmError(self._status_message(response, url))
+            raise LlmError(self._status_message(response, url), error_kind(response.status_code))
         return _json_body(response, self.provider)
+
+    def complete(self, path: str, body: dict, deadline: float, parse: Callable[[Any], ChatReply]) -> ChatReply:
+        """One chat completion with its retries, recorded in the per-provider counters."""
+        spent = Attempted()
+        try:
+            reply = parse(self.post(path, body, deadline, spent))
+        except TaskFailure as exc:
+            self._record(spent, getattr(exc, "kind", "deadline"))
+            raise
+        self._record(spent, None, reply.tokens_in, reply.tokens_out)
+        return reply
+
+    def _record(self, spent: Attempted, kind: Optional[str], tokens_in: int = 0, tokens_out: int = 0) -> None:
+        if self.metrics is not None:
+            self.metrics.llm_request(self.label, seconds=spent.seconds, retries=spent.retries, error_kind=kind,
+                                     tokens_in=tokens_in, tokens_out=tokens_out)
 
     def post(self, path: str, body: dict, deadline: float, spent: Attempted) -> Any:
         url = self.base_url + path
-        last_problem = ""
+        last_problem, kind = "", "error"
         for attempt in range(self.max_attempts):
             left = remaining(deadline)
             spent.attempts += 1
@@ -100,25 +130,27 @@ class JsonHttpClient:
                 response = self._session().post(url, json=body, timeout=min(self.request_timeout, left))
             except (requests.ConnectionError, requests.Timeout) as exc:
                 response, last_problem = None, f"{type(exc).__name__} talking to {url}"
+                kind = "timeout" if isinstance(exc, requests.Timeout) else "connection"
             finally:
                 spent.seconds += time.monotonic() - started
             if response is not None:
                 if response.status_code == 200:
                     return _json_body(response, self.provider)
+                kind = error_kind(response.status_code)
                 if response.status_code not in RETRYABLE:
-                    raise LlmError(self._status_message(response, url))
+                    raise LlmError(self._status_message(response, url), kind)
                 last_problem = self._status_message(response, url)
             if attempt + 1 >= self.max_attempts:
                 break
             wait = retry_after_seconds(response.headers.get("Retry-After")) if response is not None else None
             wait = backoff_delay(attempt) if wait is None else wait
             if wait >= deadline - time.monotonic():
-                raise LlmError(f"{last_problem}; the task deadline leaves no time for another attempt")
+                raise LlmError(f"{last_problem}; the task deadline leaves no time for another attempt", kind)
             spent.retries += 1
             log.warning("%s request failed (%s); retry %d of %d in %.2f s", self.provider, last_problem,
                         attempt + 1, self.max_attempts - 1, wait)
             time.sleep(wait)
-        raise LlmError(f"{last_problem} (after {spent.attempts} attempts)")
+        raise LlmError(f"{last_problem} (after {spent.attempts} attempts)", kind)
 
     def _status_message(self, response: requests.Response, url: str) -> str:
         if response.status_code == 401:
@@ -132,4 +164,4 @@ def _json_body(response: requests.Response, provider: str) -> Any:
         return response.json()
     except ValueError:
         raise LlmError(f"{provider} answered with a body that is not JSON: "
-                       f"{truncate_utf8(response.text, 200)!r}") from None
+                       f"{truncate_utf8(response.text, 200)!r}", "bad_response") from None

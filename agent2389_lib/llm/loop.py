@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from ..config import BudgetSettings
 from ..errors import LlmError
+from ..logs import span
 from ..protocol import TaskEnvelope, rfc3339
-from .base import ChatReply, Message, Provider
+from .base import ChatReply, Message, Provider, ToolCall
+
+# (task_id, conversation_id, category, event_type, message, tool_name): see PROTOCOL.md 2.6
+Progress = Callable[[str, str, str, str, str, Optional[str]], None]
 
 log = logging.getLogger("agent2389.llm")
 
@@ -62,11 +66,13 @@ class ProviderChain:
 
 
 class AgentLoop:
-    def __init__(self, chain: ProviderChain, tools: Optional[ToolBox], budget: BudgetSettings, system_prompt: str):
+    def __init__(self, chain: ProviderChain, tools: Optional[ToolBox], budget: BudgetSettings, system_prompt: str,
+                 progress: Optional[Progress] = None):
         self.chain = chain
         self.tools = tools
         self.budget = budget
         self.system_prompt = system_prompt
+        self.progress: Progress = progress or (lambda *args: None)
 
     def think(self, envelope: TaskEnvelope, deadline: float) -> str:
         system = f"{self.system_prompt}\n\nCurrent UTC time: {rfc3339()}"
@@ -78,7 +84,7 @@ class AgentLoop:
                 and iteration < self.budget.max_iterations
             if definitions and not offer and iteration > 1:
                 messages.append(Message("user", BUDGET_SPENT))
-            reply = self.chain.chat(system, messages, definitions if offer else [], deadline)
+            reply = self._ask(envelope, iteration, system, messages, definitions if offer else [], deadline)
             if not (offer and reply.tool_calls):
                 return reply.text
             messages.append(Message("assistant", reply.text, tool_calls=list(reply.tool_calls)))
@@ -87,6 +93,30 @@ class AgentLoop:
                     ok, content = False, "not executed: the tool budget for this task is spent"
                 else:
                     tool_calls += 1
-                    ok, content = self.tools.execute(call.name, call.arguments, deadline)
+                    ok, content = self._run_tool(envelope, call, deadline)
                 messages.append(Message("tool", content, tool_call_id=call.id, tool_name=call.name, is_error=not ok))
         raise AssertionError("unreachable: the last iteration never offers tools")
+
+    def _ask(self, envelope: TaskEnvelope, iteration: int, system: str, messages: list, tools: list,
+             deadline: float) -> ChatReply:
+        ids = (envelope.task_id, envelope.conversation_id)
+        self.progress(*ids, "LLM", "LlmRequest", f"LLM request {iteration}", None)
+        with span(log, "llm_request", task_id=envelope.task_id, iteration=iteration) as extra:
+            try:
+                reply = self.chain.chat(system, messages, tools, deadline)
+            except LlmError as exc:
+                self.progress(*ids, "LLM", "LlmError", f"LLM request {iteration} failed", None)
+                log.debug("LLM request %d failed: %s", iteration, exc, extra=extra)
+                raise
+        self.progress(*ids, "LLM", "LlmResponse",
+                      f"LLM response {iteration}: {len(reply.tool_calls)} tool calls, finish {reply.finish_reason}", None)
+        return reply
+
+    def _run_tool(self, envelope: TaskEnvelope, call: ToolCall, deadline: float) -> tuple[bool, str]:
+        ids = (envelope.task_id, envelope.conversation_id)
+        self.progress(*ids, "Tool", "ToolCall", f"calling {call.name}", call.name)
+        with span(log, "tool_execution", task_id=envelope.task_id, tool=call.name):
+            ok, content = self.tools.execute(call.name, call.arguments, deadline)
+        self.progress(*ids, "Tool", "ToolComplete" if ok else "ToolError",
+                      f"{call.name} {'completed' if ok else 'failed'}", call.name)
+        return ok, content

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import requests
 
@@ -12,7 +12,8 @@ from ..errors import LlmError
 from ..protocol import truncate_utf8
 from ..tools.base import ToolDef
 from .base import ChatReply, Message, ToolCall
-from .http import Attempted, JsonHttpClient
+from ..metrics import Metrics
+from .http import JsonHttpClient
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _VERIFY_TIMEOUT = 15.0
@@ -63,7 +64,8 @@ def from_wire(data: Any) -> ChatReply:
                          finish_reason=choice.get("finish_reason") or "stop",
                          tokens_in=int(usage.get("prompt_tokens") or 0), tokens_out=int(usage.get("completion_tokens") or 0))
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
-        raise LlmError("openai answered with an unexpected response shape (no choices[0].message)") from None
+        raise LlmError("openai answered with an unexpected response shape (no choices[0].message)",
+                       "bad_response") from None
 
 
 def _tool_call(call: dict) -> ToolCall:
@@ -77,14 +79,14 @@ def _tool_call(call: dict) -> ToolCall:
 
 
 class OpenAIProvider:
-    def __init__(self, settings: LlmSettings):
+    def __init__(self, settings: LlmSettings, metrics: Optional[Metrics] = None):
         self.settings = settings
         self.name = "openai" if not settings.base_url else f"openai-compatible({settings.base_url})"
         headers = {"Content-Type": "application/json"}
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
         self.http = JsonHttpClient("openai", settings.base_url or DEFAULT_BASE_URL, headers,
-                                   settings.max_attempts, settings.request_timeout, describe_error)
+                                   settings.max_attempts, settings.request_timeout, describe_error, metrics, self.name)
 
     def verify(self) -> None:
         self.http.get("/models", _VERIFY_TIMEOUT)
@@ -97,4 +99,4 @@ class OpenAIProvider:
             body["temperature"] = self.settings.temperature
         if self.settings.max_tokens is not None:
             body["max_tokens"] = self.settings.max_tokens
-        return from_wire(self.http.post("/chat/completions", body, deadline, Attempted()))
+        return self.http.complete("/chat/completions", body, deadline, from_wire)

@@ -1,0 +1,157 @@
+"""Health and metrics over HTTP: /, /health, /ready, /live, /metrics, /metrics/prometheus.
+
+A stdlib ThreadingHTTPServer on a daemon thread. Each connection has a socket timeout, so a
+slow or silent client cannot hold a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Optional
+
+from . import __version__
+from .metrics import Metrics, prometheus_text
+
+log = logging.getLogger("agent2389.health")
+
+STALL_SECONDS = 300
+_CLIENT_TIMEOUT = 5.0
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ENDPOINTS = {
+    "/health": "overall health with checks (200 healthy, 503 degraded)",
+    "/ready": "readiness: 200 when connected, subscribed and not saturated, else 503",
+    "/live": "liveness: 200 while the process serves",
+    "/metrics": "metrics as JSON (Prometheus text when Accept asks for text/plain or OpenMetrics)",
+    "/metrics/prometheus": "metrics in the Prometheus text format 0.0.4",
+}
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    state: str  # starting | running | stopping | stopped
+    connected: bool  # both links up and the input subscription granted
+    saturated: bool  # the intake is full
+    waiting: int  # tasks received and not yet started
+
+
+def readiness(status: AgentStatus) -> Optional[str]:
+    """Why the agent is not ready, or None when it is."""
+    if status.state != "running":
+        return f"agent is {status.state}"
+    if not status.connected:
+        return "not connected to the MQTT broker"
+    if status.saturated:
+        return "intake is full: all workers busy and the queue at its bound"
+    return None
+
+
+def health_report(status: AgentStatus, metrics: Metrics, now: float) -> dict:
+    """The deployment guide's /health document."""
+    stamp = int(now)
+    mqtt = {"status": "healthy" if status.connected else "unhealthy",
+            "message": "MQTT connection established" if status.connected else "MQTT broker unreachable or not subscribed",
+            "last_check": stamp}
+    last = metrics.last_task_activity
+    idle = now - (last if last is not None else now - metrics.uptime())
+    if status.waiting and idle > STALL_SECONDS:
+        tasks = {"status": "unhealthy", "message": f"{status.waiting} tasks waiting and no progress for {int(idle)} s"}
+    elif last is not None:
+        tasks = {"status": "healthy", "message": "Recent task activity"}
+    else:
+        tasks = {"status": "healthy", "message": "No tasks yet"}
+    tasks["last_check"] = stamp
+    healthy = mqtt["status"] == "healthy" and tasks["status"] == "healthy"
+    return {"status": "healthy" if healthy else "degraded", "timestamp": stamp, "agent_id": metrics.agent_id,
+            "uptime_seconds": int(metrics.uptime()), "state": status.state,
+            "checks": {"mqtt": mqtt, "task_processing": tasks}}
+
+
+def wants_prometheus(accept: str) -> bool:
+    accept = accept.lower()
+    return "application/openmetrics-text" in accept or ("text/plain" in accept and "application/json" not in accept)
+
+
+class HealthServer:
+    def __init__(self, metrics: Metrics, status: Callable[[], AgentStatus], port: int, bind: str = "0.0.0.0"):
+        self.metrics = metrics
+        self.status = status
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = _CLIENT_TIMEOUT
+            protocol_version = "HTTP/1.1"
+            server_version = f"agent2389/{__version__}"
+
+            def log_message(self, fmt: str, *args: object) -> None:
+                log.debug("health %s - %s", self.address_string(), fmt % args)
+
+            def do_GET(self) -> None:
+                server.route(self, head=False)
+
+            def do_HEAD(self) -> None:
+                server.route(self, head=True)
+
+            def _not_allowed(self) -> None:
+                server.reply(self, 405, {"error": f"method {self.command} not allowed", "allowed": ["GET", "HEAD"]},
+                             extra={"Allow": "GET, HEAD"})
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+        self.httpd = ThreadingHTTPServer((bind, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("health and metrics on http://%s:%d/ (/health, /ready, /live, /metrics)",
+                 self.httpd.server_address[0], self.port)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def route(self, handler: BaseHTTPRequestHandler, head: bool) -> None:
+        path = handler.path.split("?", 1)[0].rstrip("/") or "/"
+        if path == "/":
+            return self.reply(handler, 200, {"service": "agent2389", "agent_id": self.metrics.agent_id,
+                                             "endpoints": ENDPOINTS}, head)
+        if path == "/live":
+            return self.reply(handler, 200, {"status": "alive"}, head)
+        status = self.status()
+        if path == "/ready":
+            reason = readiness(status)
+            body = {"status": "ready"} if reason is None else {"status": "not_ready", "reason": reason}
+            return self.reply(handler, 200 if reason is None else 503, body, head)
+        if path == "/health":
+            self.metrics.health_checked()
+            report = health_report(status, self.metrics, time.time())
+            return self.reply(handler, 200 if report["status"] == "healthy" else 503, report, head)
+        if path == "/metrics" and not wants_prometheus(handler.headers.get("Accept", "")):
+            return self.reply(handler, 200, self.metrics.snapshot(), head)
+        if path in ("/metrics", "/metrics/prometheus"):
+            text = prometheus_text(self.metrics.snapshot(), __version__)
+            return self.send(handler, 200, text.encode(), PROMETHEUS_TYPE, head)
+        self.reply(handler, 404, {"error": f"no endpoint {path}", "endpoints": sorted(ENDPOINTS)}, head)
+
+    def reply(self, handler: BaseHTTPRequestHandler, code: int, body: dict, head: bool = False,
+              extra: Optional[dict] = None) -> None:
+        self.send(handler, code, json.dumps(body).encode(), "application/json", head, extra)
+
+    @staticmethod
+    def send(handler: BaseHTTPRequestHandler, code: int, data: bytes, content_type: str, head: bool = False,
+             extra: Optional[dict] = None) -> None:
+        handler.send_response(code)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("Cache-Control", "no-store")
+        for key, value in (extra or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        if not head:
+            handler.wfile.write(data)
