@@ -88,6 +88,7 @@ class MqttSettings:
     ca_cert_path: Optional[str] = None
     client_cert_path: Optional[str] = None
     client_key_path: Optional[str] = None
+    client_key_password: Optional[Secret] = None
     tls_insecure_skip_verify: bool = False
 
 
@@ -200,7 +201,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "agent": {**_COMMON_TOP, "id": "agent_id"},
     "mqtt": {k: f"mqtt.{k}" for k in (
         "broker_url", "username", "password", "username_env", "password_env", "qos", "keep_alive",
-        "ca_cert_path", "client_cert_path", "client_key_path", "tls_insecure_skip_verify", "client_id",
+        "ca_cert_path", "client_cert_path", "client_key_path", "client_key_password", "tls_insecure_skip_verify",
+        "client_id",
         "protocol", "session_expiry")} | {"heartbeat_interval_secs": "heartbeat_interval",
                                           "heartbeat_interval": "heartbeat_interval"},
     "llm": {k: f"llm.{k}" for k in (
@@ -574,7 +576,7 @@ def _build_mqtt(read: _Reader, env: Mapping[str, str], agent_id: str) -> MqttSet
         session_expiry=read.integer("mqtt.session_expiry", 86400, 0, 4294967295),
         keep_alive=read.integer("mqtt.keep_alive", 60, 5, 65535), qos=1,
         ca_cert_path=paths["ca_cert_path"], client_cert_path=paths["client_cert_path"],
-        client_key_path=paths["client_key_path"],
+        client_key_path=paths["client_key_path"], client_key_password=read.secret("mqtt.client_key_password"),
         tls_insecure_skip_verify=read.boolean("mqtt.tls_insecure_skip_verify", False),
     )
 

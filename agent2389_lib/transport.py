@@ -94,7 +94,8 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=settings.ca_cert_path)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if settings.client_cert_path:
-        context.load_cert_chain(settings.client_cert_path, settings.client_key_path)
+        password = settings.client_key_password.reveal() if settings.client_key_password else None
+        context.load_cert_chain(settings.client_cert_path, settings.client_key_path, password)
     if settings.tls_insecure_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -127,6 +128,7 @@ class _Link:
         self._acked_early: set[int] = set()
         self._generation = 0
         self._last_read = time.monotonic()
+        self._last_error = ""
         self._backoff = Backoff()
         self._thread: Optional[threading.Thread] = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -152,6 +154,7 @@ class _Link:
         if self.settings.tls:
             client.tls_set_context(tls_context(self.settings))
         client.on_socket_open = _set_nodelay
+        client.on_log = self._remember_error
         client.on_socket_register_write = lambda c, u, s: self.wake()
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
@@ -227,12 +230,25 @@ class _Link:
         self._connected.set()
         self.on_connected(flags.session_present)
 
+    def _remember_error(self, client, userdata, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._last_error = text
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if was_connected and not self._closing.is_set():
+        if self._closing.is_set():
+            pass
+        elif was_connected:
             log.warning("lost connection to broker %s:%d (%s link): %s", self.settings.host,
                         self.settings.port, self.name, reason_code)
+        elif self._last_error:  # dropped before CONNACK: paho only logged why
+            self.metrics.mqtt_connection(False, failed=True)
+            reason = describe_tls_error(self._last_error) if self.settings.tls else self._last_error
+            log.error("%s with broker %s:%d failed (%s link): %s; retrying with backoff",
+                      "TLS" if self.settings.tls else "connection", self.settings.host, self.settings.port,
+                      self.name, reason)
+        self._last_error = ""
         self.on_disconnected()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
@@ -258,6 +274,13 @@ class _Link:
                 continue
             try:
                 self._service()
+            except ssl.SSLError as exc:  # e.g. TLS 1.3 reports a missing client certificate after the handshake
+                self._connection_failed(exc)
+                self._stop.wait(self._backoff.next_delay())
+            except OSError as exc:
+                log.warning("connection to broker %s:%d (%s link) failed: %s", self.settings.host, self.settings.port,
+                            self.name, exc.strerror or exc)
+                self._drop_socket()
             except Exception:  # never let the network thread die
                 log.exception("unexpected error in the %s network loop; reconnecting", self.name)
                 self._drop_socket()
@@ -270,14 +293,18 @@ class _Link:
             self._last_read = time.monotonic()
             return True
         except ssl.SSLError as exc:
-            self.metrics.mqtt_connection(False, failed=True)
-            log.error("TLS handshake with broker %s:%d failed (%s link): %s", self.settings.host,
-                      self.settings.port, self.name, describe_tls_error(exc))
+            self._connection_failed(exc)
         except (OSError, ValueError) as exc:
             self.metrics.mqtt_connection(False, failed=True)
             log.warning("cannot connect to broker %s:%d (%s link): %s; retrying", self.settings.host,
                         self.settings.port, self.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
         return False
+
+    def _connection_failed(self, exc: ssl.SSLError) -> None:
+        self.metrics.mqtt_connection(False, failed=True)
+        log.error("TLS with broker %s:%d failed (%s link): %s; retrying with backoff", self.settings.host,
+                  self.settings.port, self.name, describe_tls_error(str(exc)))
+        self._drop_socket()
 
     def _service(self) -> None:
         sock = self.client.socket()
@@ -336,19 +363,23 @@ class _Link:
             self._thread.join(timeout)
 
 
-def describe_tls_error(exc: ssl.SSLError) -> str:
-    """One line saying which part of TLS failed."""
-    text = str(exc)
-    reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or text
-    if "certificate verify failed" in text or isinstance(exc, ssl.SSLCertVerificationError):
-        if "Hostname mismatch" in text or "hostname" in str(reason).lower() or "IP address mismatch" in text:
-            return f"the broker certificate does not match the host name ({reason})"
-        if "expired" in text:
-            return f"the broker certificate has expired ({reason})"
-        return f"the broker certificate is not trusted: unknown CA, set [mqtt] ca_cert_path ({reason})"
-    if "certificate required" in text.lower() or "CERTIFICATE_REQUIRED" in text:
+def describe_tls_error(text: str) -> str:
+    """One line saying which part of TLS failed, from OpenSSL's wording."""
+    lowered = text.lower()
+    if "certificate verify failed" in lowered:
+        if "mismatch" in lowered or "hostname" in lowered:
+            return f"the broker certificate does not match the host name ({text})"
+        if "expired" in lowered:
+            return f"the broker certificate has expired ({text})"
+        return f"the broker certificate is not trusted (unknown CA): set [mqtt] ca_cert_path ({text})"
+    if "certificate required" in lowered or "peer did not return a certificate" in lowered:
         return "the broker requires a client certificate: set [mqtt] client_cert_path and client_key_path"
-    return str(reason)
+    if "handshake failure" in lowered:
+        return (f"the broker rejected the TLS handshake; it may require a client certificate "
+                f"([mqtt] client_cert_path/client_key_path) or another TLS version ({text})")
+    if "unknown ca" in lowered or "bad certificate" in lowered:
+        return f"the broker did not accept our client certificate ({text})"
+    return text
 
 
 class MqttTransport:

@@ -61,7 +61,8 @@ def envelope(agent_id: str, *, task_id: Optional[str] = None, cid: str = "conv1"
 class Mosquitto:
     """A mosquitto broker of our own, on a free port, optionally persistent across restarts."""
 
-    def __init__(self, persistence: bool = False, extra_conf: str = ""):
+    def __init__(self, persistence: bool = False, extra_conf: str = "", anonymous: bool = True):
+        self.anonymous = anonymous
         self.dir = tempfile.mkdtemp(prefix="mosq-")
         self.port = free_port()
         self.persistence = persistence
@@ -70,7 +71,8 @@ class Mosquitto:
         self.conf = os.path.join(self.dir, "mosquitto.conf")
 
     def _write_conf(self) -> None:
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true",
+        lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {str(self.anonymous).lower()}",
+                 "set_tcp_nodelay true",
                  "max_queued_messages 0", f"persistence {'true' if self.persistence else 'false'}",
                  f"persistence_location {self.dir}/", f"log_dest file {self.dir}/mosquitto.log",
                  "log_type error", "log_type warning", "log_type notice", "log_type information"]
@@ -120,7 +122,7 @@ class Mosquitto:
 class Watcher:
     """A paho client that records every message on its subscriptions and can publish."""
 
-    def __init__(self, port: int, *topics: str):
+    def __init__(self, port: int, *topics: str, username: Optional[str] = None, password: Optional[str] = None):
         """Persistent session, resubscribing on every connect: nothing is missed across broker restarts."""
         self.messages: list[mqtt.MQTTMessage] = []
         self.parsed: list[tuple[str, Any]] = []
@@ -133,6 +135,8 @@ class Watcher:
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.max_inflight_messages_set(1000)
+        if username:
+            self.client.username_pw_set(username, password)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 600
         self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=props)
