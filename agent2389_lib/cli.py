@@ -1,14 +1,15 @@
-"""Command line: `run`, `check-config`, `version`."""
+"""Command line: run, check-config, version, and the operator commands inject, monitor,
+pipeline and healthcheck."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
 from . import __version__
-from .config import ConfigError, LoadedConfig, load_config, masked_view
 
 EXIT_CONFIG = 2
 
@@ -18,22 +19,85 @@ def _add_config_arg(parser: argparse.ArgumentParser) -> None:
                         help="TOML config file (optional: environment variables alone are enough)")
 
 
+def _add_broker_args(parser: argparse.ArgumentParser) -> None:
+    _add_config_arg(parser)
+    parser.add_argument("--broker-url", metavar="URL",
+                        help="broker to use, e.g. mqtt://localhost:1883 (default: the agent's configuration, "
+                             "MQTT_HOST/MQTT_PORT)")
+
+
+def _add_wait_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", nargs="?", type=float, const=120.0, metavar="SECONDS",
+                        help="wait for the answer (default 120 s): exit 0 on a response, 1 on an error, 124 on timeout")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _command(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=f"example: {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agent2389", description="2389 Agent Protocol agent: takes tasks over MQTT and answers them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    run = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT",
-                         epilog="example: agent2389 run --config agent.toml")
-    _add_config_arg(run)
-    check = sub.add_parser("check-config", help="validate the configuration and print it with secrets masked",
-                           epilog="example: AGENT_ID=a1 OPENAI_API_KEY=sk-... agent2389 check-config")
-    _add_config_arg(check)
-    sub.add_parser("version", help="print the version")
+    _add_config_arg(_command(sub, "run", "run the agent until SIGTERM/SIGINT", "agent2389 run --config agent.toml"))
+    _add_config_arg(_command(sub, "check-config", "validate the configuration and print it with secrets masked",
+                             "AGENT_ID=a1 OPENAI_API_KEY=sk-... agent2389 check-config"))
+    _command(sub, "version", "print the version", "agent2389 version")
+
+    inject = _command(sub, "inject", "publish a task to an agent (and optionally wait for the answer)",
+                      "agent2389 inject --agent-id researcher --message 'Summarise MQTT' --next writer --wait")
+    inject.add_argument("--agent-id", required=True, help="the agent to send the task to")
+    payload = inject.add_mutually_exclusive_group()
+    payload.add_argument("--message", help="text, sent as input.message")
+    payload.add_argument("--input", metavar="JSON", help="the whole input as JSON")
+    inject.add_argument("--instruction", help="what the agent should do")
+    inject.add_argument("--conversation-id", help="default: a new one")
+    inject.add_argument("--next", metavar="A,B,...", help="agents that handle the result next, in order")
+    inject.add_argument("--tool", help="ask the agent to call this tool (input.tool_request)")
+    inject.add_argument("--tool-params", metavar="JSON", default="{}", help="the tool's parameters")
+    inject.add_argument("--v2", action="store_true", help="send a v2 envelope with a workflow context")
+    inject.add_argument("--query", help="v2: the original query (default: the instruction or message)")
+    _add_wait_args(inject)
+    _add_broker_args(inject)
+
+    monitor = _command(sub, "monitor", "print the protocol messages on the broker as they pass",
+                       "agent2389 monitor --mode conversations --format json")
+    monitor.add_argument("--mode", choices=("all", "availability", "conversations", "inputs", "progress"),
+                         default="all")
+    monitor.add_argument("--format", choices=("pretty", "compact", "json"), default="pretty")
+    monitor.add_argument("--agent-id", help="only this agent's topics")
+    monitor.add_argument("--conversation-id", help="only this conversation")
+    monitor.add_argument("--count", type=int, help="exit after this many messages")
+    _add_broker_args(monitor)
+
+    pipeline = _command(sub, "pipeline", "send a research -> write -> edit chain through several agents",
+                        "agent2389 pipeline --agents researcher,writer,editor --topic 'MQTT in IoT' --wait")
+    pipeline.add_argument("--agents", default="researcher-agent,writer-agent,editor-agent", metavar="A,B,C",
+                          help="the agents, in order (default: researcher-agent,writer-agent,editor-agent)")
+    pipeline.add_argument("--topic", required=True, help="what the pipeline works on")
+    pipeline.add_argument("--instruction", action="append", metavar="TEXT",
+                          help="a stage's instruction; repeat once per stage (defaults: research, write, edit)")
+    pipeline.add_argument("--conversation-id", help="default: a new one")
+    _add_wait_args(pipeline)
+    _add_broker_args(pipeline)
+
+    health = _command(sub, "healthcheck", "probe the agent's health endpoint: exit 0 when healthy, 1 otherwise "
+                      "(the container HEALTHCHECK; needs no curl or wget)", "agent2389 healthcheck --endpoint ready")
+    health.add_argument("--endpoint", choices=("health", "live", "ready"), default="health")
+    health.add_argument("--host", default="127.0.0.1")
+    health.add_argument("--port", type=int, help="default: HEALTH_PORT, else 8080")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.add_argument("-v", "--verbose", action="store_true", help="print what the endpoint answered")
     return parser
 
 
-def _load_or_exit(path: Optional[str]) -> LoadedConfig:
+# ---------------------------------------------------------------- agent commands
+
+def _load_or_exit(path: Optional[str]):
+    from .config import ConfigError, load_config
     try:
         loaded = load_config(path)
     except ConfigError as exc:
@@ -44,16 +108,17 @@ def _load_or_exit(path: Optional[str]) -> LoadedConfig:
     return loaded
 
 
-def _check_config(path: Optional[str]) -> int:
-    loaded = _load_or_exit(path)
+def _check_config(args: argparse.Namespace) -> int:
+    from .config import masked_view
+    loaded = _load_or_exit(args.config)
     for problem in loaded.run_problems:
         print(f"config warning: {problem} (`run` will refuse to start)", file=sys.stderr)
     print(json.dumps(masked_view(loaded.config), indent=2, sort_keys=True))
     return 0
 
 
-def _run(path: Optional[str]) -> int:
-    loaded = _load_or_exit(path)
+def _run(args: argparse.Namespace) -> int:
+    loaded = _load_or_exit(args.config)
     if loaded.run_problems:
         for problem in loaded.run_problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -62,13 +127,110 @@ def _run(path: Optional[str]) -> int:
     return run_agent(loaded.config)
 
 
+# ---------------------------------------------------------------- operator commands
+
+def _client(args: argparse.Namespace):
+    from .config import ConfigError, load_mqtt_settings
+    from .opsclient import OperatorClient, OperatorError
+    try:
+        settings = load_mqtt_settings(args.config, broker_url=args.broker_url)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    client = OperatorClient(settings)
+    try:
+        client.connect()
+    except OperatorError as exc:
+        from .ops import EXIT_UNAVAILABLE
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_UNAVAILABLE)
+    return client
+
+
+def _json_arg(parser_name: str, value: Optional[str]):
+    try:
+        return json.loads(value) if value is not None else None
+    except ValueError as exc:
+        print(f"error: {parser_name} is not valid JSON: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+def _deliver(args: argparse.Namespace, task: dict) -> int:
+    from . import ops
+    from .opsclient import OperatorError
+    client = _client(args)
+    try:
+        code, reply = ops.send_task(client, task, args.wait)
+    except OperatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ops.EXIT_UNAVAILABLE
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"task": task, "reply": reply, "timed_out": code == ops.EXIT_TIMEOUT}, ensure_ascii=False))
+    else:
+        print(ops.describe_reply(reply, task, args.wait), file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from . import ops
+    payload = {"message": args.message} if args.message is not None else _json_arg("--input", args.input)
+    if args.tool:
+        params = _json_arg("--tool-params", args.tool_params)
+        payload = dict(payload) if isinstance(payload, dict) else ({} if payload is None else {"data": payload})
+        payload["tool_request"] = {"name": args.tool, "parameters": params}
+    chain = ops.next_chain([a.strip() for a in args.next.split(",") if a.strip()]) if args.next else None
+    task = ops.build_task(args.agent_id, instruction=args.instruction, input=payload,
+                          conversation_id=args.conversation_id, next=chain, v2=args.v2, query=args.query)
+    return _deliver(args, task)
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from . import ops
+    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
+    instructions = list(args.instruction or [])
+    defaults = list(ops.DEFAULT_STAGE_INSTRUCTIONS) + ["Continue the work."] * len(agents)
+    instructions += defaults[len(instructions):len(agents)]
+    task = ops.build_task(agents[0], instruction=instructions[0], input={"topic": args.topic},
+                          conversation_id=args.conversation_id, next=ops.next_chain(agents[1:], instructions[1:]))
+    return _deliver(args, task)
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from . import ops
+    client = _client(args)
+    colour = args.format == "pretty" and sys.stdout.isatty()
+    seen = 0
+    try:
+        client.subscribe(ops.monitor_topics(args.mode, args.agent_id, args.conversation_id))
+        while args.count is None or seen < args.count:
+            message = client.next_message(1.0)
+            if message is None:
+                continue
+            if not ops.in_conversation(message.topic, message.payload, args.conversation_id):
+                continue
+            print(ops.render(message.topic, message.payload, args.format, colour), flush=True)
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+    return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    from .ops import probe
+    configured = os.environ.get("HEALTH_PORT", "")
+    port = args.port or (int(configured) if configured.isdigit() else 8080)
+    healthy, seen = probe(args.host, port, args.endpoint, args.timeout)
+    if args.verbose:
+        print(seen)
+    return 0 if healthy else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "version":
-        print(f"agent2389 {__version__}")
-        code = 0
-    elif args.command == "check-config":
-        code = _check_config(args.config)
-    else:
-        code = _run(args.config)
-    sys.exit(code)
+    handlers = {"version": lambda a: print(f"agent2389 {__version__}") or 0, "check-config": _check_config,
+                "run": _run, "inject": _inject, "pipeline": _pipeline, "monitor": _monitor, "healthcheck": _healthcheck}
+    sys.exit(handlers[args.command](args))

@@ -265,6 +265,29 @@ def load_config(path: Optional[str] = None, environ: Optional[Mapping[str, str]]
     return LoadedConfig(config, tuple(out.warnings), tuple(run_problems))
 
 
+def load_mqtt_settings(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None,
+                       cwd: Optional[str] = None, broker_url: Optional[str] = None,
+                       client_id: str = "") -> MqttSettings:
+    """Only the broker settings, from the same sources as the agent (for operator commands):
+    problems in other keys (a missing API key, no agent id) do not matter here."""
+    env = merged_environment(path, dict(os.environ if environ is None else environ), cwd)
+    out = _Collector()
+    raw = _read_toml(path, out) if path else {}
+    raw = _interpolate({"mqtt": raw.get("mqtt", {})} if isinstance(raw.get("mqtt"), dict) else {}, env, out, "")
+    settings = _normalize(raw, _Collector())
+    _apply_environment(settings, env)
+    if broker_url:
+        settings["mqtt.broker_url"] = _Value(broker_url, "--broker-url")
+        settings.pop("mqtt.env_host", None)
+        settings.pop("mqtt.env_port", None)
+    if client_id:
+        settings["mqtt.client_id"] = _Value(client_id, "client id")
+    mqtt = _build_mqtt(_Reader(settings, out), env, "operator")
+    if out.problems:
+        raise ConfigError(out.problems)
+    return mqtt
+
+
 def merged_environment(path: Optional[str], environ: dict, cwd: Optional[str] = None) -> dict:
     """The environment plus `.env` next to the config file and in the working directory."""
     candidates = []

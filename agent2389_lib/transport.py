@@ -102,7 +102,7 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
     return context
 
 
-def _set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+def set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
     """paho leaves Nagle on, which costs 40-80 ms per hop on small messages."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -153,7 +153,7 @@ class _Link:
             client.will_set(will[0], will[1], qos=1, retain=True)
         if self.settings.tls:
             client.tls_set_context(tls_context(self.settings))
-        client.on_socket_open = _set_nodelay
+        client.on_socket_open = set_nodelay
         client.on_log = self._remember_error
         client.on_socket_register_write = lambda c, u, s: self.wake()
         client.on_connect = self._handle_connect

@@ -1,0 +1,163 @@
+"""What the operator commands do, apart from argument parsing: build tasks, wait for answers,
+render monitored messages, probe the health endpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from datetime import datetime
+from typing import Any, Optional
+
+from . import protocol
+from .opsclient import OperatorClient
+
+EXIT_RESPONSE, EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 3, 124
+MONITOR_MODES = ("all", "availability", "conversations", "inputs", "progress")
+DEFAULT_STAGE_INSTRUCTIONS = (
+    "Research the topic: list the key facts, with sources.",
+    "Write a clear, well-structured article from the research.",
+    "Edit the article: fix errors, tighten the prose, keep every fact.",
+)
+_COLOURS = {"status": "\033[32m", "task": "\033[36m", "response": "\033[1;34m", "error": "\033[1;31m",
+            "progress": "\033[33m", "other": "\033[0m"}
+_RESET = "\033[0m"
+
+
+def next_chain(agent_ids: list[str], instructions: Optional[list[Optional[str]]] = None) -> Optional[dict]:
+    """`a,b,c` -> {topic: a, next: {topic: b, next: {topic: c, next: null}}}."""
+    chain: Optional[dict] = None
+    for index in range(len(agent_ids) - 1, -1, -1):
+        instruction = instructions[index] if instructions and index < len(instructions) else None
+        chain = {"topic": protocol.input_topic(agent_ids[index]), "instruction": instruction, "input": None,
+                 "next": chain}
+    return chain
+
+
+def build_task(agent_id: str, *, instruction: Optional[str], input: Any, conversation_id: Optional[str] = None,
+               next: Optional[dict] = None, v2: bool = False, query: Optional[str] = None) -> dict:
+    task: dict = {"task_id": str(uuid.uuid4()), "conversation_id": conversation_id or f"cli-{uuid.uuid4().hex[:12]}",
+                  "topic": protocol.input_topic(agent_id), "instruction": instruction, "input": input, "next": next}
+    if v2:
+        original = query or instruction or (json.dumps(input) if input is not None else "")
+        task.update(version="2.0", context={"original_query": original, "steps_completed": [], "iteration_count": 0},
+                    routing_trace=[])
+    return task
+
+
+def send_task(client: OperatorClient, task: dict, wait: Optional[float]) -> tuple[int, Optional[dict]]:
+    """Publish a task; with `wait`, subscribe to its conversation first and return the answer."""
+    if wait is not None:
+        client.subscribe([f"/conversations/{task['conversation_id']}/+"])
+    client.publish(task["topic"], protocol.to_payload(task))
+    if wait is None:
+        return EXIT_RESPONSE, None
+    deadline = time.monotonic() + wait
+    while True:
+        left = deadline - time.monotonic()
+        message = client.next_message(max(0.0, left)) if left > 0 else None
+        if message is None:
+            return EXIT_TIMEOUT, None
+        payload = _json_or_text(message.payload)
+        if isinstance(payload, dict) and payload.get("task_id") == task["task_id"]:
+            return (EXIT_ERROR if "error" in payload else EXIT_RESPONSE), {"topic": message.topic, "payload": payload}
+
+
+def describe_reply(reply: Optional[dict], task: dict, wait: Optional[float]) -> str:
+    if wait is None:
+        return f"published task {task['task_id']} to {task['topic']} (conversation {task['conversation_id']})"
+    if reply is None:
+        return f"no answer to task {task['task_id']} within {wait:g} s"
+    payload = reply["payload"]
+    if "error" in payload:
+        return f"error {payload['error'].get('code')}: {payload['error'].get('message')} (from {reply['topic']})"
+    return str(payload.get("response"))
+
+
+# ---------------------------------------------------------------- monitor
+
+def monitor_topics(mode: str, agent_id: Optional[str], conversation_id: Optional[str]) -> list[str]:
+    agent = agent_id or "+"
+    topics = {
+        "availability": [f"/control/agents/{agent}/status"],
+        "conversations": [f"/conversations/{conversation_id or '+'}/#" if conversation_id else "/conversations/#"],
+        "inputs": [f"/control/agents/{agent}/input"],
+        "progress": [f"/control/agents/{agent}/progress", f"/control/agents/{agent}/progress/#"],
+    }
+    if mode == "all":
+        return [t for key in ("availability", "inputs", "conversations", "progress") for t in topics[key]]
+    return topics[mode]
+
+
+def message_type(topic: str, payload: Any) -> str:
+    parts = protocol.canonicalize_topic(topic).split("/")
+    if parts[1:2] == ["conversations"]:
+        return "error" if isinstance(payload, dict) and "error" in payload else "response"
+    if parts[1:3] == ["control", "agents"] and len(parts) > 4:
+        return {"status": "status", "input": "task", "progress": "progress"}.get(parts[4], "other")
+    return "other"
+
+
+def in_conversation(topic: str, data: bytes, conversation_id: Optional[str]) -> bool:
+    """Whether a monitored message belongs to the conversation (status messages belong to none)."""
+    if not conversation_id:
+        return True
+    payload = _json_or_text(data)
+    if message_type(topic, payload) in ("response", "error"):
+        return True  # the subscription already selects the conversation
+    return isinstance(payload, dict) and payload.get("conversation_id") == conversation_id
+
+
+def _json_or_text(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return data.decode("utf-8", "replace")
+
+
+def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[datetime] = None) -> str:
+    payload = _json_or_text(data)
+    kind = message_type(topic, payload)
+    stamp = protocol.rfc3339(now)
+    if fmt == "json":
+        return json.dumps({"timestamp": stamp, "message_type": kind, "topic": topic, "payload": payload},
+                          ensure_ascii=False)
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")) if not isinstance(payload, str) else payload
+    if fmt == "compact":
+        return f"{stamp} {kind} {topic} {body}"
+    line = f"{stamp[11:23]}  {kind.upper():8} {topic}\n    {_summary(kind, payload, body)}"
+    return f"{_COLOURS[kind]}{line}{_RESET}" if colour else line
+
+
+def _summary(kind: str, payload: Any, body: str) -> str:
+    if not isinstance(payload, dict):
+        return body
+    if kind == "status":
+        caps = ", ".join(payload.get("capabilities") or [])
+        return f"{payload.get('agent_id')} is {payload.get('status')}" + (f" (capabilities: {caps})" if caps else "")
+    if kind == "task":
+        return f"task {payload.get('task_id')}: {payload.get('instruction')!r} input={json.dumps(payload.get('input'))}"
+    if kind == "response":
+        return f"task {payload.get('task_id')}: {payload.get('response')}"
+    if kind == "error":
+        error = payload.get("error") or {}
+        return f"task {payload.get('task_id')}: {error.get('code')}: {error.get('message')}"
+    if kind == "progress":
+        return f"task {payload.get('task_id')}: {payload.get('event_type')} {payload.get('message')}"
+    return body
+
+
+# ---------------------------------------------------------------- healthcheck
+
+def probe(host: str, port: int, endpoint: str, timeout: float = 5.0) -> tuple[bool, str]:
+    """(healthy, what was seen) for GET /{endpoint}."""
+    url = f"http://{host}:{port}/{endpoint}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200, f"{url}: HTTP {response.status} {response.read(2000).decode(errors='replace')}"
+    except urllib.error.HTTPError as exc:
+        return False, f"{url}: HTTP {exc.code} {exc.read(2000).decode(errors='replace')}"
+    except (urllib.error.URLError, OSError) as exc:
+        return False, f"{url}: {getattr(exc, 'reason', exc)}"

@@ -1,0 +1,105 @@
+"""A small synchronous MQTT client for the operator commands (inject, monitor, pipeline)."""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import uuid
+from typing import Optional
+
+import paho.mqtt.client as mqtt
+
+from .config import MqttSettings
+from .transport import describe_tls_error, set_nodelay, tls_context
+
+
+class OperatorError(Exception):
+    """The broker could not be used: the message says why and what to check."""
+
+
+class OperatorClient:
+    def __init__(self, settings: MqttSettings):
+        self.settings = settings
+        v5 = settings.protocol == "5"
+        client_id = f"agent2389-cli-{uuid.uuid4().hex[:10]}"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+        if settings.username:
+            self.client.username_pw_set(settings.username, settings.password.reveal() if settings.password else None)
+        if settings.tls:
+            self.client.tls_set_context(tls_context(settings))
+        self.client.on_socket_open = set_nodelay
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda client, userdata, message: self.messages.put(message)
+        self.client.on_subscribe = self._on_subscribe
+        self.client.reconnect_delay_set(1, 30)
+        self.messages: "queue.Queue[mqtt.MQTTMessage]" = queue.Queue()
+        self.topics: list[str] = []
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._refusal: Optional[str] = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refusal = f"broker {self.where} refused the connection: {reason_code}"
+            return
+        self._connected.set()
+        if self.topics:  # after a reconnect too
+            client.subscribe([(topic, 1) for topic in self.topics])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            self._refusal = f"broker {self.where} refused the subscription: {refused[0]}"
+        else:
+            self._subscribed.set()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        try:
+            self.client.connect(self.settings.host, self.settings.port, self.settings.keep_alive)
+        except ssl.SSLError as exc:
+            raise OperatorError(f"TLS with broker {self.where} failed: {describe_tls_error(str(exc))}") from None
+        except OSError as exc:
+            raise OperatorError(f"cannot reach broker {self.where}: {exc.strerror or exc} "
+                                f"(check MQTT_HOST/MQTT_PORT or --broker-url)") from None
+        self.client.loop_start()
+        self._wait(self._connected, timeout, "connect")
+
+    def subscribe(self, topics: list[str], timeout: float = 10.0) -> None:
+        """Subscribe (again after every reconnect) and wait for the SUBACK."""
+        self.topics = list(topics)
+        self.client.subscribe([(topic, 1) for topic in topics])
+        self._wait(self._subscribed, timeout, "subscribe")
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise OperatorError(f"could not publish to {topic}: {exc}") from None
+        if not info.is_published():
+            raise OperatorError(f"broker {self.where} did not acknowledge the publish to {topic} within {timeout:.0f} s")
+
+    def _wait(self, event: threading.Event, timeout: float, what: str) -> None:
+        waited = 0.0
+        while not event.wait(0.05):
+            waited += 0.05
+            if self._refusal:
+                raise OperatorError(self._refusal)
+            if waited >= timeout:
+                raise OperatorError(f"broker {self.where} did not answer ({what}) within {timeout:.0f} s")
+
+    def next_message(self, timeout: Optional[float]) -> Optional[mqtt.MQTTMessage]:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

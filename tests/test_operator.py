@@ -1,0 +1,141 @@
+"""inject, monitor, pipeline and healthcheck against live agent processes and a real broker."""
+
+import json
+import subprocess
+import sys
+import unittest
+
+from support import AGENT_SCRIPT, BrokerTestCase, base_env, free_port, wait_until
+
+
+def cli(*args, env=None, timeout=60):
+    return subprocess.run([sys.executable, AGENT_SCRIPT, *args], env=base_env(**(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class OperatorTests(BrokerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.status = self.watcher("/control/agents/+/status")
+        self.env = {"MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(self.broker.port)}
+
+    def start(self, *names, **kwargs):
+        return [self.agent(name, **kwargs).start_and_wait_available(self.status) for name in names]
+
+    def test_inject_wait_prints_response(self):
+        self.start("solo", tools={"echo": "builtin"})
+        result = cli("inject", "--agent-id", "solo", "--message", "hello there", "--instruction", "Greet", "--wait",
+                     "30", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), 'Greet\nInput data: {"message":"hello there"}')
+
+    def test_broker_url_flag_and_json_output(self):
+        self.start("solo")
+        result = cli("inject", "--agent-id", "solo", "--input", '{"k": [1, 2]}', "--wait", "--json",
+                     "--broker-url", self.broker.url)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        out = json.loads(result.stdout)
+        self.assertEqual(out["reply"]["payload"]["task_id"], out["task"]["task_id"])
+        self.assertEqual(out["task"]["input"], {"k": [1, 2]})
+
+    def test_failing_task_exits_1_with_code(self):
+        self.start("solo")
+        too_long = ",".join(f"stage{i:02d}" for i in range(20))
+        result = cli("inject", "--agent-id", "solo", "--message", "x", "--next", too_long, "--wait", "30", env=self.env)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("error pipeline_depth_exceeded", result.stderr)
+
+    def test_next_chain_through_two_agents(self):
+        self.start("first", "second")
+        result = cli("inject", "--agent-id", "first", "--instruction", "Start", "--message", "m", "--next", "second",
+                     "--wait", "30", "--json", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        reply = json.loads(result.stdout)["reply"]
+        self.assertEqual(reply["topic"].split("/")[-1], "second")
+        self.assertIn("Start", reply["payload"]["response"])  # the first agent's text became the input
+
+    def test_tool_reaches_echo_tool(self):
+        self.start("solo", tools={"echo": "builtin"})
+        result = cli("inject", "--agent-id", "solo", "--tool", "echo", "--tool-params", '{"message": "tool says hi"}',
+                     "--wait", "30", env=self.env)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "tool says hi"))
+
+    def test_v2_envelope(self):
+        self.start("solo")
+        result = cli("inject", "--agent-id", "solo", "--message", "x", "--v2", "--query", "the question", "--json",
+                     env=self.env)
+        task = json.loads(result.stdout)["task"]
+        self.assertEqual((task["version"], task["context"]["original_query"]), ("2.0", "the question"))
+
+    def test_timeout_exit_124(self):
+        result = cli("inject", "--agent-id", "nobody-home", "--message", "x", "--wait", "1", env=self.env)
+        self.assertEqual(result.returncode, 124)
+        self.assertIn("no answer", result.stderr)
+
+    def test_unreachable_broker(self):
+        result = cli("inject", "--agent-id", "solo", "--message", "x", "--broker-url", f"mqtt://127.0.0.1:{free_port()}")
+        self.assertEqual(result.returncode, 3)
+        self.assertIn("cannot reach broker", result.stderr)
+
+    def test_monitor_json_shows_every_kind(self):
+        self.start("watched", tools={"echo": "builtin"})
+        monitor = subprocess.Popen([sys.executable, AGENT_SCRIPT, "monitor", "--format", "json", "--count", "12",
+                                    "--agent-id", "watched"], env=base_env(**self.env), stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(monitor.stdout.close)
+        self.addCleanup(monitor.kill)
+        first = json.loads(monitor.stdout.readline())  # the retained status arrives once subscribed
+        self.assertEqual((first["message_type"], first["payload"]["status"]), ("status", "available"))
+        cli("inject", "--agent-id", "watched", "--tool", "echo", "--tool-params", '{"message": "x"}', "--wait", "30",
+            env=self.env)
+        lines = [first] + [json.loads(monitor.stdout.readline()) for _ in range(11)]
+        self.assertEqual(monitor.wait(30), 0)
+        kinds = {line["message_type"] for line in lines}
+        self.assertEqual(kinds, {"status", "task", "response", "progress"})
+        for line in lines:
+            self.assertEqual(set(line), {"timestamp", "message_type", "topic", "payload"})
+
+    def test_monitor_compact_and_pretty(self):
+        self.start("watched")
+        for fmt, expected in (("compact", " status /control/agents/watched/status {"), ("pretty", "watched is available")):
+            result = cli("monitor", "--format", fmt, "--mode", "availability", "--agent-id", "watched", "--count", "1",
+                         env=self.env)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn(expected, result.stdout)
+            self.assertNotIn("\033[", result.stdout)  # no colour when stdout is not a terminal
+
+    def test_pipeline_wait_returns_last_stage(self):
+        self.start("researcher-agent", "writer-agent", "editor-agent")
+        result = cli("pipeline", "--topic", "MQTT in IoT", "--wait", "60", "--json", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        out = json.loads(result.stdout)
+        self.assertEqual(out["reply"]["topic"].split("/")[-1], "editor-agent")
+        self.assertTrue(out["reply"]["payload"]["response"].startswith("Edit the article"))
+        self.assertEqual(out["task"]["input"], {"topic": "MQTT in IoT"})
+        self.assertEqual(out["task"]["next"]["next"]["topic"], "/control/agents/editor-agent/input")
+
+    def test_healthcheck_follows_agent_state(self):
+        (agent,) = self.start("probed")
+        port = agent.env["HEALTH_PORT"]
+        ok = cli("healthcheck", env={"HEALTH_PORT": port})
+        self.assertEqual((ok.returncode, ok.stdout), (0, ""))
+        self.assertEqual(cli("healthcheck", "--endpoint", "ready", "--port", port).returncode, 0)
+        self.assertIn('"status": "healthy"', cli("healthcheck", "-v", "--port", port).stdout)
+        self.broker.stop()
+        try:
+            wait_until(lambda: cli("healthcheck", "--port", port).returncode == 1, 30, "healthcheck to fail")
+            self.assertEqual(cli("healthcheck", "--endpoint", "live", "--port", port).returncode, 0)
+        finally:
+            self.broker.start()
+        agent.stop()
+        self.assertEqual(cli("healthcheck", "--port", port).returncode, 1)
+
+    def test_every_command_has_help_with_example(self):
+        for command in ("run", "check-config", "version", "inject", "monitor", "pipeline", "healthcheck"):
+            result = cli(command, "--help")
+            self.assertEqual(result.returncode, 0)
+            self.assertRegex(result.stdout, r"\nexample: .*agent2389 " + command)
+
+
+if __name__ == "__main__":
+    unittest.main()
