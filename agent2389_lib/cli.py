@@ -16,7 +16,16 @@ EXIT_CONFIG = 2
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", metavar="FILE",
-                        help="TOML config file (optional: environment variables alone are enough)")
+                        help="TOML config file (default: $AGENT2389_CONFIG when that file exists; "
+                             "environment variables alone are enough)")
+
+
+def config_path(given: Optional[str]) -> Optional[str]:
+    """--config, else $AGENT2389_CONFIG when it exists (the container mounts it optionally)."""
+    if given:
+        return given
+    default = os.environ.get("AGENT2389_CONFIG")
+    return default if default and os.path.isfile(default) else None
 
 
 def _add_broker_args(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_or_exit(path: Optional[str]):
     from .config import ConfigError, load_config
     try:
-        loaded = load_config(path)
+        loaded = load_config(config_path(path))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(EXIT_CONFIG)
@@ -133,7 +142,7 @@ def _client(args: argparse.Namespace):
     from .config import ConfigError, load_mqtt_settings
     from .opsclient import OperatorClient, OperatorError
     try:
-        settings = load_mqtt_settings(args.config, broker_url=args.broker_url)
+        settings = load_mqtt_settings(config_path(args.config), broker_url=args.broker_url)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(EXIT_CONFIG)

@@ -224,7 +224,7 @@ _ROUTING_SUB = {"llm": {"provider", "model", "temperature"},
 _ENV_SIMPLE = {
     "AGENT_ID": "agent_id", "DEFAULT_MODEL": "llm.model", "MAX_PIPELINE_DEPTH": "max_pipeline_depth",
     "TASK_TIMEOUT": "task_timeout", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format",
-    "LOG_SPANS": "log_spans", "HEALTH_PORT": "health_port",
+    "LOG_SPANS": "log_spans", "HEALTH_PORT": "health_port", "STATE_DIR": "state_dir",
 }
 
 

@@ -1,0 +1,29 @@
+# agent2389: multi-stage build onto distroless Python 3 (Debian 12).
+#   docker build -t agent2389:latest .
+#   docker run -e AGENT_ID=prod-agent-001 -e MQTT_HOST=mqtt.example.com -e OPENAI_API_KEY=sk-... -p 8080:8080 agent2389:latest
+
+FROM debian:12-slim AS build
+# Debian's python3.11: the same interpreter the distroless runtime image ships.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3=3.11.* python3-venv=3.11.* \
+ && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml README.md agent2389.py /src/
+COPY agent2389_lib /src/agent2389_lib
+COPY deploy/build-venv.sh /src/deploy/build-venv.sh
+RUN sh /src/deploy/build-venv.sh /opt/agent2389 /src
+
+FROM gcr.io/distroless/python3-debian12:nonroot
+COPY --from=build /opt/agent2389 /opt/agent2389
+COPY agent.toml.example /app/agent.toml.example
+WORKDIR /app
+# A mounted /app/config/agent.toml is used; without it the environment alone configures the agent.
+# state_dir (the completed-task store) belongs on a writable volume: the root filesystem may be read-only.
+ENV AGENT2389_CONFIG=/app/config/agent.toml \
+    STATE_DIR=/app/state
+VOLUME ["/app/state"]
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+  CMD ["/opt/agent2389/bin/python", "-I", "-m", "agent2389_lib", "healthcheck"]
+ENTRYPOINT ["/opt/agent2389/bin/python", "-I", "-m", "agent2389_lib"]
+CMD ["run"]

