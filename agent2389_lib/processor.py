@@ -157,7 +157,7 @@ class TaskProcessor:
         self.metrics.task_started()
         try:
             with span(log, "task_processing", **self._ids(*ids)) as extra:
-                log.info("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=extra)
+                log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=extra)
                 self.progress(*ids, "General", "TaskStart", "task accepted", None)
                 topic, message = self._outcome(envelope)
                 self._publish_outcome(envelope.task_id, topic, message)

@@ -10,6 +10,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -365,12 +366,25 @@ _TRACEBACK_RE = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 REDACTED = "[REDACTED]"
 
 
+_CREDENTIAL_WORDS = ("password", "passwd", "token", "key", "secret", "authorization")
+
+
+@lru_cache(maxsize=16)
+def _longest_first(secrets: tuple) -> tuple:
+    return tuple(sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True))
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """Mask configured secret values and credential-looking assignments anywhere in `text`."""
-    for secret in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    return _SECRET_ASSIGNMENT_RE.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+    for secret in _longest_first(tuple(secrets)):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    lowered = text.lower()  # the regexes are slow; most text contains none of their words
+    if "bearer" in lowered or "basic" in lowered:
+        text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    if any(word in lowered for word in _CREDENTIAL_WORDS):
+        text = _SECRET_ASSIGNMENT_RE.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+    return text
 
 
 def sanitize_error_message(message: str, secrets: Iterable[str] = ()) -> str:
