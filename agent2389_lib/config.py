@@ -457,40 +457,31 @@ class _Reader:
         return value
 
     def integer(self, key: str, default: Optional[int], lo: int, hi: Optional[int] = None) -> Optional[int]:
+        return self._numeric(key, default, lo, hi, int, (int,), "a whole number")
+
+    def number(self, key: str, default: Optional[float], lo: float, hi: Optional[float] = None) -> Optional[float]:
+        value = self._numeric(key, default, lo, hi, float, (int, float), "a number")
+        return None if value is None else float(value)
+
+    def _numeric(self, key: str, default: Any, lo: Any, hi: Any, parse: Callable[[str], Any], types: tuple,
+                 noun: str) -> Any:
+        """A number from TOML or from an environment string, range-checked."""
         value = self.raw(key, default)
         if value is None:
             return None
         if isinstance(value, str):
             try:
-                value = int(value.strip())
+                value = parse(value.strip())
             except ValueError:
-                self.bad(key, self.raw(key), "is not a whole number")
+                self.bad(key, self.raw(key), f"is not {noun}")
                 return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.bad(key, json.dumps(self.raw(key)), "is not a whole number")
+        if isinstance(value, bool) or not isinstance(value, types):
+            self.bad(key, json.dumps(self.raw(key)), f"is not {noun}")
             return default
         if value < lo or (hi is not None and value > hi):
             self.bad(key, value, f"is out of range ({lo}-{hi})" if hi is not None else f"must be at least {lo}")
             return default
         return value
-
-    def number(self, key: str, default: Optional[float], lo: float, hi: Optional[float] = None) -> Optional[float]:
-        value = self.raw(key, default)
-        if value is None:
-            return None
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                self.bad(key, self.raw(key), "is not a number")
-                return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.bad(key, json.dumps(self.raw(key)), "is not a number")
-            return default
-        if value < lo or (hi is not None and value > hi):
-            self.bad(key, value, f"is out of range ({lo}-{hi})" if hi is not None else f"must be at least {lo}")
-            return default
-        return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.raw(key, default)

@@ -46,12 +46,16 @@ class LifecycleTests(BrokerTestCase):
         (reply,) = watcher.wait_for(f"/conversations/c-pub/{AGENT}")
         self.assertEqual(reply, {"response": 'Hello\nInput data: {"x":1}', "task_id": task_id})
 
-    def test_sigterm_finishes_in_flight_task_then_unavailable(self):
+    def task_in_flight(self, latency_ms, cid):
         watcher = self.watcher(STATUS, "/conversations/#")
-        agent = self.agent(AGENT, llm={"latency_ms": 1500}).start_and_wait_available(watcher)
+        agent = self.agent(AGENT, llm={"latency_ms": latency_ms}).start_and_wait_available(watcher)
         task_id = new_task_id()
-        watcher.publish(INPUT, envelope(AGENT, task_id=task_id, cid="c-term"))
+        watcher.publish(INPUT, envelope(AGENT, task_id=task_id, cid=cid))
         agent.wait_log(f"task {task_id} accepted")
+        return watcher, agent, task_id
+
+    def test_sigterm_finishes_in_flight_task_then_unavailable(self):
+        watcher, agent, task_id = self.task_in_flight(1500, "c-term")
         agent.signal(signal.SIGTERM)
         self.assertEqual(agent.wait(30), 0)
         (reply,) = watcher.wait_for(f"/conversations/c-term/{AGENT}")
@@ -63,11 +67,7 @@ class LifecycleTests(BrokerTestCase):
         self.assertEqual(fresh.wait_for(STATUS)[0]["status"], "unavailable")
 
     def test_second_signal_exits_at_once(self):
-        watcher = self.watcher(STATUS, "/conversations/#")
-        agent = self.agent(AGENT, llm={"latency_ms": 60000}).start_and_wait_available(watcher)
-        task_id = new_task_id()
-        watcher.publish(INPUT, envelope(AGENT, task_id=task_id, cid="c-twice"))
-        agent.wait_log(f"task {task_id} accepted")
+        watcher, agent, _ = self.task_in_flight(60000, "c-twice")
         agent.signal(signal.SIGTERM)
         agent.wait_log("finishing in-flight tasks")
         agent.signal(signal.SIGTERM)
