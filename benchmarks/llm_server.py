@@ -15,6 +15,9 @@ MODELS = json.dumps({"object": "list", "data": [{"id": "bench", "object": "model
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body go out as two writes: without TCP_NODELAY the body waits for the
+    # client's delayed ACK (40 ms), a stall real LLM APIs do not have
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass

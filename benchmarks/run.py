@@ -163,11 +163,11 @@ class Driver:
         self.client.disconnect()
 
 
-def write_agent_config(procs: Processes, broker: int, provider: dict, workers: int = 16) -> str:
+def write_agent_config(procs: Processes, broker: int, provider: dict, progress: bool = True) -> str:
     path = os.path.join(procs.dir, f"agent-{uuid.uuid4().hex[:6]}.toml")
     llm = "\n".join(f"{k} = {json.dumps(v)}" for k, v in provider.items())
     with open(path, "w") as handle:
-        handle.write(f'[agent]\nid = "{AGENT}"\nmax_pipeline_depth = {workers}\n\n'
+        handle.write(f'[agent]\nid = "{AGENT}"\nmax_pipeline_depth = 16\nprogress_events = {str(progress).lower()}\n\n'
                      f'[mqtt]\nbroker_url = "mqtt://127.0.0.1:{broker}"\n\n[llm]\n{llm}\n')
     return path
 
@@ -253,6 +253,11 @@ def run(quick: bool) -> dict:
         echo_rate = driver.burst(burst)
         echo_latency = percentiles(driver.latencies(sequential))
         procs.stop(agent)
+        quiet_config = write_agent_config(procs, broker, {"provider": "echo"}, progress=False)
+        agent, _ = start_agent(procs, driver, quiet_config)
+        driver.burst(200)
+        quiet_rate = driver.burst(burst)
+        procs.stop(agent)
 
         # instant LLM over HTTP: throughput and peak memory under load
         openai_config = write_agent_config(procs, broker, {"provider": "openai", "model": "bench",
@@ -292,6 +297,8 @@ def run(quick: bool) -> dict:
          f"requests loop {requests_rate:.0f}", round(llm_rate / slower, 3), ">= 0.7 of the slower baseline"),
         ("throughput, echo provider (tasks/s)", round(echo_rate, 1), f"paho echo {paho_rate:.0f}",
          round(echo_rate / paho_rate, 3), ">= 0.6"),
+        ("  same, progress_events = false", round(quiet_rate, 1), f"paho echo {paho_rate:.0f}",
+         round(quiet_rate / paho_rate, 3), "(information)"),
         ("latency p50/p95/p99, echo provider (ms)", f"{echo_latency['p50']}/{echo_latency['p95']}/{echo_latency['p99']}",
          f"paho echo {paho_latency['p50']}/{paho_latency['p95']}/{paho_latency['p99']}",
          round(echo_latency["p50"] - paho_latency["p50"], 3), "p50 overhead < 2 ms"),
