@@ -69,6 +69,9 @@ class ConfigCase(unittest.TestCase):
             self.load(text, **env)
         return caught.exception.problems
 
+    def assert_problem(self, problems, start):
+        self.assertTrue(any(p.startswith(start) for p in problems), problems)
+
 
 class LayoutTests(ConfigCase):
     def test_layout_a(self):
@@ -231,8 +234,7 @@ class ValidationTests(ConfigCase):
         for env, expected in cases:
             with self.subTest(env=env):
                 text = self.base if "BASE_URL" not in str(env) else 'agent_id = "abc"\n[llm]\nprovider = "openai"\n'
-                problems = self.problems(text, **env)
-                self.assertTrue(any(p.startswith(expected) for p in problems), problems)
+                self.assert_problem(self.problems(text, **env), expected)
 
     def test_file_rules(self):
         cases = [
@@ -256,8 +258,7 @@ class ValidationTests(ConfigCase):
                     text = text.replace("[llm]\n", '[llm]\nprovider = "echo"\n')
                 else:
                     text += '\n[llm]\nprovider = "echo"\n'
-                problems = self.problems(text)
-                self.assertTrue(any(p.startswith(expected) for p in problems), problems)
+                self.assert_problem(self.problems(text), expected)
 
     def test_key_prefix_rules(self):
         problems = self.problems('agent_id = "abc"\n', OPENAI_API_KEY="not-a-key-123456")

@@ -13,7 +13,7 @@ import kubernetes_validate
 import yaml
 from fake_llm import FakeOpenAI
 
-from support import ROOT, Mosquitto, Watcher, free_port, wait_until
+from support import ROOT, Mosquitto, Watcher, free_port
 
 AGENT = "prod-agent-001"
 UID = 10001

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import time
 import unittest
 import urllib.error
 import urllib.request
@@ -11,7 +10,7 @@ from fake_llm import FakeOpenAI, Reply, Status
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent2389_lib.metrics import Metrics, percentile, prometheus_text
-from support import BrokerTestCase, Mosquitto, Watcher, envelope, wait_until
+from support import BrokerTestCase, Mosquitto, envelope, wait_until
 
 AGENT = "agent-obs"
 INPUT = f"/control/agents/{AGENT}/input"

@@ -1,7 +1,6 @@
 """The agent process against a real mosquitto: lifecycle, every processing rule, faults."""
 
 import json
-import re
 import signal
 import subprocess
 import unittest

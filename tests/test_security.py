@@ -8,8 +8,8 @@ import sys
 import tempfile
 import unittest
 
-from fake_llm import FakeOpenAI, Status
-from support import AGENT_SCRIPT, AgentProcess, Mosquitto, Watcher, base_env, envelope, free_port, wait_until
+from fake_llm import FakeOpenAI, Reply, Status
+from support import AGENT_SCRIPT, AgentProcess, Mosquitto, Watcher, envelope, free_port, wait_until
 from test_observability import http_get
 
 AGENT = "agent-sec"
@@ -173,7 +173,6 @@ class SecretHygieneTests(unittest.TestCase):
                              tools={"envdump": {"impl": "external", "command": env_probe, "args": []}})
         self.addCleanup(agent.stop)
         agent.start_and_wait_available(everything)
-        from fake_llm import Reply
         echoed = {"error": {"message": f"Invalid request with key {self.OPENAI_KEY} (Bearer {self.OPENAI_KEY})",
                             "type": "invalid_request_error", "code": None}}
         fake.script = [Reply(tool_calls=[("envdump", {})]), Status(400, body=echoed)]

@@ -16,8 +16,6 @@ from urllib3.util import connection as urllib3_connection
 
 from agent2389_lib.config import AgentConfig, Secret, ToolSpec, load_config
 from agent2389_lib.tools import build_registry
-from agent2389_lib.tools.base import ToolError, ToolTimeout
-from agent2389_lib.tools.command import CommandTool
 from agent2389_lib.tools.registry import ToolStartupError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
