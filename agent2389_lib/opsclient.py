@@ -11,7 +11,7 @@ from typing import Optional
 import paho.mqtt.client as mqtt
 
 from .config import MqttSettings
-from .transport import describe_tls_error, set_nodelay, tls_context
+from .transport import describe_tls_error, new_client
 
 
 class OperatorError(Exception):
@@ -21,15 +21,7 @@ class OperatorError(Exception):
 class OperatorClient:
     def __init__(self, settings: MqttSettings):
         self.settings = settings
-        v5 = settings.protocol == "5"
-        client_id = f"agent2389-cli-{uuid.uuid4().hex[:10]}"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-        if settings.username:
-            self.client.username_pw_set(settings.username, settings.password.reveal() if settings.password else None)
-        if settings.tls:
-            self.client.tls_set_context(tls_context(settings))
-        self.client.on_socket_open = set_nodelay
+        self.client = new_client(settings, f"agent2389-cli-{uuid.uuid4().hex[:10]}")
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda client, userdata, message: self.messages.put(message)
         self.client.on_subscribe = self._on_subscribe

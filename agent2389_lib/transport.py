@@ -75,7 +75,8 @@ class PublishTicket:
 
 
 class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog's recipe)."""
+    """Exponential backoff with equal jitter: a random delay between half the cap and the cap,
+    so reconnecting agents spread out but a refused client never retries at once."""
 
     def __init__(self, initial: float = _BACKOFF_INITIAL, maximum: float = _BACKOFF_MAX):
         self.initial, self.maximum, self.attempt = initial, maximum, 0
@@ -146,6 +147,18 @@ def open_socket(client: mqtt.Client, userdata: object, sock: socket.socket) -> N
         client._sock = BufferedSocket(sock)  # paho has no hook for its reads; it assigned _sock just before
 
 
+def new_client(settings: MqttSettings, client_id: str, **options: object) -> mqtt.Client:
+    """A paho client with the settings' protocol version, credentials, TLS and socket options."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5 if settings.protocol == "5" else mqtt.MQTTv311, **options)
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password.reveal() if settings.password else None)
+    if settings.tls:
+        client.tls_set_context(tls_context(settings))
+    client.on_socket_open = open_socket
+    return client
+
+
 class _Link:
     """One paho client driven by our own select loop on a dedicated thread."""
 
@@ -179,17 +192,10 @@ class _Link:
     def _make_client(self, client_id: str, persistent: bool, will: Optional[tuple[str, bytes]],
                      receive_maximum: Optional[int], max_packet_size: Optional[int]) -> mqtt.Client:
         v5 = self.settings.protocol == "5"
-        kwargs = {} if v5 else {"clean_session": not persistent}
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, manual_ack=True, **kwargs)
-        if self.settings.username:
-            password = self.settings.password.reveal() if self.settings.password else None
-            client.username_pw_set(self.settings.username, password)
+        session = {} if v5 else {"clean_session": not persistent}
+        client = new_client(self.settings, client_id, manual_ack=True, **session)
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
-        if self.settings.tls:
-            client.tls_set_context(tls_context(self.settings))
-        client.on_socket_open = open_socket
         client.on_log = self._remember_error
         client.on_socket_register_write = lambda c, u, s: self.wake()
         client.on_connect = self._handle_connect

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,13 @@ class Tool:
         """Release resources at exit."""
 
 
+def seconds_left(deadline: float, cap: float) -> float:
+    """Time a tool may take: its own cap, never past the task deadline (ToolTimeout when passed)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ToolTimeout("the task deadline passed")
+    return min(cap, left)
+
+
 def as_text(value: Any) -> str:
-    import json
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import requests
 
 from ..config import AgentConfig, ToolSpec
-from .base import Tool, ToolError, ToolTimeout
+from .base import Tool, ToolError, ToolTimeout, seconds_left
 from .netguard import NetworkPolicy, guarded_session
 
 _DEFAULT_MAX_BYTES = 1048576
@@ -27,13 +27,6 @@ def _option(spec: ToolSpec, key: str, default, kind: type):
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ToolError(f"[tools] {spec.name} config {key} must be a {kind.__name__}")
     return value
-
-
-def _seconds_left(deadline: float, cap: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise ToolTimeout("the task deadline passed")
-    return min(cap, left)
 
 
 class EchoTool(Tool):
@@ -121,7 +114,7 @@ class HttpRequestTool(Tool):
 
     def execute(self, params: dict, deadline: float) -> str:
         method = params.get("method", "GET")
-        timeout = _seconds_left(deadline, float(params.get("timeout", self.default_timeout)))
+        timeout = seconds_left(deadline, float(params.get("timeout", self.default_timeout)))
         try:
             with self._session().request(method, params["url"], headers=params.get("headers"),
                                          data=params.get("body", "").encode("utf-8") or None,
@@ -269,7 +262,7 @@ class WebSearchTool(Tool):
 
     def execute(self, params: dict, deadline: float) -> str:
         assert self.spec.secret is not None
-        timeout = _seconds_left(deadline, self.spec.timeout)
+        timeout = seconds_left(deadline, self.spec.timeout)
         try:
             response = requests.post(self.endpoint, json={"q": params["query"], "num": params.get("num_results", 5)},
                                      headers={"X-API-KEY": self.spec.secret.reveal()}, timeout=timeout)

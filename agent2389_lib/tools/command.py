@@ -19,12 +19,11 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from typing import IO
 
 from ..config import ToolSpec
 from ..protocol import redact
-from .base import Tool, ToolError, ToolTimeout, as_text
+from .base import Tool, ToolError, ToolTimeout, as_text, seconds_left
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _STDERR_TAIL = 2000
@@ -110,7 +109,7 @@ class CommandTool(Tool):
 
     def execute(self, params: dict, deadline: float) -> str:
         argv = build_argv(self.spec, params)
-        timeout = min(self.spec.timeout, max(0.0, deadline - time.monotonic()))
+        timeout = seconds_left(deadline, self.spec.timeout)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env=self.child_environment(), start_new_session=True, close_fds=True)
