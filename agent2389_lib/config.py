@@ -104,6 +104,7 @@ class LlmSettings:
     max_tokens: Optional[int] = None
     max_attempts: int = 4
     request_timeout: float = 120.0
+    max_response_bytes: int = 8388608  # an LLM answer larger than this is an llm_error
     latency_ms: int = 0  # echo provider only: simulated thinking time
     fallback: tuple = ()  # of LlmSettings
 
@@ -207,7 +208,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
                                           "heartbeat_interval": "heartbeat_interval"},
     "llm": {k: f"llm.{k}" for k in (
         "provider", "model", "api_key_env", "api_key", "base_url", "system_prompt", "temperature",
-        "max_tokens", "fallback", "max_attempts", "request_timeout", "latency_ms")}
+        "max_tokens", "fallback", "max_attempts", "request_timeout", "max_response_bytes", "latency_ms")}
     | {"openai_api_key": "llm.openai_api_key", "anthropic_api_key": "llm.anthropic_api_key"},
     "budget": {"max_tool_calls": "budget.max_tool_calls", "max_iterations": "budget.max_iterations"},
     "health": {"port": "health_port", "bind": "health_bind"},
@@ -216,7 +217,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
 _SPECIAL_SECTIONS = ("tools", "routing")
 _TOOL_KEYS = ("name", "impl", "command", "args", "timeout", "schema", "description", "env", "config")
 _FALLBACK_KEYS = ("provider", "model", "api_key_env", "api_key", "base_url", "temperature", "max_tokens",
-                  "system_prompt", "max_attempts", "request_timeout")
+                  "system_prompt", "max_attempts", "request_timeout", "max_response_bytes")
 _ROUTING_KEYS = {"strategy", "max_iterations", "llm", "gatekeeper"}
 _ROUTING_SUB = {"llm": {"provider", "model", "temperature"},
                 "gatekeeper": {"url", "timeout_ms", "retry_attempts"}}
@@ -703,6 +704,7 @@ def _llm_settings(read: _Reader, env: Mapping[str, str], run_problems: list, pro
         max_tokens=read.integer(f"{prefix}max_tokens", base.max_tokens, 1, 1000000),
         max_attempts=read.integer(f"{prefix}max_attempts", base.max_attempts, 1, 20),
         request_timeout=read.number(f"{prefix}request_timeout", base.request_timeout, 1.0, 3600.0),
+        max_response_bytes=read.integer(f"{prefix}max_response_bytes", base.max_response_bytes, 1024, 1073741824),
         latency_ms=read.integer(f"{prefix}latency_ms", 0, 0, 600000),
     )
 

@@ -1,86 +1,164 @@
-"""Idempotency: which task ids are in flight and which are completed.
+"""Idempotency: which task keys are in flight and which are completed.
 
-Completed ids live in a bounded LRU; with a state directory they are also kept in sqlite
-(WAL, synchronous=NORMAL: survives a killed process) so a restart still recognizes them.
+A key is the agent id, the task id and a digest of the canonical envelope (protocol.task_key):
+a redelivery is the same envelope, a pipeline revisiting this agent is not.
+
+Completed keys live in a bounded LRU; with a state directory they are also kept in sqlite
+(WAL, synchronous=NORMAL: survives a killed process) so a restart still recognizes them. The
+store is locked (flock) so a second process of the same agent cannot use it at the same time.
+A failed write never blocks an acknowledgement: the key stays remembered in memory and the
+store reports itself degraded.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Optional
+
+log = logging.getLogger("agent2389.dedupe")
 
 NEW = "new"
 IN_FLIGHT = "in_flight"
 COMPLETED = "completed"
 _PRUNE_EVERY = 256
+_ERROR_LOG_INTERVAL = 60.0
+
+
+class StoreError(Exception):
+    """The completed-task store cannot be opened; the message names `state_dir` and what to do."""
 
 
 class DedupeStore:
-    def __init__(self, capacity: int = 10000, state_dir: Optional[str] = None):
+    def __init__(self, capacity: int = 10000, state_dir: Optional[str] = None, agent_id: str = "agent"):
         self.capacity = capacity
         self._lock = threading.Lock()
+        self._db_lock = threading.Lock()
         self._in_flight: dict[str, list[Any]] = {}
         self._completed: OrderedDict[str, None] = OrderedDict()
         self._db: Optional[sqlite3.Connection] = None
+        self._lock_fd: Optional[int] = None
         self._inserts = 0
+        self._write_error: Optional[str] = None
+        self._last_error_log = float("-inf")
         if state_dir:
-            self._open(state_dir)
+            self._open(state_dir, agent_id)
 
-    def _open(self, state_dir: str) -> None:
-        os.makedirs(state_dir, exist_ok=True)
-        db = sqlite3.connect(os.path.join(state_dir, "completed_tasks.sqlite3"), check_same_thread=False,
-                             isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS completed (seq INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT UNIQUE)")
-        rows = db.execute("SELECT task_id FROM completed ORDER BY seq DESC LIMIT ?", (self.capacity,)).fetchall()
-        for (task_id,) in reversed(rows):
-            self._completed[task_id] = None
+    # -------------------------------------------------------------- opening
+    def _open(self, state_dir: str, agent_id: str) -> None:
+        if os.path.exists(state_dir) and not os.path.isdir(state_dir):
+            raise StoreError(f"state_dir {state_dir!r} is not a directory (point state_dir / STATE_DIR at a directory)")
+        try:
+            os.makedirs(state_dir, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"state_dir {state_dir!r} cannot be created: {exc.strerror} "
+                             f"(point state_dir / STATE_DIR at a writable directory)") from None
+        self._lock_fd = _lock_store(state_dir, agent_id)
+        path = os.path.join(state_dir, f"{agent_id}.completed.sqlite3")
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("CREATE TABLE IF NOT EXISTS completed (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT UNIQUE)")
+            rows = db.execute("SELECT key FROM completed ORDER BY seq DESC LIMIT ?", (self.capacity,)).fetchall()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"the completed-task store {path} in state_dir is unusable: {exc} (check that the "
+                             f"directory is writable; move the file away if it is corrupt)") from None
+        for (key,) in reversed(rows):
+            self._completed[key] = None
         self._db = db
 
-    def begin(self, task_id: str, ack_handle: Any) -> str:
+    # -------------------------------------------------------------- claims
+    def begin(self, key: str, ack_handle: Any) -> str:
         """Claim a task. For duplicates of an in-flight task the handle is kept and returned by
         `finish`, so the duplicate is acknowledged together with the original."""
         with self._lock:
-            if task_id in self._completed:
+            if key in self._completed:
                 return COMPLETED
-            if task_id in self._in_flight:
-                if ack_handle not in self._in_flight[task_id]:  # a redelivery of the same message is equal
-                    self._in_flight[task_id].append(ack_handle)
+            if key in self._in_flight:
+                if ack_handle not in self._in_flight[key]:  # a redelivery of the same message is equal
+                    self._in_flight[key].append(ack_handle)
                 return IN_FLIGHT
-            self._in_flight[task_id] = [ack_handle]
+            self._in_flight[key] = [ack_handle]
             return NEW
 
-    def finish(self, task_id: str, completed: bool) -> list[Any]:
-        """End a claim; record the id as completed when its outcome was published.
-        Returns every ack handle collected for it."""
+    def finish(self, key: str, completed: bool) -> list[Any]:
+        """End a claim; remember the key as completed when its outcome was published.
+        Returns every ack handle collected for it. Never raises: a failed write is logged and
+        the key stays remembered in memory."""
         with self._lock:
-            handles = self._in_flight.pop(task_id, [])
+            handles = self._in_flight.pop(key, [])
             if completed:
-                self._remember(task_id)
+                self._completed[key] = None
+                self._completed.move_to_end(key)
+                while len(self._completed) > self.capacity:
+                    self._completed.popitem(last=False)
+        if completed and self._db is not None:
+            self._persist(key)
         return handles
 
-    def _remember(self, task_id: str) -> None:
-        self._completed[task_id] = None
-        self._completed.move_to_end(task_id)
-        while len(self._completed) > self.capacity:
-            self._completed.popitem(last=False)
-        if self._db is not None:
-            self._db.execute("INSERT OR REPLACE INTO completed (task_id) VALUES (?)", (task_id,))
-            self._inserts += 1
-            if self._inserts % _PRUNE_EVERY == 0:
-                self._db.execute("DELETE FROM completed WHERE seq <= (SELECT MAX(seq) FROM completed) - ?",
-                                 (self.capacity,))
+    def _persist(self, key: str) -> None:
+        with self._db_lock:
+            if self._db is None:
+                return
+            try:
+                self._db.execute("INSERT OR REPLACE INTO completed (key) VALUES (?)", (key,))
+                self._inserts += 1
+                if self._inserts % _PRUNE_EVERY == 0:
+                    self._db.execute("DELETE FROM completed WHERE seq <= (SELECT MAX(seq) FROM completed) - ?",
+                                     (self.capacity,))
+                self._write_error = None
+            except sqlite3.Error as exc:
+                self._write_failed(exc)
+
+    def _write_failed(self, exc: sqlite3.Error) -> None:
+        self._write_error = f"completed-task store write failed: {exc}"
+        now = time.monotonic()
+        if now - self._last_error_log >= _ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            log.error("%s; completed tasks are remembered in memory only until it recovers, so a restart may "
+                      "answer them again (free disk space in state_dir)", self._write_error)
+
+    @property
+    def degraded(self) -> Optional[str]:
+        """Why completed tasks are not being persisted, or None while all is well."""
+        return self._write_error
 
     def in_flight_count(self) -> int:
         with self._lock:
             return len(self._in_flight)
 
     def close(self) -> None:
-        with self._lock:
+        with self._db_lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+
+def _lock_store(state_dir: str, agent_id: str) -> int:
+    """An exclusive flock on `{agent_id}.lock`, holding our pid; StoreError when taken or unwritable."""
+    path = os.path.join(state_dir, f"{agent_id}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"state_dir {state_dir!r} is not writable: {exc.strerror} "
+                         f"(point state_dir / STATE_DIR at a writable directory)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(f"state_dir {state_dir!r} is in use by another process of agent {agent_id} (pid {holder}); "
+                         f"stop it, or give this instance its own state_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

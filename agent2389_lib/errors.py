@@ -25,3 +25,11 @@ class TaskTimeout(TaskFailure):
 
 class InvalidTask(TaskFailure):
     code = protocol.INVALID_INPUT
+
+
+class PayloadTooLarge(ValueError):
+    """A message that must not be published: the broker or the receiving agent would refuse it."""
+
+    def __init__(self, size: int, limit: int, limit_name: str):
+        super().__init__(f"{size} bytes, over the {limit_name} of {limit} bytes")
+        self.size, self.limit = size, limit

@@ -1,13 +1,16 @@
 """Health and metrics over HTTP: /, /health, /ready, /live, /metrics, /metrics/prometheus.
 
-A stdlib ThreadingHTTPServer on a daemon thread. Each connection has a socket timeout, so a
-slow or silent client cannot hold a thread.
+A stdlib ThreadingHTTPServer on a daemon thread, hardened against slow clients (slowloris):
+at most 64 connections at once (a new one evicts the oldest), each request must arrive whole
+within a deadline, and clients that hang up are logged at DEBUG, never as tracebacks. So
+`/live` keeps answering and the agent keeps its file descriptors for the broker.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +23,10 @@ from .metrics import Metrics, prometheus_text
 log = logging.getLogger("agent2389.health")
 
 STALL_SECONDS = 300
-_CLIENT_TIMEOUT = 5.0
+_CLIENT_TIMEOUT = 5.0  # per socket read; also closes idle keep-alive connections
+REQUEST_DEADLINE = 10.0  # for a whole request to arrive and be answered
+MAX_CONNECTIONS = 64
+_LISTEN_BACKLOG = 1024
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ENDPOINTS = {
     "/health": "overall health with checks (200 healthy, 503 degraded)",
@@ -37,6 +43,7 @@ class AgentStatus:
     connected: bool  # both links up and the input subscription granted
     saturated: bool  # the intake is full
     waiting: int  # tasks received and not yet started
+    store_problem: Optional[str] = None  # why completed tasks are not being persisted
 
 
 def readiness(status: AgentStatus) -> Optional[str]:
@@ -47,6 +54,8 @@ def readiness(status: AgentStatus) -> Optional[str]:
         return "not connected to the MQTT broker"
     if status.saturated:
         return "intake is full: all workers busy and the queue at its bound"
+    if status.store_problem:
+        return f"state store degraded: {status.store_problem}"
     return None
 
 
@@ -65,15 +74,66 @@ def health_report(status: AgentStatus, metrics: Metrics, now: float) -> dict:
     else:
         tasks = {"status": "healthy", "message": "No tasks yet"}
     tasks["last_check"] = stamp
-    healthy = mqtt["status"] == "healthy" and tasks["status"] == "healthy"
+    store = {"status": "unhealthy" if status.store_problem else "healthy",
+             "message": status.store_problem or "completed tasks are recorded", "last_check": stamp}
+    checks = {"mqtt": mqtt, "task_processing": tasks, "state_store": store}
+    healthy = all(check["status"] == "healthy" for check in checks.values())
     return {"status": "healthy" if healthy else "degraded", "timestamp": stamp, "agent_id": metrics.agent_id,
-            "uptime_seconds": int(metrics.uptime()), "state": status.state,
-            "checks": {"mqtt": mqtt, "task_processing": tasks}}
+            "uptime_seconds": int(metrics.uptime()), "state": status.state, "checks": checks}
 
 
 def wants_prometheus(accept: str) -> bool:
     accept = accept.lower()
     return "application/openmetrics-text" in accept or ("text/plain" in accept and "application/json" not in accept)
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """Tracks open connections with the time their current request began; evicts the oldest
+    when full and any whose request outlived REQUEST_DEADLINE (shutdown wakes its thread)."""
+
+    daemon_threads = True
+    request_queue_size = _LISTEN_BACKLOG
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self._open: dict[socket.socket, float] = {}
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        with self._open_lock:
+            if len(self._open) >= MAX_CONNECTIONS:
+                self._hang_up(min(self._open, key=self._open.__getitem__))
+            self._open[request] = time.monotonic()
+        super().process_request(request, client_address)
+
+    def request_started(self, request: socket.socket) -> None:
+        """A keep-alive connection's next request gets a deadline of its own."""
+        with self._open_lock:
+            if request in self._open:
+                self._open[request] = time.monotonic()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever about twice a second."""
+        cutoff = time.monotonic() - REQUEST_DEADLINE
+        with self._open_lock:
+            for request in [r for r, began in self._open.items() if began < cutoff]:
+                self._hang_up(request)
+
+    def _hang_up(self, request: socket.socket) -> None:
+        """Wakes the connection's thread (its read returns EOF); the caller holds the lock."""
+        del self._open[request]
+        try:
+            request.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("health client %s went away mid-request", client_address)
 
 
 class HealthServer:
@@ -90,6 +150,10 @@ class HealthServer:
             def log_message(self, fmt: str, *args: object) -> None:
                 log.debug("health %s - %s", self.address_string(), fmt % args)
 
+            def handle_one_request(self) -> None:
+                server.httpd.request_started(self.connection)
+                super().handle_one_request()
+
             def do_GET(self) -> None:
                 server.route(self, head=False)
 
@@ -102,8 +166,7 @@ class HealthServer:
 
             do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
-        self.httpd = ThreadingHTTPServer((bind, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedHTTPServer((bind, port), Handler)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True)
 

@@ -1,21 +1,25 @@
 """The nine steps of one task (PROTOCOL.md 3): checks, dedupe, depth, think, publish, ack.
 
-An incoming message is acknowledged only after its outcome (response, forward or error)
-was acknowledged by the broker and its id recorded as completed, so a crash anywhere
-loses nothing: the broker redelivers and the dedupe store recognizes what was done.
+Every claimed delivery ends in exactly one acknowledgement, sent only after its outcome
+(response, forward or error) was accepted by the broker (PUBACK reason code checked), so a
+crash anywhere loses nothing: the broker redelivers and the dedupe store recognizes what was
+done. The exceptions: a task abandoned at shutdown, or one whose outcome the broker refused,
+stays unacknowledged and is redelivered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
-from typing import Any, Callable, Optional, Protocol
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 from . import protocol
 from .config import AgentConfig
-from .dedupe import COMPLETED, IN_FLIGHT, DedupeStore
-from .errors import TaskFailure, TaskTimeout
+from .dedupe import COMPLETED, NEW, DedupeStore
+from .errors import PayloadTooLarge, TaskFailure, TaskTimeout
 from .llm.loop import Progress
 from .logs import span
 from .metrics import Metrics
@@ -28,6 +32,7 @@ _PEEK_RE = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([^"\\]{1,200})
             for name in ("task_id", "conversation_id")}
 _PUBLISH_PATIENCE = 10.0
 _REJECTION_CODES = (protocol.INVALID_INPUT, protocol.PIPELINE_DEPTH_EXCEEDED)
+_INTERNAL_ERROR_TEXT = "internal error while processing the task (details are in the agent log)"
 
 Think = Callable[[TaskEnvelope, float], str]
 
@@ -41,6 +46,8 @@ class Delivery(Protocol):
 
 
 class Ticket(Protocol):
+    refusal: Optional[str]  # the broker's failing reason code, None when accepted
+
     def wait(self, timeout: Optional[float]) -> bool: ...
 
 
@@ -50,6 +57,22 @@ class Publisher(Protocol):
 
 class PublishAbandoned(Exception):
     """The broker never acknowledged an outcome before shutdown; the task stays unacknowledged."""
+
+
+class OutcomeRefused(Exception):
+    """The broker refused an outcome (PUBACK reason code); the task stays unacknowledged and
+    not completed, so a redelivery retries it."""
+
+
+class Claim:
+    """A claimed task key. It ends in exactly one of: its outcome published, then every
+    delivery collected for it acknowledged; or released unacknowledged (shutdown, refusal)."""
+
+    __slots__ = ("key", "task_id", "reply_topic", "published")
+
+    def __init__(self, key: str, task_id: str, reply_topic: str):
+        self.key, self.task_id, self.reply_topic = key, task_id, reply_topic
+        self.published = False
 
 
 def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
@@ -72,7 +95,6 @@ class TaskProcessor:
         self.metrics = metrics
         self.progress: Progress = progress or (lambda *args: None)
         self.agent_id = config.agent_id
-        self.input_topic = protocol.canonicalize_topic(protocol.input_topic(config.agent_id))
         self.think = think
         self.publisher = publisher
         self.dedupe = dedupe
@@ -84,10 +106,11 @@ class TaskProcessor:
         """Process one delivery to its end; never raises."""
         try:
             self._handle(delivery)
-        except PublishAbandoned as exc:
+        except (PublishAbandoned, OutcomeRefused) as exc:
             log.warning("%s; the broker will redeliver the task", exc)
-        except Exception:  # a bug must cost one task, never the agent
-            log.exception("unexpected error while handling a message on %s", delivery.topic)
+        except Exception:  # only reachable when not even an error could be published
+            log.exception("unexpected error while handling a message on %s; it stays unacknowledged",
+                          delivery.topic)
 
     def _handle(self, delivery: Delivery) -> None:
         self.metrics.task_received()
@@ -113,25 +136,42 @@ class TaskProcessor:
             self.metrics.task_dropped("rejected")
             delivery.ack()
             return
-        if self._claim(envelope.task_id, delivery):
-            self._run_claimed(envelope)
+        key = protocol.task_key(self.agent_id, envelope)
+        with self._claimed(key, envelope.task_id, envelope.conversation_id, delivery) as claim:
+            if claim is not None:
+                self._run_claimed(claim, envelope)
 
-    # -------------------------------------------------------------- steps
-    def _claim(self, task_id: str, delivery: Delivery) -> bool:
-        state = self.dedupe.begin(task_id, delivery)
-        if state in (COMPLETED, IN_FLIGHT):
+    # -------------------------------------------------------------- claims
+    @contextmanager
+    def _claimed(self, key: str, task_id: str, cid: str, delivery: Delivery) -> Iterator[Optional[Claim]]:
+        """Claim `key` for the body. A duplicate yields None. An exception in the body is
+        answered with `internal_error`; a claim left without a published outcome is released
+        unacknowledged (the broker redelivers it)."""
+        state = self.dedupe.begin(key, delivery)
+        if state != NEW:
             self.metrics.task_dropped("duplicate")
-        if state == COMPLETED:
-            log.info("discarding duplicate of completed task %s", task_id)
-            delivery.ack()
-        elif state == IN_FLIGHT:
-            log.info("duplicate of in-flight task %s: it is acknowledged when the original finishes", task_id)
-        return state not in (COMPLETED, IN_FLIGHT)
-
-    def _finish(self, task_id: str, completed: bool) -> None:
-        for handle in self.dedupe.finish(task_id, completed):
-            if completed:
-                handle.ack()
+            if state == COMPLETED:
+                log.info("discarding duplicate of completed task %s", task_id)
+                delivery.ack()
+            else:
+                log.info("duplicate of in-flight task %s: it is acknowledged when the original finishes", task_id)
+            yield None
+            return
+        claim = Claim(key, task_id, protocol.conversation_topic(cid, self.agent_id))
+        try:
+            yield claim
+        except (PublishAbandoned, OutcomeRefused):
+            raise
+        except BaseException as exc:  # a bug, or one that ends the worker (SystemExit): answered all the same
+            log.exception("internal error in task %s", task_id)
+            if not claim.published:
+                self._publish(claim, claim.reply_topic, protocol.error_message(
+                    protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT, task_id, self.secrets))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if not claim.published:
+                self.dedupe.finish(key, completed=False)
 
     def _reject(self, delivery: Delivery, task_id: Optional[str], cid: Optional[str], reason: str) -> None:
         """invalid_input to the conversation when it is known; logged either way."""
@@ -143,14 +183,17 @@ class TaskProcessor:
             return
         log.warning("rejecting task %s: %s", task_id, reason,
                     extra={"span": {"operation": "task_processing", **self._ids(task_id, cid)}})
-        if not self._claim(task_id, delivery):
-            return
-        self.progress(task_id, cid, "General", "ValidationError", "the task envelope is invalid", None)
-        self._publish_outcome(task_id, protocol.conversation_topic(cid, self.agent_id),
-                              protocol.error_message(protocol.INVALID_INPUT, reason, task_id, self.secrets))
-        self.metrics.task_dropped("rejected")
+        key = f"{self.agent_id}/{task_id}/{hashlib.sha256(delivery.payload).hexdigest()[:32]}"
+        with self._claimed(key, task_id, cid, delivery) as claim:
+            if claim is None:
+                return
+            self.progress(task_id, cid, "General", "ValidationError", "the task envelope is invalid", None)
+            self._publish(claim, claim.reply_topic,
+                          protocol.error_message(protocol.INVALID_INPUT, reason, task_id, self.secrets))
+            self.metrics.task_dropped("rejected")
 
-    def _run_claimed(self, envelope: TaskEnvelope) -> None:
+    # -------------------------------------------------------------- one task
+    def _run_claimed(self, claim: Claim, envelope: TaskEnvelope) -> None:
         started = time.monotonic()
         ids = (envelope.task_id, envelope.conversation_id)
         outcome = "failed"
@@ -160,7 +203,7 @@ class TaskProcessor:
                 log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=extra)
                 self.progress(*ids, "General", "TaskStart", "task accepted", None)
                 topic, message = self._outcome(envelope)
-                self._publish_outcome(envelope.task_id, topic, message)
+                message = self._publish(claim, topic, message)
                 error = message.get("error")
                 outcome = "completed" if error is None else ("rejected" if error["code"] in _REJECTION_CODES else "failed")
                 kind = "error " + error["code"] if error else ("response" if "response" in message else "forward")
@@ -168,26 +211,40 @@ class TaskProcessor:
                 log.info("task %s finished: %s in %.0f ms", envelope.task_id, kind,
                          (time.monotonic() - started) * 1000, extra=extra)
         finally:
-            self._finish(envelope.task_id, completed=False)  # a no-op once the outcome was recorded
             self.metrics.task_finished(outcome, time.monotonic() - started)
 
-    def _publish_outcome(self, task_id: str, topic: str, message: dict) -> None:
+    def _publish(self, claim: Claim, topic: str, message: dict) -> dict:
+        """Publish a claim's outcome, then acknowledge its deliveries. An outcome that the broker
+        or the next agent would refuse is replaced by an `internal_error` saying so. Returns
+        what was published."""
+        payload = protocol.to_payload(message)
         try:
-            self._publish_and_wait(topic, protocol.to_payload(message), task_id)
-        except BaseException:
-            self._finish(task_id, completed=False)
-            raise
-        self._finish(task_id, completed=True)
+            if len(payload) > self.config.max_message_size:
+                raise PayloadTooLarge(len(payload), self.config.max_message_size, "max_message_size")
+            self._publish_and_wait(claim, topic, payload)
+        except PayloadTooLarge as exc:
+            what = "the answer" if topic == claim.reply_topic else f"the task forwarded to {topic}"
+            message = protocol.error_message(protocol.INTERNAL_ERROR, f"{what} was {exc}", claim.task_id, self.secrets)
+            log.error("task %s: %s was %s; publishing an error instead", claim.task_id, what, exc)
+            self._publish_and_wait(claim, claim.reply_topic, protocol.to_payload(message))
+        claim.published = True
+        for handle in self.dedupe.finish(claim.key, completed=True):
+            handle.ack()
+        return message
 
-    def _publish_and_wait(self, topic: str, payload: bytes, task_id: str) -> None:
+    def _publish_and_wait(self, claim: Claim, topic: str, payload: bytes) -> None:
         ticket = self.publisher.publish(topic, payload)
         waited = 0.0
         while not ticket.wait(_PUBLISH_PATIENCE):
             waited += _PUBLISH_PATIENCE
             if self.should_abandon():
-                raise PublishAbandoned(f"outcome of task {task_id} was not acknowledged by the broker")
+                raise PublishAbandoned(f"outcome of task {claim.task_id} was not acknowledged by the broker")
             log.warning("outcome of task %s not yet acknowledged by the broker after %.0f s; still waiting",
-                        task_id, waited)
+                        claim.task_id, waited)
+        if ticket.refusal is not None:
+            log.error("the broker refused the outcome of task %s on %s: %s (check the broker ACL for this client); "
+                      "the task stays unacknowledged", claim.task_id, topic, ticket.refusal)
+            raise OutcomeRefused(f"the broker refused the outcome of task {claim.task_id}")
 
     def _outcome(self, envelope: TaskEnvelope) -> tuple[str, dict]:
         """What to publish, and where, for a claimed task."""
@@ -215,8 +272,7 @@ class TaskProcessor:
             return reply_topic, self._error(envelope, exc.code, str(exc))
         except Exception:
             log.exception("internal error in task %s", envelope.task_id, extra=self._span(envelope))
-            return reply_topic, self._error(envelope, protocol.INTERNAL_ERROR,
-                                            "internal error while processing the task (details are in the agent log)")
+            return reply_topic, self._error(envelope, protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT)
 
     def _error(self, envelope: TaskEnvelope, code: str, message: str) -> dict:
         level = logging.WARNING if code in _REJECTION_CODES else logging.ERROR  # failures need attention

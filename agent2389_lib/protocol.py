@@ -6,6 +6,7 @@ Parsing raises only `EnvelopeError`, whatever bytes it is given.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -161,9 +162,27 @@ def parse_envelope(payload: bytes | str) -> TaskEnvelope:
     raw_cid = data.get("conversation_id")
     cid = raw_cid if _usable_conversation_id(raw_cid) else None
     try:
+        if _SURROGATE_ESCAPE_RE.search(payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload):
+            _reject_lone_surrogates(data)
         return _parse_envelope_object(data, task_id, raw_task_id, raw_cid)
     except EnvelopeError as exc:
         raise EnvelopeError(str(exc), task_id, cid) from None
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _reject_lone_surrogates(data: dict) -> None:
+    """JSON may escape half of a UTF-16 pair (`"\\ud800"`); such text cannot be encoded as UTF-8,
+    so nothing derived from it could ever be published."""
+    for name, value in data.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise EnvelopeError(f"{name} contains an unpaired UTF-16 surrogate escape (such as \\ud800); "
+                                f"text must be valid Unicode") from None
+        except RecursionError:
+            raise EnvelopeError(f"{name} is nested too deeply") from None
 
 
 def peek_ids(payload: bytes | str) -> tuple[Optional[str], Optional[str]]:
@@ -198,8 +217,27 @@ def _parse_envelope_object(data: dict, task_id: Optional[str], raw_task_id: Any,
 
 
 def _usable_conversation_id(value: Any) -> bool:
-    return (isinstance(value, str) and is_topic_safe(value)
+    return (isinstance(value, str) and is_topic_safe(value) and _encodable(value)
             and len(conversation_topic(value, "x" * 64).encode("utf-8")) <= MAX_TOPIC_BYTES)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def task_key(agent_id: str, envelope: TaskEnvelope) -> str:
+    """The idempotency key: agent, task and a digest of the canonical envelope. A redelivery has
+    the same key; a pipeline that revisits this agent (same task id, other `next`, instruction
+    or input) does not."""
+    canonical = json.dumps([envelope.conversation_id, canonicalize_topic(envelope.topic), envelope.instruction,
+                            envelope.input, next_task_to_dict(envelope.next), envelope.version, envelope.context,
+                            envelope.routing_trace], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+    return f"{agent_id}/{envelope.task_id}/{digest}"
 
 
 def _topic_and_instruction(obj: dict, where: str) -> tuple[str, Optional[str]]:
@@ -320,7 +358,13 @@ def rfc3339(now: Optional[datetime] = None) -> str:
 
 
 def to_payload(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON. Unpaired surrogates (an LLM or tool can produce them) become U+FFFD,
+    since they cannot be encoded and other implementations reject them even escaped."""
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 def status_message(agent_id: str, status: str, *, capabilities: Sequence[str] = (), description: str = "",

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from . import __version__, protocol
 from .config import AgentConfig
-from .dedupe import DedupeStore
+from .dedupe import DedupeStore, StoreError
 from .errors import LlmError
 from .health import AgentStatus, HealthServer
 from .llm import build_agent_loop
@@ -101,10 +101,14 @@ class AgentRuntime:
         self.intake.on_room = self.transport.wake_intake
         self.transport.on_delivery = self._on_delivery
         self.transport.on_subscribed = self._on_subscribed
-        self.dedupe = DedupeStore(config.completed_store_size, config.state_dir)
+        try:
+            self.dedupe = DedupeStore(config.completed_store_size, config.state_dir, config.agent_id)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
         try:
             self.tools = build_registry(config)
         except ToolStartupError as exc:
+            self.dedupe.close()
             raise StartupError(str(exc)) from None
         self.tools.on_execution = self.metrics.tool_execution
         self.agent_loop = build_agent_loop(config, self.tools if config.tools else None, self.metrics,
@@ -115,6 +119,7 @@ class AgentRuntime:
         try:
             self.health = HealthServer(self.metrics, self.status, config.health_port, config.health_bind)
         except OSError as exc:
+            self.dedupe.close()
             raise StartupError(f"cannot serve health checks on {config.health_bind}:{config.health_port}: "
                                f"{exc.strerror} (set HEALTH_PORT to a free port)") from None
 
@@ -128,7 +133,8 @@ class AgentRuntime:
         self.metrics.set_state(value)
 
     def status(self) -> AgentStatus:
-        return AgentStatus(self.state, self.transport.connected, self.saturated(), self.intake.depth())
+        return AgentStatus(self.state, self.transport.connected, self.saturated(), self.intake.depth(),
+                           self.dedupe.degraded)
 
     def publish_progress(self, task_id: str, conversation_id: str, category: str, event_type: str, message: str,
                          tool_name: Optional[str]) -> None:
@@ -173,6 +179,21 @@ class AgentRuntime:
     def saturated(self) -> bool:
         return not self.intake.has_room()
 
+    def _start_worker(self) -> Future:
+        future = self.executor.submit(self._worker)
+        future.add_done_callback(self._worker_ended)
+        return future
+
+    def _worker_ended(self, future: Future) -> None:
+        """A worker only returns at shutdown; one that died is logged and replaced."""
+        error = future.exception() if not future.cancelled() else None
+        if error is None or self.state != "running":
+            return
+        log.error("a worker died (%s: %s); starting a replacement", type(error).__name__, error,
+                  exc_info=(type(error), error, error.__traceback__))
+        with self._busy_lock:
+            self._futures = [f for f in self._futures if f is not future] + [self._start_worker()]
+
     def _worker(self) -> None:
         while True:
             delivery = self.intake.get()
@@ -211,7 +232,7 @@ class AgentRuntime:
             self.agent_loop.chain.verify()
         except LlmError as exc:
             raise StartupError(f"LLM provider check failed: {exc}") from None
-        self._futures = [self.executor.submit(self._worker) for _ in range(self.workers)]
+        self._futures = [self._start_worker() for _ in range(self.workers)]
         self.state = "running"
         if not self.publish_status(protocol.AVAILABLE, wait_seconds=_STATUS_WAIT):
             log.warning("the broker has not yet acknowledged the available status; it is sent on reconnect")

@@ -8,7 +8,8 @@
 * The output link publishes outcomes and status at QoS 1. Keeping it separate means
   waiting for a PUBACK never requires reading past a backlog of tasks.
 
-Both links reconnect with exponential backoff and full jitter; on every intake reconnect the
+Both links reconnect with exponential backoff and equal jitter, reset only once a connection
+stayed up for a while (so two processes fighting over one client id slow down); on every intake reconnect the
 subscription is renewed and `on_subscribed` fires (the runtime re-publishes `available`).
 """
 
@@ -30,6 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import MqttSettings
+from .errors import PayloadTooLarge
 from .metrics import Metrics
 
 log = logging.getLogger("agent2389.transport.mqtt")
@@ -37,6 +39,10 @@ log = logging.getLogger("agent2389.transport.mqtt")
 _POLL_SECONDS = 1.0
 _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 30.0
+_NOT_ACKED = object()
+_STABLE_SECONDS = 30.0  # a link up this long resets the reconnect backoff
+_SHORT_LIVED_ALARM = 3
+_SESSION_TAKEN_OVER = 0x8E
 
 
 class SubscriptionRefused(RuntimeError):
@@ -63,15 +69,28 @@ class Delivery:
 
 
 class PublishTicket:
-    """Completion of one QoS 1 publish: set when the broker's PUBACK arrives."""
+    """Completion of one QoS 1 publish: set when the broker's PUBACK arrives. `refusal` is the
+    PUBACK's failing reason code (MQTT 5, e.g. "Not authorized"), None when it was accepted."""
 
-    __slots__ = ("done",)
+    __slots__ = ("done", "refusal")
 
     def __init__(self) -> None:
         self.done = threading.Event()
+        self.refusal: Optional[str] = None
 
     def wait(self, timeout: Optional[float]) -> bool:
         return self.done.wait(timeout)
+
+    def settle(self, refusal: Optional[str]) -> None:
+        self.refusal = refusal
+        self.done.set()
+
+
+def publish_packet_size(topic: str, payload: bytes, v5: bool) -> int:
+    """Bytes of a QoS 1 PUBLISH without properties: fixed header, topic, packet id, payload."""
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + (1 if v5 else 0) + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + length_bytes + remaining
 
 
 class Backoff:
@@ -174,11 +193,16 @@ class _Link:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._pending: dict[int, PublishTicket] = {}
-        self._acked_early: set[int] = set()
+        self._acked_early: dict[int, Optional[str]] = {}
+        self.max_packet_size: Optional[int] = None  # from the broker's CONNACK
         self._generation = 0
         self._last_read = time.monotonic()
         self._last_error = ""
         self._backoff = Backoff()
+        self._connected_at = 0.0
+        self._short_lived = 0
+        self._takeover = ""
+        self.client_id = client_id
         self._thread: Optional[threading.Thread] = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -234,17 +258,22 @@ class _Link:
 
     # -------------------------------------------------------------- publishing and acking
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> PublishTicket:
-        """Queue a QoS 1 publish; paho sends it now or after the next reconnect."""
+        """Queue a QoS 1 publish; paho sends it now or after the next reconnect. Raises PayloadTooLarge
+        instead of sending what the broker announced it would refuse (it would drop the link,
+        and paho would resend the same packet on every reconnect)."""
+        size = publish_packet_size(topic, payload, self.settings.protocol == "5")
+        if self.max_packet_size is not None and size > self.max_packet_size:
+            raise PayloadTooLarge(size, self.max_packet_size, "broker's maximum packet size")
         ticket = PublishTicket()
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise RuntimeError("MQTT outgoing queue is full")
         with self._lock:
-            if info.mid in self._acked_early:
-                self._acked_early.discard(info.mid)
-                ticket.done.set()
-            else:
+            refusal = self._acked_early.pop(info.mid, _NOT_ACKED)
+            if refusal is _NOT_ACKED:
                 self._pending[info.mid] = ticket
+        if refusal is not _NOT_ACKED:
+            ticket.settle(refusal)
         return ticket  # paho's register-write callback wakes the network thread
 
     def ack(self, mid: int, generation: int) -> None:
@@ -264,11 +293,34 @@ class _Link:
             return
         if not flags.session_present:
             self._generation += 1
-        self._backoff.reset()
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        self._connected_at = time.monotonic()
         log.info("connected to broker %s:%d (%s link, session %s)", self.settings.host, self.settings.port,
                  self.name, "resumed" if flags.session_present else "new")
         self._connected.set()
         self.on_connected(flags.session_present)
+
+    def _note_lifetime(self, seconds: float, reason_code: object) -> None:
+        """Two processes with one client id take the session from each other in a loop. The
+        backoff is only reset once a connection stayed up, so such a loop slows down, and its
+        likely cause is named: the broker's reason 0x8E (MQTT 5), or repeated short-lived links."""
+        self._takeover = ""
+        if seconds >= _STABLE_SECONDS:
+            self._backoff.reset()
+            self._short_lived = 0
+            return
+        self._short_lived += 1
+        reason_value = getattr(reason_code, "value", None)
+        if reason_value == _SESSION_TAKEN_OVER:
+            self._takeover = (f"the broker closed the {self.name} link because another connection took over client "
+                              f"id {self.client_id} (reason 0x8E, session taken over)")
+        elif self._short_lived >= _SHORT_LIVED_ALARM:
+            self._takeover = (f"the broker closed the {self.name} link of client id {self.client_id} "
+                              f"{self._short_lived} times in a row within {_STABLE_SECONDS:.0f} s of accepting it "
+                              f"({reason_code})")
+        if self._takeover:
+            self._takeover += ("; another process is probably running with the same agent id and client id: stop "
+                               "it, or give each process its own agent id (or [mqtt] client_id)")
 
     def _remember_error(self, client, userdata, level: int, text: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
@@ -277,8 +329,12 @@ class _Link:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        if was_connected and not self._closing.is_set():
+            self._note_lifetime(time.monotonic() - self._connected_at, reason_code)
         if self._closing.is_set():
             pass
+        elif self._takeover:
+            pass  # logged with the backoff delay once the socket is dropped
         elif was_connected:
             log.warning("lost connection to broker %s:%d (%s link): %s", self.settings.host,
                         self.settings.port, self.name, reason_code)
@@ -292,15 +348,14 @@ class _Link:
         self.on_disconnected()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        refusal = str(reason_code) if reason_code.is_failure else None
         with self._lock:
             ticket = self._pending.pop(mid, None)
             if ticket is None:
-                self._acked_early.add(mid)
+                self._acked_early[mid] = refusal
         if ticket is not None:
-            ticket.done.set()
-        self.metrics.published_message(not reason_code.is_failure)
-        if reason_code.is_failure:
-            log.error("broker rejected publish %d on the %s link: %s", mid, self.name, reason_code)
+            ticket.settle(refusal)
+        self.metrics.published_message(refusal is None)
 
     def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.on_message(Delivery(message.topic, message.payload, bool(message.retain), message.mid,
@@ -369,7 +424,10 @@ class _Link:
             rc = self.client.loop_misc()
         if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
             self._drop_socket()
-            self._stop.wait(self._backoff.next_delay())
+            delay = self._backoff.next_delay()
+            if self._takeover:
+                log.error("%s; next attempt in %.1f s", self._takeover, delay)
+            self._stop.wait(delay)
 
     def _drain_wake(self) -> None:
         try:

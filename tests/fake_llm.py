@@ -46,6 +46,14 @@ class Hang:
         self.seconds = seconds
 
 
+class Raw:
+    """A 200 answer written byte by byte: `chunks` with `pause` seconds before each, under a
+    Content-Length of `length` (default: their total); a shorter body then closes the connection."""
+
+    def __init__(self, chunks, length: Optional[int] = None, pause: float = 0.0):
+        self.chunks, self.length, self.pause = chunks, length, pause
+
+
 class BadRequest(Exception):
     pass
 
@@ -125,10 +133,31 @@ class FakeLLM:
             time.sleep(action.seconds)
             with self.lock:
                 action = self.script.pop(0) if self.script else Reply(self.default_text)
+        if isinstance(action, Raw):
+            return self.send_raw(handler, action)
         if isinstance(action, Status):
             body_out = action.body if action.body is not None else self.error_body("api_error", "scripted failure")
             return self.send(handler, action.code, body_out, action.headers)
         self.send(handler, 200, self.completion(body, action))
+
+    @staticmethod
+    def send_raw(handler: BaseHTTPRequestHandler, action: Raw) -> None:
+        chunks = action.chunks if action.length is not None else list(action.chunks)
+        length = action.length if action.length is not None else sum(len(c) for c in chunks)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(length))
+        handler.end_headers()
+        sent = 0
+        try:
+            for chunk in chunks:
+                time.sleep(action.pause)  # the server's pace, not synchronization
+                handler.wfile.write(chunk)
+                handler.wfile.flush()
+                sent += len(chunk)
+        except OSError:  # the client gave up
+            pass
+        handler.close_connection = True
 
     def completions(self) -> list[dict]:
         with self.lock:

@@ -255,8 +255,18 @@ class AgentProcess:
     def start(self) -> "AgentProcess":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, "run", "--config", self.config_path],
-                                     env=self.env, cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT)
+                                     env=self.env, cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._copier = threading.Thread(target=self._copy_log, args=(self.proc.stdout,), daemon=True)
+        self._copier.start()
         return self
+
+    def _copy_log(self, stream) -> None:
+        """The log is copied by the test, so the agent writes no file of its own (a test may
+        limit the agent's file sizes)."""
+        for line in iter(stream.readline, b""):
+            self._log.write(line)
+            self._log.flush()
+        stream.close()
 
     def start_and_wait_available(self, watcher: Watcher, timeout: float = 20) -> "AgentProcess":
         topic = f"/control/agents/{self.agent_id}/status"
@@ -271,8 +281,11 @@ class AgentProcess:
             self.proc.send_signal(signum)
 
     def wait(self, timeout: float = 30) -> int:
+        """The exit code, once the whole log is copied."""
         assert self.proc is not None
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        self._copier.join(10)
+        return code
 
     def stop(self) -> Optional[int]:
         if self.proc is None:
@@ -284,6 +297,7 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._copier.join(10)
         self._log.close()
         return self.proc.returncode
 

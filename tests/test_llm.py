@@ -4,10 +4,11 @@ import io
 import json
 import logging
 import time
+import tracemalloc
 import unittest
 from dataclasses import replace
 
-from fake_llm import FakeAnthropic, FakeOpenAI, Hang, Reply, Status
+from fake_llm import FakeAnthropic, FakeOpenAI, Hang, Raw, Reply, Status
 
 from agent2389_lib.config import AgentConfig, BudgetSettings, LlmSettings, Secret, ToolSpec
 from agent2389_lib.errors import LlmError, TaskTimeout
@@ -157,6 +158,36 @@ class OpenAITests(ProviderCase):
         with self.assertRaises((LlmError, TaskTimeout)):
             self.think(self.loop(tools=()), seconds=1)
         self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_trickling_body_is_cut_at_the_deadline(self):
+        self.fake.script = [Raw((b" " for _ in range(100)), length=100, pause=0.5)]
+        with self.assertRaises(LlmError) as caught:
+            self.think(self.loop(tools=()), seconds=2)
+        self.assertIn("was still sending its answer", str(caught.exception))
+        self.assertEqual(caught.exception.kind, "timeout")
+
+    def test_body_over_max_response_bytes_is_an_llm_error_not_memory(self):
+        chunk = b"x" * 65536
+        self.fake.script = [Raw((chunk for _ in range(800)), length=800 * len(chunk))]  # 50 MiB
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        with self.assertRaises(LlmError) as caught:
+            self.think(self.loop(tools=()))
+        peak = tracemalloc.get_traced_memory()[1]
+        self.assertIn("is over the 8388608-byte limit (max_response_bytes)", str(caught.exception))
+        self.assertLess(peak, 24 * 2 ** 20)
+
+    def test_body_shorter_than_its_content_length_is_retried(self):
+        self.fake.script = [Raw([b'{"id": "chatcmpl-1", "choices": ['], length=5000), Reply("whole")]
+        self.assertEqual(self.think(self.loop(tools=())), "whole")
+        self.assertEqual(len(self.fake.completions()), 2)
+
+    def test_content_given_as_a_list_of_parts(self):
+        body = {"id": "chatcmpl-2", "object": "chat.completion", "created": 1700000000, "model": "model-x",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": [
+                    {"type": "text", "text": "one "}, {"type": "text", "text": "two"}]}}]}
+        self.fake.script = [Raw([json.dumps(body).encode()])]
+        self.assertEqual(self.think(self.loop(tools=())), "one two")
 
     def test_budget_exhaustion_produces_final_answer(self):
         forever = [Reply(tool_calls=[("echo", {"message": f"call {i}"})]) for i in range(2)]

@@ -186,7 +186,7 @@ class EndpointTests(BrokerTestCase):
         code, _, body = http_get(port, "/health")
         health = json.loads(body)
         self.assertEqual((code, health["status"], health["agent_id"]), (200, "healthy", AGENT))
-        self.assertEqual(set(health["checks"]), {"mqtt", "task_processing"})
+        self.assertEqual(set(health["checks"]), {"mqtt", "task_processing", "state_store"})
         self.assertEqual(set(health["checks"]["mqtt"]), {"status", "message", "last_check"})
         self.assertIn("/metrics/prometheus", json.loads(http_get(port, "/")[2])["endpoints"])
         for accept in ("text/plain", "application/openmetrics-text; version=1.0.0"):

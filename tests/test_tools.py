@@ -278,6 +278,14 @@ class CommandToolTests(unittest.TestCase):
             time.sleep(0.02)
         self.assertFalse(_alive(pid), "the grandchild survived the timeout")
 
+    def test_timeout_covers_parameters_the_program_never_reads(self):
+        """300 KB on stdin fill the pipe of a program that does not read it: the write must not
+        hold the task past the timeout."""
+        reg = self.tool("sleep 20", args=[], timeout=1.0, schema={"type": "object", "properties": {"blob": {"type": "string"}}})
+        ok, out = run(reg, "cmd", {"blob": "b" * 300000})
+        self.assertFalse(ok)
+        self.assertIn("did not finish within 1.0 s and was killed", out)
+
     def test_missing_program_fails_initialize(self):
         with self.assertRaises(ToolStartupError) as caught:
             self.tool("no-such-program-xyz").initialize()

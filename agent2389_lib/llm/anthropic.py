@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
-
-import requests
 
 from ..config import LlmSettings
 from ..errors import LlmError
@@ -20,13 +19,13 @@ DEFAULT_MAX_TOKENS = 4096
 _VERIFY_TIMEOUT = 15.0
 
 
-def describe_error(response: requests.Response) -> str:
+def describe_error(body: bytes) -> str:
     """Anthropic's `{"type": "error", "error": {"type", "message"}}`, or the start of the body."""
     try:
-        error = response.json().get("error") or {}
+        error = json.loads(body).get("error") or {}
         return truncate_utf8(f"{error.get('type', '')} {error.get('message', '')}".strip(), 300)
-    except (ValueError, AttributeError):
-        return truncate_utf8(response.text.strip(), 200)
+    except (ValueError, AttributeError, RecursionError):
+        return truncate_utf8(body.decode("utf-8", "replace").strip(), 200)
 
 
 def tool_spec(tool: ToolDef) -> dict:
@@ -85,7 +84,8 @@ class AnthropicProvider:
         if settings.api_key:
             headers["x-api-key"] = settings.api_key.reveal()
         self.http = JsonHttpClient("anthropic", settings.base_url or DEFAULT_BASE_URL, headers,
-                                   settings.max_attempts, settings.request_timeout, describe_error, metrics)
+                                   settings.max_attempts, settings.request_timeout, describe_error, metrics,
+                                   max_body=settings.max_response_bytes)
 
     def verify(self) -> None:
         self.http.get("/v1/models", _VERIFY_TIMEOUT)

@@ -1,13 +1,16 @@
 """JSON over HTTP for LLM providers: retries with backoff, Retry-After, deadlines, clear errors.
 
-Retried: HTTP 408, 409, 429, 5xx (529 "overloaded" included), connection errors and read
-timeouts, with exponential backoff and full jitter, honouring `Retry-After` (seconds or an
-HTTP date), and never beyond the task deadline. Other 4xx fail at once.
+Retried: HTTP 408, 409, 429, 5xx (529 "overloaded" included), connection errors, read
+timeouts and bodies cut short, with exponential backoff and full jitter, honouring
+`Retry-After` (seconds or an HTTP date), and never beyond the task deadline. Other 4xx fail
+at once. Bodies are streamed: the deadline holds between chunks (a server trickling one byte
+a second cannot keep a worker) and a body over `max_response_bytes` is an error, not memory.
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import random
 import threading
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import requests
+import urllib3
 
 from ..errors import LlmError, TaskFailure
 from ..metrics import Metrics
@@ -27,6 +31,8 @@ log = logging.getLogger("agent2389.llm.http")
 RETRYABLE = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 20.0
+_CHUNK_BYTES = 65536
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
 @dataclass
@@ -73,9 +79,10 @@ class JsonHttpClient:
     """One provider endpoint; a requests.Session per thread (pooled keep-alive connections)."""
 
     def __init__(self, provider: str, base_url: str, headers: dict, max_attempts: int, request_timeout: float,
-                 describe_error: Callable[[requests.Response], str], metrics: Optional[Metrics] = None,
-                 label: str = ""):
+                 describe_error: Callable[[bytes], str], metrics: Optional[Metrics] = None,
+                 label: str = "", max_body: int = DEFAULT_MAX_BODY):
         self.provider = provider
+        self.max_body = max_body
         self.label = label or provider
         self.metrics = metrics
         self.base_url = base_url.rstrip("/")
@@ -96,12 +103,24 @@ class JsonHttpClient:
         """One GET without retries (startup checks); raises LlmError naming the URL and status."""
         url = self.base_url + path
         try:
-            response = self._session().get(url, timeout=timeout)
-        except requests.RequestException as exc:
-            raise LlmError(f"{self.provider} endpoint {url} is unreachable: {type(exc).__name__}", "connection") from None
-        if response.status_code != 200:
-            raise LlmError(self._status_message(response, url), error_kind(response.status_code))
-        return _json_body(response, self.provider)
+            status, data, _ = self._request("GET", url, None, time.monotonic() + timeout, timeout)
+        except (requests.RequestException, BodyError) as exc:
+            raise LlmError(f"{self.provider} endpoint {url} is unreachable: {_problem(exc)}", "connection") from None
+        if status != 200:
+            raise LlmError(self._status_message(status, data, url), error_kind(status))
+        return _json_body(data, self.provider)
+
+    def _request(self, method: str, url: str, body: Optional[dict], deadline: float,
+                 timeout: float) -> tuple[int, bytes, Any]:
+        """Status, whole body and headers of one request, the body read within the deadline."""
+        response = self._session().request(method, url, json=body, timeout=timeout, stream=True)
+        try:
+            data = read_body(response, deadline, self.max_body, timeout)
+        except BaseException:
+            response.close()  # the connection is mid-body: it cannot be reused
+            raise
+        response.raw.release_conn()
+        return response.status_code, data, response.headers
 
     def complete(self, path: str, body: dict, deadline: float, parse: Callable[[Any], ChatReply]) -> ChatReply:
         """One chat completion with its retries, recorded in the per-provider counters."""
@@ -126,23 +145,29 @@ class JsonHttpClient:
             left = remaining(deadline)
             spent.attempts += 1
             started = time.monotonic()
+            headers = None
             try:
-                response = self._session().post(url, json=body, timeout=min(self.request_timeout, left))
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                response, last_problem = None, f"{type(exc).__name__} talking to {url}"
+                status, data, headers = self._request("POST", url, body, deadline, min(self.request_timeout, left))
+            except BodyTooLarge as exc:
+                raise LlmError(f"{self.provider} answer from {url} is {exc}", "bad_response") from None
+            except BodyDeadline:
+                raise LlmError(f"{self.provider} was still sending its answer from {url} when the task deadline "
+                               f"passed", "timeout") from None
+            except (requests.ConnectionError, requests.Timeout, BodyError) as exc:
+                last_problem = f"{_problem(exc)} talking to {url}"
                 kind = "timeout" if isinstance(exc, requests.Timeout) else "connection"
             finally:
                 spent.seconds += time.monotonic() - started
-            if response is not None:
-                if response.status_code == 200:
-                    return _json_body(response, self.provider)
-                kind = error_kind(response.status_code)
-                if response.status_code not in RETRYABLE:
-                    raise LlmError(self._status_message(response, url), kind)
-                last_problem = self._status_message(response, url)
+            if headers is not None:
+                if status == 200:
+                    return _json_body(data, self.provider)
+                kind = error_kind(status)
+                if status not in RETRYABLE:
+                    raise LlmError(self._status_message(status, data, url), kind)
+                last_problem = self._status_message(status, data, url)
             if attempt + 1 >= self.max_attempts:
                 break
-            wait = retry_after_seconds(response.headers.get("Retry-After")) if response is not None else None
+            wait = retry_after_seconds(headers.get("Retry-After")) if headers is not None else None
             wait = backoff_delay(attempt) if wait is None else wait
             if wait >= deadline - time.monotonic():
                 raise LlmError(f"{last_problem}; the task deadline leaves no time for another attempt", kind)
@@ -152,16 +177,65 @@ class JsonHttpClient:
             time.sleep(wait)
         raise LlmError(f"{last_problem} (after {spent.attempts} attempts)", kind)
 
-    def _status_message(self, response: requests.Response, url: str) -> str:
-        if response.status_code == 401:
+    def _status_message(self, status: int, body: bytes, url: str) -> str:
+        if status == 401:
             return f"{self.provider} rejected the API key (HTTP 401 from {url}); check the key's value"
-        detail = self.describe_error(response)
-        return f"{self.provider} returned HTTP {response.status_code} from {url}" + (f": {detail}" if detail else "")
+        detail = self.describe_error(body)
+        return f"{self.provider} returned HTTP {status} from {url}" + (f": {detail}" if detail else "")
 
 
-def _json_body(response: requests.Response, provider: str) -> Any:
+class BodyError(Exception):
+    """The body could not be read whole."""
+
+
+class BodyTooLarge(BodyError):
+    pass
+
+
+class BodyDeadline(BodyError):
+    pass
+
+
+def read_body(response: requests.Response, deadline: float, limit: int, read_timeout: float) -> bytes:
+    """The decoded body, chunk by chunk: each read may wait at most the time left before the
+    deadline; more than `limit` bytes raise BodyTooLarge. A body shorter than its
+    Content-Length (or a broken chunked body) raises BodyError."""
+    raw = response.raw
+    read = getattr(raw, "read1", raw.read)
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BodyDeadline()
+        if sock is not None:
+            sock.settimeout(min(read_timeout, max(left, 0.01)))
+        try:
+            chunk = read(_CHUNK_BYTES)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if time.monotonic() >= deadline:
+                raise BodyDeadline() from None
+            raise BodyError(_problem(exc)) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"over the {limit}-byte limit (max_response_bytes)")
+        chunks.append(chunk)
+
+
+def _problem(exc: BaseException) -> str:
+    if isinstance(exc, urllib3.exceptions.IncompleteRead) or "IncompleteRead" in str(exc):
+        return "the connection closed before the whole body arrived"
+    if isinstance(exc, BodyError) and str(exc):
+        return str(exc)
+    return type(exc).__name__
+
+
+def _json_body(data: bytes, provider: str) -> Any:
     try:
-        return response.json()
-    except ValueError:
+        return json.loads(data)
+    except (ValueError, RecursionError):
         raise LlmError(f"{provider} answered with a body that is not JSON: "
-                       f"{truncate_utf8(response.text, 200)!r}", "bad_response") from None
+                       f"{truncate_utf8(data.decode('utf-8', 'replace'), 200)!r}", "bad_response") from None

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-import requests
-
 from ..config import LlmSettings
 from ..errors import LlmError
 from ..protocol import truncate_utf8
@@ -19,15 +17,15 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _VERIFY_TIMEOUT = 15.0
 
 
-def describe_error(response: requests.Response) -> str:
+def describe_error(body: bytes) -> str:
     """OpenAI's `{"error": {"message", "type", "code"}}`, or the start of the body."""
     try:
-        error = response.json().get("error") or {}
+        error = json.loads(body).get("error") or {}
         parts = [str(error.get(k)) for k in ("type", "code") if error.get(k)]
         message = error.get("message") or ""
         return truncate_utf8(f"{'/'.join(parts)} {message}".strip(), 300)
-    except (ValueError, AttributeError):
-        return truncate_utf8(response.text.strip(), 200)
+    except (ValueError, AttributeError, RecursionError):
+        return truncate_utf8(body.decode("utf-8", "replace").strip(), 200)
 
 
 def tool_spec(tool: ToolDef) -> dict:
@@ -60,12 +58,22 @@ def from_wire(data: Any) -> ChatReply:
         message = choice["message"]
         calls = tuple(_tool_call(c) for c in message.get("tool_calls") or [])
         usage = data.get("usage") or {}
-        return ChatReply(text=message.get("content") or "", tool_calls=calls,
+        return ChatReply(text=_text(message.get("content")), tool_calls=calls,
                          finish_reason=choice.get("finish_reason") or "stop",
                          tokens_in=int(usage.get("prompt_tokens") or 0), tokens_out=int(usage.get("completion_tokens") or 0))
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise LlmError("openai answered with an unexpected response shape (no choices[0].message)",
                        "bad_response") from None
+
+
+def _text(content: Any) -> str:
+    """`content` is a string, null, or (some compatible servers) a list of parts: text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(part if isinstance(part, str) else str(part.get("text") or "")
+                       for part in content if isinstance(part, str) or part.get("type") in ("text", "output_text"))
+    raise ValueError("content is neither a string nor a list of parts")
 
 
 def _tool_call(call: dict) -> ToolCall:
@@ -86,7 +94,8 @@ class OpenAIProvider:
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
         self.http = JsonHttpClient("openai", settings.base_url or DEFAULT_BASE_URL, headers,
-                                   settings.max_attempts, settings.request_timeout, describe_error, metrics, self.name)
+                                   settings.max_attempts, settings.request_timeout, describe_error, metrics, self.name,
+                                   settings.max_response_bytes)
 
     def verify(self) -> None:
         self.http.get("/models", _VERIFY_TIMEOUT)

@@ -119,7 +119,7 @@ class CommandTool(Tool):
         err = _CappedReader(proc.stderr, _STDERR_TAIL, keep_tail=True)
         out.start()
         err.start()
-        self._feed(proc, params)
+        threading.Thread(target=self._feed, args=(proc, params), name=f"stdin-{self.name}", daemon=True).start()
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -138,6 +138,8 @@ class CommandTool(Tool):
 
     @staticmethod
     def _feed(proc: subprocess.Popen, params: dict) -> None:
+        """On its own thread, so the timeout also covers a program that never reads its stdin
+        (a large write would block on the full pipe); killing the program ends the write."""
         try:
             proc.stdin.write(json.dumps(params, ensure_ascii=False).encode("utf-8"))
             proc.stdin.close()

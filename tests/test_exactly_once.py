@@ -1,0 +1,272 @@
+"""Issue 13 against a real mosquitto and agent processes: the ways a task used to be lost or the
+agent wedged (poison text, refused and oversized outcomes, revisits, shared or failing state,
+slow servers and clients, a second process with the same agent id, dying workers)."""
+
+import json
+import os
+import resource
+import socket
+import tempfile
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+from fake_llm import FakeOpenAI
+from support import AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, free_port, wait_until
+
+AGENT = "agent-one"
+INPUT = f"/control/agents/{AGENT}/input"
+STATUS = f"/control/agents/{AGENT}/status"
+OPENAI_KEY = "sk-exactly-once-key-4242"
+
+
+def http_get(port, path, timeout=5.0):
+    """(status, parsed JSON body) of a GET to the agent's health server."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+class PoisonTests(BrokerTestCase):
+    def test_lone_surrogates_never_wedge_the_agent(self):
+        """20 poison tasks with 4 workers: before, each stayed unacknowledged and Receive Maximum
+        (4) filled up, so nothing was served again, not even after a restart."""
+        watcher = self.watcher(STATUS, "/conversations/#")
+        self.agent(AGENT, agent={"max_pipeline_depth": 4}).start_and_wait_available(watcher)
+        poison = []
+        for index in range(20):
+            field = ("instruction", "input", "conversation_id")[index % 3]
+            task = envelope(AGENT, cid=f"poison-{index}", **({} if field == "conversation_id" else {field: "P"}))
+            if field == "conversation_id":
+                task["conversation_id"] = "P"
+            raw = json.dumps(task).replace('"P"', '"\\ud800"')
+            poison.append((field, task["task_id"]))
+            watcher.publish(INPUT, raw, wait=False)
+        answerable = [task_id for field, task_id in poison if field != "conversation_id"]
+        errors = watcher.wait_for("/conversations/+/" + AGENT, count=len(answerable), timeout=30)
+        self.assertEqual(sorted(e["task_id"] for e in errors), sorted(answerable))
+        self.assertEqual({e["error"]["code"] for e in errors}, {"invalid_input"})
+        good = envelope(AGENT, cid="after-poison")
+        watcher.publish(INPUT, good)
+        (reply,) = watcher.wait_for(f"/conversations/after-poison/{AGENT}")
+        self.assertEqual(reply["task_id"], good["task_id"])
+
+
+class RefusedOutcomeTests(unittest.TestCase):
+    def test_refused_outcome_is_retried_not_acknowledged(self):
+        broker = Mosquitto(persistence=True)
+        self.addCleanup(broker.cleanup)
+        with open(os.path.join(broker.dir, "acl"), "w") as handle:
+            handle.write("topic readwrite #\ntopic deny /conversations/denied/#\n")
+        broker.extra_conf = f"acl_file {broker.dir}/acl"
+        broker.start()
+        watcher = Watcher(broker.port, STATUS, "/conversations/#")
+        self.addCleanup(watcher.close)
+        agent = AgentProcess(broker, AGENT, agent={"state_dir": "./state"})
+        self.addCleanup(agent.stop)
+        agent.start_and_wait_available(watcher)
+        denied = envelope(AGENT, cid="denied")
+        watcher.publish(INPUT, denied)
+        agent.wait_log(f"the broker refused the outcome of task {denied['task_id']} on /conversations/denied/{AGENT}:"
+                       f" Not authorized")
+        allowed = envelope(AGENT, cid="allowed")
+        watcher.publish(INPUT, allowed)
+        watcher.wait_for(f"/conversations/allowed/{AGENT}")
+        agent.stop()
+        self.assertNotIn(f"task {denied['task_id']} finished", agent.log())
+        # not acknowledged and not completed: the restarted agent gets it again and tries again
+        again = AgentProcess(broker, AGENT, workdir=agent.dir, agent={"state_dir": "./state"})
+        self.addCleanup(again.stop)
+        again.start()
+        again.wait_log(f"the broker refused the outcome of task {denied['task_id']}")
+
+
+class OversizedOutcomeTests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(extra_conf="max_packet_size 20000").start()
+
+    def test_answer_over_the_brokers_packet_limit_becomes_an_error(self):
+        fake = FakeOpenAI(api_key=OPENAI_KEY)
+        self.addCleanup(fake.close)
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT, llm={"provider": "openai", "base_url": fake.base_url},
+                           env={"OPENAI_API_KEY": OPENAI_KEY}).start_and_wait_available(watcher)
+        fake.default_text = "w" * 30000
+        big = envelope(AGENT, cid="big")
+        watcher.publish(INPUT, big)
+        (error,) = watcher.wait_for(f"/conversations/big/{AGENT}")
+        self.assertEqual(error["error"]["code"], "internal_error")
+        self.assertRegex(error["error"]["message"],
+                         r"^the answer was 30\d{3} bytes, over the broker's maximum packet size of 20000 bytes$")
+        fake.default_text = "small"
+        small = envelope(AGENT, cid="small")
+        watcher.publish(INPUT, small)
+        self.assertEqual(watcher.wait_for(f"/conversations/small/{AGENT}")[0]["response"], "small")
+        self.assertEqual(agent.log().count("connected to broker"), 2, "one connection per link, no reconnect loop")
+
+
+class RevisitTests(BrokerTestCase):
+    def test_judge_writer_judge_answers(self):
+        watcher = self.watcher("/control/agents/+/status", "/conversations/#")
+        for name in ("judge", "writer"):
+            self.agent(name).start_and_wait_available(watcher)
+        task = envelope("judge", cid="revisit", instruction="judge draft",
+                        next={"topic": "/control/agents/writer/input", "instruction": "rewrite", "input": None,
+                              "next": {"topic": "/control/agents/judge/input", "instruction": "judge again",
+                                       "input": None, "next": None}})
+        watcher.publish("/control/agents/judge/input", task)
+        (final,) = watcher.wait_for("/conversations/revisit/+")
+        self.assertEqual(final["task_id"], task["task_id"])
+        self.assertTrue(final["response"].startswith("judge again"), final)
+
+
+class StateDirTests(BrokerTestCase):
+    def start_failing(self, state_dir, workdir=None):
+        agent = self.agent(AGENT, workdir=workdir, agent={"state_dir": state_dir}).start()
+        self.assertEqual(agent.wait(30), 1)
+        errors = [line for line in agent.log().splitlines() if '"level": "ERROR"' in line or "ERROR" in line]
+        self.assertEqual(len(errors), 1, agent.log())
+        self.assertNotIn("Traceback", agent.log())
+        return errors[0]
+
+    def test_second_process_of_the_same_agent_is_refused(self):
+        watcher = self.watcher(STATUS)
+        first = self.agent(AGENT, agent={"state_dir": "./state"}).start_and_wait_available(watcher)
+        line = self.start_failing(os.path.join(first.dir, "state"))
+        self.assertIn("is in use by another process of agent agent-one (pid", line)
+        self.assertIn(f"pid {first.proc.pid})", line)
+
+    def test_two_agents_may_share_one_state_dir(self):
+        watcher = self.watcher("/control/agents/+/status")
+        shared = tempfile.mkdtemp(prefix="state-")
+        for name in ("agent-one", "agent-two"):
+            self.agent(name, agent={"state_dir": shared}).start_and_wait_available(watcher)
+
+    def test_unusable_state_dirs_fail_with_one_clear_line(self):
+        plain = tempfile.mktemp(prefix="state-file-")
+        with open(plain, "w") as handle:
+            handle.write("not a directory")
+        corrupt = tempfile.mkdtemp(prefix="state-corrupt-")
+        with open(os.path.join(corrupt, f"{AGENT}.completed.sqlite3"), "wb") as handle:
+            handle.write(b"this is not a sqlite database" * 100)
+        cases = {plain: "is not a directory", os.path.join(plain, "sub"): "cannot be created",
+                 "/proc": "is not writable", corrupt: "is unusable: file is not a database"}
+        for state_dir, expected in cases.items():
+            with self.subTest(state_dir=state_dir):
+                line = self.start_failing(state_dir)
+                self.assertIn("state_dir", line)
+                self.assertIn(expected, line)
+
+
+class StoreFailureTests(BrokerTestCase):
+    def test_disk_full_still_acknowledges_and_reports_degraded(self):
+        """RLIMIT_FSIZE = 1 byte: every write that extends a file fails, like a full disk."""
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT, agent={"state_dir": "./state", "max_pipeline_depth": 2})
+        agent.start_and_wait_available(watcher)
+        port = int(agent.env["HEALTH_PORT"])
+        warm = envelope(AGENT, cid="warm")
+        watcher.publish(INPUT, warm)
+        watcher.wait_for(f"/conversations/warm/{AGENT}")
+        resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE, (1, 1))
+        tasks = [envelope(AGENT, cid="full") for _ in range(20)]
+        for task in tasks:
+            watcher.publish(INPUT, task, wait=False)
+        replies = watcher.wait_for(f"/conversations/full/{AGENT}", count=20, timeout=30)
+        self.assertEqual(sorted(r["task_id"] for r in replies), sorted(t["task_id"] for t in tasks))
+        agent.wait_log("completed-task store write failed")
+        self.assertEqual(agent.log().count("completed-task store write failed"), 1, "at most one line a minute")
+        code, health = http_get(port, "/health")
+        self.assertEqual((code, health["checks"]["state_store"]["status"]), (503, "unhealthy"))
+        code, ready = http_get(port, "/ready")
+        self.assertEqual(code, 503)
+        self.assertIn("state store degraded", ready["reason"])
+        watcher.publish(INPUT, tasks[0])  # remembered in memory: still a duplicate
+        agent.wait_log(f"discarding duplicate of completed task {tasks[0]['task_id']}")
+
+
+class HealthAbuseTests(BrokerTestCase):
+    def test_slowloris_cannot_exhaust_threads_or_block_live(self):
+        watcher = self.watcher(STATUS)
+        agent = self.agent(AGENT).start_and_wait_available(watcher)
+        port = int(agent.env["HEALTH_PORT"])
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        slow = []
+        self.addCleanup(lambda: [s.close() for s in slow])
+        for _ in range(1100):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            slow.append(sock)
+        most_threads = most_fds = 0
+        for round in range(6):  # the attack: a request line, then one more header byte every 2 s
+            for sock in slow:
+                try:
+                    sock.send(b"GET /live HTTP/1.1\r\n" if round == 0 else b"X")
+                except OSError:  # not connected yet, or the server hung up on it
+                    pass
+            self.assertEqual(http_get(port, "/live"), (200, {"status": "alive"}))
+            most_threads = max(most_threads, len(os.listdir(f"/proc/{agent.proc.pid}/task")))
+            most_fds = max(most_fds, len(os.listdir(f"/proc/{agent.proc.pid}/fd")))
+            time.sleep(2)  # the attacker's pace, not synchronization
+        self.assertLess(most_threads, 100, "one thread per slow connection")
+        self.assertLess(most_fds, 150, "one descriptor per slow connection")
+        self.assertNotIn("Traceback", agent.log())
+
+
+class SameAgentIdTests(BrokerTestCase):
+    def test_two_processes_with_one_id_are_named_and_slowed_down(self):
+        """Before: 135 takeovers in 22 s and only "Unspecified error" in the logs."""
+        watcher = self.watcher(STATUS)
+        first = self.agent(AGENT).start_and_wait_available(watcher)
+        second = self.agent(AGENT).start()
+        cause = "another process is probably running with the same agent id and client id"
+
+        def delays():
+            return [float(line.rsplit("next attempt in ", 1)[1].split(" s")[0])
+                    for agent in (first, second) for line in agent.log().splitlines() if cause in line]
+
+        wait_until(lambda: delays() and max(delays()) >= 3.5, 60, "the reconnect delay to grow past 3.5 s")
+        self.assertIn("client id agent2389-agent-one", first.log() + second.log())
+
+
+class WorkerDeathTests(BrokerTestCase):
+    def test_a_dead_worker_is_logged_and_replaced(self):
+        """One worker; an LLM step that ends its thread with SystemExit. The next task must still be served."""
+        from agent2389_lib.config import AgentConfig, LlmSettings, MqttSettings
+        from agent2389_lib.runtime import AgentRuntime
+
+        config = AgentConfig(agent_id=AGENT, max_pipeline_depth=1, health_port=free_port(), progress=False,
+                             mqtt=MqttSettings(host="127.0.0.1", port=self.broker.port,
+                                               broker_url=self.broker.url, client_id=f"agent2389-{AGENT}"),
+                             llm=LlmSettings())
+        runtime = AgentRuntime(config)
+
+        def dying_think(envelope, deadline):
+            if envelope.instruction == "die":
+                raise SystemExit("a bug that ends the thread")
+            return think(envelope, deadline)
+
+        think, runtime.processor.think = runtime.processor.think, dying_think
+        watcher = self.watcher("/conversations/#")
+        with self.assertLogs("agent2389.runtime", "ERROR") as logs:
+            runtime.start()
+            self.addCleanup(runtime.shutdown)
+            watcher.publish(INPUT, envelope(AGENT, cid="dies", instruction="die"))
+            (error,) = watcher.wait_for(f"/conversations/dies/{AGENT}")
+            self.assertEqual(error["error"]["code"], "internal_error")  # answered and acked all the same
+            good = envelope(AGENT, cid="after-death")
+            watcher.publish(INPUT, good)
+            self.assertEqual(watcher.wait_for(f"/conversations/after-death/{AGENT}")[0]["task_id"], good["task_id"])
+        self.assertIn("a worker died (SystemExit: a bug that ends the thread); starting a replacement",
+                      "\n".join(logs.output))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,318 @@
+"""The processor with an in-memory transport double: every row of PROTOCOL.md section 3, and the
+exactly-once rules (one ack per claimed delivery, after its outcome was accepted by the broker)."""
+
+import json
+import tempfile
+import threading
+import unittest
+from typing import Optional
+
+from agent2389_lib.config import AgentConfig
+from agent2389_lib.dedupe import DedupeStore
+from agent2389_lib.errors import LlmError, PayloadTooLarge
+from agent2389_lib.metrics import Metrics
+from agent2389_lib.processor import TaskProcessor
+from support import envelope, new_task_id
+
+AGENT = "agent-one"
+INPUT = f"/control/agents/{AGENT}/input"
+
+
+class Delivery:
+    """A received message; counts its acknowledgements and records when they happened."""
+
+    def __init__(self, payload, topic: str = INPUT, retain: bool = False, journal: Optional[list] = None):
+        self.topic = topic
+        self.payload = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.retain = retain
+        self.acks = 0
+        self.journal = journal if journal is not None else []
+
+    def ack(self) -> None:
+        self.acks += 1
+        self.journal.append(("ack", self.topic))
+
+
+class Ticket:
+    def __init__(self, refusal: Optional[str] = None):
+        self.refusal = refusal
+
+    def wait(self, timeout):
+        return True
+
+
+class MemoryPublisher:
+    """Records publishes in order; the broker's answer to each is scripted (accepted by default)."""
+
+    def __init__(self, journal: list):
+        self.journal = journal
+        self.refusals: list = []  # per publish: None, a reason code text, or an exception to raise
+        self.max_packet_size: Optional[int] = None
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> Ticket:
+        if self.max_packet_size is not None and len(payload) > self.max_packet_size:
+            raise PayloadTooLarge(len(payload), self.max_packet_size, "broker's maximum packet size")
+        refusal = self.refusals.pop(0) if self.refusals else None
+        if isinstance(refusal, Exception):
+            raise refusal
+        self.journal.append(("publish", topic, json.loads(payload)))
+        return Ticket(refusal)
+
+    def published(self) -> list:
+        return [(entry[1], entry[2]) for entry in self.journal if entry[0] == "publish"]
+
+
+def echo_think(envelope, deadline):
+    return f"did {envelope.instruction}"
+
+
+class ProcessorTestCase(unittest.TestCase):
+    def make(self, think=echo_think, store: Optional[DedupeStore] = None, **config):
+        self.journal: list = []
+        self.publisher = MemoryPublisher(self.journal)
+        self.store = store or DedupeStore(100)
+        settings = {"agent_id": AGENT, "task_timeout": 5, **config}
+        self.processor = TaskProcessor(AgentConfig(**settings), think, self.publisher, self.store,
+                                       Metrics(AGENT, 4))
+        return self.processor
+
+    def deliver(self, payload, **kwargs) -> Delivery:
+        delivery = Delivery(payload, journal=self.journal, **kwargs)
+        self.processor.handle(delivery)
+        return delivery
+
+    def assert_answered_then_acked(self, delivery, topic, check):
+        """Exactly one publish on `topic`, then exactly one ack of this delivery, in that order."""
+        self.assertEqual(delivery.acks, 1)
+        kinds = [entry[0] for entry in self.journal]
+        self.assertEqual(kinds, ["publish", "ack"], self.journal)
+        ((published_topic, message),) = self.publisher.published()
+        self.assertEqual(published_topic, topic)
+        check(message)
+        return message
+
+
+class ProtocolRowTests(ProcessorTestCase):
+    def setUp(self):
+        self.make()
+
+    def error_check(self, code, task_id, text=""):
+        def check(message):
+            self.assertEqual(message["task_id"], task_id)
+            self.assertEqual(message["error"]["code"], code)
+            self.assertIn(text, message["error"]["message"])
+        return check
+
+    def test_retained_is_acked_and_ignored(self):
+        delivery = self.deliver(envelope(AGENT), retain=True)
+        self.assertEqual((delivery.acks, self.publisher.published()), (1, []))
+
+    def test_oversized_with_ids_gets_invalid_input(self):
+        self.make(max_message_size=2048)
+        task_id = new_task_id()
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="big", input="x" * 4000))
+        self.assert_answered_then_acked(delivery, f"/conversations/big/{AGENT}",
+                                        self.error_check("invalid_input", task_id, "exceeds max_message_size"))
+
+    def test_oversized_without_ids_is_only_acked(self):
+        self.make(max_message_size=2048)
+        delivery = self.deliver(b"[" + b"1," * 2000 + b"1]")
+        self.assertEqual((delivery.acks, self.publisher.published()), (1, []))
+
+    def test_not_json_is_only_acked(self):
+        delivery = self.deliver(b"{not json")
+        self.assertEqual((delivery.acks, self.publisher.published()), (1, []))
+
+    def test_invalid_envelope_with_ids_gets_invalid_input(self):
+        task_id = new_task_id()
+        bad = envelope(AGENT, task_id=task_id, cid="c-bad")
+        del bad["input"]
+        delivery = self.deliver(bad)
+        self.assert_answered_then_acked(delivery, f"/conversations/c-bad/{AGENT}",
+                                        self.error_check("invalid_input", task_id, "no input"))
+
+    def test_topic_mismatch_is_only_acked(self):
+        delivery = self.deliver(envelope("someone-else"))
+        self.assertEqual((delivery.acks, self.publisher.published()), (1, []))
+
+    def test_duplicate_of_completed_is_acked_silently(self):
+        task = envelope(AGENT)
+        self.deliver(task)
+        again = self.deliver(task)
+        self.assertEqual(again.acks, 1)
+        self.assertEqual(len(self.publisher.published()), 1)
+
+    def test_duplicate_of_in_flight_is_acked_with_the_original(self):
+        release, started = threading.Event(), threading.Event()
+
+        def slow_think(envelope, deadline):
+            started.set()
+            release.wait(10)
+            return "done"
+
+        self.make(think=slow_think)
+        task = envelope(AGENT)
+        original = Delivery(task, journal=self.journal)
+        worker = threading.Thread(target=self.processor.handle, args=(original,))
+        worker.start()
+        self.assertTrue(started.wait(10))
+        duplicate = self.deliver(task)
+        self.assertEqual(duplicate.acks, 0)  # not before the outcome is published
+        release.set()
+        worker.join(10)
+        self.assertEqual((original.acks, duplicate.acks, len(self.publisher.published())), (1, 1, 1))
+
+    def test_depth_exceeded(self):
+        nxt = None
+        for _ in range(16):
+            nxt = {"topic": "/control/agents/next-agent/input", "instruction": "go", "input": None, "next": nxt}
+        task_id = new_task_id()
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="deep", next=nxt))
+        self.assert_answered_then_acked(delivery, f"/conversations/deep/{AGENT}",
+                                        self.error_check("pipeline_depth_exceeded", task_id, "17"))
+
+    def test_llm_failure(self):
+        def failing(envelope, deadline):
+            raise LlmError("openai returned HTTP 500 (after 4 attempts)")
+
+        self.make(think=failing)
+        task_id = new_task_id()
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="c1"))
+        self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}",
+                                        self.error_check("llm_error", task_id, "HTTP 500"))
+
+    def test_deadline(self):
+        self.make(task_timeout=0)  # the deadline has passed by the time the LLM step returns
+        task_id = new_task_id()
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="c1"))
+        self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}",
+                                        self.error_check("internal_error", task_id, "task exceeded 0 s"))
+
+    def test_success_response(self):
+        task_id = new_task_id()
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="c1", instruction="X"))
+        self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}",
+                                        lambda m: self.assertEqual(m, {"response": "did X", "task_id": task_id}))
+
+    def test_success_forward(self):
+        task_id = new_task_id()
+        nxt = {"topic": "/control/agents/writer/input", "instruction": "write", "input": None, "next": None}
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="c1", instruction="X", next=nxt))
+        message = self.assert_answered_then_acked(delivery, "/control/agents/writer/input", lambda m: None)
+        self.assertEqual((message["task_id"], message["input"], message["instruction"]), (task_id, "did X", "write"))
+
+    def test_next_topic_not_an_agent(self):
+        task_id = new_task_id()
+        nxt = {"topic": "/somewhere/else", "instruction": "write", "input": None, "next": None}
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="c1", next=nxt))
+        self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}",
+                                        self.error_check("invalid_input", task_id, "next.topic"))
+
+
+class ExactlyOnceTests(ProcessorTestCase):
+    """Issue 13: the ways a claimed delivery used to end unacknowledged or acknowledged too early."""
+
+    def test_lone_surrogate_in_text_fields_gets_invalid_input(self):
+        self.make()
+        for field in ("instruction", "input"):
+            self.journal.clear()
+            task_id = new_task_id()
+            raw = json.dumps(envelope(AGENT, task_id=task_id, cid="poison", **{field: "PLACEHOLDER"}))
+            delivery = self.deliver(raw.replace("PLACEHOLDER", "\\ud800").encode())
+            message = self.assert_answered_then_acked(delivery, f"/conversations/poison/{AGENT}", lambda m: None)
+            self.assertEqual(message["error"]["code"], "invalid_input")
+            self.assertIn(f"{field} contains an unpaired UTF-16 surrogate", message["error"]["message"])
+
+    def test_lone_surrogate_in_conversation_id_is_acked_and_logged(self):
+        self.make()
+        raw = json.dumps(envelope(AGENT, cid="PLACEHOLDER")).replace("PLACEHOLDER", "\\udc00").encode()
+        with self.assertLogs("agent2389.processor", "WARNING") as logs:
+            delivery = Delivery(raw, journal=self.journal)
+            self.processor.handle(delivery)
+        self.assertEqual((delivery.acks, self.publisher.published()), (1, []))
+        self.assertIn("conversation_id contains an unpaired UTF-16 surrogate", "\n".join(logs.output))
+
+    def test_lone_surrogate_from_the_llm_is_replaced(self):
+        self.make(think=lambda envelope, deadline: "half \ud83d of a pair")
+        delivery = self.deliver(envelope(AGENT, cid="c1"))
+        message = self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}", lambda m: None)
+        self.assertEqual(message["response"], "half \ufffd of a pair")
+
+    def test_an_exception_while_publishing_becomes_internal_error(self):
+        self.make()
+        self.publisher.refusals = [RuntimeError("MQTT outgoing queue is full")]
+        task_id = new_task_id()
+        with self.assertLogs("agent2389.processor", "ERROR"):
+            delivery = Delivery(envelope(AGENT, task_id=task_id, cid="c1"), journal=self.journal)
+            self.processor.handle(delivery)
+        self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}",
+                                        lambda m: self.assertEqual(m["error"]["code"], "internal_error"))
+
+    def test_refused_outcome_is_not_acked_nor_completed(self):
+        self.make()
+        self.publisher.refusals = ["Not authorized"]
+        task = envelope(AGENT, cid="denied")
+        with self.assertLogs("agent2389.processor", "ERROR") as logs:
+            first = Delivery(task, journal=self.journal)
+            self.processor.handle(first)
+        self.assertEqual(first.acks, 0)
+        self.assertIn(f"refused the outcome of task {task['task_id']} on /conversations/denied/{AGENT}: "
+                      "Not authorized", "\n".join(logs.output))
+        redelivered = self.deliver(task)  # the broker redelivers it: processed again, now accepted
+        self.assertEqual((first.acks, redelivered.acks, len(self.publisher.published())), (0, 1, 2))
+
+    def test_answer_over_max_message_size_becomes_internal_error(self):
+        self.make(think=lambda envelope, deadline: "y" * 5000, max_message_size=4096)
+        task_id = new_task_id()
+        with self.assertLogs("agent2389.processor", "ERROR"):
+            delivery = Delivery(envelope(AGENT, task_id=task_id, cid="c1"), journal=self.journal)
+            self.processor.handle(delivery)
+        message = self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}", lambda m: None)
+        self.assertEqual(message["error"]["code"], "internal_error")
+        self.assertRegex(message["error"]["message"], r"^the answer was 50\d\d bytes, over the max_message_size "
+                                                      r"of 4096 bytes$")
+
+    def test_forward_over_the_brokers_packet_limit_becomes_an_error_to_the_conversation(self):
+        self.make(think=lambda envelope, deadline: "z" * 3000)
+        self.publisher.max_packet_size = 2000
+        nxt = {"topic": "/control/agents/writer/input", "instruction": "write", "input": None, "next": None}
+        with self.assertLogs("agent2389.processor", "ERROR"):
+            delivery = Delivery(envelope(AGENT, cid="c1", next=nxt), journal=self.journal)
+            self.processor.handle(delivery)
+        message = self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}", lambda m: None)
+        self.assertIn("the task forwarded to /control/agents/writer/input was 3", message["error"]["message"])
+        self.assertIn("over the broker's maximum packet size of 2000 bytes", message["error"]["message"])
+
+    def test_revisiting_an_agent_in_a_pipeline_is_not_a_duplicate(self):
+        self.make()
+        task_id = new_task_id()
+        back = {"topic": INPUT, "instruction": "judge again", "input": None, "next": None}
+        first = envelope(AGENT, task_id=task_id, cid="loop", instruction="judge",
+                         next={"topic": "/control/agents/writer/input", "instruction": "write", "input": None,
+                               "next": back})
+        revisit = envelope(AGENT, task_id=task_id, cid="loop", instruction="judge again", input="did write")
+        self.deliver(first)
+        self.deliver(revisit)
+        redelivery = self.deliver(revisit)
+        topics = [topic for topic, _ in self.publisher.published()]
+        self.assertEqual(topics, ["/control/agents/writer/input", f"/conversations/loop/{AGENT}"])
+        self.assertEqual(redelivery.acks, 1)
+
+    def test_a_failing_store_never_blocks_the_ack(self):
+        with tempfile.TemporaryDirectory() as state:
+            store = DedupeStore(100, state, AGENT)
+            self.addCleanup(store.close)
+            self.make(store=store)
+            self.deliver(envelope(AGENT))
+            store._db.execute("PRAGMA query_only = 1")  # every write now fails inside sqlite
+            with self.assertLogs("agent2389.dedupe", "ERROR") as logs:
+                deliveries = [self.deliver(envelope(AGENT)) for _ in range(20)]
+            self.assertEqual([d.acks for d in deliveries], [1] * 20)
+            self.assertEqual(len(logs.output), 1, "logged once a minute, not once per task")
+            self.assertIn("completed-task store write failed: attempt to write a readonly database", store.degraded)
+            again = self.deliver(json.loads(deliveries[0].payload))  # remembered in memory
+            self.assertEqual((again.acks, len(self.publisher.published())), (1, 21))
+
+
+if __name__ == "__main__":
+    unittest.main()
