@@ -81,7 +81,7 @@ class MqttSettings:
     username: Optional[str] = None
     password: Optional[Secret] = None
     client_id: str = ""
-    protocol: str = "5"
+    protocol: str = "auto"  # MQTT 5, falling back to 3.1.1 for brokers that do not speak it
     session_expiry: int = 86400
     keep_alive: int = 60
     qos: int = 1
@@ -139,6 +139,7 @@ class RoutingSettings:
 @dataclass(frozen=True)
 class AgentConfig:
     agent_id: str
+    instance_id: Optional[str] = None  # set: a member of the pool serving agent_id (shared subscription)
     description: str = ""
     capabilities: tuple = ()
     max_pipeline_depth: int = 16
@@ -194,7 +195,7 @@ _COMMON_TOP = {
     "agent_id": "agent_id", "default_model": "llm.model", "max_pipeline_depth": "max_pipeline_depth",
     "task_timeout": "task_timeout", "max_output_size": "max_output_size", "max_message_size": "max_message_size",
     "state_dir": "state_dir", "heartbeat_interval": "heartbeat_interval", "shutdown_grace": "shutdown_grace",
-    "progress_events": "progress", "completed_store_size": "completed_store_size",
+    "progress_events": "progress", "completed_store_size": "completed_store_size", "instance_id": "instance_id",
     "description": "description", "capabilities": "capabilities",
 }
 _SECTIONS: dict[str, dict[str, str]] = {
@@ -226,6 +227,7 @@ _ENV_SIMPLE = {
     "AGENT_ID": "agent_id", "DEFAULT_MODEL": "llm.model", "MAX_PIPELINE_DEPTH": "max_pipeline_depth",
     "TASK_TIMEOUT": "task_timeout", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format",
     "LOG_SPANS": "log_spans", "HEALTH_PORT": "health_port", "STATE_DIR": "state_dir",
+    "AGENT_INSTANCE_ID": "instance_id",
 }
 
 
@@ -521,15 +523,25 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
         agent_id = "unset"
     elif not _AGENT_ID_RE.match(agent_id):
         read.bad("agent_id", agent_id, "must be 3-64 characters of letters, digits, '.', '_' or '-'")
+    elif "." in agent_id:
+        out.warn(f"agent id {agent_id!r} contains '.': brokers that map MQTT topics to AMQP routing keys "
+                 f"(RabbitMQ) turn it into a topic level, so subscribers to /control/agents/+/status (monitor, "
+                 f"discovery) will not see this agent there; prefer '-' or '_'")
     capabilities = read.raw("capabilities", [])
     if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
         out.problem(f"{read.origin('capabilities')} must be an array of strings")
         capabilities = []
+    instance_id = read.string("instance_id") or None
+    if instance_id is not None and not _AGENT_ID_RE.match(instance_id):
+        read.bad("instance_id", instance_id, "must be 3-64 characters of letters, digits, '.', '_' or '-'")
     state_dir = read.string("state_dir")
+    if state_dir and instance_id:
+        state_dir = os.path.join(state_dir, instance_id)  # each member keeps its own completed tasks
     run_problems: list[str] = []
     llm = _build_llm(read, env, run_problems)
     config = AgentConfig(
         agent_id=agent_id,
+        instance_id=instance_id,
         description=read.string("description", "") or "",
         capabilities=tuple(capabilities),
         max_pipeline_depth=read.integer("max_pipeline_depth", 16, 1, 32),
@@ -546,7 +558,7 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
         log_spans=read.boolean("log_spans", False),
         health_port=read.integer("health_port", 8080, 1024, 65535),
         health_bind=read.string("health_bind", "0.0.0.0", allow_empty=False),
-        mqtt=_build_mqtt(read, env, agent_id),
+        mqtt=_build_mqtt(read, env, agent_id if instance_id is None else f"{agent_id}-{instance_id}"),
         llm=llm,
         budget=_build_budget(read),
         tools=tuple(_build_tools(read, env)),
@@ -555,7 +567,7 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
     return config, run_problems
 
 
-def _build_mqtt(read: _Reader, env: Mapping[str, str], agent_id: str) -> MqttSettings:
+def _build_mqtt(read: _Reader, env: Mapping[str, str], client_name: str) -> MqttSettings:
     scheme, host, port = _broker_address(read)
     username = read.string("mqtt.username")
     password = read.secret("mqtt.password")
@@ -577,12 +589,12 @@ def _build_mqtt(read: _Reader, env: Mapping[str, str], agent_id: str) -> MqttSet
         paths[key] = value or None
     if bool(paths["client_cert_path"]) != bool(paths["client_key_path"]):
         read.out.problem("[mqtt] client_cert_path and client_key_path must be given together")
-    protocol = str(read.raw("mqtt.protocol", "5")).strip()
-    protocol = {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1", "4": "3.1.1"}.get(protocol)
+    protocol = str(read.raw("mqtt.protocol", "auto")).strip().lower()
+    protocol = {"auto": "auto", "5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1", "4": "3.1.1"}.get(protocol)
     if protocol is None:
-        read.bad("mqtt.protocol", read.raw("mqtt.protocol"), 'must be "5" or "3.1.1"')
-        protocol = "5"
-    client_id = read.string("mqtt.client_id", "") or f"agent2389-{agent_id}"
+        read.bad("mqtt.protocol", read.raw("mqtt.protocol"), 'must be "auto", "5" or "3.1.1"')
+        protocol = "auto"
+    client_id = read.string("mqtt.client_id", "") or f"agent2389-{client_name}"
     if len(client_id.encode("utf-8")) > 65535:
         read.bad("mqtt.client_id", "...", "is too long")
     return MqttSettings(

@@ -17,9 +17,10 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections import OrderedDict
 from typing import Any, Optional
+
+from .logs import Throttle
 
 log = logging.getLogger("agent2389.dedupe")
 
@@ -45,7 +46,7 @@ class DedupeStore:
         self._lock_fd: Optional[int] = None
         self._inserts = 0
         self._write_error: Optional[str] = None
-        self._last_error_log = float("-inf")
+        self._write_errors = Throttle(_ERROR_LOG_INTERVAL)
         if state_dir:
             self._open(state_dir, agent_id)
 
@@ -119,11 +120,11 @@ class DedupeStore:
 
     def _write_failed(self, exc: sqlite3.Error) -> None:
         self._write_error = f"completed-task store write failed: {exc}"
-        now = time.monotonic()
-        if now - self._last_error_log >= _ERROR_LOG_INTERVAL:
-            self._last_error_log = now
-            log.error("%s; completed tasks are remembered in memory only until it recovers, so a restart may "
-                      "answer them again (free disk space in state_dir)", self._write_error)
+        failures = self._write_errors.occurred()
+        if failures:
+            log.error("%s (%d time(s) since the last report); completed tasks are remembered in memory only until "
+                      "it recovers, so a restart may answer them again (free disk space in state_dir)",
+                      self._write_error, failures)
 
     @property
     def degraded(self) -> Optional[str]:

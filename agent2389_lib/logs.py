@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -111,3 +112,24 @@ def configure_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[
     root.setLevel(_PY_LEVELS.get(level.upper(), logging.INFO))
     logging.getLogger("urllib3").setLevel(max(root.level, logging.INFO))
     return handler
+
+
+class Throttle:
+    """For conditions that can repeat on every message: at most one log line per interval,
+    saying how often the condition occurred since the last line."""
+
+    def __init__(self, interval: float = 60.0):
+        self.interval = interval
+        self._count = 0
+        self._last = float("-inf")
+        self._lock = threading.Lock()
+
+    def occurred(self) -> int:
+        """Count one occurrence; returns how many to report now, or 0 when a line is not due."""
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last < self.interval:
+                return 0
+            count, self._count, self._last = self._count, 0, now
+            return count

@@ -11,7 +11,7 @@ from typing import Optional
 import paho.mqtt.client as mqtt
 
 from .config import MqttSettings
-from .transport import describe_tls_error, new_client
+from .transport import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client
 
 
 class OperatorError(Exception):
@@ -21,16 +21,24 @@ class OperatorError(Exception):
 class OperatorClient:
     def __init__(self, settings: MqttSettings):
         self.settings = settings
-        self.client = new_client(settings, f"agent2389-cli-{uuid.uuid4().hex[:10]}")
-        self.client.on_connect = self._on_connect
-        self.client.on_message = lambda client, userdata, message: self.messages.put(message)
-        self.client.on_subscribe = self._on_subscribe
-        self.client.reconnect_delay_set(1, 30)
+        self.client_id = f"agent2389-cli-{uuid.uuid4().hex[:10]}"
+        self.version = "3.1.1" if settings.protocol == "3.1.1" else "5"
         self.messages: "queue.Queue[mqtt.MQTTMessage]" = queue.Queue()
         self.topics: list[str] = []
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._refusal: Optional[str] = None
+        self._not_v5 = False  # the broker closed an MQTT 5 CONNECT or refused its version
+        self.client = self._new_client()
+
+    def _new_client(self) -> mqtt.Client:
+        client = new_client(self.settings, self.client_id, self.version)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = lambda client, userdata, message: self.messages.put(message)
+        client.on_subscribe = self._on_subscribe
+        client.reconnect_delay_set(1, 30)
+        return client
 
     @property
     def where(self) -> str:
@@ -38,11 +46,19 @@ class OperatorClient:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self._refusal = f"broker {self.where} refused the connection: {reason_code}"
+            self._not_v5 = self.version == "5" and reason_code.value == UNSUPPORTED_PROTOCOL
+            self._refusal = (f"broker {self.where} refused the connection: "
+                             f"{describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id)}")
             return
         self._connected.set()
         if self.topics:  # after a reconnect too
             client.subscribe([(topic, 1) for topic in self.topics])
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._connected.is_set() and self.version == "5":
+            self._not_v5 = True
+            self._refusal = self._refusal or (f"broker {self.where} closed the connection before accepting it; it "
+                                              f'may not speak MQTT 5: set [mqtt] protocol = "3.1.1" (or "auto")')
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [rc for rc in reason_codes if rc.is_failure]
@@ -52,6 +68,18 @@ class OperatorClient:
             self._subscribed.set()
 
     def connect(self, timeout: float = 10.0) -> None:
+        """Connect; with `protocol = "auto"`, MQTT 5 first, then 3.1.1 if the broker does not speak 5."""
+        try:
+            self._connect(timeout)
+        except OperatorError:
+            if not (self._not_v5 and self.settings.protocol == "auto"):
+                raise
+            self.client.loop_stop()
+            self.version, self._refusal = "3.1.1", None
+            self.client = self._new_client()
+            self._connect(timeout)
+
+    def _connect(self, timeout: float) -> None:
         try:
             self.client.connect(self.settings.host, self.settings.port, self.settings.keep_alive)
         except ssl.SSLError as exc:

@@ -21,7 +21,7 @@ from .config import AgentConfig
 from .dedupe import COMPLETED, NEW, DedupeStore
 from .errors import PayloadTooLarge, TaskFailure, TaskTimeout
 from .llm.loop import Progress
-from .logs import span
+from .logs import Throttle, span
 from .metrics import Metrics
 from .protocol import EnvelopeError, TaskEnvelope
 
@@ -95,11 +95,15 @@ class TaskProcessor:
         self.metrics = metrics
         self.progress: Progress = progress or (lambda *args: None)
         self.agent_id = config.agent_id
+        # compared with the envelope's topic rather than the delivered name, which a broker may
+        # rewrite (RabbitMQ swaps '.' and '/')
+        self.input_topic = protocol.canonicalize_topic(protocol.input_topic(config.agent_id))
         self.think = think
         self.publisher = publisher
         self.dedupe = dedupe
         self.should_abandon = should_abandon
         self.secrets = config.secrets()
+        self._retained = Throttle()
 
     # -------------------------------------------------------------- entry point
     def handle(self, delivery: Delivery) -> None:
@@ -115,7 +119,11 @@ class TaskProcessor:
     def _handle(self, delivery: Delivery) -> None:
         self.metrics.task_received()
         if delivery.retain:
-            log.debug("ignoring a retained message on %s", delivery.topic)
+            ignored = self._retained.occurred()
+            if ignored:
+                log.warning("ignoring %d retained message(s) on %s since the last report: tasks must not be "
+                            "published with the retain flag (some brokers also wrongly mark tasks queued for an "
+                            "offline agent as retained)", ignored, delivery.topic)
             self.metrics.task_dropped("ignored")
             delivery.ack()
             return
@@ -130,9 +138,9 @@ class TaskProcessor:
         except EnvelopeError as exc:
             self._reject(delivery, exc.task_id, exc.conversation_id, f"invalid task envelope: {exc}")
             return
-        if protocol.canonicalize_topic(envelope.topic) != protocol.canonicalize_topic(delivery.topic):
-            log.warning("discarding task %s: its topic %r does not match the topic it arrived on (%s)",
-                        envelope.task_id, envelope.topic, delivery.topic, extra=self._span(envelope))
+        if protocol.canonicalize_topic(envelope.topic) != self.input_topic:
+            log.warning("discarding task %s: its topic %r is not this agent's input topic %s (it arrived on %s)",
+                        envelope.task_id, envelope.topic, self.input_topic, delivery.topic, extra=self._span(envelope))
             self.metrics.task_dropped("rejected")
             delivery.ack()
             return

@@ -71,6 +71,17 @@ def status_topic(agent_id: str) -> str:
     return f"/control/agents/{agent_id}/status"
 
 
+def instance_status_topic(agent_id: str, instance_id: str) -> str:
+    """Status of one member of the pool serving `agent_id` (`+` for all of them)."""
+    return f"/control/agents/{agent_id}/instances/{instance_id}/status"
+
+
+def shared_subscription(group: str, topic: str) -> str:
+    """MQTT 5 shared subscription: `$share/` + group + `/` + filter. Our topics begin with `/`,
+    hence the two slashes (`$share/a//control/agents/a/input`)."""
+    return f"$share/{group}/{topic}"
+
+
 def progress_topic(agent_id: str, category: str) -> str:
     return f"/control/agents/{agent_id}/progress{_PROGRESS_SUFFIX[category]}"
 
@@ -368,7 +379,9 @@ def to_payload(message: Mapping[str, Any]) -> bytes:
 
 
 def status_message(agent_id: str, status: str, *, capabilities: Sequence[str] = (), description: str = "",
-                   load: float = 0.0, version: str = "", now: Optional[datetime] = None) -> dict:
+                   load: float = 0.0, version: str = "", instance_id: Optional[str] = None,
+                   instances_hint: Optional[int] = None, now: Optional[datetime] = None) -> dict:
+    """The retained status; pool members add `instance_id` and `instances_hint` (members seen alive)."""
     stamp = rfc3339(now)
     msg: dict = {"agent_id": agent_id, "status": status, "timestamp": stamp}
     if capabilities:
@@ -378,6 +391,10 @@ def status_message(agent_id: str, status: str, *, capabilities: Sequence[str] = 
     msg.update({"health": "ok", "load": round(min(max(load, 0.0), 1.0), 3), "last_updated": stamp})
     if version:
         msg["version"] = version
+    if instance_id is not None:
+        msg["instance_id"] = instance_id
+    if instances_hint is not None:
+        msg["instances_hint"] = instances_hint
     return msg
 
 

@@ -43,6 +43,7 @@ _NOT_ACKED = object()
 _STABLE_SECONDS = 30.0  # a link up this long resets the reconnect backoff
 _SHORT_LIVED_ALARM = 3
 _SESSION_TAKEN_OVER = 0x8E
+UNSUPPORTED_PROTOCOL = 0x84  # paho maps the 3.1.1 CONNACK code 1 to it too
 
 
 class SubscriptionRefused(RuntimeError):
@@ -166,10 +167,42 @@ def open_socket(client: mqtt.Client, userdata: object, sock: socket.socket) -> N
         client._sock = BufferedSocket(sock)  # paho has no hook for its reads; it assigned _sock just before
 
 
-def new_client(settings: MqttSettings, client_id: str, **options: object) -> mqtt.Client:
-    """A paho client with the settings' protocol version, credentials, TLS and socket options."""
+class ProtocolVersion:
+    """The MQTT version this process speaks. With `protocol = "auto"` it is MQTT 5 until a broker
+    shows, before ever accepting an MQTT 5 connection, that it does not speak it; then 3.1.1
+    for this and every later connection of the process."""
+
+    def __init__(self, setting: str):
+        self.setting = setting
+        self.current = "3.1.1" if setting == "3.1.1" else "5"
+        self._v5_accepted = False
+        self._lock = threading.Lock()
+
+    @property
+    def v5(self) -> bool:
+        return self.current == "5"
+
+    def accepted(self) -> None:
+        with self._lock:
+            self._v5_accepted = self._v5_accepted or self.v5
+
+    def fall_back(self, where: str, cause: str) -> bool:
+        """Switch to 3.1.1 when allowed; True when this call switched (logged once)."""
+        with self._lock:
+            if self.setting != "auto" or not self.v5 or self._v5_accepted:
+                return False
+            self.current = "3.1.1"
+        log.warning("broker %s does not speak MQTT 5 (%s); using 3.1.1: no retain-as-published, session expiry "
+                    "or receive maximum", where, cause)
+        return True
+
+
+def new_client(settings: MqttSettings, client_id: str, version: str = "", **options: object) -> mqtt.Client:
+    """A paho client with the protocol version (default: the settings' choice, MQTT 5 for
+    "auto"), credentials, TLS and socket options."""
+    version = version or ("3.1.1" if settings.protocol == "3.1.1" else "5")
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5 if settings.protocol == "5" else mqtt.MQTTv311, **options)
+                         protocol=mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311, **options)
     if settings.username:
         client.username_pw_set(settings.username, settings.password.reveal() if settings.password else None)
     if settings.tls:
@@ -182,17 +215,21 @@ class _Link:
     """One paho client driven by our own select loop on a dedicated thread."""
 
     def __init__(self, name: str, settings: MqttSettings, client_id: str, metrics: Metrics, *, persistent: bool,
-                 will: Optional[tuple[str, bytes]] = None, may_read: Callable[[], bool] = lambda: True,
-                 receive_maximum: Optional[int] = None, max_packet_size: Optional[int] = None):
+                 version: ProtocolVersion, will: Optional[tuple[str, bytes]] = None,
+                 may_read: Callable[[], bool] = lambda: True, receive_maximum: Optional[int] = None,
+                 max_packet_size: Optional[int] = None):
         self.name = name
         self.settings = settings
+        self.version = version
+        self._client_options = (client_id, persistent, will, receive_maximum, max_packet_size)
         self.metrics = metrics
         self._may_read = may_read
         self._stop = threading.Event()
         self._closing = threading.Event()
         self._connected = threading.Event()
         self._lock = threading.Lock()
-        self._pending: dict[int, PublishTicket] = {}
+        self._pending: dict[int, tuple[PublishTicket, str, bytes, bool]] = {}  # mid: ticket and message
+        self._client_lock = threading.Lock()  # publishing vs. replacing the client
         self._acked_early: dict[int, Optional[str]] = {}
         self.max_packet_size: Optional[int] = None  # from the broker's CONNACK
         self._generation = 0
@@ -202,6 +239,7 @@ class _Link:
         self._connected_at = 0.0
         self._short_lived = 0
         self._takeover = ""
+        self._answered = False
         self.client_id = client_id
         self._thread: Optional[threading.Thread] = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -210,14 +248,16 @@ class _Link:
         self.on_connected: Callable[[bool], None] = lambda session_present: None
         self.on_disconnected: Callable[[], None] = lambda: None
         self.on_message: Callable[[Delivery], None] = lambda delivery: None
-        self.client = self._make_client(client_id, persistent, will, receive_maximum, max_packet_size)
+        self.on_subscribe: Callable[..., None] = lambda *args: None
+        self.client = self._make_client()
 
     # -------------------------------------------------------------- setup
-    def _make_client(self, client_id: str, persistent: bool, will: Optional[tuple[str, bytes]],
-                     receive_maximum: Optional[int], max_packet_size: Optional[int]) -> mqtt.Client:
-        v5 = self.settings.protocol == "5"
+    def _make_client(self) -> mqtt.Client:
+        """A client for the process's current protocol version (made anew after a fall-back)."""
+        client_id, persistent, will, receive_maximum, max_packet_size = self._client_options
+        self.v5 = v5 = self.version.v5
         session = {} if v5 else {"clean_session": not persistent}
-        client = new_client(self.settings, client_id, manual_ack=True, **session)
+        client = new_client(self.settings, client_id, self.version.current, manual_ack=True, **session)
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_log = self._remember_error
@@ -226,6 +266,7 @@ class _Link:
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
+        client.on_subscribe = lambda *args: self.on_subscribe(*args)
         connect_kwargs: dict = {}
         if v5:
             props = Properties(PacketTypes.CONNECT)
@@ -261,20 +302,36 @@ class _Link:
         """Queue a QoS 1 publish; paho sends it now or after the next reconnect. Raises PayloadTooLarge
         instead of sending what the broker announced it would refuse (it would drop the link,
         and paho would resend the same packet on every reconnect)."""
-        size = publish_packet_size(topic, payload, self.settings.protocol == "5")
+        size = publish_packet_size(topic, payload, self.v5)
         if self.max_packet_size is not None and size > self.max_packet_size:
             raise PayloadTooLarge(size, self.max_packet_size, "broker's maximum packet size")
         ticket = PublishTicket()
+        with self._client_lock:
+            self._queue(ticket, topic, payload, retain)
+        return ticket  # paho's register-write callback wakes the network thread
+
+    def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise RuntimeError("MQTT outgoing queue is full")
         with self._lock:
             refusal = self._acked_early.pop(info.mid, _NOT_ACKED)
             if refusal is _NOT_ACKED:
-                self._pending[info.mid] = ticket
+                self._pending[info.mid] = (ticket, topic, payload, retain)
         if refusal is not _NOT_ACKED:
             ticket.settle(refusal)
-        return ticket  # paho's register-write callback wakes the network thread
+
+    def _replace_client(self) -> None:
+        """A client for the other protocol version; what the old one had not yet delivered is
+        queued on the new one, so no publish is lost by a fall-back."""
+        with self._client_lock:
+            with self._lock:
+                unsent = list(self._pending.values())
+                self._pending.clear()
+                self._acked_early.clear()
+            self.client = self._make_client()
+            for ticket, topic, payload, retain in unsent:
+                self._queue(ticket, topic, payload, retain)
 
     def ack(self, mid: int, generation: int) -> None:
         """PUBACK a delivery, unless the broker lost the session it came from (then the id is stale)."""
@@ -285,12 +342,16 @@ class _Link:
 
     # -------------------------------------------------------------- paho callbacks (network thread)
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._answered = True
         if reason_code.is_failure:
             self.metrics.mqtt_connection(False, failed=True)
-            log.error("broker %s:%d refused the %s connection: %s (check [mqtt] username/password, "
-                      "client certificate and broker ACLs); retrying with backoff",
-                      self.settings.host, self.settings.port, self.name, reason_code)
+            if (reason_code.value == UNSUPPORTED_PROTOCOL and self.v5
+                    and (self.version.fall_back(self.where, str(reason_code)) or not self.version.v5)):
+                return  # the next attempt speaks 3.1.1
+            log.error("broker %s refused the %s connection: %s; retrying with backoff", self.where, self.name,
+                      describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id))
             return
+        self.version.accepted()
         if not flags.session_present:
             self._generation += 1
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
@@ -322,6 +383,10 @@ class _Link:
             self._takeover += ("; another process is probably running with the same agent id and client id: stop "
                                "it, or give each process its own agent id (or [mqtt] client_id)")
 
+    @property
+    def where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
     def _remember_error(self, client, userdata, level: int, text: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
             self._last_error = text
@@ -338,23 +403,35 @@ class _Link:
         elif was_connected:
             log.warning("lost connection to broker %s:%d (%s link): %s", self.settings.host,
                         self.settings.port, self.name, reason_code)
-        elif self._last_error:  # dropped before CONNACK: paho only logged why
-            self.metrics.mqtt_connection(False, failed=True)
-            reason = describe_tls_error(self._last_error) if self.settings.tls else self._last_error
-            log.error("%s with broker %s:%d failed (%s link): %s; retrying with backoff",
-                      "TLS" if self.settings.tls else "connection", self.settings.host, self.settings.port,
-                      self.name, reason)
+        elif not self._answered:
+            self._closed_before_connack()
         self._last_error = ""
         self.on_disconnected()
+
+    def _closed_before_connack(self) -> None:
+        """The broker dropped the connection without answering CONNECT: TLS trouble (paho only
+        logged why), or a broker that does not speak the version we sent."""
+        self.metrics.mqtt_connection(False, failed=True)
+        if self._last_error and self.settings.tls:
+            log.error("TLS with broker %s failed (%s link): %s; retrying with backoff", self.where, self.name,
+                      describe_tls_error(self._last_error))
+            return
+        cause = self._last_error or "the broker closed the connection before answering CONNECT"
+        if self.v5 and (self.version.fall_back(self.where, cause) or not self.version.v5):
+            return  # the next attempt speaks 3.1.1
+        hint = ('; it may not speak MQTT 5: set [mqtt] protocol = "3.1.1" (or "auto")'
+                if self.v5 and self.version.setting == "5" else "")
+        log.error("connection to broker %s failed (%s link): %s%s; retrying with backoff", self.where, self.name,
+                  cause, hint)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         refusal = str(reason_code) if reason_code.is_failure else None
         with self._lock:
-            ticket = self._pending.pop(mid, None)
-            if ticket is None:
+            pending = self._pending.pop(mid, None)
+            if pending is None:
                 self._acked_early[mid] = refusal
-        if ticket is not None:
-            ticket.settle(refusal)
+        if pending is not None:
+            pending[0].settle(refusal)
         self.metrics.published_message(refusal is None)
 
     def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
@@ -383,6 +460,9 @@ class _Link:
 
     def _connect_once(self) -> bool:
         self.metrics.mqtt_connecting()
+        if self.v5 != self.version.v5:  # a link found that the broker does not speak MQTT 5
+            self._replace_client()
+        self._answered = False
         try:
             self.client.reconnect()
             self._last_read = time.monotonic()
@@ -480,6 +560,24 @@ def describe_tls_error(text: str) -> str:
     return text
 
 
+def describe_refusal(reason: int, text: str, settings: MqttSettings, client_id: str) -> str:
+    """A refused CONNECT, with the setting that is likely wrong (MQTT 5 reason codes; paho maps
+    3.1.1 CONNACK codes onto them)."""
+    if reason == UNSUPPORTED_PROTOCOL:
+        return (f'{text}: the broker does not accept MQTT {settings.protocol}; set [mqtt] protocol = "3.1.1" '
+                f'(or "auto")')
+    if reason == 0x85:
+        return f"{text}: the broker does not accept client id {client_id!r}; set [mqtt] client_id"
+    if reason == 0x86:
+        return f"{text}: check [mqtt] username and password (MQTT_USERNAME / MQTT_PASSWORD)"
+    if reason == 0x87:
+        return (f"{text}: the broker does not allow this client to connect; check the credentials, the client "
+                f"certificate and the broker's access rules")
+    if reason in (0x88, 0x89):
+        return f"{text}: the broker is not able to take connections now"
+    return text
+
+
 class MqttTransport:
     """The agent's view of the broker: tasks in, outcomes and status out."""
 
@@ -492,17 +590,19 @@ class MqttTransport:
         self._refusal: Optional[str] = None
         self.on_subscribed: Callable[[], None] = lambda: None
         self.on_delivery: Callable[[Delivery], None] = lambda delivery: None
-        self.intake = _Link("intake", settings, settings.client_id, metrics, persistent=True,
+        self.version = ProtocolVersion(settings.protocol)
+        self.intake = _Link("intake", settings, settings.client_id, metrics, persistent=True, version=self.version,
                             will=(will_topic, will_payload),
                             may_read=lambda: not self._subscribed.is_set() or may_read(),
                             receive_maximum=receive_maximum, max_packet_size=max_packet_size)
-        self.output = _Link("output", settings, f"{settings.client_id}-out", metrics, persistent=False)
+        self.output = _Link("output", settings, f"{settings.client_id}-out", metrics, persistent=False,
+                            version=self.version)
         self.intake.on_connected = self._intake_connected
         self.intake.on_message = lambda delivery: self.on_delivery(delivery)
         self.intake.on_disconnected = self._intake_disconnected
         self.output.on_connected = lambda session_present: self._connection_changed()
         self.output.on_disconnected = self._connection_changed
-        self.intake.client.on_subscribe = self._handle_suback
+        self.intake.on_subscribe = self._handle_suback
 
     def start(self) -> None:
         self.output.start()
@@ -529,7 +629,7 @@ class MqttTransport:
         return self.output.publish(topic, payload, retain)
 
     def _intake_connected(self, session_present: bool) -> None:
-        if self.settings.protocol == "5":
+        if self.intake.v5:
             result, _ = self.intake.client.subscribe(
                 self.input_topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
         else:

@@ -119,27 +119,160 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
 
+class _JavaOrErlangBroker:
+    """A broker started as a plain process group in a temporary directory, on free ports."""
+
+    name = ""
+    startup_seconds = 90.0
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix=f"{self.name}-")
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self.out = os.path.join(self.dir, "out.log")
+
+    def command(self) -> tuple[list, dict]:
+        raise NotImplementedError
+
+    def start(self) -> "_JavaOrErlangBroker":
+        argv, env = self.command()
+        with open(self.out, "ab") as out:
+            self.proc = subprocess.Popen(argv, env={**base_env(), "HOME": self.dir, **env}, cwd=self.dir, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._accepts, self.startup_seconds, f"{self.name} to take MQTT connections on port {self.port}",
+                   interval=0.1)
+        return self
+
+    def _accepts(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}: {self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+    def log(self) -> str:
+        try:
+            with open(self.out, errors="replace") as handle:
+                return handle.read()[-4000:]
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+ACTIVEMQ_HOME = "/usr/share/activemq"
+ACTIVEMQ_MQTT_JARS = ("mqtt-client", "hawtdispatch-transport", "hawtdispatch", "hawtbuf", "activemq-mqtt")
+
+
+class ActiveMQ(_JavaOrErlangBroker):
+    """ActiveMQ Classic (Amazon MQ's engine) with an MQTT transport connector and KahaDB."""
+
+    name = "activemq"
+
+    def command(self) -> tuple[list, dict]:
+        os.makedirs(os.path.join(self.dir, "lib"), exist_ok=True)
+        for jar in ACTIVEMQ_MQTT_JARS:  # the MQTT transport needs these on the broker's class path
+            os.symlink(f"/usr/share/java/{jar}.jar", os.path.join(self.dir, "lib", f"{jar}.jar"))
+        with open(os.path.join(self.dir, "activemq.xml"), "w") as handle:
+            handle.write(f"""<beans xmlns="http://www.springframework.org/schema/beans"
+  xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+  xsi:schemaLocation="http://www.springframework.org/schema/beans
+  http://www.springframework.org/schema/beans/spring-beans-2.0.xsd
+  http://activemq.apache.org/schema/core http://activemq.apache.org/schema/core/activemq-core.xsd">
+  <broker xmlns="http://activemq.apache.org/schema/core" useJmx="false" brokerName="test"
+          dataDirectory="{self.dir}/data">
+    <persistenceAdapter><kahaDB directory="{self.dir}/data/kahadb"/></persistenceAdapter>
+    <transportConnectors>
+      <transportConnector name="mqtt" uri="mqtt://127.0.0.1:{self.port}"/>
+    </transportConnectors>
+  </broker>
+</beans>
+""")
+        with open(os.path.join(self.dir, "log4j.properties"), "w") as handle:
+            handle.write("log4j.rootLogger=WARN, out\nlog4j.appender.out=org.apache.log4j.ConsoleAppender\n"
+                         "log4j.appender.out.layout=org.apache.log4j.PatternLayout\n"
+                         "log4j.appender.out.layout.ConversionPattern=%d %-5p %c - %m%n\n")
+        argv = ["java", "-Xmx256M", f"-Dlog4j.configuration=file:{self.dir}/log4j.properties",
+                f"-Dactivemq.home={ACTIVEMQ_HOME}", f"-Dactivemq.base={self.dir}", f"-Dactivemq.conf={self.dir}",
+                f"-Dactivemq.data={self.dir}/data", "-jar", f"{ACTIVEMQ_HOME}/bin/activemq.jar", "start",
+                f"xbean:file:{self.dir}/activemq.xml"]
+        return argv, {}
+
+
+class RabbitMQ(_JavaOrErlangBroker):
+    """RabbitMQ with the rabbitmq_mqtt plugin; its own node name, epmd and distribution ports."""
+
+    name = "rabbitmq"
+
+    def command(self) -> tuple[list, dict]:
+        self.epmd_port = free_port()
+        with open(os.path.join(self.dir, "rabbitmq.conf"), "w") as handle:
+            handle.write(f"listeners.tcp.default = 127.0.0.1:{free_port()}\n"
+                         f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}\n"
+                         "mqtt.allow_anonymous = true\nloopback_users = none\n")
+        with open(os.path.join(self.dir, "enabled_plugins"), "w") as handle:
+            handle.write("[rabbitmq_mqtt].\n")
+        env = {"RABBITMQ_NODENAME": f"rabbit-{os.path.basename(self.dir)}@localhost",
+               "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_DIST_PORT": str(free_port()),
+               "ERL_EPMD_PORT": str(self.epmd_port), "ERL_EPMD_ADDRESS": "127.0.0.1",
+               "RABBITMQ_MNESIA_BASE": f"{self.dir}/mnesia", "RABBITMQ_LOG_BASE": f"{self.dir}/log",
+               "RABBITMQ_LOGS": "-", "RABBITMQ_CONFIG_FILE": f"{self.dir}/rabbitmq.conf",
+               "RABBITMQ_ENABLED_PLUGINS_FILE": f"{self.dir}/enabled_plugins", "RABBITMQ_PID_FILE": f"{self.dir}/pid"}
+        return ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env
+
+    def stop(self) -> None:
+        super().stop()
+        if getattr(self, "epmd_port", None):  # erl started an epmd daemon on our port; it outlives the node
+            subprocess.run(["epmd", "-kill"], env={**base_env(), "ERL_EPMD_PORT": str(self.epmd_port)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+            self.epmd_port = None
+
+
 class Watcher:
     """A paho client that records every message on its subscriptions and can publish."""
 
-    def __init__(self, port: int, *topics: str, username: Optional[str] = None, password: Optional[str] = None):
+    def __init__(self, port: int, *topics: str, username: Optional[str] = None, password: Optional[str] = None,
+                 protocol: str = "5"):
         """Persistent session, resubscribing on every connect: nothing is missed across broker restarts."""
         self.messages: list[mqtt.MQTTMessage] = []
         self.parsed: list[tuple[str, Any]] = []
         self.topics = topics
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
+        v5 = protocol == "5"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watcher-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
+                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                                  **({} if v5 else {"clean_session": False}))
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.max_inflight_messages_set(1000)
         if username:
             self.client.username_pw_set(username, password)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 600
-        self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=props)
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+            self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=props)
+        else:
+            self.client.connect("127.0.0.1", port, 30)
         self.client.reconnect_delay_set(0.05, 0.5)
         self.client.loop_start()
         if not self._subscribed.wait(10):

@@ -294,6 +294,21 @@ class ValidationTests(ConfigCase):
         self.assertIn("unknown key [mqtt] brokr_url is ignored (did you mean broker_url?)", loaded.warnings)
         self.assertTrue(any("surprise" in w for w in loaded.warnings))
 
+    def test_dotted_agent_id_warns_about_topic_rewriting_brokers(self):
+        loaded = self.load('agent_id = "team.writer"\n[llm]\nprovider = "echo"\n')
+        self.assertEqual(loaded.config.agent_id, "team.writer")
+        (warning,) = loaded.warnings
+        self.assertIn("agent id 'team.writer' contains '.'", warning)
+        self.assertIn("RabbitMQ", warning)
+
+    def test_protocol_defaults_to_auto(self):
+        self.assertEqual(self.load('agent_id = "abc"\n[llm]\nprovider = "echo"\n').config.mqtt.protocol, "auto")
+        for given, expected in (("5", "5"), ("3.1.1", "3.1.1"), ("AUTO", "auto")):
+            loaded = self.load(f'agent_id = "abc"\n[mqtt]\nprotocol = "{given}"\n[llm]\nprovider = "echo"\n')
+            self.assertEqual(loaded.config.mqtt.protocol, expected)
+        problems = self.problems('agent_id = "abc"\n[mqtt]\nprotocol = "6"\n[llm]\nprovider = "echo"\n')
+        self.assertIn('must be "auto", "5" or "3.1.1"', problems[0])
+
     def test_bad_toml(self):
         problems = self.problems("agent_id = \n")
         self.assertTrue(problems[0].startswith("config file ") and "not valid TOML" in problems[0], problems)

@@ -103,9 +103,20 @@ class ProtocolRowTests(ProcessorTestCase):
             self.assertIn(text, message["error"]["message"])
         return check
 
-    def test_retained_is_acked_and_ignored(self):
-        delivery = self.deliver(envelope(AGENT), retain=True)
-        self.assertEqual((delivery.acks, self.publisher.published()), (1, []))
+    def test_retained_is_acked_and_ignored_with_a_throttled_warning(self):
+        with self.assertLogs("agent2389.processor", "WARNING") as logs:
+            deliveries = [self.deliver(envelope(AGENT), retain=True) for _ in range(3)]
+        self.assertEqual(([d.acks for d in deliveries], self.publisher.published()), ([1, 1, 1], []))
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn(f"ignoring 1 retained message(s) on {INPUT}", logs.output[0])
+
+    def test_topic_rewritten_by_the_broker_still_matches(self):
+        """RabbitMQ delivers /control/agents/agent.one/input as /control/agents/agent/one/input."""
+        self.make(agent_id="agent.one")
+        task = envelope("agent.one")
+        delivery = self.deliver(task, topic="/control/agents/agent/one/input")
+        self.assertEqual([t for t, _ in self.publisher.published()], ["/conversations/conv1/agent.one"])
+        self.assertEqual(delivery.acks, 1)
 
     def test_oversized_with_ids_gets_invalid_input(self):
         self.make(max_message_size=2048)
