@@ -32,6 +32,7 @@ KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 LOG_LEVELS = ("ERROR", "WARN", "INFO", "DEBUG")
 _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
+_INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # e.g. a StatefulSet ordinal or pod name
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _INTERP_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 MASK = "********"
@@ -532,8 +533,8 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
         out.problem(f"{read.origin('capabilities')} must be an array of strings")
         capabilities = []
     instance_id = read.string("instance_id") or None
-    if instance_id is not None and not _AGENT_ID_RE.match(instance_id):
-        read.bad("instance_id", instance_id, "must be 3-64 characters of letters, digits, '.', '_' or '-'")
+    if instance_id is not None and not _INSTANCE_ID_RE.match(instance_id):
+        read.bad("instance_id", instance_id, "must be 1-64 characters of letters, digits, '.', '_' or '-'")
     state_dir = read.string("state_dir")
     if state_dir and instance_id:
         state_dir = os.path.join(state_dir, instance_id)  # each member keeps its own completed tasks

@@ -66,6 +66,7 @@ class Metrics:
         self._started = clock()
         self._cpu_mark = (time.monotonic(), time.process_time())
         self.intake_depth: Callable[[], int] = lambda: 0
+        self.store_degraded: Callable[[], bool] = lambda: False
         # tasks
         self.received = self.completed = self.failed = self.rejected = self.duplicates = self.ignored = 0
         self.processing = self.max_processing = 0
@@ -200,6 +201,7 @@ class Metrics:
 
     def snapshot(self) -> dict:
         depth = self.intake_depth()
+        store_degraded = self.store_degraded()
         with self._lock:
             now = self._clock()
             recent = list(self.recent)
@@ -227,6 +229,7 @@ class Metrics:
                     "processing_time_p99_ms": round(percentile(recent, 0.99) * 1000, 3),
                     "current_pipeline_depth": self.processing, "max_pipeline_depth_reached": self.max_processing,
                     "max_pipeline_depth": self.workers, "intake_queue_depth": depth,
+                    "busy_ratio": round(self.processing / self.workers, 4), "state_store_degraded": store_degraded,
                     "processing_time_sum_seconds": round(self.total_seconds, 6), "tasks_finished": self.finished,
                 },
                 "mqtt": {
@@ -290,6 +293,10 @@ def prometheus_text(snapshot: dict, version: str) -> str:
            [("", {}, tasks["max_pipeline_depth_reached"])])
     family("agent2389_intake_queue_depth", "gauge", "Task messages received and waiting for a worker.",
            [("", {}, tasks["intake_queue_depth"])])
+    family("agent2389_busy_ratio", "gauge", "Tasks in progress / workers (max_pipeline_depth): what to scale on.",
+           [("", {}, tasks["busy_ratio"])])
+    family("agent2389_state_store_degraded", "gauge", "1 while the completed-task store cannot be written.",
+           [("", {}, int(tasks["state_store_degraded"]))])
     family("agent2389_task_duration_seconds", "summary", "Task processing time (quantiles over the last 1000).",
            [("", {"quantile": q}, tasks[f"processing_time_p{p}_ms"] / 1000) for q, p in (("0.5", 50), ("0.95", 95), ("0.99", 99))]
            + [("_sum", {}, tasks["processing_time_sum_seconds"]), ("_count", {}, tasks["tasks_finished"])])

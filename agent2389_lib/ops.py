@@ -81,7 +81,7 @@ def describe_reply(reply: Optional[dict], task: dict, wait: Optional[float]) -> 
 def monitor_topics(mode: str, agent_id: Optional[str], conversation_id: Optional[str]) -> list[str]:
     agent = agent_id or "+"
     topics = {
-        "availability": [f"/control/agents/{agent}/status"],
+        "availability": [f"/control/agents/{agent}/status", f"/control/agents/{agent}/instances/+/status"],
         "conversations": [f"/conversations/{conversation_id or '+'}/#" if conversation_id else "/conversations/#"],
         "inputs": [f"/control/agents/{agent}/input"],
         "progress": [f"/control/agents/{agent}/progress", f"/control/agents/{agent}/progress/#"],
@@ -96,6 +96,8 @@ def message_type(topic: str, payload: Any) -> str:
     if parts[1:2] == ["conversations"]:
         return "error" if isinstance(payload, dict) and "error" in payload else "response"
     if parts[1:3] == ["control", "agents"] and len(parts) > 4:
+        if parts[4] == "instances":  # a pool member's own status
+            return "status" if parts[-1] == "status" else "other"
         return {"status": "status", "input": "task", "progress": "progress"}.get(parts[4], "other")
     return "other"
 
@@ -136,7 +138,9 @@ def _summary(kind: str, payload: Any, body: str) -> str:
         return body
     if kind == "status":
         caps = ", ".join(payload.get("capabilities") or [])
-        return f"{payload.get('agent_id')} is {payload.get('status')}" + (f" (capabilities: {caps})" if caps else "")
+        member = f" instance {payload['instance_id']}" if payload.get("instance_id") else ""
+        return (f"{payload.get('agent_id')}{member} is {payload.get('status')}"
+                + (f" (capabilities: {caps})" if caps else ""))
     if kind == "task":
         return f"task {payload.get('task_id')}: {payload.get('instruction')!r} input={json.dumps(payload.get('input'))}"
     if kind == "response":

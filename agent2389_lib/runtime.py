@@ -20,8 +20,9 @@ from .dedupe import DedupeStore, StoreError
 from .errors import LlmError
 from .health import AgentStatus, HealthServer
 from .llm import build_agent_loop
-from .logs import configure_logging, span
+from .logs import Throttle, configure_logging, span
 from .metrics import Metrics
+from .pool import PoolView
 from .processor import TaskProcessor
 from .tools import build_registry
 from .tools.registry import ToolStartupError
@@ -91,20 +92,32 @@ class AgentRuntime:
         self._busy_lock = threading.Lock()
         self._futures: list[Future] = []
         self.status_topic = protocol.status_topic(config.agent_id)
+        self.pool = PoolView(config.agent_id, config.instance_id)
+        self.instance_topic = (protocol.instance_status_topic(config.agent_id, config.instance_id)
+                               if config.instance_id else None)
+        self._probe_topic = f"/control/agents/{config.agent_id}/probe/{config.mqtt.client_id}"
+        self._probe_seen = threading.Event()
+        self._conflict: Optional[str] = None
+        self._conflicts = Throttle()
         self.intake = Intake(capacity=2 * self.workers)
         self.metrics.intake_depth = self.intake.depth
+        unavailable = self._status_payload(protocol.UNAVAILABLE)
+        input_topic = protocol.input_topic(config.agent_id)
         self.transport = MqttTransport(
-            config.mqtt, self.metrics, input_topic=protocol.input_topic(config.agent_id), will_topic=self.status_topic,
-            will_payload=self._status_payload(protocol.UNAVAILABLE), may_read=self._may_read,
-            receive_maximum=self.workers,
-            max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536)
+            config.mqtt, self.metrics, may_read=self._may_read, receive_maximum=self.workers,
+            max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536,
+            input_topic=protocol.shared_subscription(config.agent_id, input_topic) if config.instance_id else input_topic,
+            will=(self.instance_topic or self.status_topic, unavailable),
+            output_will=(self.status_topic, unavailable) if config.instance_id else None)
         self.intake.on_room = self.transport.wake_intake
         self.transport.on_delivery = self._on_delivery
         self.transport.on_subscribed = self._on_subscribed
+        self.transport.on_watched = self._on_status_seen
         try:
             self.dedupe = DedupeStore(config.completed_store_size, config.state_dir, config.agent_id)
         except StoreError as exc:
             raise StartupError(str(exc)) from None
+        self.metrics.store_degraded = lambda: self.dedupe.degraded is not None
         try:
             self.tools = build_registry(config)
         except ToolStartupError as exc:
@@ -150,17 +163,62 @@ class AgentRuntime:
             return self._busy / self.workers
 
     def _status_payload(self, status: str) -> bytes:
+        member = self.config.instance_id
         return protocol.to_payload(protocol.status_message(
             self.config.agent_id, status, capabilities=self.config.capabilities,
             description=self.config.description, load=self.load() if status == protocol.AVAILABLE else 0.0,
-            version=__version__))
+            version=__version__, instance_id=member,
+            instances_hint=len(set(self.pool.alive()) | {member}) if member else None))
 
     def publish_status(self, status: str, wait_seconds: Optional[float] = None, heartbeat: bool = False) -> bool:
+        """The retained status; a pool member publishes its own and the pool's, and marks the pool
+        unavailable only when it sees no other member alive."""
+        topics = [self.instance_topic] if self.instance_topic else []
+        if status == protocol.AVAILABLE or not self.instance_topic or not self.pool.others_alive():
+            topics.append(self.status_topic)
+        payload = self._status_payload(status)
         with span(log, "publish_status", topic=self.status_topic, agent_id=self.config.agent_id) as extra:
-            ticket = self.transport.publish(self.status_topic, self._status_payload(status), retain=True)
-            log.log(logging.DEBUG if heartbeat else logging.INFO, "Published agent status (%s)", status, extra=extra)
+            tickets = [self.transport.publish(topic, payload, retain=True) for topic in topics]
+            log.log(logging.DEBUG if heartbeat else logging.INFO, "Published agent status (%s) on %s", status,
+                    ", ".join(topics), extra=extra)
         self.metrics.heartbeat()
-        return ticket.wait(wait_seconds) if wait_seconds is not None else True
+        return all(ticket.wait(wait_seconds) for ticket in tickets) if wait_seconds is not None else True
+
+    def _on_status_seen(self, topic: str, payload: bytes) -> None:
+        """Statuses of this agent id (output link's network thread): keep the pool available
+        while a member runs, and report a plain agent and a pool sharing one agent id."""
+        if topic == self._probe_topic:
+            self._probe_seen.set()
+            return
+        pool_marked_unavailable, conflict = self.pool.observe(topic, payload)
+        if conflict and self.state == "starting":
+            self._conflict = conflict
+        elif conflict and self._conflicts.occurred():
+            log.error(conflict)
+        if pool_marked_unavailable and self.state == "running":
+            self.publish_status(protocol.AVAILABLE)
+
+    def _survey(self) -> None:
+        """Before `available`: see the retained statuses of this agent id (a probe published after
+        subscribing comes back after them) and, in a pool, that the broker shares subscriptions."""
+        member = self.config.instance_id
+        probe = (protocol.shared_subscription(f"probe-{self.config.mqtt.client_id}", self._probe_topic)
+                 if member else self._probe_topic)
+        self.transport.watch([self.status_topic, protocol.instance_status_topic(self.config.agent_id, "+"), probe])
+        if not self.transport.wait_watching(_STATUS_WAIT) or self.transport.watch_refusal:
+            if member:
+                raise StartupError(f"the broker did not grant the pool's status subscriptions "
+                                   f"({self.transport.watch_refusal or 'no answer'})")
+            log.warning("could not follow the statuses of agent id %s; a pool with the same id would go unnoticed",
+                        self.config.agent_id)
+            return
+        self.transport.publish(self._probe_topic, b"probe")
+        if not self._probe_seen.wait(_STATUS_WAIT) and member:
+            raise StartupError(f"the broker does not deliver shared subscriptions ({probe}), so it cannot serve "
+                               f"a pool (instance_id {member}): use a broker with shared subscriptions (MQTT 5: "
+                               f"mosquitto, EMQX, HiveMQ, VerneMQ) or run without an instance id")
+        if self._conflict:
+            raise StartupError(self._conflict)
 
     def _on_subscribed(self) -> None:
         if self.state == "running":  # a reconnect: tell the world we are back
@@ -209,7 +267,8 @@ class AgentRuntime:
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Connect, subscribe (SUBACK), verify the LLM, start workers, then publish `available`."""
+        """Connect, survey the statuses of this agent id, subscribe (SUBACK), verify the LLM,
+        start workers, then publish `available`."""
         mqtt = self.config.mqtt
         log.info("agent %s starting (version %s): broker %s, %d workers", self.config.agent_id, __version__,
                  mqtt.broker_url, self.workers)
@@ -217,11 +276,12 @@ class AgentRuntime:
             log.warning("TLS certificate and host name verification is OFF (tls_insecure_skip_verify = true): "
                         "anyone on the network path can impersonate the broker")
         self.health.start()
-        self.transport.start()
+        self.transport.start_output()
+        self._wait_for(self.transport.output.wait_connected)
+        self._survey()  # before any task can arrive
+        self.transport.start_intake()
         try:
-            while not self.transport.wait_subscribed(1.0):
-                if self.stop_requested.is_set():
-                    raise StartupError("stopped before the broker connection was established")
+            self._wait_for(self.transport.wait_subscribed)
         except SubscriptionRefused as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -238,6 +298,11 @@ class AgentRuntime:
             log.warning("the broker has not yet acknowledged the available status; it is sent on reconnect")
         log.info("agent %s is available on %s", self.config.agent_id, protocol.input_topic(self.config.agent_id))
 
+    def _wait_for(self, ready: Callable[[float], bool]) -> None:
+        while not ready(1.0):
+            if self.stop_requested.is_set():
+                raise StartupError("stopped before the broker connection was established")
+
     def serve(self) -> None:
         """Heartbeat until a stop is requested."""
         while not self.stop_requested.wait(self.config.heartbeat_interval):
@@ -246,10 +311,18 @@ class AgentRuntime:
     def shutdown(self) -> bool:
         """Warm shutdown; returns False when tasks were still running after the grace period."""
         self.state = "stopping"
-        self._accepting = False
-        dropped = self.intake.drain()
-        if dropped:
-            log.info("%d queued tasks left unacknowledged; the broker will redeliver them", dropped)
+        if self.config.instance_id and self.transport.connected:
+            # a pool member leaves the shared subscription and finishes what it already received:
+            # its session would otherwise hold those tasks (and collect new ones) while it is away
+            if not self.transport.leave_input(_STATUS_WAIT):
+                log.warning("the broker did not confirm leaving the shared subscription; this member's session "
+                            "may keep receiving tasks until it returns or the session expires")
+            self._accepting = False
+        else:
+            self._accepting = False
+            dropped = self.intake.drain()
+            if dropped:
+                log.info("%d queued tasks left unacknowledged; the broker will redeliver them", dropped)
         for _ in self._futures:
             self.intake.put(_STOP)
         done, pending = wait(self._futures, timeout=self.config.shutdown_grace)

@@ -249,6 +249,7 @@ class _Link:
         self.on_disconnected: Callable[[], None] = lambda: None
         self.on_message: Callable[[Delivery], None] = lambda delivery: None
         self.on_subscribe: Callable[..., None] = lambda *args: None
+        self.on_unsubscribe: Callable[..., None] = lambda *args: None
         self.client = self._make_client()
 
     # -------------------------------------------------------------- setup
@@ -267,6 +268,7 @@ class _Link:
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
         client.on_subscribe = lambda *args: self.on_subscribe(*args)
+        client.on_unsubscribe = lambda *args: self.on_unsubscribe(*args)
         connect_kwargs: dict = {}
         if v5:
             props = Properties(PacketTypes.CONNECT)
@@ -581,31 +583,73 @@ def describe_refusal(reason: int, text: str, settings: MqttSettings, client_id: 
 class MqttTransport:
     """The agent's view of the broker: tasks in, outcomes and status out."""
 
-    def __init__(self, settings: MqttSettings, metrics: Metrics, *, input_topic: str, will_topic: str,
-                 will_payload: bytes, may_read: Callable[[], bool], receive_maximum: int, max_packet_size: int):
+    def __init__(self, settings: MqttSettings, metrics: Metrics, *, input_topic: str, will: tuple[str, bytes],
+                 may_read: Callable[[], bool], receive_maximum: int, max_packet_size: int,
+                 output_will: Optional[tuple[str, bytes]] = None):
+        """`input_topic` is the subscription filter (a shared subscription for a pool member);
+        `will` goes with the intake link, `output_will` (if any) with the output link."""
         self.settings = settings
         self.metrics = metrics
         self.input_topic = input_topic
+        self._watched: list[str] = []
+        self._watching = threading.Event()
+        self.watch_refusal: Optional[str] = None
+        self.on_watched: Callable[[str, bytes], None] = lambda topic, payload: None
         self._subscribed = threading.Event()
         self._refusal: Optional[str] = None
         self.on_subscribed: Callable[[], None] = lambda: None
         self.on_delivery: Callable[[Delivery], None] = lambda delivery: None
         self.version = ProtocolVersion(settings.protocol)
         self.intake = _Link("intake", settings, settings.client_id, metrics, persistent=True, version=self.version,
-                            will=(will_topic, will_payload),
+                            will=will,
                             may_read=lambda: not self._subscribed.is_set() or may_read(),
                             receive_maximum=receive_maximum, max_packet_size=max_packet_size)
         self.output = _Link("output", settings, f"{settings.client_id}-out", metrics, persistent=False,
-                            version=self.version)
+                            version=self.version, will=output_will)
         self.intake.on_connected = self._intake_connected
         self.intake.on_message = lambda delivery: self.on_delivery(delivery)
         self.intake.on_disconnected = self._intake_disconnected
-        self.output.on_connected = lambda session_present: self._connection_changed()
+        self.output.on_connected = self._output_connected
         self.output.on_disconnected = self._connection_changed
+        self.output.on_message = lambda delivery: self.on_watched(delivery.topic, delivery.payload)
+        self.output.on_subscribe = self._handle_watch_suback
         self.intake.on_subscribe = self._handle_suback
+        self._unsubscribed = threading.Event()
+        self.intake.on_unsubscribe = lambda *args: self._unsubscribed.set()
 
-    def start(self) -> None:
+    def watch(self, filters: list[str]) -> None:
+        """Follow these topic filters at QoS 0 on the output link (statuses, probes); renewed on
+        every reconnect. Messages go to `on_watched`."""
+        self._watched = list(filters)
+        if self.output.connected:
+            self.output.client.subscribe([(topic, 0) for topic in self._watched])
+
+    def leave_input(self, timeout: float) -> bool:
+        """Unsubscribe from the input and wait for the UNSUBACK (the broker stops sending new tasks;
+        those sent before it have been read by then). A pool member leaving gracefully must do this,
+        or its persistent session keeps collecting a share of the tasks while it is away."""
+        self._unsubscribed.clear()
+        result, _ = self.intake.client.unsubscribe(self.input_topic)
+        return result == mqtt.MQTT_ERR_SUCCESS and self._unsubscribed.wait(timeout)
+
+    def wait_watching(self, timeout: float) -> bool:
+        return self._watching.wait(timeout)
+
+    def _output_connected(self, session_present: bool) -> None:
+        self._connection_changed()
+        if self._watched:
+            self.output.client.subscribe([(topic, 0) for topic in self._watched])
+
+    def _handle_watch_suback(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [f"{topic}: {rc}" for topic, rc in zip(self._watched, reason_codes) if rc.is_failure]
+        self.watch_refusal = refused[0] if refused else None
+        self._watching.set()
+
+    def start_output(self) -> None:
         self.output.start()
+
+    def start_intake(self) -> None:
+        """Separately, so the agent can look around on the output link before tasks arrive."""
         self.intake.start()
 
     @property

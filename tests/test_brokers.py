@@ -29,6 +29,7 @@ class BrokerScenarios:
     agent_protocol: Optional[str] = None  # None: the default, "auto"
     watcher_protocol = "5"
     speaks_v5 = True
+    shares_subscriptions = True
 
     @classmethod
     def setUpClass(cls):
@@ -171,6 +172,20 @@ class BrokerScenarios:
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.strip(), 'Greet\nInput data: {"message":"hi"}')
 
+    def test_pool_member_works_only_where_subscriptions_are_shared(self):
+        agent_id = "pool-agent"
+        member = self.agent(agent_id, agent={"instance_id": "0"}).start()
+        if not self.shares_subscriptions:
+            self.assertEqual(member.wait(60), 1)
+            self.assertIn("the broker d", member.log())  # does not deliver / did not grant
+            self.assertIn("shared subscription", member.log())
+            return
+        member.wait_log(f"agent {agent_id} is available")
+        watcher = self.watcher("/conversations/#")
+        task = envelope(agent_id, cid="c-pool-member")
+        watcher.publish(f"/control/agents/{agent_id}/input", task)
+        self.assertEqual(watcher.wait_for(f"/conversations/c-pool-member/{agent_id}")[0]["task_id"], task["task_id"])
+
     def test_agent_id_with_a_dot(self):
         """RabbitMQ swaps '.' and '/' between MQTT topics and routing keys: the delivered topic
         name may differ from the envelope's, which must still be recognized as this agent's."""
@@ -197,6 +212,7 @@ class ActiveMQTests(BrokerScenarios, unittest.TestCase):
     make_broker = ActiveMQ
     watcher_protocol = "3.1.1"
     speaks_v5 = False
+    shares_subscriptions = False
 
 
     def test_explicit_mqtt5_says_which_key_to_change(self):
@@ -209,6 +225,7 @@ class RabbitMQTests(BrokerScenarios, unittest.TestCase):
     make_broker = RabbitMQ
     watcher_protocol = "3.1.1"
     speaks_v5 = False
+    shares_subscriptions = False
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Deployment artefacts, verified without a Docker engine."""
 
+import json
 import os
 import re
 import shlex
@@ -145,12 +146,13 @@ class KubernetesTests(unittest.TestCase):
                 kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
     def test_everything_the_guide_shows_and_more(self):
-        self.assertEqual(set(self.kinds), {"Namespace", "ConfigMap", "Secret", "Deployment", "Service",
+        self.assertEqual(set(self.kinds), {"Namespace", "ConfigMap", "Secret", "StatefulSet", "Service",
                                            "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding",
                                            "PodDisruptionBudget", "NetworkPolicy"})
 
-    def test_deployment_settings(self):
-        spec = self.kinds["Deployment"]["spec"]["template"]["spec"]
+    def test_pool_settings(self):
+        statefulset = self.kinds["StatefulSet"]
+        spec = statefulset["spec"]["template"]["spec"]
         (container,) = spec["containers"]
         self.assertEqual(spec["securityContext"]["runAsNonRoot"], True)
         self.assertEqual(spec["securityContext"]["runAsUser"], UID)
@@ -162,16 +164,23 @@ class KubernetesTests(unittest.TestCase):
         self.assertEqual(container["readinessProbe"]["httpGet"], {"path": "/ready", "port": 8080})
         self.assertEqual(container["ports"][0]["containerPort"], 8080)
         env = {e["name"]: e for e in container["env"]}
-        self.assertEqual(env["AGENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name")
+        self.assertEqual(env["AGENT_ID"]["value"], "agent2389")  # one pool
+        self.assertEqual(env["AGENT_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name")
         self.assertIn("secretKeyRef", env["OPENAI_API_KEY"]["valueFrom"])
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-        volumes = {v["name"]: v for v in spec["volumes"]}
-        self.assertIn("emptyDir", volumes[mounts["/app/state"]])
+        claims = {c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]}
+        self.assertIn(mounts["/app/state"], claims)
+        governing = [d for d in self.docs if d["kind"] == "Service" and d["metadata"]["name"] ==
+                     statefulset["spec"]["serviceName"]]
+        self.assertEqual(governing[0]["spec"]["clusterIP"], "None")
+        hpa = self.kinds["HorizontalPodAutoscaler"]["spec"]
+        self.assertEqual(hpa["scaleTargetRef"]["kind"], "StatefulSet")
+        self.assertEqual(hpa["metrics"][0]["pods"]["metric"]["name"], "agent2389_busy_ratio")
         toml = self.kinds["ConfigMap"]["data"]["agent.toml"]
         self.assertIn('state_dir = "/app/state"', toml)
         grace = int(re.search(r"shutdown_grace = (\d+)", toml).group(1))
         self.assertGreater(spec["terminationGracePeriodSeconds"], grace)
-        annotations = self.kinds["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+        annotations = statefulset["spec"]["template"]["metadata"]["annotations"]
         self.assertEqual(annotations["prometheus.io/path"], "/metrics/prometheus")
 
     def test_configmap_loads_with_the_agent(self):
@@ -179,16 +188,57 @@ class KubernetesTests(unittest.TestCase):
         path = os.path.join(tempfile.mkdtemp(), "agent.toml")
         with open(path, "w") as handle:
             handle.write(self.kinds["ConfigMap"]["data"]["agent.toml"])
-        env = {"AGENT_ID": "agent2389-5d8f7c9b4-x7k2p", "MQTT_HOST": "mqtt-service", "MQTT_PORT": "1883",
-               "OPENAI_API_KEY": "sk-x-123456", "MQTT_USERNAME": "u", "MQTT_PASSWORD": "p"}
+        env = {"AGENT_ID": "agent2389", "AGENT_INSTANCE_ID": "agent2389-1", "MQTT_HOST": "mqtt-service",
+               "MQTT_PORT": "1883", "OPENAI_API_KEY": "sk-x-123456", "MQTT_USERNAME": "u", "MQTT_PASSWORD": "p"}
         loaded = load_config(path, environ=env)
-        self.assertEqual((loaded.config.state_dir, loaded.config.mqtt.host), ("/app/state", "mqtt-service"))
+        self.assertEqual((loaded.config.state_dir, loaded.config.mqtt.host), ("/app/state/agent2389-1", "mqtt-service"))
+        self.assertEqual(loaded.config.mqtt.client_id, "agent2389-agent2389-agent2389-1")
         self.assertEqual(loaded.warnings, ())
 
     def test_network_policy(self):
         egress = self.kinds["NetworkPolicy"]["spec"]["egress"]
         ports = {p["port"] for rule in egress for p in rule["ports"]}
         self.assertEqual(ports, {1883, 8883, 443, 53})
+
+
+class MonitoringTests(unittest.TestCase):
+    """Alert rules, dashboard and autoscaling examples only name metrics the agent exports."""
+
+    @classmethod
+    def setUpClass(cls):
+        from agent2389_lib.metrics import Metrics, prometheus_text
+        cls.exported = set(re.findall(r"^# TYPE (\S+)", prometheus_text(Metrics("a", 4).snapshot(), "0"), re.M))
+
+    def names_in(self, expression):
+        return {n for n in re.findall(r"\bagent2389_[a-z_]+", expression)}
+
+    def test_alert_rules_pass_promtool(self):
+        rules = os.path.join(ROOT, "deploy", "prometheus")
+        for args in (["check", "rules", "agent2389-rules.yml"], ["test", "rules", "agent2389-rules.test.yml"]):
+            result = subprocess.run(["promtool", *args], cwd=rules, capture_output=True, text=True, timeout=60)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        with open(os.path.join(rules, "agent2389-rules.yml")) as handle:
+            groups = yaml.safe_load(handle)["groups"]
+        alerts = {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+        self.assertEqual(set(alerts), {"Agent2389HighErrorRate", "Agent2389MqttDisconnected", "Agent2389IntakeSaturated",
+                                       "Agent2389StateStoreDegraded", "Agent2389MemoryNearLimit"})
+        for expr in alerts.values():
+            self.assertLessEqual(self.names_in(expr), self.exported, expr)
+        with open(os.path.join(rules, "agent2389-rules.test.yml")) as handle:
+            tested = {case["alertname"] for test in yaml.safe_load(handle)["tests"] for case in test["alert_rule_test"]}
+        self.assertEqual(tested, set(alerts), "every alert has a firing and a silent series in the rule tests")
+
+    def test_dashboard_and_autoscaling_examples(self):
+        with open(os.path.join(ROOT, "deploy", "grafana-dashboard.json")) as handle:
+            dashboard = json.load(handle)
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+        self.assertGreaterEqual(len(exprs), 8)
+        for name in ("keda-scaledobject.yaml", "prometheus-adapter.yaml"):
+            with open(os.path.join(ROOT, "deploy", name)) as handle:
+                exprs.append(json.dumps(yaml.safe_load(handle)))
+        for expr in exprs:
+            self.assertLessEqual(self.names_in(expr), self.exported, expr)
+        self.assertIn("agent2389_busy_ratio", exprs[-1] + exprs[-2])
 
 
 class ComposeTests(unittest.TestCase):

@@ -79,6 +79,8 @@ class MetricsUnitTests(unittest.TestCase):
 class ScriptedRunTests(BrokerTestCase):
     """Six tasks, each with one tool call, two failing: every counter is exactly right."""
 
+    PUBLISHED = 1 + 1 + 6 + 6 * 8  # the startup probe, available, 6 outcomes, 8 progress events per task
+
     def test_counters_logs_and_guide_commands(self):
         fake = FakeOpenAI(api_key=OPENAI_KEY)
         self.addCleanup(fake.close)
@@ -108,8 +110,7 @@ class ScriptedRunTests(BrokerTestCase):
                                                "connection_failures", "messages_received", "publish_failures")},
                          {"connected": True, "connection_attempts": 2, "connections_established": 1,
                           "connection_failures": 0, "messages_received": 6, "publish_failures": 0})
-        # 1 available status + 6 outcomes + 8 progress events per task
-        self.assertEqual(mqtt["messages_published"], 1 + 6 + 6 * 8)
+        self.assertEqual(mqtt["messages_published"], self.PUBLISHED)
         echo = tools["tool_stats"]["echo"]
         self.assertEqual({k: echo[k] for k in ("executions", "failures", "timeouts", "success_rate")},
                          {"executions": 6, "failures": 0, "timeouts": 0, "success_rate": 1.0})
@@ -164,7 +165,7 @@ class ScriptedRunTests(BrokerTestCase):
     @staticmethod
     def _settled(port):
         snapshot = json.loads(http_get(port, "/metrics")[2])
-        return snapshot if snapshot["mqtt"]["messages_published"] >= 55 else None
+        return snapshot if snapshot["mqtt"]["messages_published"] >= ScriptedRunTests.PUBLISHED else None
 
     @staticmethod
     def _jq(text, program):

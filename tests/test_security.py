@@ -147,8 +147,8 @@ class PasswordTests(unittest.TestCase):
         bad = AgentProcess(self.broker, AGENT, env={"MQTT_USERNAME": "agent", "MQTT_PASSWORD": "wrong-password-99"})
         self.addCleanup(bad.stop)
         bad.start()
-        wait_until(lambda: bad.log().count("refused the intake connection: Not authorized") >= 2, 20,
-                   "the refusal and a retry")
+        refusal = "refused the output connection: Not authorized: the broker does not allow this client to connect"
+        wait_until(lambda: bad.log().count(refusal) >= 2, 20, "the refusal and a retry")
         self.assertEqual(http_get(bad.env["HEALTH_PORT"], "/ready")[0], 503)
         self.assertNotIn("wrong-password-99", bad.log())
 

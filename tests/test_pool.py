@@ -1,0 +1,135 @@
+"""Agent pools: one agent id served by several processes through a shared subscription, against a
+real mosquitto with agent processes."""
+
+import re
+import sys
+import time
+
+from support import AgentProcess, BrokerTestCase, envelope, wait_until
+
+FINISHED = re.compile(r"task ([0-9a-f-]{36}) finished")
+
+
+def status_is(value):
+    return lambda p: isinstance(p, dict) and p.get("status") == value
+
+
+class PoolTests(BrokerTestCase):
+    """Each test has a pool of its own: a killed member's session stays in its shared subscription."""
+
+    def setUp(self):
+        super().setUp()
+        self.pool_id = "pool-" + self._testMethodName.split("_")[1]
+        self.input = f"/control/agents/{self.pool_id}/input"
+        self.pool_topic = f"/control/agents/{self.pool_id}/status"
+        self.instances = f"/control/agents/{self.pool_id}/instances/+/status"
+
+    def instance(self, name):
+        return f"/control/agents/{self.pool_id}/instances/{name}/status"
+
+    def member(self, instance, latency_ms=0, **agent):
+        return self.agent(self.pool_id, agent={"instance_id": instance, **agent}, llm={"latency_ms": latency_ms})
+
+    def start_members(self, watcher, names, **kwargs):
+        members = []
+        for name in names:
+            member = self.member(name, **kwargs)
+            member.start()
+            watcher.wait_for(self.instance(name), status_is("available"), timeout=30)
+            members.append(member)
+        return members
+
+    def burst(self, watcher, count, cid):
+        tasks = [envelope(self.pool_id, cid=cid) for _ in range(count)]
+        started = time.monotonic()
+        for task in tasks:
+            watcher.publish(self.input, task, wait=False)
+        replies = watcher.wait_for(f"/conversations/{cid}/+", count=count, timeout=180)
+        return tasks, replies, count / (time.monotonic() - started)
+
+    def test_four_members_share_the_work(self):
+        watcher = self.watcher(self.pool_topic, self.instances, "/conversations/#")
+        (single,) = self.start_members(watcher, ["solo"], latency_ms=200)
+        _, _, single_rate = self.burst(watcher, 320, "c-single")
+        single.stop()
+        members = self.start_members(watcher, ["m1", "m2", "m3", "m4"], latency_ms=200)
+        tasks, replies, pool_rate = self.burst(watcher, 2000, "c-pool")
+        ids = [r["task_id"] for r in replies]
+        self.assertEqual(sorted(set(ids)), sorted(t["task_id"] for t in tasks))
+        self.assertEqual(len(ids), len(set(ids)), "each task answered once")
+        spread = [len(set(FINISHED.findall(m.log())) & set(ids)) for m in members]
+        print(f"\npool: 2000 tasks over 4 members {spread}; {pool_rate:.1f} tasks/s vs 1 member {single_rate:.1f} "
+              f"({pool_rate / single_rate:.2f}x)", file=sys.stderr)
+        self.assertTrue(all(spread), f"every member did work: {spread}")
+        self.assertEqual(sum(spread), 2000)
+
+    def test_killed_member_restarts_with_its_instance_id_and_loses_nothing(self):
+        watcher = self.watcher(self.pool_topic, self.instances, "/conversations/#")
+        members = self.start_members(watcher, ["k1", "k2"], latency_ms=20, state_dir="./state")
+        tasks = [envelope(self.pool_id, cid="c-kill") for _ in range(400)]
+        for task in tasks:
+            watcher.publish(self.input, task, wait=False)
+        watcher.wait_for("/conversations/c-kill/+", count=60, timeout=60)
+        victim = members[0]
+        victim.proc.kill()
+        victim.wait(10)
+        victim.stop()
+        again = AgentProcess(self.broker, self.pool_id, workdir=victim.dir, agent={"instance_id": "k1", "state_dir": "./state"},
+                             llm={"latency_ms": 20})
+        self.agents.append(again)
+        again.start()
+        wanted = {t["task_id"] for t in tasks}
+        wait_until(lambda: wanted <= {r["task_id"] for r in watcher.matching("/conversations/c-kill/+")}, 90,
+                   "every task answered")
+        ids = [r["task_id"] for r in watcher.matching("/conversations/c-kill/+")]
+        duplicates = len(ids) - len(set(ids))
+        print(f"\npool kill: 400/400 answered, {duplicates} answered twice", file=sys.stderr)
+        self.assertLessEqual(duplicates, 16, "only outcomes published but not recorded by the killed member")
+
+    def test_pool_status_is_unavailable_only_when_no_member_lives(self):
+        watcher = self.watcher(self.pool_topic, self.instances)
+        members = self.start_members(watcher, ["s1", "s2", "s3"])
+        for index, member in enumerate(members):
+            before = len(watcher.matching(self.pool_topic, status_is("available")))
+            member.proc.kill()
+            member.wait(10)
+            watcher.wait_for(self.instance(f"s{index + 1}"), status_is("unavailable"),
+                             timeout=30)
+            if index < len(members) - 1:  # the Last Will is answered by a living member at once
+                watcher.wait_for(self.pool_topic, status_is("available"), count=before + 1, timeout=30)
+                self.assertEqual(self.retained_pool_status(), "available")
+        watcher.wait_for(self.pool_topic, status_is("unavailable"), timeout=30)
+        self.assertEqual(self.retained_pool_status(), "unavailable")
+        self.start_members(watcher, ["s4"])
+        self.assertEqual(self.retained_pool_status(), "available")
+        status = watcher.matching(self.pool_topic, status_is("available"))[-1]
+        self.assertEqual((status["instance_id"], status["instances_hint"]), ("s4", 1))
+
+    def test_graceful_stop_keeps_the_pool_available_while_others_run(self):
+        watcher = self.watcher(self.pool_topic, self.instances)
+        first, second = self.start_members(watcher, ["g1", "g2"])
+        first.stop()
+        watcher.wait_for(self.instance("g1"), status_is("unavailable"))
+        self.assertEqual(self.retained_pool_status(), "available")
+        second.stop()
+        watcher.wait_for(self.pool_topic, status_is("unavailable"))
+        self.assertEqual(self.retained_pool_status(), "unavailable")
+
+    def retained_pool_status(self):
+        """What a newcomer sees, once the pool's latest status has reached it."""
+        fresh = self.watcher(self.pool_topic)
+        return fresh.wait_for(self.pool_topic)[-1]["status"]
+
+    def test_plain_agent_and_pool_member_with_one_id_is_a_clear_error(self):
+        watcher = self.watcher(self.pool_topic, self.instances)
+        plain = self.agent(self.pool_id).start_and_wait_available(watcher)
+        member = self.member("late").start()
+        self.assertEqual(member.wait(30), 1)
+        self.assertIn("is also served by an agent that is not a pool member", member.log())
+        plain.stop()
+        watcher.wait_for(self.pool_topic, status_is("unavailable"))
+        (first,) = self.start_members(watcher, ["early"])
+        late_plain = self.agent(self.pool_id).start()
+        self.assertEqual(late_plain.wait(30), 1)
+        self.assertIn("is also served by pool member early", late_plain.log())
+        self.assertNotIn("took over", first.log())
