@@ -11,7 +11,7 @@ from typing import Optional
 import paho.mqtt.client as mqtt
 
 from .config import MqttSettings
-from .transport import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client
+from .mqttclient import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client
 
 
 class OperatorError(Exception):

@@ -213,10 +213,14 @@ class AgentRuntime:
                         self.config.agent_id)
             return
         self.transport.publish(self._probe_topic, b"probe")
-        if not self._probe_seen.wait(_STATUS_WAIT) and member:
-            raise StartupError(f"the broker does not deliver shared subscriptions ({probe}), so it cannot serve "
-                               f"a pool (instance_id {member}): use a broker with shared subscriptions (MQTT 5: "
-                               f"mosquitto, EMQX, HiveMQ, VerneMQ) or run without an instance id")
+        if not self._probe_seen.wait(_STATUS_WAIT):
+            if member:
+                raise StartupError(f"the broker does not deliver shared subscriptions ({probe}), so it cannot "
+                                   f"serve a pool (instance_id {member}): use a broker with shared subscriptions "
+                                   f"(MQTT 5: mosquitto, EMQX, HiveMQ, VerneMQ) or run without an instance id")
+            log.warning("a probe on %s did not come back within %.0f s (check the broker ACL for this client); "
+                        "statuses of other agents with id %s may go unnoticed", self._probe_topic, _STATUS_WAIT,
+                        self.config.agent_id)
         if self._conflict:
             raise StartupError(self._conflict)
 
@@ -311,15 +315,14 @@ class AgentRuntime:
     def shutdown(self) -> bool:
         """Warm shutdown; returns False when tasks were still running after the grace period."""
         self.state = "stopping"
-        if self.config.instance_id and self.transport.connected:
-            # a pool member leaves the shared subscription and finishes what it already received:
-            # its session would otherwise hold those tasks (and collect new ones) while it is away
-            if not self.transport.leave_input(_STATUS_WAIT):
-                log.warning("the broker did not confirm leaving the shared subscription; this member's session "
-                            "may keep receiving tasks until it returns or the session expires")
-            self._accepting = False
-        else:
-            self._accepting = False
+        # a pool member leaves the shared subscription (still reading, for the UNSUBACK) and finishes
+        # what it already received: its session would otherwise hold those tasks, and collect new
+        # ones, while it is away
+        if self.config.instance_id and self.transport.connected and not self.transport.leave_input(_STATUS_WAIT):
+            log.warning("the broker did not confirm leaving the shared subscription; this member's session "
+                        "may keep receiving tasks until it returns or the session expires")
+        self._accepting = False
+        if not self.config.instance_id:
             dropped = self.intake.drain()
             if dropped:
                 log.info("%d queued tasks left unacknowledged; the broker will redeliver them", dropped)

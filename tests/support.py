@@ -58,8 +58,47 @@ def envelope(agent_id: str, *, task_id: Optional[str] = None, cid: str = "conv1"
     return msg
 
 
-class Mosquitto:
+class _Broker:
+    """A broker process of a test's own on a free loopback port; its log explains a failed start."""
+
+    name = "broker"
+    proc: Optional[subprocess.Popen]
+    port: int
+    dir: str
+    log_path: str
+
+    def _accepts(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}: {self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as handle:
+                return handle.read()[-4000:]
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+class Mosquitto(_Broker):
     """A mosquitto broker of our own, on a free port, optionally persistent across restarts."""
+
+    name = "mosquitto"
 
     def __init__(self, persistence: bool = False, extra_conf: str = "", anonymous: bool = True):
         self.anonymous = anonymous
@@ -69,6 +108,7 @@ class Mosquitto:
         self.extra_conf = extra_conf
         self.proc: Optional[subprocess.Popen] = None
         self.conf = os.path.join(self.dir, "mosquitto.conf")
+        self.log_path = os.path.join(self.dir, "mosquitto.log")
 
     def _write_conf(self) -> None:
         lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {str(self.anonymous).lower()}",
@@ -88,69 +128,35 @@ class Mosquitto:
         wait_until(self._accepts, 10, f"mosquitto to listen on port {self.port}")
         return self
 
-    def _accepts(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited with {self.proc.returncode}: {self.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
 
-    def log(self) -> str:
-        try:
-            with open(os.path.join(self.dir, "mosquitto.log")) as handle:
-                return handle.read()[-4000:]
-        except OSError:
-            return ""
 
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-
-class _JavaOrErlangBroker:
+class _JavaOrErlangBroker(_Broker):
     """A broker started as a plain process group in a temporary directory, on free ports."""
 
-    name = ""
     startup_seconds = 90.0
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix=f"{self.name}-")
         self.port = free_port()
-        self.proc: Optional[subprocess.Popen] = None
-        self.out = os.path.join(self.dir, "out.log")
+        self.proc = None
+        self.log_path = os.path.join(self.dir, "out.log")
 
     def command(self) -> tuple[list, dict]:
         raise NotImplementedError
 
     def start(self) -> "_JavaOrErlangBroker":
         argv, env = self.command()
-        with open(self.out, "ab") as out:
+        with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(argv, env={**base_env(), "HOME": self.dir, **env}, cwd=self.dir, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._accepts, self.startup_seconds, f"{self.name} to take MQTT connections on port {self.port}",
                    interval=0.1)
         return self
-
-    def _accepts(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self.proc.returncode}: {self.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -161,21 +167,6 @@ class _JavaOrErlangBroker:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.proc = None
-
-    def log(self) -> str:
-        try:
-            with open(self.out, errors="replace") as handle:
-                return handle.read()[-4000:]
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
 
 
 ACTIVEMQ_HOME = "/usr/share/activemq"

@@ -5,12 +5,23 @@ import subprocess
 import sys
 import unittest
 
+from agent2389_lib.ops import message_type, monitor_topics, render
 from support import AGENT_SCRIPT, BrokerTestCase, base_env, free_port, wait_until
 
 
 def cli(*args, env=None, timeout=60):
     return subprocess.run([sys.executable, AGENT_SCRIPT, *args], env=base_env(**(env or {})), capture_output=True,
                           text=True, timeout=timeout)
+
+
+class PoolMonitoringTests(unittest.TestCase):
+    def test_availability_mode_shows_pool_members(self):
+        topics = monitor_topics("availability", "writer", None)
+        self.assertEqual(topics, ["/control/agents/writer/status", "/control/agents/writer/instances/+/status"])
+        topic = "/control/agents/writer/instances/writer-1/status"
+        payload = json.dumps({"agent_id": "writer", "status": "available", "instance_id": "writer-1"}).encode()
+        self.assertEqual(message_type(topic, json.loads(payload)), "status")
+        self.assertIn("writer instance writer-1 is available", render(topic, payload, "pretty", colour=False))
 
 
 class OperatorTests(BrokerTestCase):

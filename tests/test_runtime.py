@@ -332,8 +332,14 @@ class BrokerRestartTests(BrokerTestCase):
         wait_until(lambda: wanted <= {r["task_id"] for r in watcher.matching("/conversations/c-restart/+")},
                    30, "every task answered")  # QoS 1: the watcher itself may see redeliveries
         self.assertIn("session resumed", agent.log())
+
+        def every_task_logged():  # the log line follows the answer's PUBACK
+            text = agent.log()
+            return text if all(f"task {task_id} finished" in text for task_id in wanted) else None
+
+        log = wait_until(every_task_logged, 15, "the agent's log line of every task")
         for task_id in wanted:
-            self.assertEqual(agent.log().count(f"task {task_id} finished"), 1)
+            self.assertEqual(log.count(f"task {task_id} finished"), 1)
 
 
 class CrashSafetyTests(BrokerTestCase):

@@ -1,0 +1,162 @@
+"""Making paho clients: protocol version, credentials, TLS, socket options, and the words for
+what went wrong while connecting. Shared by the agent's links and the operator commands."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+
+import paho.mqtt.client as mqtt
+
+from .config import MqttSettings
+
+log = logging.getLogger("agent2389.transport.mqtt")
+
+UNSUPPORTED_PROTOCOL = 0x84  # paho maps the 3.1.1 CONNACK code 1 to it too
+
+
+def publish_packet_size(topic: str, payload: bytes, v5: bool) -> int:
+    """Bytes of a QoS 1 PUBLISH without properties: fixed header, topic, packet id, payload."""
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + (1 if v5 else 0) + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + length_bytes + remaining
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """System CAs or `ca_cert_path`, optional client certificate, TLS 1.2+, hostname checked."""
+    context = ssl.create_default_context(cafile=settings.ca_cert_path)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.client_cert_path:
+        password = settings.client_key_password.reveal() if settings.client_key_password else None
+        context.load_cert_chain(settings.client_cert_path, settings.client_key_path, password)
+    if settings.tls_insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    """paho leaves Nagle on, which costs 40-80 ms per hop on small messages."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # pragma: no cover - e.g. a non-TCP socket
+        pass
+
+
+class BufferedSocket:
+    """A plain TCP socket read in 64 KiB chunks.
+
+    paho reads each packet's fixed header one byte at a time: three or four recv() calls for
+    a 4-byte PUBACK. Serving those reads from one buffer saves most of the syscalls. TLS
+    sockets need no wrapper: they already buffer whole records.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._data = b""
+        self._pos = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._pos >= len(self._data):
+            self._data, self._pos = self._sock.recv(65536), 0  # BlockingIOError when nothing is there
+            if not self._data:
+                return b""
+        chunk = self._data[self._pos:self._pos + size]
+        self._pos += len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        return len(self._data) - self._pos
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+def open_socket(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    """paho's on_socket_open: no Nagle, and buffered reads on plain TCP."""
+    set_nodelay(client, userdata, sock)
+    if not isinstance(sock, ssl.SSLSocket) and getattr(client, "_sock", None) is sock:
+        client._sock = BufferedSocket(sock)  # paho has no hook for its reads; it assigned _sock just before
+
+
+class ProtocolVersion:
+    """The MQTT version this process speaks. With `protocol = "auto"` it is MQTT 5 until a broker
+    shows, before ever accepting an MQTT 5 connection, that it does not speak it; then 3.1.1
+    for this and every later connection of the process."""
+
+    def __init__(self, setting: str):
+        self.setting = setting
+        self.current = "3.1.1" if setting == "3.1.1" else "5"
+        self._v5_accepted = False
+        self._lock = threading.Lock()
+
+    @property
+    def v5(self) -> bool:
+        return self.current == "5"
+
+    def accepted(self) -> None:
+        with self._lock:
+            self._v5_accepted = self._v5_accepted or self.v5
+
+    def fall_back(self, where: str, cause: str) -> bool:
+        """Switch to 3.1.1 when allowed; True when this call switched (logged once)."""
+        with self._lock:
+            if self.setting != "auto" or not self.v5 or self._v5_accepted:
+                return False
+            self.current = "3.1.1"
+        log.warning("broker %s does not speak MQTT 5 (%s); using 3.1.1: no retain-as-published, session expiry "
+                    "or receive maximum", where, cause)
+        return True
+
+
+def new_client(settings: MqttSettings, client_id: str, version: str = "", **options: object) -> mqtt.Client:
+    """A paho client with the protocol version (default: the settings' choice, MQTT 5 for
+    "auto"), credentials, TLS and socket options."""
+    version = version or ("3.1.1" if settings.protocol == "3.1.1" else "5")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311, **options)
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password.reveal() if settings.password else None)
+    if settings.tls:
+        client.tls_set_context(tls_context(settings))
+    client.on_socket_open = open_socket
+    return client
+
+
+def describe_tls_error(text: str) -> str:
+    """One line saying which part of TLS failed, from OpenSSL's wording."""
+    lowered = text.lower()
+    if "certificate verify failed" in lowered:
+        if "mismatch" in lowered or "hostname" in lowered:
+            return f"the broker certificate does not match the host name ({text})"
+        if "expired" in lowered:
+            return f"the broker certificate has expired ({text})"
+        return f"the broker certificate is not trusted (unknown CA): set [mqtt] ca_cert_path ({text})"
+    if "certificate required" in lowered or "peer did not return a certificate" in lowered:
+        return "the broker requires a client certificate: set [mqtt] client_cert_path and client_key_path"
+    if "handshake failure" in lowered:
+        return (f"the broker rejected the TLS handshake; it may require a client certificate "
+                f"([mqtt] client_cert_path/client_key_path) or another TLS version ({text})")
+    if "unknown ca" in lowered or "bad certificate" in lowered:
+        return f"the broker did not accept our client certificate ({text})"
+    return text
+
+
+def describe_refusal(reason: int, text: str, settings: MqttSettings, client_id: str) -> str:
+    """A refused CONNECT, with the setting that is likely wrong (MQTT 5 reason codes; paho maps
+    3.1.1 CONNACK codes onto them)."""
+    if reason == UNSUPPORTED_PROTOCOL:
+        return (f'{text}: the broker does not accept MQTT {settings.protocol}; set [mqtt] protocol = "3.1.1" '
+                f'(or "auto")')
+    if reason == 0x85:
+        return f"{text}: the broker does not accept client id {client_id!r}; set [mqtt] client_id"
+    if reason == 0x86:
+        return f"{text}: check [mqtt] username and password (MQTT_USERNAME / MQTT_PASSWORD)"
+    if reason == 0x87:
+        return (f"{text}: the broker does not allow this client to connect; check the credentials, the client "
+                f"certificate and the broker's access rules")
+    if reason in (0x88, 0x89):
+        return f"{text}: the broker is not able to take connections now"
+    return text
