@@ -37,7 +37,7 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
     return context
 
 
-def set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+def set_nodelay(sock: socket.socket) -> None:
     """paho leaves Nagle on, which costs 40-80 ms per hop on small messages."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -46,17 +46,49 @@ def set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> N
 
 
 class BufferedSocket:
-    """A plain TCP socket read in 64 KiB chunks.
+    """A plain TCP socket read in 64 KiB chunks, written in coalesced sends.
 
     paho reads each packet's fixed header one byte at a time: three or four recv() calls for
-    a 4-byte PUBACK. Serving those reads from one buffer saves most of the syscalls. TLS
-    sockets need no wrapper: they already buffer whole records.
+    a 4-byte PUBACK. Serving those reads from one buffer saves most of the syscalls. paho also
+    sends every packet with its own send(); with `coalesce_writes` they are collected and the
+    owner's loop sends them together (`flush_writes`) once paho has written everything that was
+    queued (only a loop that calls `flush_writes` may ask for it). TLS sockets are not wrapped:
+    they already buffer whole records on reads.
     """
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, coalesce_writes: bool = False):
         self._sock = sock
         self._data = b""
         self._pos = 0
+        self._out = bytearray()
+        self.coalesce_writes = coalesce_writes
+
+    def send(self, data: bytes) -> int:
+        if not self.coalesce_writes:
+            return self._sock.send(data)
+        self._out += data
+        return len(data)
+
+    def close(self) -> None:
+        """paho closes the socket right after writing DISCONNECT: send what was collected first,
+        or the broker sees a dropped connection and publishes the Last Will."""
+        try:
+            self.flush_writes()
+        except OSError:
+            pass
+        self._sock.close()
+
+    def unsent(self) -> int:
+        return len(self._out)
+
+    def flush_writes(self) -> None:
+        """As much of the collected bytes as the kernel takes now; the rest waits for writability."""
+        while self._out:
+            try:
+                sent = self._sock.send(self._out)
+            except BlockingIOError:
+                return
+            del self._out[:sent]
 
     def recv(self, size: int) -> bytes:
         if self._pos >= len(self._data):
@@ -74,11 +106,12 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
-def open_socket(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
-    """paho's on_socket_open: no Nagle, and buffered reads on plain TCP."""
-    set_nodelay(client, userdata, sock)
+def open_socket(client: mqtt.Client, sock: socket.socket, coalesce_writes: bool) -> None:
+    """paho's on_socket_open: no Nagle, and buffered reads (and writes) on plain TCP."""
+    set_nodelay(sock)
     if not isinstance(sock, ssl.SSLSocket) and getattr(client, "_sock", None) is sock:
-        client._sock = BufferedSocket(sock)  # paho has no hook for its reads; it assigned _sock just before
+        # paho has no hook for its reads; it assigned _sock just before
+        client._sock = BufferedSocket(sock, coalesce_writes)
 
 
 class ProtocolVersion:
@@ -111,9 +144,11 @@ class ProtocolVersion:
         return True
 
 
-def new_client(settings: MqttSettings, client_id: str, version: str = "", **options: object) -> mqtt.Client:
+def new_client(settings: MqttSettings, client_id: str, version: str = "", coalesce_writes: bool = False,
+               **options: object) -> mqtt.Client:
     """A paho client with the protocol version (default: the settings' choice, MQTT 5 for
-    "auto"), credentials, TLS and socket options."""
+    "auto"), credentials, TLS and socket options. `coalesce_writes` only for a client whose
+    network loop calls `BufferedSocket.flush_writes`."""
     version = version or ("3.1.1" if settings.protocol == "3.1.1" else "5")
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311, **options)
@@ -121,7 +156,7 @@ def new_client(settings: MqttSettings, client_id: str, version: str = "", **opti
         client.username_pw_set(settings.username, settings.password.reveal() if settings.password else None)
     if settings.tls:
         client.tls_set_context(tls_context(settings))
-    client.on_socket_open = open_socket
+    client.on_socket_open = lambda c, userdata, sock: open_socket(c, sock, coalesce_writes)
     return client
 
 

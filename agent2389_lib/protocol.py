@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -364,7 +365,10 @@ def next_task_to_dict(nxt: Optional[NextTask]) -> Optional[dict]:
 
 def rfc3339(now: Optional[datetime] = None) -> str:
     """RFC 3339 UTC with millisecond precision and a `Z` suffix (RULE-003)."""
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    if now is None:  # the common case, on every progress event: without datetime objects
+        stamp = time.time()
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp * 1000) % 1000:03d}Z"
+    now = now.astimezone(timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 

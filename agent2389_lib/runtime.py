@@ -151,11 +151,12 @@ class AgentRuntime:
 
     def publish_progress(self, task_id: str, conversation_id: str, category: str, event_type: str, message: str,
                          tool_name: Optional[str]) -> None:
-        """Fire and forget: progress never delays a task and is off when `progress_events = false`."""
+        """Fire and forget at QoS 0 (advisory, as the reference implementation): progress never
+        delays a task and is off when `progress_events = false`."""
         if self.config.progress:
             payload = protocol.to_payload(protocol.progress_message(
                 self.config.agent_id, task_id, conversation_id, category, event_type, message, tool_name))
-            self.transport.publish(protocol.progress_topic(self.config.agent_id, category), payload)
+            self.transport.publish_advisory(protocol.progress_topic(self.config.agent_id, category), payload)
 
     # -------------------------------------------------------------- status
     def load(self) -> float:

@@ -32,8 +32,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import MqttSettings
 from .errors import PayloadTooLarge
-from .mqttclient import (UNSUPPORTED_PROTOCOL, ProtocolVersion, describe_refusal, describe_tls_error, new_client,
-                         publish_packet_size)
+from .mqttclient import (UNSUPPORTED_PROTOCOL, BufferedSocket, ProtocolVersion, describe_refusal,
+                         describe_tls_error, new_client, publish_packet_size)
 from .metrics import Metrics
 
 log = logging.getLogger("agent2389.transport.mqtt")
@@ -124,6 +124,7 @@ class _Link:
         self._pending: dict[int, tuple[PublishTicket, str, bytes, bool]] = {}  # mid: ticket and message
         self._client_lock = threading.Lock()  # publishing vs. replacing the client
         self._acked_early: dict[int, Optional[str]] = {}
+        self._advisory: set[int] = set()  # QoS 0 publishes paho has not yet written
         self.max_packet_size: Optional[int] = None  # from the broker's CONNACK
         self._generation = 0
         self._last_read = time.monotonic()
@@ -133,6 +134,7 @@ class _Link:
         self._short_lived = 0
         self._takeover = ""
         self._answered = False
+        self._woken = False
         self.client_id = client_id
         self._thread: Optional[threading.Thread] = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -151,10 +153,10 @@ class _Link:
         client_id, persistent, will, receive_maximum, max_packet_size = self._client_options
         self.v5 = v5 = self.version.v5
         session = {} if v5 else {"clean_session": not persistent}
-        client = new_client(self.settings, client_id, self.version.current, manual_ack=True, **session)
+        client = new_client(self.settings, client_id, self.version.current, coalesce_writes=True, manual_ack=True,
+                            **session)
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
-        client.on_log = self._remember_error
         client.on_socket_register_write = lambda c, u, s: self.wake()
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
@@ -187,6 +189,10 @@ class _Link:
         return self._connected.wait(timeout)
 
     def wake(self) -> None:
+        """One byte per round of the network loop, however many packets were queued meanwhile."""
+        if self._woken:
+            return
+        self._woken = True
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -204,6 +210,16 @@ class _Link:
         with self._client_lock:
             self._queue(ticket, topic, payload, retain)
         return ticket  # paho's register-write callback wakes the network thread
+
+    def publish_advisory(self, topic: str, payload: bytes) -> None:
+        """QoS 0, for progress events: nothing waits for them, and one lost costs nothing."""
+        with self._client_lock:
+            info = self.client.publish(topic, payload, qos=0)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return  # not connected: paho does not keep QoS 0 messages
+            with self._lock:
+                if self._acked_early.pop(info.mid, _NOT_ACKED) is _NOT_ACKED:
+                    self._advisory.add(info.mid)  # paho reports it once written
 
     def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
@@ -238,6 +254,7 @@ class _Link:
     # -------------------------------------------------------------- paho callbacks (network thread)
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._answered = True
+        client.on_log = None  # paho formats a log line for every packet while one is set
         if reason_code.is_failure:
             self.metrics.mqtt_connection(False, failed=True)
             if (reason_code.value == UNSUPPORTED_PROTOCOL and self.v5
@@ -323,7 +340,9 @@ class _Link:
         refusal = str(reason_code) if reason_code.is_failure else None
         with self._lock:
             pending = self._pending.pop(mid, None)
-            if pending is None:
+            if mid in self._advisory:
+                self._advisory.discard(mid)
+            elif pending is None:
                 self._acked_early[mid] = refusal
         if pending is not None:
             pending[0].settle(refusal)
@@ -357,7 +376,10 @@ class _Link:
         self.metrics.mqtt_connecting()
         if self.v5 != self.version.v5:  # a link found that the broker does not speak MQTT 5
             self._replace_client()
+        with self._lock:
+            self._advisory.clear()  # paho drops unsent QoS 0 messages when it reconnects
         self._answered = False
+        self.client.on_log = self._remember_error  # until CONNACK: why a connection failed
         try:
             self.client.reconnect()
             self._last_read = time.monotonic()
@@ -381,11 +403,12 @@ class _Link:
         if sock is None:
             return
         read = self._may_read() or time.monotonic() - self._last_read >= self.settings.keep_alive / 2
+        buffered = isinstance(sock, BufferedSocket)
         if read and sock.pending():  # SSLSocket or BufferedSocket: data already read off the wire
             readable, writable = [sock], []
         else:
             rlist = [sock, self._wake_r] if read else [self._wake_r]
-            wlist = [sock] if self.client.want_write() else []
+            wlist = [sock] if self.client.want_write() or (buffered and sock.unsent()) else []
             readable, writable, _ = select.select(rlist, wlist, [], _POLL_SECONDS)
         if self._wake_r in readable:
             self._drain_wake()
@@ -397,6 +420,8 @@ class _Link:
             self._last_read = time.monotonic()
         if rc == mqtt.MQTT_ERR_SUCCESS:
             rc = self.client.loop_misc()
+        if buffered and rc == mqtt.MQTT_ERR_SUCCESS:
+            sock.flush_writes()  # everything paho wrote in this round, in one send()
         if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
             self._drop_socket()
             delay = self._backoff.next_delay()
@@ -405,11 +430,13 @@ class _Link:
             self._stop.wait(delay)
 
     def _drain_wake(self) -> None:
+        """Then a later wake sends again; what was queued before it is written in this round."""
         try:
             while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._woken = False
 
     def _drop_socket(self) -> None:
         if self.client.socket() is not None:
@@ -527,6 +554,9 @@ class MqttTransport:
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> PublishTicket:
         return self.output.publish(topic, payload, retain)
+
+    def publish_advisory(self, topic: str, payload: bytes) -> None:
+        self.output.publish_advisory(topic, payload)
 
     def _intake_connected(self, session_present: bool) -> None:
         if self.intake.v5:

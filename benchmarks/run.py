@@ -194,8 +194,16 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return values["VmRSS"], values["VmHWM"]
 
 
-def requests_baseline(llm_port: int, count: int, threads: int) -> float:
-    """The same LLM calls from a bare requests loop: one Session per thread, like the agent."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def requests_baseline(llm_port: int, count: int, threads: int) -> tuple[float, float]:
+    """The same LLM calls from a bare requests loop: one Session per thread, like the agent.
+    Returns (calls per second, CPU seconds per call in this process)."""
     url = f"http://127.0.0.1:{llm_port}/v1/chat/completions"
     body = {"model": "bench", "messages": [{"role": "user", "content": "bench"}]}
     local = threading.local()
@@ -205,10 +213,10 @@ def requests_baseline(llm_port: int, count: int, threads: int) -> float:
         local.session = session
         session.post(url, json=body, timeout=30).json()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(call, range(count)))
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), (time.process_time() - cpu) / count
 
 
 def percentiles(samples: list[float]) -> dict:
@@ -234,10 +242,12 @@ def run(quick: bool) -> dict:
                                log="baseline.log")
         time.sleep(0.5)  # its subscription (benchmarks may pace themselves; tests may not)
         driver.burst(200)
+        cpu = cpu_seconds(baseline.pid)
         paho_rate = driver.burst(burst)
+        paho_cpu = (cpu_seconds(baseline.pid) - cpu) / burst
         paho_latency = percentiles(driver.latencies(sequential))
         procs.stop(baseline)
-        requests_rate = requests_baseline(instant_llm, burst, 16)
+        requests_rate, requests_cpu = requests_baseline(instant_llm, burst, 16)
 
         # echo provider: throughput, latency, startup, idle memory
         echo_config = write_agent_config(procs, broker, {"provider": "echo"})
@@ -264,7 +274,9 @@ def run(quick: bool) -> dict:
                                                            "base_url": f"http://127.0.0.1:{instant_llm}/v1"})
         agent, _ = start_agent(procs, driver, openai_config)
         driver.burst(200)
+        cpu = cpu_seconds(agent.pid)
         llm_rate = driver.burst(burst)
+        llm_cpu = (cpu_seconds(agent.pid) - cpu) / burst
         llm_latency = percentiles(driver.latencies(sequential))
         load_peak = memory_mb(agent.pid)[1]
         procs.stop(agent)
@@ -295,6 +307,8 @@ def run(quick: bool) -> dict:
     results["figures"] = [
         ("throughput, instant LLM (tasks/s)", round(llm_rate, 1), f"baselines: paho echo {paho_rate:.0f}, "
          f"requests loop {requests_rate:.0f}", round(llm_rate / slower, 3), ">= 0.7 of the slower baseline"),
+        ("CPU per task, instant LLM (us)", round(llm_cpu * 1e6), f"paho echo {paho_cpu * 1e6:.0f} + requests "
+         f"{requests_cpu * 1e6:.0f}", round(llm_cpu / (paho_cpu + requests_cpu), 3), "<= 1.3x of the baselines' sum"),
         ("throughput, echo provider (tasks/s)", round(echo_rate, 1), f"paho echo {paho_rate:.0f}",
          round(echo_rate / paho_rate, 3), ">= 0.6"),
         ("  same, progress_events = false", round(quiet_rate, 1), f"paho echo {paho_rate:.0f}",

@@ -296,6 +296,11 @@ class Watcher:
     def _scan(items: list, topic: Optional[str], where: Callable[[Any], bool]) -> list:
         return [p for t, p in items if (topic is None or mqtt.topic_matches_sub(topic, t)) and where(p)]
 
+    def qos_levels(self) -> list[tuple[str, int]]:
+        """(topic, QoS) of every message received, as the broker delivered it."""
+        with self._cond:
+            return [(m.topic, m.qos) for m in self.messages]
+
     def matching(self, topic: Optional[str] = None, where: Callable[[Any], bool] = lambda p: True) -> list:
         with self._cond:
             return self._scan(self.parsed, topic, where)

@@ -64,6 +64,9 @@ class LifecycleTests(BrokerTestCase):
         fresh = Watcher(self.broker.port, STATUS)  # the retained status a newcomer sees
         self.addCleanup(fresh.close)
         self.assertEqual(fresh.wait_for(STATUS)[0]["status"], "unavailable")
+        for client in (f"agent2389-{AGENT}", f"agent2389-{AGENT}-out"):  # a clean DISCONNECT: no Last Will
+            wait_until(lambda: f"Client {client} disconnected." in self.broker.log(), 10, f"{client}'s DISCONNECT")
+        self.assertNotIn("closed its connection", self.broker.log())
 
     def test_second_signal_exits_at_once(self):
         watcher, agent, _ = self.task_in_flight(60000, "c-twice")
@@ -303,6 +306,22 @@ class PipelineTests(BrokerTestCase):
                          [("client", "researcher", 1), ("researcher", "writer", 2), ("writer", "editor", 3)])
         only = {m.topic for m in watcher.messages if m.topic.startswith("/conversations/")}
         self.assertEqual(only, {"/conversations/c-pipe/editor"})  # only the last agent answers
+
+
+class QosTests(BrokerTestCase):
+    def test_progress_at_qos0_outcomes_forwards_and_status_at_qos1(self):
+        """As a QoS 1 subscriber sees them: the broker delivers at the lower of both QoS levels."""
+        progress = f"/control/agents/{AGENT}/progress/#"
+        watcher = self.watcher(STATUS, "/conversations/#", progress, "/control/agents/next-agent/input")
+        self.agent(AGENT).start_and_wait_available(watcher)
+        watcher.publish(INPUT, envelope(AGENT, cid="c-qos"))
+        watcher.publish(INPUT, envelope(AGENT, cid="c-qos-next", next=chain(2)))
+        watcher.wait_for("/conversations/c-qos/+")
+        watcher.wait_for("/control/agents/next-agent/input")
+        watcher.wait_for(progress, lambda p: p["event_type"] == "TaskComplete", count=2)
+        levels = {(topic.split("/")[1] if topic.startswith("/conversations") else topic.split("/")[4], qos)
+                  for topic, qos in watcher.qos_levels()}
+        self.assertEqual(levels, {("status", 1), ("conversations", 1), ("input", 1), ("progress", 0)})
 
 
 class BrokerRestartTests(BrokerTestCase):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -97,6 +98,11 @@ class JsonHttpClient:
         if session is None:
             session = self._local.session = requests.Session()
             session.headers.update(self.headers)
+            # the environment's proxies and CA bundle, read once: with trust_env every request
+            # looks for ~/.netrc and scans the environment again
+            session.trust_env = False
+            session.proxies = requests.utils.get_environ_proxies(self.base_url)
+            session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         return session
 
     def get(self, path: str, timeout: float) -> Any:
