@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -133,7 +134,12 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         super().shutdown_request(request)
 
     def handle_error(self, request: object, client_address: object) -> None:
-        log.debug("health client %s went away mid-request", client_address)
+        """Called inside the handler's except block: a client hanging up is no news, a bug is."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError, socket.timeout)):
+            log.debug("health client %s went away mid-request (%s)", client_address, type(error).__name__)
+        else:
+            log.error("health endpoint failed for %s: %s: %s", client_address, type(error).__name__, error)
 
 
 class HealthServer:
