@@ -28,7 +28,6 @@ NEW = "new"
 IN_FLIGHT = "in_flight"
 COMPLETED = "completed"
 _PRUNE_EVERY = 256
-_ERROR_LOG_INTERVAL = 60.0
 
 
 class StoreError(Exception):
@@ -46,7 +45,7 @@ class DedupeStore:
         self._lock_fd: Optional[int] = None
         self._inserts = 0
         self._write_error: Optional[str] = None
-        self._write_errors = Throttle(_ERROR_LOG_INTERVAL)
+        self._write_errors = Throttle()  # one ERROR line a minute
         if state_dir:
             self._open(state_dir, agent_id)
 

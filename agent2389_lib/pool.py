@@ -21,7 +21,7 @@ class PoolView:
         self.instance_id = instance_id
         self.pool_topic = protocol.status_topic(agent_id)
         self._prefix, self._suffix = protocol.instance_status_topic(agent_id, "\0").split("\0")
-        self._members: dict[str, str] = {}
+        self._alive: set[str] = set()
         self._lock = threading.Lock()
 
     def observe(self, topic: str, payload: bytes) -> tuple[bool, Optional[str]]:
@@ -36,9 +36,9 @@ class PoolView:
             member = topic[len(self._prefix):-len(self._suffix)]
             with self._lock:
                 if status.get("status") == protocol.AVAILABLE:
-                    self._members[member] = protocol.AVAILABLE
+                    self._alive.add(member)
                 else:
-                    self._members.pop(member, None)
+                    self._alive.discard(member)
             return False, None
         if topic != self.pool_topic:
             return False, None
@@ -62,7 +62,7 @@ class PoolView:
     def alive(self) -> list[str]:
         """Members whose retained instance status is `available`."""
         with self._lock:
-            return sorted(self._members)
+            return sorted(self._alive)
 
     def others_alive(self) -> bool:
         return any(member != self.instance_id for member in self.alive())

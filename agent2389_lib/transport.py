@@ -505,7 +505,7 @@ class MqttTransport:
         every reconnect. Messages go to `on_watched`."""
         self._watched = list(filters)
         if self.output.connected:
-            self.output.client.subscribe([(topic, 0) for topic in self._watched])
+            self._subscribe_watched()
 
     def leave_input(self, timeout: float) -> bool:
         """Unsubscribe from the input and wait for the UNSUBACK (the broker stops sending new tasks;
@@ -521,7 +521,10 @@ class MqttTransport:
     def _output_connected(self, session_present: bool) -> None:
         self._connection_changed()
         if self._watched:
-            self.output.client.subscribe([(topic, 0) for topic in self._watched])
+            self._subscribe_watched()
+
+    def _subscribe_watched(self) -> None:
+        self.output.client.subscribe([(topic, 0) for topic in self._watched])
 
     def _handle_watch_suback(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [f"{topic}: {rc}" for topic, rc in zip(self._watched, reason_codes) if rc.is_failure]
