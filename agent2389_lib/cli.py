@@ -67,15 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--next", metavar="A,B,...", help="agents that handle the result next, in order")
     inject.add_argument("--tool", help="ask the agent to call this tool (input.tool_request)")
     inject.add_argument("--tool-params", metavar="JSON", default="{}", help="the tool's parameters")
-    inject.add_argument("--v2", action="store_true", help="send a v2 envelope with a workflow context")
+    inject.add_argument("--v2", action="store_true",
+                        help="send a v2 envelope with a workflow context; with --wait, wait for the workflow's final "
+                             "answer and print the route it took")
     inject.add_argument("--query", help="v2: the original query (default: the instruction or message)")
     _add_wait_args(inject)
     _add_broker_args(inject)
 
     monitor = _command(sub, "monitor", "print the protocol messages on the broker as they pass",
                        "agent2389 monitor --mode conversations --format json")
-    monitor.add_argument("--mode", choices=("all", "availability", "conversations", "inputs", "progress"),
-                         default="all")
+    monitor.add_argument("--mode", choices=("all", "availability", "conversations", "inputs", "progress", "routing"),
+                         default="all", help="routing: one line per routed hop (from, to, reason) and workflow end")
     monitor.add_argument("--format", choices=("pretty", "compact", "json"), default="pretty")
     monitor.add_argument("--agent-id", help="only this agent's topics")
     monitor.add_argument("--conversation-id", help="only this conversation")
@@ -178,6 +180,9 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
     if args.json:
         print(json.dumps({"task": task, "reply": reply, "timed_out": code == ops.EXIT_TIMEOUT}, ensure_ascii=False))
     else:
+        route = ops.describe_workflow(reply)
+        if route:
+            print(route, file=sys.stderr)
         print(ops.describe_reply(reply, task, args.wait), file=sys.stderr if code else sys.stdout)
     return code
 
@@ -207,19 +212,27 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import ops, protocol
     client = _client(args)
     colour = args.format == "pretty" and sys.stdout.isatty()
     seen = 0
     try:
-        client.subscribe(ops.monitor_topics(args.mode, args.agent_id, args.conversation_id))
+        topics = ops.monitor_topics(args.mode, args.agent_id, args.conversation_id)
+        client.subscribe(topics)
+        print(f"monitoring {', '.join(topics)} on {client.where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         while args.count is None or seen < args.count:
             message = client.next_message(1.0)
             if message is None:
                 continue
             if not ops.in_conversation(message.topic, message.payload, args.conversation_id):
                 continue
-            print(ops.render(message.topic, message.payload, args.format, colour), flush=True)
+            if args.mode == "routing":
+                line = ops.routing_hop(message.topic, message.payload)
+                if line is None:
+                    continue
+                print(f"{protocol.rfc3339()} {line}", flush=True)
+            else:
+                print(ops.render(message.topic, message.payload, args.format, colour), flush=True)
             seen += 1
     except KeyboardInterrupt:
         pass

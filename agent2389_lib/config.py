@@ -131,10 +131,20 @@ class ToolSpec:
 
 
 @dataclass(frozen=True)
+class GatekeeperSettings:
+    url: str
+    timeout_ms: int = 5000
+    retry_attempts: int = 3
+
+
+@dataclass(frozen=True)
 class RoutingSettings:
-    strategy: str
-    max_iterations: Optional[int] = None
-    options: dict = field(default_factory=dict)
+    """Protocol v2 dynamic routing: who picks the next agent, and how many hops at most."""
+
+    strategy: str  # "llm" or "gatekeeper"
+    max_iterations: int = 10
+    llm: Optional[LlmSettings] = None
+    gatekeeper: Optional[GatekeeperSettings] = None
 
 
 @dataclass(frozen=True)
@@ -221,8 +231,12 @@ _TOOL_KEYS = ("name", "impl", "command", "args", "timeout", "schema", "descripti
 _FALLBACK_KEYS = ("provider", "model", "api_key_env", "api_key", "base_url", "temperature", "max_tokens",
                   "system_prompt", "max_attempts", "request_timeout", "max_response_bytes")
 _ROUTING_KEYS = {"strategy", "max_iterations", "llm", "gatekeeper"}
-_ROUTING_SUB = {"llm": {"provider", "model", "temperature"},
+_ROUTING_SUB = {"llm": {"provider", "model", "temperature", "api_key_env", "base_url", "max_tokens", "timeout"},
                 "gatekeeper": {"url", "timeout_ms", "retry_attempts"}}
+ROUTER_PROVIDERS = ("openai", "anthropic")
+ROUTER_TEMPERATURE = 0.1
+ROUTER_MAX_TOKENS = 500
+ROUTER_TIMEOUT = 30.0
 
 _ENV_SIMPLE = {
     "AGENT_ID": "agent_id", "DEFAULT_MODEL": "llm.model", "MAX_PIPELINE_DEPTH": "max_pipeline_depth",
@@ -563,7 +577,7 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
         llm=llm,
         budget=_build_budget(read),
         tools=tuple(_build_tools(read, env)),
-        routing=_build_routing(read),
+        routing=_build_routing(read, env, llm, run_problems),
     )
     return config, run_problems
 
@@ -820,24 +834,46 @@ def _valid_schema(schema: Any) -> bool:
     return True
 
 
-def _build_routing(read: _Reader) -> Optional[RoutingSettings]:
+def _build_routing(read: _Reader, env: Mapping[str, str], llm: LlmSettings,
+                   run_problems: list) -> Optional[RoutingSettings]:
     table = read.raw("routing")
-    if table is None:
+    if not isinstance(table, dict):
         return None
-    reader = _Reader({f"routing.{k}": _Value(v, f"[routing] {k}") for k, v in table.items()}, read.out)
-    strategy = reader.choice("routing.strategy", "llm", ("llm", "gatekeeper"))
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):  # [routing.llm] timeout is the router's request timeout
+            flat.update({f"routing.{key}.{'request_timeout' if k == 'timeout' else k}": _Value(v, f"[routing.{key}] {k}")
+                         for k, v in value.items()})
+        else:
+            flat[f"routing.{key}"] = _Value(value, f"[routing] {key}")
+    reader = _Reader(flat, read.out)
     if "strategy" not in table:
-        read.out.problem("[routing] needs strategy = \"llm\" or \"gatekeeper\"")
-    max_iterations = reader.integer("routing.max_iterations", None, 1, 1000)
-    options = table.get(strategy, {})
-    if not isinstance(options, dict):
-        read.out.problem(f"[routing.{strategy}] must be a table")
-        options = {}
+        read.out.problem('[routing] needs strategy = "llm" or "gatekeeper"')
+    strategy = reader.choice("routing.strategy", "llm", ("llm", "gatekeeper"))
+    max_iterations = reader.integer("routing.max_iterations", 10, 1, 1000)
+    if not isinstance(table.get(strategy), dict):
+        read.out.problem(f'[routing] strategy = "{strategy}" needs a [routing.{strategy}] table')
+        return RoutingSettings(strategy, max_iterations)
     if strategy == "gatekeeper":
-        url = options.get("url")
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
-            read.out.problem("[routing.gatekeeper] url must be an absolute http(s) URL")
-    return RoutingSettings(strategy=strategy, max_iterations=max_iterations, options=dict(options))
+        url = reader.string("routing.gatekeeper.url")
+        if not url or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            read.out.problem("[routing.gatekeeper] url must be an absolute http(s) URL, e.g. http://gatekeeper:8000/route")
+        return RoutingSettings(strategy, max_iterations, gatekeeper=GatekeeperSettings(
+            url or "", reader.integer("routing.gatekeeper.timeout_ms", 5000, 1, 600000),
+            reader.integer("routing.gatekeeper.retry_attempts", 3, 1, 20)))
+    if not reader.has("routing.llm.provider"):
+        read.out.problem(f"[routing.llm] needs a provider ({', '.join(ROUTER_PROVIDERS)})")
+    provider = reader.choice("routing.llm.provider", "openai", ROUTER_PROVIDERS)
+    own_problems: list = []
+    router = _llm_settings(reader, env, own_problems, provider, "routing.llm.", inherit=None)
+    if provider == llm.provider and router.api_key is None and not reader.has("routing.llm.api_key_env"):
+        router = replace(router, api_key=llm.api_key, api_key_env=llm.api_key_env)  # the [llm] key
+    if router.api_key is None:
+        run_problems.extend(f"[routing.llm]: {problem}" for problem in own_problems)
+    return RoutingSettings(strategy, max_iterations, llm=replace(
+        router, temperature=reader.number("routing.llm.temperature", ROUTER_TEMPERATURE, 0.0, 2.0),
+        max_tokens=reader.integer("routing.llm.max_tokens", ROUTER_MAX_TOKENS, 1, 1000000),
+        request_timeout=reader.number("routing.llm.request_timeout", ROUTER_TIMEOUT, 1.0, 3600.0)))
 
 
 # ---------------------------------------------------------------- display

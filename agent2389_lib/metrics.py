@@ -67,6 +67,8 @@ class Metrics:
         self._cpu_mark = (time.monotonic(), time.process_time())
         self.intake_depth: Callable[[], int] = lambda: 0
         self.store_degraded: Callable[[], bool] = lambda: False
+        self.registry_size: Callable[[], tuple[int, int]] = lambda: (0, 0)  # routable agents, statuses ignored
+        self.routing: dict[str, int] = defaultdict(int)  # decisions by outcome
         # tasks
         self.received = self.completed = self.failed = self.rejected = self.duplicates = self.ignored = 0
         self.processing = self.max_processing = 0
@@ -177,6 +179,11 @@ class Metrics:
                 stats.errors += 1
                 stats.errors_by_kind[error_kind] += 1
 
+    def routing_decision(self, outcome: str) -> None:
+        """forward, or how a workflow ended: router, max_iterations, router_error."""
+        with self._lock:
+            self.routing[outcome] += 1
+
     def set_state(self, state: str) -> None:
         with self._lock:
             if state != self.state:
@@ -202,6 +209,7 @@ class Metrics:
     def snapshot(self) -> dict:
         depth = self.intake_depth()
         store_degraded = self.store_degraded()
+        registry_agents, registry_ignored = self.registry_size()
         with self._lock:
             now = self._clock()
             recent = list(self.recent)
@@ -245,6 +253,8 @@ class Metrics:
                           "total_failures": sum(t["failures"] for t in tools.values()),
                           "total_timeouts": sum(t["timeouts"] for t in tools.values())},
                 "llm": {"providers": llm},
+                "routing": {"decisions": dict(self.routing), "registry_agents": registry_agents,
+                            "registry_statuses_ignored": registry_ignored},
                 "lifecycle": {"current_state": self.state, "uptime_seconds": uptime,
                               "state_transitions": self.state_transitions, "restarts": self.restarts,
                               "healthy": self.connected and self.state == "running",
@@ -322,6 +332,14 @@ def prometheus_text(snapshot: dict, version: str) -> str:
            [("", {"provider": n}, s["retries"]) for n, s in llm.items()])
     family("agent2389_llm_tokens_total", "counter", "LLM tokens.",
            [("", {"provider": n, "direction": d}, s[f"tokens_{d}"]) for n, s in llm.items() for d in ("in", "out")])
+    routing = snapshot["routing"]
+    family("agent2389_routing_decisions_total", "counter",
+           "Routed hops (v2): forward, or the end of a workflow (router, max_iterations, router_error).",
+           [("", {"outcome": k}, v) for k, v in sorted(routing["decisions"].items())])
+    family("agent2389_registry_agents", "gauge", "Agents the router may choose now (v2 discovery).",
+           [("", {}, routing["registry_agents"])])
+    family("agent2389_registry_statuses_ignored_total", "counter", "Malformed status messages ignored by discovery.",
+           [("", {}, routing["registry_statuses_ignored"])])
     family("agent2389_process_resident_memory_bytes", "gauge", "Resident memory.",
            [("", {}, snapshot["system"]["memory_used_bytes"])])
     family("agent2389_threads", "gauge", "Active threads.", [("", {}, snapshot["system"]["active_threads"])])

@@ -15,7 +15,6 @@ from . import protocol
 from .opsclient import OperatorClient
 
 EXIT_RESPONSE, EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 3, 124
-MONITOR_MODES = ("all", "availability", "conversations", "inputs", "progress")
 DEFAULT_STAGE_INSTRUCTIONS = (
     "Research the topic: list the key facts, with sources.",
     "Write a clear, well-structured article from the research.",
@@ -47,6 +46,16 @@ def build_task(agent_id: str, *, instruction: Optional[str], input: Any, convers
     return task
 
 
+def answers(task: dict, payload: Any) -> bool:
+    """Whether a conversation message is the answer to `task`. A v2 task's answer may come from
+    another agent under another task id (a routed workflow's final answer, or an error of any hop)."""
+    if not isinstance(payload, dict):
+        return False
+    if payload.get("task_id") == task["task_id"]:
+        return True
+    return "version" in task and ("workflow" in payload or "error" in payload)
+
+
 def send_task(client: OperatorClient, task: dict, wait: Optional[float]) -> tuple[int, Optional[dict]]:
     """Publish a task; with `wait`, subscribe to its conversation first and return the answer."""
     if wait is not None:
@@ -61,7 +70,7 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float]) -> tupl
         if message is None:
             return EXIT_TIMEOUT, None
         payload = _json_or_text(message.payload)
-        if isinstance(payload, dict) and payload.get("task_id") == task["task_id"]:
+        if answers(task, payload):
             return (EXIT_ERROR if "error" in payload else EXIT_RESPONSE), {"topic": message.topic, "payload": payload}
 
 
@@ -76,6 +85,18 @@ def describe_reply(reply: Optional[dict], task: dict, wait: Optional[float]) -> 
     return str(payload.get("response"))
 
 
+def describe_workflow(reply: Optional[dict]) -> Optional[str]:
+    """The route a v2 workflow took, one hop per line, and how it ended; None for other answers."""
+    workflow = reply["payload"].get("workflow") if reply else None
+    if not isinstance(workflow, dict):
+        return None
+    lines = [f"{step.get('step_number')}. {step.get('from_agent')} -> {step.get('to_agent')}: {step.get('reason')}"
+             for step in workflow.get("routing_trace") or [] if isinstance(step, dict)]
+    lines.append(f"workflow complete ({workflow.get('reason')}) after {workflow.get('iterations')} step(s), "
+                 f"answered by {reply['topic'].rsplit('/', 1)[-1]}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- monitor
 
 def monitor_topics(mode: str, agent_id: Optional[str], conversation_id: Optional[str]) -> list[str]:
@@ -86,6 +107,7 @@ def monitor_topics(mode: str, agent_id: Optional[str], conversation_id: Optional
         "inputs": [f"/control/agents/{agent}/input"],
         "progress": [f"/control/agents/{agent}/progress", f"/control/agents/{agent}/progress/#"],
     }
+    topics["routing"] = topics["inputs"] + topics["conversations"]  # forwarded tasks carry the trace
     if mode == "all":
         return [t for key in ("availability", "inputs", "conversations", "progress") for t in topics[key]]
     return topics[mode]
@@ -100,6 +122,25 @@ def message_type(topic: str, payload: Any) -> str:
             return "status" if parts[-1] == "status" else "other"
         return {"status": "status", "input": "task", "progress": "progress"}.get(parts[4], "other")
     return "other"
+
+
+def routing_hop(topic: str, data: bytes) -> Optional[str]:
+    """`monitor --mode routing`: one line for a routed hop (a v2 task whose trace grew) or a
+    workflow's final answer; None for anything else."""
+    payload = _json_or_text(data)
+    if not isinstance(payload, dict):
+        return None
+    kind = message_type(topic, payload)
+    trace = payload.get("routing_trace")
+    if kind == "task" and isinstance(trace, list) and trace and isinstance(trace[-1], dict):
+        hop = trace[-1]
+        return (f"{payload.get('conversation_id')} step {hop.get('step_number')}: {hop.get('from_agent')} -> "
+                f"{hop.get('to_agent')}: {hop.get('reason')}")
+    workflow = payload.get("workflow")
+    if kind == "response" and isinstance(workflow, dict):
+        return (f"{topic.split('/')[2]} complete ({workflow.get('reason')}) after {workflow.get('iterations')} "
+                f"step(s), answered by {topic.rsplit('/', 1)[-1]}")
+    return None
 
 
 def in_conversation(topic: str, data: bytes, conversation_id: Optional[str]) -> bool:

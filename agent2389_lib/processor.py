@@ -35,6 +35,7 @@ _REJECTION_CODES = (protocol.INVALID_INPUT, protocol.PIPELINE_DEPTH_EXCEEDED)
 _INTERNAL_ERROR_TEXT = "internal error while processing the task (details are in the agent log)"
 
 Think = Callable[[TaskEnvelope, float], str]
+Route = Callable[[TaskEnvelope, str], "tuple[str, dict]"]  # a v2 hop's output -> (topic, forward or final answer)
 
 
 class Delivery(Protocol):
@@ -90,7 +91,7 @@ def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
 class TaskProcessor:
     def __init__(self, config: AgentConfig, think: Think, publisher: Publisher, dedupe: DedupeStore,
                  metrics: Metrics, progress: Optional[Progress] = None,
-                 should_abandon: Callable[[], bool] = lambda: False):
+                 should_abandon: Callable[[], bool] = lambda: False, route: Optional[Route] = None):
         self.config = config
         self.metrics = metrics
         self.progress: Progress = progress or (lambda *args: None)
@@ -102,6 +103,7 @@ class TaskProcessor:
         self.publisher = publisher
         self.dedupe = dedupe
         self.should_abandon = should_abandon
+        self.route = route
         self.secrets = config.secrets()
         self._retained = Throttle()
 
@@ -270,6 +272,8 @@ class TaskProcessor:
                 raise TaskTimeout()
             if envelope.next is not None:
                 return protocol.forward_envelope(envelope, text, self.agent_id)
+            if self.route is not None and protocol.is_routable(envelope):
+                return self.route(envelope, text)
             return reply_topic, protocol.response_message(protocol.extract_response(text), envelope.task_id)
         except EnvelopeError as exc:
             return reply_topic, self._error(envelope, protocol.INVALID_INPUT, str(exc))

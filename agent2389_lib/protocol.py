@@ -29,8 +29,11 @@ UNAVAILABLE = "unavailable"
 
 PROGRESS_EVENT_TYPES = (
     "TaskStart", "TaskComplete", "TaskError", "ToolCall", "ToolComplete", "ToolError",
-    "LlmRequest", "LlmResponse", "LlmError", "ValidationError",
+    "LlmRequest", "LlmResponse", "LlmError", "ValidationError", "Custom",
 )
+HEALTH_OK, HEALTH_DEGRADED = "ok", "degraded"
+MAX_WORKFLOW_ENTRIES = 100  # steps_completed and routing_trace keep the newest this many
+MAX_ACTION_CHARS = 200
 _PROGRESS_SUFFIX = {"General": "", "Tool": "/tools", "LLM": "/llm"}
 
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
@@ -350,6 +353,86 @@ def forward_envelope(envelope: TaskEnvelope, final_text: str, self_id: str, now:
     return input_topic(target), out
 
 
+# ---------------------------------------------------------------- v2 dynamic routing
+
+def is_routable(envelope: TaskEnvelope) -> bool:
+    """Dynamic routing applies to a v2 envelope (a `version` that is not 1.x) without a static `next`."""
+    version = envelope.version
+    return version is not None and version != "1" and not version.startswith("1.") and envelope.next is None
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """Where a routed workflow stands when a hop receives it."""
+
+    original_query: str
+    steps: list
+    trace: list
+    iteration_count: int  # hops before this one
+
+
+def workflow_of(envelope: TaskEnvelope) -> Workflow:
+    context = envelope.context or {}
+    query = context.get("original_query")
+    if query is None:  # the first hop: the request is its instruction (or input)
+        query = envelope.instruction or _as_text(envelope.input)
+    return Workflow(query, list(context.get("steps_completed") or []), list(envelope.routing_trace or []),
+                    int(context.get("iteration_count") or 0))
+
+
+def _as_text(value: Any) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _newest(entries: list) -> list:
+    return entries[-MAX_WORKFLOW_ENTRIES:]
+
+
+def _with_this_step(envelope: TaskEnvelope, flow: Workflow, self_id: str, stamp: str) -> list:
+    action = (envelope.instruction or "")[:MAX_ACTION_CHARS]
+    return _newest(flow.steps + [{"agent_id": self_id, "action": action, "timestamp": stamp}])
+
+
+def routed_envelope(envelope: TaskEnvelope, output: str, self_id: str, next_agent: str, instruction: Optional[str],
+                    reason: str, now: Optional[datetime] = None) -> tuple[str, dict]:
+    """The next hop of a routed workflow and the topic to publish it on. Its `task_id` is new,
+    so an agent the workflow visits again does not take it for a duplicate."""
+    flow = workflow_of(envelope)
+    stamp = rfc3339(now)
+    step = {"from_agent": self_id, "to_agent": next_agent, "reason": reason, "timestamp": stamp,
+            "step_number": len(flow.trace) + 1}
+    parsed = _loads_any(output)
+    topic = input_topic(next_agent)
+    return topic, {
+        "task_id": str(uuid.uuid4()), "conversation_id": envelope.conversation_id, "topic": topic,
+        "instruction": instruction, "input": parsed if isinstance(parsed, (dict, list)) else output, "next": None,
+        "version": "2.0",
+        "context": {"original_query": flow.original_query, "steps_completed": _with_this_step(envelope, flow, self_id, stamp),
+                    "iteration_count": flow.iteration_count + 1},
+        "routing_trace": _newest(flow.trace + [step]),
+    }
+
+
+def workflow_response(envelope: TaskEnvelope, response: str, self_id: str, reason: str,
+                      now: Optional[datetime] = None) -> dict:
+    """The final answer of a routed workflow: a response plus the additive `workflow` field."""
+    flow = workflow_of(envelope)
+    message = response_message(response, envelope.task_id)
+    message["workflow"] = {"complete": True, "reason": reason, "iterations": flow.iteration_count + 1,
+                           "routing_trace": flow.trace,
+                           "steps_completed": _with_this_step(envelope, flow, self_id, rfc3339(now))}
+    return message
+
+
+def _loads_any(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def next_task_to_dict(nxt: Optional[NextTask]) -> Optional[dict]:
     chain: list[NextTask] = []
     while nxt is not None:
@@ -383,18 +466,26 @@ def to_payload(message: Mapping[str, Any]) -> bytes:
 
 
 def status_message(agent_id: str, status: str, *, capabilities: Sequence[str] = (), description: str = "",
-                   load: float = 0.0, version: str = "", instance_id: Optional[str] = None,
-                   instances_hint: Optional[int] = None, now: Optional[datetime] = None) -> dict:
-    """The retained status; pool members add `instance_id` and `instances_hint` (members seen alive)."""
+                   load: float = 0.0, health: str = HEALTH_OK, version: str = "", heartbeat_interval: int = 0,
+                   instance_id: Optional[str] = None, instances_hint: Optional[int] = None,
+                   now: Optional[datetime] = None) -> dict:
+    """The retained status: the reference's fields plus what its registry reads (`health`,
+    `load`, `last_updated`). An unavailable agent says `health: "unavailable"` and `load: 1`
+    too, since the reference's registry reads only those. Pool members add `instance_id` and
+    `instances_hint` (members seen alive)."""
     stamp = rfc3339(now)
     msg: dict = {"agent_id": agent_id, "status": status, "timestamp": stamp}
     if capabilities:
         msg["capabilities"] = list(capabilities)
     if description:
         msg["description"] = description
-    msg.update({"health": "ok", "load": round(min(max(load, 0.0), 1.0), 3), "last_updated": stamp})
+    if status != AVAILABLE:
+        health, load = UNAVAILABLE, 1.0
+    msg.update({"health": health, "load": round(min(max(load, 0.0), 1.0), 3), "last_updated": stamp})
     if version:
         msg["version"] = version
+    if heartbeat_interval:
+        msg["heartbeat_interval"] = heartbeat_interval
     if instance_id is not None:
         msg["instance_id"] = instance_id
     if instances_hint is not None:
@@ -413,12 +504,12 @@ def error_message(code: str, message: str, task_id: str, secrets: Iterable[str] 
 
 
 def progress_message(agent_id: str, task_id: str, conversation_id: str, category: str, event_type: str,
-                     message: str, tool_name: Optional[str] = None, now: Optional[datetime] = None) -> dict:
+                     message: str, metadata: Optional[dict] = None, now: Optional[datetime] = None) -> dict:
     if category not in _PROGRESS_SUFFIX or event_type not in PROGRESS_EVENT_TYPES:
         raise ValueError(f"unknown progress category/event {category!r}/{event_type!r}")
     return {"agent_id": agent_id, "task_id": task_id, "conversation_id": conversation_id,
             "timestamp": rfc3339(now), "category": category, "event_type": event_type, "message": message,
-            "metadata": {"tool_name": tool_name} if tool_name is not None else None}
+            "metadata": metadata}
 
 
 # ---------------------------------------------------------------- sanitizing
@@ -477,7 +568,7 @@ _MAX_OBJECT_CANDIDATES = 32
 
 def extract_response(text: str) -> str:
     """PROTOCOL.md 2.4: an object's `result` when the text is or contains one, else the text."""
-    found = _find_json_object(text)
+    found = find_json_object(text)
     if isinstance(found, dict) and "result" in found:
         result = found["result"]
         return result if isinstance(result, str) else json.dumps(result, separators=(",", ":"), ensure_ascii=False)
@@ -485,14 +576,11 @@ def extract_response(text: str) -> str:
 
 
 def _loads_object(text: str) -> Optional[dict]:
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
+    value = _loads_any(text)
     return value if isinstance(value, dict) else None
 
 
-def _find_json_object(text: str) -> Optional[dict]:
+def find_json_object(text: str) -> Optional[dict]:
     whole = _loads_object(text.strip())
     if whole is not None:
         return whole

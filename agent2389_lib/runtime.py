@@ -24,6 +24,8 @@ from .logs import Throttle, configure_logging, span
 from .metrics import Metrics
 from .pool import PoolView
 from .processor import TaskProcessor
+from .registry import STATUS_FILTER, Registry
+from .router import WorkflowRouter, build_router
 from .tools import build_registry
 from .tools.registry import ToolStartupError
 from .transport import MqttTransport, SubscriptionRefused
@@ -126,8 +128,15 @@ class AgentRuntime:
         self.tools.on_execution = self.metrics.tool_execution
         self.agent_loop = build_agent_loop(config, self.tools if config.tools else None, self.metrics,
                                            self.publish_progress)
+        self.registry: Optional[Registry] = None
+        route = None
+        if config.routing is not None:  # v2: discovery feeds the router
+            self.registry = registry = Registry(config.heartbeat_interval)
+            self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
+            route = WorkflowRouter(config.agent_id, config.routing, registry, build_router(config.routing, self.metrics),
+                                   self.metrics, self.publish_progress).next_step
         self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.metrics,
-                                       self.publish_progress, should_abandon=self._hard_stop.is_set)
+                                       self.publish_progress, should_abandon=self._hard_stop.is_set, route=route)
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
         try:
             self.health = HealthServer(self.metrics, self.status, config.health_port, config.health_bind)
@@ -150,12 +159,12 @@ class AgentRuntime:
                            self.dedupe.degraded)
 
     def publish_progress(self, task_id: str, conversation_id: str, category: str, event_type: str, message: str,
-                         tool_name: Optional[str]) -> None:
+                         metadata: Optional[dict]) -> None:
         """Fire and forget at QoS 0 (advisory, as the reference implementation): progress never
         delays a task and is off when `progress_events = false`."""
         if self.config.progress:
             payload = protocol.to_payload(protocol.progress_message(
-                self.config.agent_id, task_id, conversation_id, category, event_type, message, tool_name))
+                self.config.agent_id, task_id, conversation_id, category, event_type, message, metadata))
             self.transport.publish_advisory(protocol.progress_topic(self.config.agent_id, category), payload)
 
     # -------------------------------------------------------------- status
@@ -167,8 +176,9 @@ class AgentRuntime:
         member = self.config.instance_id
         return protocol.to_payload(protocol.status_message(
             self.config.agent_id, status, capabilities=self.config.capabilities,
-            description=self.config.description, load=self.load() if status == protocol.AVAILABLE else 0.0,
-            version=__version__, instance_id=member,
+            description=self.config.description, load=self.load(),
+            health=protocol.HEALTH_DEGRADED if self.saturated() else protocol.HEALTH_OK, version=__version__,
+            heartbeat_interval=self.config.heartbeat_interval, instance_id=member,
             instances_hint=len(set(self.pool.alive()) | {member}) if member else None))
 
     def publish_status(self, status: str, wait_seconds: Optional[float] = None, heartbeat: bool = False) -> bool:
@@ -191,6 +201,8 @@ class AgentRuntime:
         if topic == self._probe_topic:
             self._probe_seen.set()
             return
+        if self.registry is not None:
+            self.registry.observe(topic, payload)
         pool_marked_unavailable, conflict = self.pool.observe(topic, payload)
         if conflict and self.state == "starting":
             self._conflict = conflict
@@ -205,7 +217,8 @@ class AgentRuntime:
         member = self.config.instance_id
         probe = (protocol.shared_subscription(f"probe-{self.config.mqtt.client_id}", self._probe_topic)
                  if member else self._probe_topic)
-        self.transport.watch([self.status_topic, protocol.instance_status_topic(self.config.agent_id, "+"), probe])
+        self.transport.watch([self.status_topic, protocol.instance_status_topic(self.config.agent_id, "+"), probe]
+                             + ([STATUS_FILTER] if self.registry is not None else []))
         if not self.transport.wait_watching(_STATUS_WAIT) or self.transport.watch_refusal:
             if member:
                 raise StartupError(f"the broker did not grant the pool's status subscriptions "

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from jsonschema import Draft202012Validator
 
@@ -42,8 +42,10 @@ class Status:
 
 
 class Hang:
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    """Wait `seconds`, then answer with `then` (default: what comes next in the script)."""
+
+    def __init__(self, seconds: float, then: Any = None):
+        self.seconds, self.then = seconds, then
 
 
 class Raw:
@@ -68,6 +70,7 @@ class FakeLLM:
         self.api_key = api_key
         self.default_text = default_text
         self.script: list = []
+        self.responder: Optional[Callable[[dict], Any]] = None  # when the script is empty: request body -> action
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         fake = self
@@ -126,13 +129,17 @@ class FakeLLM:
         handler.end_headers()
         handler.wfile.write(data)
 
-    def respond(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+    def next_action(self, body: dict) -> Any:
         with self.lock:
-            action = self.script.pop(0) if self.script else Reply(self.default_text)
+            if self.script:
+                return self.script.pop(0)
+        return self.responder(body) if self.responder else Reply(self.default_text)
+
+    def respond(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        action = self.next_action(body)
         while isinstance(action, Hang):
             time.sleep(action.seconds)
-            with self.lock:
-                action = self.script.pop(0) if self.script else Reply(self.default_text)
+            action = action.then if action.then is not None else self.next_action(body)
         if isinstance(action, Raw):
             return self.send_raw(handler, action)
         if isinstance(action, Status):
@@ -203,6 +210,9 @@ class FakeOpenAI(FakeLLM):
         if errors:
             first = errors[0]
             raise BadRequest(f"Invalid value at {'.'.join(map(str, first.absolute_path))}: {first.message[:200]}")
+        json_schema = (body.get("response_format") or {}).get("json_schema") or {}
+        if json_schema.get("strict"):
+            self.check_strict_schema(json_schema.get("schema") or {}, json_schema["name"])
         open_calls: set = set()
         for index, message in enumerate(body["messages"]):
             if message["role"] == "tool":
@@ -216,6 +226,23 @@ class FakeOpenAI(FakeLLM):
                                  f"to each 'tool_call_id'. Missing: {sorted(open_calls)}")
             if message["role"] == "assistant":
                 open_calls = {c["id"] for c in message.get("tool_calls", [])}
+
+    @classmethod
+    def check_strict_schema(cls, schema: dict, name: str, where: str = "()") -> None:
+        """Structured Outputs' strict mode: every object lists all its properties as required
+        and sets additionalProperties to false (what OpenAI answers otherwise, in its words)."""
+        if schema.get("type") == "object" or "properties" in schema:
+            properties = schema.get("properties") or {}
+            missing = sorted(set(properties) - set(schema.get("required") or []))
+            if missing:
+                raise BadRequest(f"Invalid schema for response_format '{name}': In context={where}, 'required' is "
+                                 f"required to be supplied and to be an array including every key in properties. "
+                                 f"Missing '{missing[0]}'.")
+            if schema.get("additionalProperties") is not False:
+                raise BadRequest(f"Invalid schema for response_format '{name}': In context={where}, "
+                                 f"'additionalProperties' is required to be supplied and to be false.")
+            for key, sub in properties.items():
+                cls.check_strict_schema(sub, name, f"('properties', '{key}')")
 
     def completion(self, request: dict, action: Reply) -> dict:
         message: dict = {"role": "assistant", "content": action.text or None, "refusal": None}
@@ -271,6 +298,14 @@ class FakeAnthropic(FakeLLM):
             if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict) \
                     or tool["input_schema"].get("type") != "object":
                 raise BadRequest(f"tools.{index}: name and an input_schema of type object are required")
+        choice = body.get("tool_choice")
+        if choice is not None:
+            names = {tool.get("name") for tool in body.get("tools", [])}
+            if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+                raise BadRequest("tool_choice: Input tag does not match any of the expected tags: 'auto', 'any', "
+                                 "'tool', 'none'")
+            if choice["type"] == "tool" and choice.get("name") not in names:
+                raise BadRequest(f"tool_choice.name: tool {choice.get('name')!r} is not among the tools")
         messages = body["messages"]
         if not messages or messages[0].get("role") != "user":
             raise BadRequest("messages: first message must use the \"user\" role")
@@ -313,3 +348,32 @@ class FakeAnthropic(FakeLLM):
         return {"id": f"msg_{uuid.uuid4().hex[:20]}", "type": "message", "role": "assistant", "model": request["model"],
                 "content": content, "stop_reason": "tool_use" if action.tool_calls else "end_turn",
                 "stop_sequence": None, "usage": {"input_tokens": 13, "output_tokens": 5}}
+
+
+class FakeGatekeeper(FakeLLM):
+    """A routing gatekeeper: POST /route with the reference's request shape, answered with the
+    scripted (or `responder`'s) decision object; `Status` and `Hang` work as for the LLMs."""
+
+    completion_path = "/route"
+    REQUEST_KEYS = {"original_query", "workflow_history", "current_output", "available_agents", "iteration_count"}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/route"
+
+    def authorized(self, headers: Any) -> bool:
+        return True
+
+    @staticmethod
+    def error_body(kind: str, message: str) -> dict:
+        return {"detail": message}
+
+    def validate(self, headers: Any, body: Any) -> None:
+        if not isinstance(body, dict) or not self.REQUEST_KEYS <= set(body):
+            raise BadRequest(f"the request needs {sorted(self.REQUEST_KEYS)}")
+        for agent in body["available_agents"]:
+            if not {"agent_id", "capabilities", "load", "description"} <= set(agent):
+                raise BadRequest("available_agents entries need agent_id, capabilities, load, description")
+
+    def completion(self, request: dict, action: Any) -> dict:
+        return action

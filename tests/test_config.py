@@ -93,7 +93,9 @@ class LayoutTests(ConfigCase):
         self.assertEqual((tools["lister"].kind, tools["lister"].command, tools["lister"].args),
                          ("command", "ls", ("-1", "{path}")))
         self.assertEqual((config.routing.strategy, config.routing.max_iterations), ("llm", 10))
-        self.assertEqual(config.routing.options["model"], "gpt-4o-mini")
+        router = config.routing.llm
+        self.assertEqual((router.provider, router.model, router.temperature, router.max_tokens), ("openai", "gpt-4o-mini", 0.1, 500))
+        self.assertEqual(router.api_key.reveal(), OPENAI_KEY)  # the [llm] key: same provider
         self.assertEqual(loaded.warnings, ())
 
     def test_layout_b_deployment_guide_verbatim(self):
@@ -312,6 +314,69 @@ class ValidationTests(ConfigCase):
     def test_bad_toml(self):
         problems = self.problems("agent_id = \n")
         self.assertTrue(problems[0].startswith("config file ") and "not valid TOML" in problems[0], problems)
+
+
+class RoutingConfigTests(ConfigCase):
+    BASE = 'agent_id = "abc"\n[llm]\nprovider = "echo"\n'
+
+    def test_reference_v2_examples(self):
+        for name in ("judge_agent", "research_agent"):  # the writer and editor do not route
+            with self.subTest(name):
+                path = os.path.join(DATA, "rust-configs", f"examples__v2_routing_workflow__{name}.toml")
+                loaded = load_config(path, environ={"OPENAI_API_KEY": OPENAI_KEY}, cwd=self.dir)
+                routing = loaded.config.routing
+                self.assertEqual((routing.strategy, routing.max_iterations, routing.llm.model), ("llm", 10, "gpt-4o-mini"))
+                self.assertEqual(routing.llm.api_key.reveal(), OPENAI_KEY)
+                self.assertEqual(loaded.run_problems, ())
+
+    def test_llm_router_keys(self):
+        config = self.load(self.BASE + '[routing]\nstrategy = "llm"\n[routing.llm]\nprovider = "anthropic"\n'
+                           'model = "claude-x"\napi_key_env = "ROUTER_KEY"\nbase_url = "http://127.0.0.1:9/"\n'
+                           'max_tokens = 300\ntimeout = 7\ntemperature = 0.4\n', ROUTER_KEY="rk-123456").config
+        router = config.routing.llm
+        self.assertEqual((config.routing.max_iterations, router.provider, router.model, router.base_url,
+                          router.max_tokens, router.request_timeout, router.temperature),
+                         (10, "anthropic", "claude-x", "http://127.0.0.1:9", 300, 7.0, 0.4))
+        self.assertEqual(router.api_key.reveal(), "rk-123456")
+        self.assertIn("rk-123456", config.secrets())
+
+    def test_router_key_missing_blocks_run(self):
+        loaded = self.load(self.BASE + '[routing]\nstrategy = "llm"\n[routing.llm]\nprovider = "anthropic"\n')
+        (problem,) = loaded.run_problems
+        self.assertTrue(problem.startswith("[routing.llm]: ANTHROPIC_API_KEY is not set"), problem)
+
+    def test_gatekeeper(self):
+        config = self.load(self.BASE + '[routing]\nstrategy = "gatekeeper"\nmax_iterations = 15\n'
+                           '[routing.gatekeeper]\nurl = "http://gk:8000/route"\n').config
+        self.assertEqual(config.routing.max_iterations, 15)
+        self.assertEqual((config.routing.gatekeeper.url, config.routing.gatekeeper.timeout_ms,
+                          config.routing.gatekeeper.retry_attempts), ("http://gk:8000/route", 5000, 3))
+
+    def test_routing_rules(self):
+        cases = [
+            ('[routing]\nmax_iterations = 3\n[routing.llm]\nprovider = "openai"\n', "[routing] needs strategy"),
+            ('[routing]\nstrategy = "gatekeeper"\n', '[routing] strategy = "gatekeeper" needs a [routing.gatekeeper] table'),
+            ('[routing]\nstrategy = "gatekeeper"\n[routing.gatekeeper]\nurl = "gk:8000"\n',
+             "[routing.gatekeeper] url must be an absolute http(s) URL"),
+            ('[routing]\nstrategy = "gatekeeper"\n[routing.gatekeeper]\nurl = "http://gk"\ntimeout_ms = 0\n',
+             "[routing.gatekeeper] timeout_ms=0 is out of range"),
+            ('[routing]\nstrategy = "llm"\n[routing.llm]\nprovider = "echo"\n',
+             "[routing.llm] provider=echo must be one of openai, anthropic"),
+            ('[routing]\nstrategy = "llm"\n[routing.llm]\nmodel = "m"\n', "[routing.llm] needs a provider"),
+            ('[routing]\nstrategy = "llm"\nmax_iterations = 0\n[routing.llm]\nprovider = "openai"\n',
+             "[routing] max_iterations=0 is out of range"),
+            ('[routing]\nstrategy = "llm"\n[routing.llm]\nprovider = "openai"\ntemperature = 9\n',
+             "[routing.llm] temperature=9 is out of range"),
+        ]
+        for extra, expected in cases:
+            with self.subTest(extra=extra):
+                self.assert_problem(self.problems(self.BASE + extra), expected)
+
+    def test_unknown_routing_keys_warn(self):
+        loaded = self.load(self.BASE + '[routing]\nstrategy = "gatekeeper"\nmax_steps = 4\n'
+                           '[routing.gatekeeper]\nurl = "http://gk"\ntimeout = 3\n')
+        self.assertTrue(any("max_steps" in w and "max_iterations" in w for w in loaded.warnings), loaded.warnings)
+        self.assertTrue(any("[routing.gatekeeper] timeout" in w for w in loaded.warnings), loaded.warnings)
 
 
 class SecretTests(ConfigCase):

@@ -205,9 +205,13 @@ class BuilderTests(unittest.TestCase):
         self.assertEqual(msg, {"agent_id": "a1", "status": "available", "timestamp": "2026-01-01T12:00:00.123Z",
                                "capabilities": ["x"], "description": "d", "health": "ok", "load": 0.25,
                                "last_updated": "2026-01-01T12:00:00.123Z", "version": "0.1.0"})
-        bare = protocol.status_message("a1", "unavailable", now=self.moment)
+        bare = protocol.status_message("a1", "unavailable", load=0.5, heartbeat_interval=60, now=self.moment)
         self.assertNotIn("capabilities", bare)
         self.assertNotIn("description", bare)
+        # the reference's registry reads only health: a dead agent must not look healthy
+        self.assertEqual((bare["health"], bare["load"], bare["heartbeat_interval"]), ("unavailable", 1.0, 60))
+        busy = protocol.status_message("a1", "available", load=1.0, health="degraded", now=self.moment)
+        self.assertEqual((busy["health"], busy["load"]), ("degraded", 1.0))
 
     def test_timestamps_are_rfc3339_z(self):
         self.assertRegex(protocol.rfc3339(), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -220,7 +224,7 @@ class BuilderTests(unittest.TestCase):
             protocol.error_message("nope", "x", TASK)
 
     def test_progress(self):
-        msg = protocol.progress_message("a1", TASK, "c1", "Tool", "ToolCall", "calling", tool_name="echo",
+        msg = protocol.progress_message("a1", TASK, "c1", "Tool", "ToolCall", "calling", metadata={"tool_name": "echo"},
                                         now=self.moment)
         self.assertEqual(list(msg), ["agent_id", "task_id", "conversation_id", "timestamp", "category",
                                      "event_type", "message", "metadata"])

@@ -9,7 +9,7 @@ from ..config import LlmSettings
 from ..errors import LlmError
 from ..protocol import truncate_utf8
 from ..tools.base import ToolDef
-from .base import ChatReply, Message, ToolCall
+from .base import ChatReply, Message, OutputSchema, ToolCall
 from ..metrics import Metrics
 from .http import JsonHttpClient
 
@@ -90,11 +90,16 @@ class AnthropicProvider:
     def verify(self) -> None:
         self.http.get("/v1/models", _VERIFY_TIMEOUT)
 
-    def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
+    def chat(self, system: str, messages: list, tools: list, deadline: float,
+             output: Optional[OutputSchema] = None) -> ChatReply:
         body: dict = {"model": self.settings.model, "max_tokens": self.settings.max_tokens or DEFAULT_MAX_TOKENS,
                       "system": system, "messages": to_wire(messages)}
         if tools:
             body["tools"] = [tool_spec(t) for t in tools]
+        if output is not None:  # a tool the model must call: its input is the answer
+            body["tools"] = body.get("tools", []) + [
+                {"name": output.name, "description": output.description, "input_schema": output.schema}]
+            body["tool_choice"] = {"type": "tool", "name": output.name}
         if self.settings.temperature is not None:
             body["temperature"] = min(self.settings.temperature, 1.0)
         return self.http.complete("/v1/messages", body, deadline, from_wire)

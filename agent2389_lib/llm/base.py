@@ -37,14 +37,25 @@ class ChatReply:
     tokens_out: int = 0
 
 
+@dataclass(frozen=True)
+class OutputSchema:
+    """Ask for one JSON object of this shape, natively: OpenAI strict `json_schema`, Anthropic a forced tool."""
+
+    name: str
+    description: str
+    schema: dict
+
+
 class Provider(Protocol):
     name: str
 
     def verify(self) -> None:
         """Check at startup that the provider answers (raises LlmError)."""
 
-    def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
-        """One completion; raises LlmError or TaskTimeout."""
+    def chat(self, system: str, messages: list, tools: list, deadline: float,
+             output: Optional[OutputSchema] = None) -> ChatReply:
+        """One completion; raises LlmError or TaskTimeout. With `output`, the reply's object is
+        its text (OpenAI) or its one tool call's arguments (Anthropic)."""
 
 
 def remaining(deadline: float) -> float:

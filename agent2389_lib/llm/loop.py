@@ -12,8 +12,8 @@ from ..logs import span
 from ..protocol import TaskEnvelope, rfc3339
 from .base import ChatReply, Message, Provider, ToolCall
 
-# (task_id, conversation_id, category, event_type, message, tool_name): see PROTOCOL.md 2.6
-Progress = Callable[[str, str, str, str, str, Optional[str]], None]
+# (task_id, conversation_id, category, event_type, message, metadata): see PROTOCOL.md 2.6
+Progress = Callable[[str, str, str, str, str, Optional[dict]], None]
 
 log = logging.getLogger("agent2389.llm")
 
@@ -114,9 +114,10 @@ class AgentLoop:
 
     def _run_tool(self, envelope: TaskEnvelope, call: ToolCall, deadline: float) -> tuple[bool, str]:
         ids = (envelope.task_id, envelope.conversation_id)
-        self.progress(*ids, "Tool", "ToolCall", f"calling {call.name}", call.name)
+        metadata = {"tool_name": call.name}
+        self.progress(*ids, "Tool", "ToolCall", f"calling {call.name}", metadata)
         with span(log, "tool_execution", task_id=envelope.task_id, tool=call.name):
             ok, content = self.tools.execute(call.name, call.arguments, deadline)
         self.progress(*ids, "Tool", "ToolComplete" if ok else "ToolError",
-                      f"{call.name} {'completed' if ok else 'failed'}", call.name)
+                      f"{call.name} {'completed' if ok else 'failed'}", metadata)
         return ok, content

@@ -9,7 +9,7 @@ from ..config import LlmSettings
 from ..errors import LlmError
 from ..protocol import truncate_utf8
 from ..tools.base import ToolDef
-from .base import ChatReply, Message, ToolCall
+from .base import ChatReply, Message, OutputSchema, ToolCall
 from ..metrics import Metrics
 from .http import JsonHttpClient
 
@@ -100,10 +100,14 @@ class OpenAIProvider:
     def verify(self) -> None:
         self.http.get("/models", _VERIFY_TIMEOUT)
 
-    def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
+    def chat(self, system: str, messages: list, tools: list, deadline: float,
+             output: Optional[OutputSchema] = None) -> ChatReply:
         body: dict = {"model": self.settings.model, "messages": to_wire(system, messages)}
         if tools:
             body["tools"] = [tool_spec(t) for t in tools]
+        if output is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": output.name, "description": output.description, "strict": True, "schema": output.schema}}
         if self.settings.temperature is not None:
             body["temperature"] = self.settings.temperature
         if self.settings.max_tokens is not None:
