@@ -16,10 +16,13 @@ FROM gcr.io/distroless/python3-debian12:nonroot
 COPY --from=build /opt/agent2389 /opt/agent2389
 COPY agent.toml.example /app/agent.toml.example
 WORKDIR /app
-# A mounted /app/config/agent.toml is used; without it the environment alone configures the agent.
+# A mounted /app/config/agent.toml is used; without it the environment alone configures the agent
+# (AGENT2389_CONFIG, by contrast, must name a file that exists).
 # state_dir (the completed-task store) belongs on a writable volume: the root filesystem may be read-only.
-ENV AGENT2389_CONFIG=/app/config/agent.toml \
-    STATE_DIR=/app/state
+# The health server listens on every interface, for the orchestrator's probes.
+ENV AGENT2389_DEFAULT_CONFIG=/app/config/agent.toml \
+    STATE_DIR=/app/state \
+    HEALTH_BIND=0.0.0.0
 VOLUME ["/app/state"]
 USER 10001:10001
 EXPOSE 8080

@@ -16,15 +16,23 @@ EXIT_CONFIG = 2
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", metavar="FILE",
-                        help="TOML config file (default: $AGENT2389_CONFIG when that file exists; "
-                             "environment variables alone are enough)")
+                        help="TOML config file (default: $AGENT2389_CONFIG; else $AGENT2389_DEFAULT_CONFIG when that "
+                             "file exists; environment variables alone are enough)")
 
 
 def config_path(given: Optional[str]) -> Optional[str]:
-    """--config, else $AGENT2389_CONFIG when it exists (the container mounts it optionally)."""
+    """--config; else $AGENT2389_CONFIG, which must exist; else $AGENT2389_DEFAULT_CONFIG when it
+    exists (the container image's optional mount, /app/config/agent.toml)."""
     if given:
         return given
-    default = os.environ.get("AGENT2389_CONFIG")
+    explicit = os.environ.get("AGENT2389_CONFIG")
+    if explicit:
+        if not os.path.isfile(explicit):
+            print(f"config error: AGENT2389_CONFIG={explicit} names a file that does not exist (unset it to configure "
+                  f"from the environment alone)", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+        return explicit
+    default = os.environ.get("AGENT2389_DEFAULT_CONFIG")
     return default if default and os.path.isfile(default) else None
 
 
@@ -37,7 +45,9 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_wait_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", nargs="?", type=float, const=120.0, metavar="SECONDS",
-                        help="wait for the answer (default 120 s): exit 0 on a response, 1 on an error, 124 on timeout")
+                        help="wait for the answer (default 120 s): exit 0 on a response, 1 on an error, 124 on timeout; "
+                             "the agents' progress events are shown on stderr meanwhile")
+    parser.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress on stderr")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -49,6 +59,7 @@ def _command(sub, name: str, help_text: str, example: str) -> argparse.ArgumentP
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agent2389", description="2389 Agent Protocol agent: takes tasks over MQTT and answers them.")
+    parser.add_argument("--version", action="version", version=f"agent2389 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_config_arg(_command(sub, "run", "run the agent until SIGTERM/SIGINT", "agent2389 run --config agent.toml"))
@@ -90,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the agents, in order (default: researcher-agent,writer-agent,editor-agent)")
     pipeline.add_argument("--topic", required=True, help="what the pipeline works on")
     pipeline.add_argument("--instruction", action="append", metavar="TEXT",
-                          help="a stage's instruction; repeat once per stage (defaults: research, write, edit)")
+                          help="a stage's instruction; give one per agent, in order (default: by each agent's role as "
+                               "its id names it: research, writ(e), edit, review, judg(e), summar(ise))")
     pipeline.add_argument("--conversation-id", help="default: a new one")
     _add_wait_args(pipeline)
     _add_broker_args(pipeline)
@@ -110,18 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_or_exit(path: Optional[str]):
     from .config import ConfigError, load_config
     try:
-        loaded = load_config(config_path(path))
+        return load_config(config_path(path))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    for warning in loaded.warnings:
-        print(f"config warning: {warning}", file=sys.stderr)
-    return loaded
 
 
 def _check_config(args: argparse.Namespace) -> int:
     from .config import masked_view
     loaded = _load_or_exit(args.config)
+    for warning in loaded.warnings:
+        print(f"config warning: {warning}", file=sys.stderr)
     for problem in loaded.run_problems:
         print(f"config warning: {problem} (`run` will refuse to start)", file=sys.stderr)
     print(json.dumps(masked_view(loaded.config), indent=2, sort_keys=True))
@@ -129,13 +140,22 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Logging is configured before anything is said, so every line (config warnings too) has
+    the configured format."""
+    import logging
+    from .logs import configure_logging
     loaded = _load_or_exit(args.config)
+    config = loaded.config
+    configure_logging(config.log_level, config.log_format, config.secrets(), spans=config.log_spans)
+    log = logging.getLogger("agent2389.config")
+    for warning in loaded.warnings:
+        log.warning("config warning: %s", warning)
+    for problem in loaded.run_problems:
+        log.error("config error: %s", problem)
     if loaded.run_problems:
-        for problem in loaded.run_problems:
-            print(f"config error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     from .runtime import run_agent
-    return run_agent(loaded.config)
+    return run_agent(config)
 
 
 # ---------------------------------------------------------------- operator commands
@@ -170,8 +190,9 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
     from . import ops
     from .opsclient import OperatorError
     client = _client(args)
+    show = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
-        code, reply = ops.send_task(client, task, args.wait)
+        code, reply = ops.send_task(client, task, args.wait, show)
     except OperatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ops.EXIT_UNAVAILABLE
@@ -187,14 +208,27 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
     return code
 
 
+def _agent_ids(option: str, values: list[str]) -> list[str]:
+    """The ids, or exit 2 naming the first that breaks the agent id rule."""
+    from .protocol import is_valid_agent_id
+    for value in values:
+        if not is_valid_agent_id(value):
+            print(f"error: {option} {value!r} is not a valid agent id (3-64 characters of letters, digits, '.', '_' "
+                  f"and '-')", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+    return values
+
+
 def _inject(args: argparse.Namespace) -> int:
     from . import ops
+    _agent_ids("--agent-id", [args.agent_id])
     payload = {"message": args.message} if args.message is not None else _json_arg("--input", args.input)
     if args.tool:
         params = _json_arg("--tool-params", args.tool_params)
         payload = dict(payload) if isinstance(payload, dict) else ({} if payload is None else {"data": payload})
         payload["tool_request"] = {"name": args.tool, "parameters": params}
-    chain = ops.next_chain([a.strip() for a in args.next.split(",") if a.strip()]) if args.next else None
+    chain = ops.next_chain(_agent_ids("--next", [a.strip() for a in args.next.split(",") if a.strip()])) \
+        if args.next else None
     task = ops.build_task(args.agent_id, instruction=args.instruction, input=payload,
                           conversation_id=args.conversation_id, next=chain, v2=args.v2, query=args.query)
     return _deliver(args, task)
@@ -202,10 +236,12 @@ def _inject(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from . import ops
-    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
-    instructions = list(args.instruction or [])
-    defaults = list(ops.DEFAULT_STAGE_INSTRUCTIONS) + ["Continue the work."] * len(agents)
-    instructions += defaults[len(instructions):len(agents)]
+    agents = _agent_ids("--agents", [a.strip() for a in args.agents.split(",") if a.strip()])
+    if args.instruction and len(args.instruction) != len(agents):
+        print(f"error: {len(args.instruction)} --instruction value(s) for {len(agents)} agents ({', '.join(agents)}): "
+              f"give one per agent, in order, or none for the defaults", file=sys.stderr)
+        return EXIT_CONFIG
+    instructions = args.instruction or [ops.default_instruction(agent) for agent in agents]
     task = ops.build_task(agents[0], instruction=instructions[0], input={"topic": args.topic},
                           conversation_id=args.conversation_id, next=ops.next_chain(agents[1:], instructions[1:]))
     return _deliver(args, task)
@@ -214,6 +250,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _monitor(args: argparse.Namespace) -> int:
     from . import ops, protocol
     client = _client(args)
+    client.on_connection_change = lambda text: print(text, file=sys.stderr, flush=True)
     colour = args.format == "pretty" and sys.stdout.isatty()
     seen = 0
     try:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -242,7 +242,7 @@ _ENV_SIMPLE = {
     "AGENT_ID": "agent_id", "DEFAULT_MODEL": "llm.model", "MAX_PIPELINE_DEPTH": "max_pipeline_depth",
     "TASK_TIMEOUT": "task_timeout", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format",
     "LOG_SPANS": "log_spans", "HEALTH_PORT": "health_port", "STATE_DIR": "state_dir",
-    "AGENT_INSTANCE_ID": "instance_id",
+    "AGENT_INSTANCE_ID": "instance_id", "LLM_PROVIDER": "llm.provider", "HEALTH_BIND": "health_bind",
 }
 
 
@@ -274,6 +274,8 @@ def load_config(path: Optional[str] = None, environ: Optional[Mapping[str, str]]
     env = merged_environment(path, dict(os.environ if environ is None else environ), cwd)
     out = _Collector()
     raw = _read_toml(path, out) if path else {}
+    if out.problems:  # an unreadable file: whatever else follows from it would only mislead
+        raise ConfigError(out.problems)
     raw = _interpolate(raw, env, out, "")
     settings = _normalize(raw, out)
     _apply_environment(settings, env)
@@ -583,9 +585,9 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
 
 
 def _build_mqtt(read: _Reader, env: Mapping[str, str], client_name: str) -> MqttSettings:
-    scheme, host, port = _broker_address(read)
-    username = read.string("mqtt.username")
-    password = read.secret("mqtt.password")
+    scheme, host, port, url_user, url_password = _broker_address(read)
+    username = read.string("mqtt.username") or url_user
+    password = read.secret("mqtt.password") or url_password
     for key, attr in (("mqtt.username_env", "username"), ("mqtt.password_env", "password")):
         var = read.string(key)
         if var and env.get(var):
@@ -623,18 +625,24 @@ def _build_mqtt(read: _Reader, env: Mapping[str, str], client_name: str) -> Mqtt
     )
 
 
-def _broker_address(read: _Reader) -> tuple[str, str, int]:
+def _broker_address(read: _Reader) -> tuple[str, str, int, Optional[str], Optional[Secret]]:
+    """Scheme, host, port and the URL's credentials (`mqtt://user:pass@host`, percent-decoded)."""
     url = read.string("mqtt.broker_url", "mqtt://localhost:1883") or "mqtt://localhost:1883"
     scheme, host, port = "mqtt", "localhost", 1883
+    user: Optional[str] = None
+    password: Optional[Secret] = None
+    parts = urlsplit(url)
     try:
-        parts = urlsplit(url)
         scheme = {"mqtt": "mqtt", "tcp": "mqtt", "mqtts": "mqtts", "ssl": "mqtts", "tls": "mqtts"}[parts.scheme.lower()]
         host = parts.hostname or ""
         port = parts.port or (8883 if scheme == "mqtts" else 1883)
         if not host:
             raise ValueError("no host")
+        user = unquote(parts.username) if parts.username else None
+        password = Secret(unquote(parts.password)) if parts.password else None
     except (KeyError, ValueError):
-        read.bad("mqtt.broker_url", url, "must look like mqtt://host:1883 or mqtts://host:8883")
+        shown = url.replace(f":{parts.password}@", f":{MASK}@") if parts.password else url
+        read.bad("mqtt.broker_url", shown, "must look like mqtt://host:1883 or mqtts://host:8883")
     if read.raw("mqtt.env_host"):
         host = read.raw("mqtt.env_host").strip()
     if read.raw("mqtt.env_port"):
@@ -643,7 +651,7 @@ def _broker_address(read: _Reader) -> tuple[str, str, int]:
     if not _valid_host(host):
         key = "mqtt.env_host" if read.raw("mqtt.env_host") else "mqtt.broker_url"
         read.bad(key, host, "is not a valid hostname or IP address")
-    return scheme, host, port
+    return scheme, host, port, user, password
 
 
 def _valid_host(host: str) -> bool:
@@ -751,9 +759,6 @@ def _api_key(read: _Reader, env: Mapping[str, str], provider: str, prefix: str) 
 
 
 def _build_budget(read: _Reader) -> BudgetSettings:
-    present = [k for k in ("budget.max_tool_calls", "budget.max_iterations") if read.has(k)]
-    if len(present) == 1:
-        read.out.problem("[budget] needs both max_tool_calls and max_iterations")
     return BudgetSettings(max_tool_calls=read.integer("budget.max_tool_calls", 15, 0, 1000),
                           max_iterations=read.integer("budget.max_iterations", 8, 1, 1000))
 

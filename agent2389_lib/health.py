@@ -191,7 +191,7 @@ class HealthServer:
             return self.reply(handler, 200, {"service": "agent2389", "agent_id": self.metrics.agent_id,
                                              "endpoints": ENDPOINTS}, head)
         if path == "/live":
-            return self.reply(handler, 200, {"status": "alive"}, head)
+            return self.reply(handler, 200, {"alive": True, "status": "alive"}, head)  # the reference answers {"alive": true}
         status = self.status()
         if path == "/ready":
             reason = readiness(status)

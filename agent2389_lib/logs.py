@@ -71,13 +71,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: line breaks inside a message (an error body, a traceback) are
+    written as `\\n`, so `grep` and log shippers see whole records."""
+
     def format(self, record: logging.LogRecord) -> str:
         span = getattr(record, "span", None)
         span_text = " " + " ".join(f"{k}={v}" for k, v in span.items()) if span else ""
         text = f"{_timestamp(record)} {_level(record):5} {_target(record)}{span_text}: {record.getMessage()}"
         if record.exc_text:
             text += "\n" + record.exc_text
-        return text
+        return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 @contextmanager

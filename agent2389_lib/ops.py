@@ -9,20 +9,31 @@ import urllib.error
 import urllib.request
 import uuid
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import protocol
 from .opsclient import OperatorClient
 
 EXIT_RESPONSE, EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 3, 124
-DEFAULT_STAGE_INSTRUCTIONS = (
-    "Research the topic: list the key facts, with sources.",
-    "Write a clear, well-structured article from the research.",
-    "Edit the article: fix errors, tighten the prose, keep every fact.",
+ROLE_INSTRUCTIONS = (  # (a word in the agent's id, what that agent is asked by default)
+    ("research", "Research the topic: list the key facts, with sources."),
+    ("writ", "Write a clear, well-structured article from the research."),
+    ("edit", "Edit the article: fix errors, tighten the prose, keep every fact."),
+    ("review", "Review the work: list what is wrong or missing, then give an improved version."),
+    ("judg", "Judge the work: say whether it answers the request and why."),
+    ("summar", "Summarise the work in a few sentences."),
 )
+GENERIC_INSTRUCTION = "Continue the work on the topic."
+SUMMARY_CHARS = 160
 _COLOURS = {"status": "\033[32m", "task": "\033[36m", "response": "\033[1;34m", "error": "\033[1;31m",
             "progress": "\033[33m", "other": "\033[0m"}
 _RESET = "\033[0m"
+
+
+def default_instruction(agent_id: str) -> str:
+    """A stage's default instruction follows the agent's role, as its id names it."""
+    lowered = agent_id.lower()
+    return next((text for word, text in ROLE_INSTRUCTIONS if word in lowered), GENERIC_INSTRUCTION)
 
 
 def next_chain(agent_ids: list[str], instructions: Optional[list[Optional[str]]] = None) -> Optional[dict]:
@@ -56,13 +67,22 @@ def answers(task: dict, payload: Any) -> bool:
     return "version" in task and ("workflow" in payload or "error" in payload)
 
 
-def send_task(client: OperatorClient, task: dict, wait: Optional[float]) -> tuple[int, Optional[dict]]:
-    """Publish a task; with `wait`, subscribe to its conversation first and return the answer."""
+PROGRESS_TOPIC = "/control/agents/+/progress/#"
+
+
+def send_task(client: OperatorClient, task: dict, wait: Optional[float],
+              on_progress: Optional[Callable[[str], None]] = None) -> tuple[int, Optional[dict]]:
+    """Publish a task; with `wait`, subscribe to its conversation first (and, with
+    `on_progress`, to the agents' progress events) and return the answer."""
+    answer_topic = f"/conversations/{task['conversation_id']}/+"
     if wait is not None:
-        client.subscribe([f"/conversations/{task['conversation_id']}/+"])
+        client.subscribe([answer_topic] + ([PROGRESS_TOPIC] if on_progress else []))
     client.publish(task["topic"], protocol.to_payload(task))
     if wait is None:
         return EXIT_RESPONSE, None
+    if on_progress:
+        on_progress(f"published task {task['task_id']} to {task['topic']}; waiting up to {wait:g} s for an answer "
+                    f"on {answer_topic}")
     deadline = time.monotonic() + wait
     while True:
         left = deadline - time.monotonic()
@@ -70,6 +90,10 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float]) -> tupl
         if message is None:
             return EXIT_TIMEOUT, None
         payload = _json_or_text(message.payload)
+        if message_type(message.topic, payload) == "progress":
+            if on_progress and payload_conversation(payload) == task["conversation_id"]:
+                on_progress(progress_line(payload))
+            continue
         if answers(task, payload):
             return (EXIT_ERROR if "error" in payload else EXIT_RESPONSE), {"topic": message.topic, "payload": payload}
 
@@ -105,7 +129,7 @@ def monitor_topics(mode: str, agent_id: Optional[str], conversation_id: Optional
         "availability": [f"/control/agents/{agent}/status", f"/control/agents/{agent}/instances/+/status"],
         "conversations": [f"/conversations/{conversation_id or '+'}/#" if conversation_id else "/conversations/#"],
         "inputs": [f"/control/agents/{agent}/input"],
-        "progress": [f"/control/agents/{agent}/progress", f"/control/agents/{agent}/progress/#"],
+        "progress": [f"/control/agents/{agent}/progress/#"],  # `#` also matches the parent level
     }
     topics["routing"] = topics["inputs"] + topics["conversations"]  # forwarded tasks carry the trace
     if mode == "all":
@@ -143,6 +167,10 @@ def routing_hop(topic: str, data: bytes) -> Optional[str]:
     return None
 
 
+def payload_conversation(payload: Any) -> Optional[str]:
+    return payload.get("conversation_id") if isinstance(payload, dict) else None
+
+
 def in_conversation(topic: str, data: bytes, conversation_id: Optional[str]) -> bool:
     """Whether a monitored message belongs to the conversation (status messages belong to none)."""
     if not conversation_id:
@@ -150,7 +178,7 @@ def in_conversation(topic: str, data: bytes, conversation_id: Optional[str]) -> 
     payload = _json_or_text(data)
     if message_type(topic, payload) in ("response", "error"):
         return True  # the subscription already selects the conversation
-    return isinstance(payload, dict) and payload.get("conversation_id") == conversation_id
+    return payload_conversation(payload) == conversation_id
 
 
 def _json_or_text(data: bytes) -> Any:
@@ -168,30 +196,51 @@ def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[dateti
         return json.dumps({"timestamp": stamp, "message_type": kind, "topic": topic, "payload": payload},
                           ensure_ascii=False)
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")) if not isinstance(payload, str) else payload
+    summary = _summary(kind, payload, body)
     if fmt == "compact":
-        return f"{stamp} {kind} {topic} {body}"
-    line = f"{stamp[11:23]}  {kind.upper():8} {topic}\n    {_summary(kind, payload, body)}"
+        return f"{stamp[11:23]} {kind} {topic} {_one_line(summary)}"
+    line = f"{stamp[11:23]}  {kind.upper():8} {topic}\n    {summary}"
     return f"{_COLOURS[kind]}{line}{_RESET}" if colour else line
 
 
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= SUMMARY_CHARS else flat[:SUMMARY_CHARS - 3] + "..."
+
+
 def _summary(kind: str, payload: Any, body: str) -> str:
+    """What a person wants to see of a message; absent fields are left out, never shown as None."""
     if not isinstance(payload, dict):
         return body
+
+    def present(*parts: Any) -> str:
+        return " ".join(str(p) for p in parts if p not in (None, ""))
+
+    task = f"task {payload['task_id']}:" if payload.get("task_id") else None
     if kind == "status":
         caps = ", ".join(payload.get("capabilities") or [])
-        member = f" instance {payload['instance_id']}" if payload.get("instance_id") else ""
-        return (f"{payload.get('agent_id')}{member} is {payload.get('status')}"
-                + (f" (capabilities: {caps})" if caps else ""))
+        member = f"instance {payload['instance_id']}" if payload.get("instance_id") else None
+        return present(payload.get("agent_id"), member, "is", payload.get("status"),
+                       f"(capabilities: {caps})" if caps else None)
     if kind == "task":
-        return f"task {payload.get('task_id')}: {payload.get('instruction')!r} input={json.dumps(payload.get('input'))}"
+        instruction = payload.get("instruction")
+        shown_input = payload.get("input")
+        return present(task, repr(instruction) if instruction is not None else None,
+                       f"input={json.dumps(shown_input, ensure_ascii=False)}" if shown_input is not None else None)
     if kind == "response":
-        return f"task {payload.get('task_id')}: {payload.get('response')}"
+        return present(task, payload.get("response"))
     if kind == "error":
-        error = payload.get("error") or {}
-        return f"task {payload.get('task_id')}: {error.get('code')}: {error.get('message')}"
+        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+        return present(task, f"{error.get('code')}:" if error.get("code") else None, error.get("message"))
     if kind == "progress":
-        return f"task {payload.get('task_id')}: {payload.get('event_type')} {payload.get('message')}"
+        return present(payload.get("agent_id"), task, payload.get("event_type"), payload.get("message"))
     return body
+
+
+def progress_line(payload: dict) -> str:
+    """`inject --wait`'s view of one progress event."""
+    return (f"  [{payload.get('agent_id') or '?'}] {payload.get('event_type')}: "
+            f"{_one_line(str(payload.get('message') or ''))}")
 
 
 # ---------------------------------------------------------------- healthcheck

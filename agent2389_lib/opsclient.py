@@ -6,7 +6,7 @@ import queue
 import ssl
 import threading
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 import paho.mqtt.client as mqtt
 
@@ -29,6 +29,8 @@ class OperatorClient:
         self._subscribed = threading.Event()
         self._refusal: Optional[str] = None
         self._not_v5 = False  # the broker closed an MQTT 5 CONNECT or refused its version
+        self._lost = self._closing = False
+        self.on_connection_change: Callable[[str], None] = lambda text: None  # lost / back, for long-running commands
         self.client = self._new_client()
 
     def _new_client(self) -> mqtt.Client:
@@ -51,10 +53,16 @@ class OperatorClient:
                              f"{describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id)}")
             return
         self._connected.set()
+        if self._lost:
+            self._lost = False
+            self.on_connection_change(f"reconnected to broker {self.where}")
         if self.topics:  # after a reconnect too
             client.subscribe([(topic, 1) for topic in self.topics])
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected.is_set() and not self._closing:
+            self._lost = True
+            self.on_connection_change(f"lost the connection to broker {self.where} ({reason_code}); reconnecting")
         if not self._connected.is_set() and self.version == "5":
             self._not_v5 = True
             self._refusal = self._refusal or (f"broker {self.where} closed the connection before accepting it; it "
@@ -121,5 +129,6 @@ class OperatorClient:
             return None
 
     def close(self) -> None:
+        self._closing = True
         self.client.disconnect()
         self.client.loop_stop()

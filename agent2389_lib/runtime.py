@@ -20,12 +20,11 @@ from .dedupe import DedupeStore, StoreError
 from .errors import LlmError
 from .health import AgentStatus, HealthServer
 from .llm import build_agent_loop
-from .logs import Throttle, configure_logging, span
+from .logs import Throttle, span
 from .metrics import Metrics
 from .pool import PoolView
 from .processor import TaskProcessor
 from .registry import STATUS_FILTER, Registry
-from .router import WorkflowRouter, build_router
 from .tools import build_registry
 from .tools.registry import ToolStartupError
 from .transport import MqttTransport, SubscriptionRefused
@@ -131,6 +130,7 @@ class AgentRuntime:
         self.registry: Optional[Registry] = None
         route = None
         if config.routing is not None:  # v2: discovery feeds the router
+            from .router import WorkflowRouter, build_router  # imports an HTTP client
             self.registry = registry = Registry(config.heartbeat_interval)
             self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
             route = WorkflowRouter(config.agent_id, config.routing, registry, build_router(config.routing, self.metrics),
@@ -373,7 +373,7 @@ def _install_signal_handlers(runtime: AgentRuntime) -> None:
 
 
 def run_agent(config: AgentConfig) -> int:
-    configure_logging(config.log_level, config.log_format, config.secrets(), spans=config.log_spans)
+    """Runs until a stop signal; logging is already configured."""
     try:
         runtime = AgentRuntime(config)
     except StartupError as exc:

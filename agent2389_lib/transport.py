@@ -34,6 +34,7 @@ from .config import MqttSettings
 from .errors import PayloadTooLarge
 from .mqttclient import (UNSUPPORTED_PROTOCOL, BufferedSocket, ProtocolVersion, describe_refusal,
                          describe_tls_error, new_client, publish_packet_size)
+from .logs import Throttle
 from .metrics import Metrics
 
 log = logging.getLogger("agent2389.transport.mqtt")
@@ -45,6 +46,8 @@ _NOT_ACKED = object()
 _STABLE_SECONDS = 30.0  # a link up this long resets the reconnect backoff
 _SHORT_LIVED_ALARM = 3
 _SESSION_TAKEN_OVER = 0x8E
+_CONNACK_TIMEOUT = 10.0  # paho alone waits 1.5 keep-alives for a port that is not an MQTT broker
+_NOT_A_BROKER_HINT = "is it an MQTT broker's port? (MQTT_HOST/MQTT_PORT, [mqtt] broker_url)"
 
 
 class SubscriptionRefused(RuntimeError):
@@ -134,6 +137,9 @@ class _Link:
         self._short_lived = 0
         self._takeover = ""
         self._answered = False
+        self._connect_started = 0.0
+        self._failures = Throttle()
+        self._failure_text = ""
         self._woken = False
         self.client_id = client_id
         self._thread: Optional[threading.Thread] = None
@@ -256,14 +262,15 @@ class _Link:
         self._answered = True
         client.on_log = None  # paho formats a log line for every packet while one is set
         if reason_code.is_failure:
-            self.metrics.mqtt_connection(False, failed=True)
             if (reason_code.value == UNSUPPORTED_PROTOCOL and self.v5
                     and (self.version.fall_back(self.where, str(reason_code)) or not self.version.v5)):
+                self.metrics.mqtt_connection(False, failed=True)
                 return  # the next attempt speaks 3.1.1
-            log.error("broker %s refused the %s connection: %s; retrying with backoff", self.where, self.name,
-                      describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id))
+            self._connect_failed(logging.ERROR, f"broker {self.where} refused the {self.name} connection: "
+                                 f"{describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id)}")
             return
         self.version.accepted()
+        self._failure_text = ""  # the next outage is reported at once
         if not flags.session_present:
             self._generation += 1
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
@@ -323,18 +330,31 @@ class _Link:
     def _closed_before_connack(self) -> None:
         """The broker dropped the connection without answering CONNECT: TLS trouble (paho only
         logged why), or a broker that does not speak the version we sent."""
-        self.metrics.mqtt_connection(False, failed=True)
         if self._last_error and self.settings.tls:
-            log.error("TLS with broker %s failed (%s link): %s; retrying with backoff", self.where, self.name,
-                      describe_tls_error(self._last_error))
+            self._connect_failed(logging.ERROR, f"TLS with broker {self.where} failed ({self.name} link): "
+                                                f"{describe_tls_error(self._last_error)}")
             return
         cause = self._last_error or "the broker closed the connection before answering CONNECT"
         if self.v5 and (self.version.fall_back(self.where, cause) or not self.version.v5):
+            self.metrics.mqtt_connection(False, failed=True)
             return  # the next attempt speaks 3.1.1
-        hint = ('; it may not speak MQTT 5: set [mqtt] protocol = "3.1.1" (or "auto")'
-                if self.v5 and self.version.setting == "5" else "")
-        log.error("connection to broker %s failed (%s link): %s%s; retrying with backoff", self.where, self.name,
-                  cause, hint)
+        explicit_v5 = self.v5 and self.version.setting == "5"
+        hint = '; it may not speak MQTT 5: set [mqtt] protocol = "3.1.1" (or "auto")' if explicit_v5 else \
+            f"; {_NOT_A_BROKER_HINT}"
+        self._connect_failed(logging.ERROR if explicit_v5 else logging.WARNING,
+                             f"connection to broker {self.where} failed ({self.name} link): {cause}{hint}")
+
+    def _connect_failed(self, level: int, text: str) -> None:
+        """Every failed attempt is counted; a failure unlike the previous one is logged at once,
+        the same one again once a minute with how often it happened (a broker that stays away
+        must not flood the log)."""
+        self.metrics.mqtt_connection(False, failed=True)
+        if text != self._failure_text:
+            self._failure_text, self._failures = text, Throttle()
+        count = self._failures.occurred()
+        if count:
+            since = f" ({count} failed attempts since the last report)" if count > 1 else ""
+            log.log(level, "%s; retrying with backoff%s", text, since)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         refusal = str(reason_code) if reason_code.is_failure else None
@@ -355,6 +375,8 @@ class _Link:
     # -------------------------------------------------------------- network loop
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.client.socket() is None and self._closing.is_set():
+                break  # DISCONNECT sent: connecting again would only leave a Last Will behind
             if self.client.socket() is None and not self._connect_once():
                 self._stop.wait(self._backoff.next_delay())
                 continue
@@ -379,6 +401,7 @@ class _Link:
         with self._lock:
             self._advisory.clear()  # paho drops unsent QoS 0 messages when it reconnects
         self._answered = False
+        self._connect_started = time.monotonic()
         self.client.on_log = self._remember_error  # until CONNACK: why a connection failed
         try:
             self.client.reconnect()
@@ -387,20 +410,25 @@ class _Link:
         except ssl.SSLError as exc:
             self._connection_failed(exc)
         except (OSError, ValueError) as exc:
-            self.metrics.mqtt_connection(False, failed=True)
-            log.warning("cannot connect to broker %s:%d (%s link): %s; retrying", self.settings.host,
-                        self.settings.port, self.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+            self._connect_failed(logging.WARNING, f"cannot connect to broker {self.where} ({self.name} link): "
+                                 f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
         return False
 
     def _connection_failed(self, exc: ssl.SSLError) -> None:
-        self.metrics.mqtt_connection(False, failed=True)
-        log.error("TLS with broker %s:%d failed (%s link): %s; retrying with backoff", self.settings.host,
-                  self.settings.port, self.name, describe_tls_error(str(exc)))
+        self._connect_failed(logging.ERROR, f"TLS with broker {self.where} failed ({self.name} link): "
+                                            f"{describe_tls_error(str(exc))}")
         self._drop_socket()
 
     def _service(self) -> None:
         sock = self.client.socket()
         if sock is None:
+            return
+        if not self._answered and time.monotonic() - self._connect_started > _CONNACK_TIMEOUT:
+            self._connect_failed(logging.WARNING, f"broker {self.where} accepted the TCP connection ({self.name} "
+                                                  f"link) but did not answer CONNECT within {_CONNACK_TIMEOUT:.0f} s; "
+                                                  f"{_NOT_A_BROKER_HINT}")
+            self._drop_socket()
+            self._stop.wait(self._backoff.next_delay())
             return
         read = self._may_read() or time.monotonic() - self._last_read >= self.settings.keep_alive / 2
         buffered = isinstance(sock, BufferedSocket)

@@ -437,6 +437,15 @@ class AgentProcess:
     def wait_log(self, text: str, timeout: float = 15) -> None:
         wait_until(lambda: text in self.log(), timeout, f"{text!r} in the log of {self.agent_id}")
 
+    def connection_failures(self) -> int:
+        """Failed connection attempts so far, from the agent's metrics (0 before it serves them)."""
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.env['HEALTH_PORT']}/metrics", timeout=5) as response:
+                return json.loads(response.read())["mqtt"]["connection_failures"]
+        except OSError:
+            return 0
+
     def peak_rss_kb(self) -> int:
         assert self.proc is not None
         with open(f"/proc/{self.proc.pid}/status") as handle:

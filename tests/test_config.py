@@ -246,7 +246,6 @@ class ValidationTests(ConfigCase):
             ("[mqtt]\nca_cert_path = \"/nonexistent/ca.crt\"\n", "[mqtt] ca_cert_path=/nonexistent/ca.crt is not a readable file"),
             ("[llm]\ntemperature = 3.5\n", "[llm] temperature=3.5 is out of range (0.0-2.0)"),
             ("[llm]\nmax_tokens = 0\n", "[llm] max_tokens=0 is out of range"),
-            ("[budget]\nmax_tool_calls = 3\n", "[budget] needs both max_tool_calls and max_iterations"),
             ("[tools]\nnope = \"builtin\"\n", "[tools] nope: there is no builtin tool named 'nope'"),
             ("[tools]\nx = { impl = \"wasm\" }\n", "[tools] x: unknown tool implementation 'wasm'"),
             ("[[tools]]\nname = \"t\"\ncommand = \"ls\"\nschema = { type = 5 }\n", "[[tools]] #1 schema is not a valid JSON Schema"),

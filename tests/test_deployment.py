@@ -82,7 +82,7 @@ class ImageFilesystemTests(unittest.TestCase):
         health_port = str(free_port())
         env = {"AGENT_ID": AGENT, "MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(broker.port),
                "OPENAI_API_KEY": "sk-image-test-key-42", "OPENAI_BASE_URL": fake.base_url,
-               "HEALTH_PORT": health_port, "STATE_DIR": state, "AGENT2389_CONFIG": "/app/config/agent.toml",
+               "HEALTH_PORT": health_port, "STATE_DIR": state, "AGENT2389_DEFAULT_CONFIG": "/app/config/agent.toml",
                "PATH": "/usr/bin:/bin"}
         watcher = Watcher(broker.port, f"/control/agents/{AGENT}/status")
         self.addCleanup(watcher.close)

@@ -108,7 +108,8 @@ class OperatorTests(BrokerTestCase):
 
     def test_monitor_compact_and_pretty(self):
         self.start("watched")
-        for fmt, expected in (("compact", " status /control/agents/watched/status {"), ("pretty", "watched is available")):
+        for fmt, expected in (("compact", " status /control/agents/watched/status watched is available (capabilities: "
+                                          "testing)\n"), ("pretty", "watched is available")):
             result = cli("monitor", "--format", fmt, "--mode", "availability", "--agent-id", "watched", "--count", "1",
                          env=self.env)
             self.assertEqual(result.returncode, 0, result.stderr)

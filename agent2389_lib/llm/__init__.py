@@ -6,17 +6,19 @@ from typing import Optional
 
 from ..config import AgentConfig, LlmSettings
 from ..metrics import Metrics
-from .anthropic import AnthropicProvider
 from .base import Provider
 from .echo import EchoProvider
 from .loop import AgentLoop, Progress, ProviderChain
-from .openai import OpenAIProvider
 
 
 def build_provider(settings: LlmSettings, metrics: Optional[Metrics] = None) -> Provider:
+    """HTTP providers are imported only when configured: `requests` costs memory an offline
+    (echo) agent on a small box does not need."""
     if settings.provider == "openai":
+        from .openai import OpenAIProvider
         return OpenAIProvider(settings, metrics)
     if settings.provider == "anthropic":
+        from .anthropic import AnthropicProvider
         return AnthropicProvider(settings, metrics)
     return EchoProvider(settings.latency_ms, metrics)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from ..errors import TaskTimeout
+
+log = logging.getLogger("agent2389.llm")
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,14 @@ def remaining(deadline: float) -> float:
     if left <= 0:
         raise TaskTimeout("task deadline passed")
     return left
+
+
+def warn_if_unlisted(provider: str, model: str, listing: Any) -> None:
+    """Startup check: a model the server does not list is most likely a typo (every request
+    would fail with 404); said once, as a warning, since some servers list only a subset."""
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    ids = [entry.get("id") for entry in entries or [] if isinstance(entry, dict)]
+    if ids and model not in ids:
+        shown = ", ".join(str(i) for i in ids[:8]) + (", ..." if len(ids) > 8 else "")
+        log.warning("model %r is not among the %d models %s lists (%s); check [llm] model / DEFAULT_MODEL",
+                    model, len(ids), provider, shown)

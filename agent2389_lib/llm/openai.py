@@ -9,7 +9,7 @@ from ..config import LlmSettings
 from ..errors import LlmError
 from ..protocol import truncate_utf8
 from ..tools.base import ToolDef
-from .base import ChatReply, Message, OutputSchema, ToolCall
+from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
 from ..metrics import Metrics
 from .http import JsonHttpClient
 
@@ -98,7 +98,7 @@ class OpenAIProvider:
                                    settings.max_response_bytes)
 
     def verify(self) -> None:
-        self.http.get("/models", _VERIFY_TIMEOUT)
+        warn_if_unlisted(self.name, self.settings.model, self.http.get("/models", _VERIFY_TIMEOUT))
 
     def chat(self, system: str, messages: list, tools: list, deadline: float,
              output: Optional[OutputSchema] = None) -> ChatReply:

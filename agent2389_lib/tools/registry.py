@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
-
-from jsonschema import Draft202012Validator
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..config import AgentConfig, ToolSpec
 from .base import Tool, ToolDef, ToolError, ToolTimeout
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 log = logging.getLogger("agent2389.tools")
 
@@ -18,7 +19,7 @@ class ToolStartupError(Exception):
     pass
 
 
-def schema_problems(validator: Draft202012Validator, params: Any) -> list[str]:
+def schema_problems(validator: "Draft202012Validator", params: Any) -> list[str]:
     """Every schema violation, each naming the failing path ($.a.b[0])."""
     problems = []
     for error in sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path)):
@@ -30,7 +31,10 @@ def schema_problems(validator: Draft202012Validator, params: Any) -> list[str]:
 class ToolRegistry:
     def __init__(self, tools: list[Tool]):
         self.tools = {tool.name: tool for tool in tools}
-        self._validators = {tool.name: Draft202012Validator(tool.schema) for tool in tools}
+        self._validators = {}
+        if tools:  # jsonschema costs ~8 MB of memory: an agent without tools never loads it
+            from jsonschema import Draft202012Validator
+            self._validators = {tool.name: Draft202012Validator(tool.schema) for tool in tools}
         self.on_execution: Callable[[str, bool, bool, float], None] = lambda name, ok, timed_out, seconds: None
 
     def definitions(self) -> list[ToolDef]:

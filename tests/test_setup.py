@@ -1,0 +1,199 @@
+"""Issue 17: setting up on stock systems and edge boxes. The quick start and CI script from a
+copy of the project with Debian's python3 (PEP 668: no system-wide pip) first on PATH, the
+systemd unit through `systemd-analyze verify`, and the single-file build run by an interpreter
+without site-packages."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+
+from support import ROOT, Mosquitto, Watcher, envelope, free_port, wait_until
+
+from agent2389_lib.config import AgentConfig
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+STOCK_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+UNIT = os.path.join(ROOT, "deploy", "systemd", "agent2389.service")
+
+
+def project_copy() -> str:
+    """The working tree as a fresh clone has it (no virtual environments, state or caches)."""
+    target = os.path.join(tempfile.mkdtemp(prefix="clone-"), "agent2389")
+    shutil.copytree(ROOT, target, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".venv-*", "state", "__pycache__", "*.egg-info", ".hypothesis", "*.pyz"))
+    return target
+
+
+def stock_env(**extra: str) -> dict:
+    """A login shell's environment on a stock Debian box: Debian's python3 first on PATH."""
+    return {"PATH": STOCK_PATH, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", **extra}
+
+
+class Output:
+    """A process's combined output, read on a thread, searchable while it runs."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+class StockDebianTests(unittest.TestCase):
+    def test_quickstart_creates_a_venv_and_says_what_next(self):
+        clone = project_copy()
+        port, health = free_port(), free_port()
+        proc = subprocess.Popen(["./scripts/quickstart.sh"], cwd=clone, env=stock_env(
+            MQTT_PORT=str(port), HEALTH_PORT=str(health)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        output = Output(proc)
+        wait_until(lambda: "agent my-agent is available" in output.text or proc.poll() is not None, 300,
+                   "the quick start's agent to be available")
+        text = output.text
+        stop = re.search(r"it keeps running after the agent stops: stop it with kill \$\(cat (\S+)/mosquitto.pid\)$",
+                         text, re.M)
+        self.assertIsNotNone(stop, text)
+        broker_dir = os.path.join(clone, stop.group(1))  # state/mosquitto, or its own directory as root
+        self.addCleanup(lambda: os.kill(int(open(os.path.join(broker_dir, "mosquitto.pid")).read()), signal.SIGTERM))
+        self.assertIn("agent my-agent is available", text)
+        self.assertIn(f"creating the virtual environment .venv with {DEBIAN_PYTHON}", text)
+        self.assertIn(f"health and metrics on http://127.0.0.1:{health}/", text)
+        (hint,) = [line.strip() for line in text.splitlines() if "agent2389 inject" in line]
+        self.assertEqual(hint, f". .venv/bin/activate && agent2389 inject --agent-id my-agent --message hi --wait "
+                               f"--broker-url mqtt://127.0.0.1:{port}")
+        answer = subprocess.run(["bash", "-c", hint], cwd=clone, env=stock_env(), capture_output=True, text=True,
+                                timeout=60)  # the next command, as printed
+        self.assertEqual(answer.returncode, 0, answer.stderr)
+        self.assertIn("hi", answer.stdout)
+        with open(os.path.join(broker_dir, "mosquitto.log")) as handle:
+            self.assertNotIn("should not be run as root", handle.read())
+        self.run_readme_recipes(clone, port)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(30), 0)
+
+    def run_readme_recipes(self, clone: str, port: int) -> None:
+        """The README's first-task and pipeline recipes, verbatim but for the ports a test must
+        pick itself (the broker's comes from MQTT_PORT, as a user's would from the quick start's)."""
+        with open(os.path.join(clone, "README.md")) as handle:
+            recipes = dict(re.findall(r"<!-- recipe: (\S+) -->\n```bash\n(.*?)```", handle.read(), re.S))
+        self.assertEqual(sorted(recipes), ["inject", "monitor", "mosquitto", "pipeline"])
+        env = stock_env(MQTT_PORT=str(port))
+
+        def bash(script: str, timeout: float = 90) -> subprocess.CompletedProcess:
+            return subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True,
+                                  timeout=timeout)
+
+        monitor = subprocess.Popen(["bash", "-c", recipes["monitor"]], cwd=clone, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.addCleanup(lambda: monitor.poll() is None and os.killpg(monitor.pid, signal.SIGTERM))
+        watched = Output(monitor)
+        wait_until(lambda: "monitoring " in watched.text, 30, "the monitor to subscribe")
+        injected = bash(recipes["inject"])
+        self.assertEqual(injected.returncode, 0, injected.stderr)
+        self.assertIn("hello", injected.stdout)
+        self.assertIn("published task", injected.stderr)
+        wait_until(lambda: "RESPONSE /conversations/" in watched.text, 30, "the monitor to show the answer")
+        raw = bash(recipes["mosquitto"].replace("mosquitto_sub ", f"mosquitto_sub -p {port} ")
+                   .replace("mosquitto_pub ", f"mosquitto_pub -p {port} "), timeout=30)
+        self.assertEqual(raw.returncode, 0, raw.stderr)
+        self.assertIn("/conversations/demo/my-agent", raw.stdout)
+        self.assertIn("Say hello", raw.stdout)
+        script = recipes["pipeline"]
+        for fixed in ("8081", "8082", "8083"):
+            script = script.replace(fixed, str(free_port()))
+        pipeline = bash(script, timeout=120)
+        self.assertEqual(pipeline.returncode, 0, pipeline.stderr[-3000:])
+        self.assertTrue(pipeline.stdout.startswith("Edit the article"), pipeline.stdout)
+        for agent in ("researcher", "writer", "editor"):
+            self.assertTrue(os.listdir(os.path.join(clone, "state", agent)), agent)  # each its own state_dir
+
+    def test_ci_script_creates_a_venv(self):
+        clone = project_copy()
+        result = subprocess.run(["bash", ".ci/run"], cwd=clone, env=stock_env(
+            CI_PYTHONS="python3", CI_TESTS="test_protocol.BuilderTests"), capture_output=True, text=True, timeout=600)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        lines = result.stdout.strip().splitlines()
+        self.assertRegex(lines[-1], r"^[1-9]\d* passed, 0 failed, 0 skipped$")
+        self.assertRegex(lines[-2], r"^python 3\.\d+\.\d+: [1-9]\d* passed, 0 failed, 0 skipped in \d+ s$")
+        with open(os.path.join(clone, ".venv", "pyvenv.cfg")) as handle:
+            self.assertIn("home = /usr/bin", handle.read())
+
+
+class SystemdUnitTests(unittest.TestCase):
+    def unit(self) -> dict:
+        values: dict = {}
+        with open(UNIT) as handle:
+            for line in handle:
+                if "=" in line and not line.startswith(("#", "[")):
+                    key, _, value = line.strip().partition("=")
+                    values.setdefault(key, []).append(value)
+        return values
+
+    def test_systemd_analyze_verify_accepts_it(self):
+        root = tempfile.mkdtemp(prefix="sysroot-")
+        shutil.copytree("/usr/lib/systemd/system", os.path.join(root, "usr/lib/systemd/system"), symlinks=True)
+        os.makedirs(os.path.join(root, "etc/systemd/system"))
+        shutil.copy(UNIT, os.path.join(root, "etc/systemd/system"))
+        executable = os.path.join(root, self.unit()["ExecStart"][0].split()[0].lstrip("/"))
+        os.makedirs(os.path.dirname(executable))
+        with open(executable, "w") as handle:
+            handle.write("#!/bin/sh\n")
+        os.chmod(executable, 0o755)
+        result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "agent2389.service"],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))  # warnings count as failures
+
+    def test_hardened_and_patient(self):
+        unit = self.unit()
+        for key, value in (("DynamicUser", "yes"), ("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"),
+                           ("StateDirectory", "agent2389"), ("Restart", "on-failure"), ("ProtectHome", "yes")):
+            self.assertEqual(unit.get(key), [value], key)
+        self.assertGreater(int(unit["TimeoutStopSec"][0]), AgentConfig("x").shutdown_grace)
+        self.assertIn("STATE_DIR=%S/agent2389", unit["Environment"])
+
+
+class SingleFileTests(unittest.TestCase):
+    def test_pyz_runs_without_site_packages(self):
+        out = os.path.join(tempfile.mkdtemp(prefix="pyz-"), "agent2389.pyz")
+        build = subprocess.run([sys.executable, "-m", "agent2389_lib.build_pyz", "-o", out], cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+        self.assertEqual(build.returncode, 0, build.stderr[-3000:])
+        broker = Mosquitto().start()
+        self.addCleanup(broker.cleanup)
+        config = os.path.join(os.path.dirname(out), "agent.toml")
+        with open(config, "w") as handle:  # a command tool with a schema: jsonschema works from the archive too
+            handle.write(f'agent_id = "boxed"\n[mqtt]\nbroker_url = "{broker.url}"\n[llm]\nprovider = "echo"\n'
+                         '[[tools]]\nname = "say"\ncommand = "echo"\nargs = ["{text}"]\n'
+                         'schema = { type = "object", properties = { text = { type = "string" } }, required = ["text"] }\n')
+        watcher = Watcher(broker.port, "/control/agents/boxed/status", "/conversations/#")
+        self.addCleanup(watcher.close)
+        agent = subprocess.Popen([sys.executable, "-I", "-S", out, "run", "--config", config], cwd="/",
+                                 env={"PATH": STOCK_PATH, "HEALTH_PORT": str(free_port())},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: agent.poll() is None and agent.kill())
+        output = Output(agent)
+        watcher.wait_for("/control/agents/boxed/status", lambda p: p.get("status") == "available", timeout=30)
+        task = envelope("boxed", cid="pyz", input={"tool_request": {"name": "say", "parameters": {"text": "from a zip"}}})
+        watcher.publish("/control/agents/boxed/input", task)
+        (answer,) = watcher.wait_for("/conversations/pyz/boxed")
+        self.assertEqual(answer, {"response": "from a zip\n", "task_id": task["task_id"]})
+        agent.send_signal(signal.SIGTERM)
+        self.assertEqual(agent.wait(30), 0, output.text[-2000:])
+        self.assertFalse(re.search(r"Traceback", output.text), output.text[-2000:])
+
+
+if __name__ == "__main__":
+    unittest.main()
