@@ -160,6 +160,10 @@ def new_client(settings: MqttSettings, client_id: str, version: str = "", coales
     return client
 
 
+_STRICT_X509_RULES = ("authority key identifier", "basic constraints", "key usage", "subject key identifier",
+                      "path length", "empty subject alternative name")
+
+
 def describe_tls_error(text: str) -> str:
     """One line saying which part of TLS failed, from OpenSSL's wording."""
     lowered = text.lower()
@@ -168,6 +172,9 @@ def describe_tls_error(text: str) -> str:
             return f"the broker certificate does not match the host name ({text})"
         if "expired" in lowered:
             return f"the broker certificate has expired ({text})"
+        if any(rule in lowered for rule in _STRICT_X509_RULES):
+            return (f"the broker certificate (or its CA) breaks an RFC 5280 rule that Python 3.13 and newer enforce "
+                    f"(VERIFY_X509_STRICT); reissue it with the extension named here ({text})")
         return f"the broker certificate is not trusted (unknown CA): set [mqtt] ca_cert_path ({text})"
     if "certificate required" in lowered or "peer did not return a certificate" in lowered:
         return "the broker requires a client certificate: set [mqtt] client_cert_path and client_key_path"

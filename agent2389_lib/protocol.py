@@ -44,6 +44,7 @@ _UUID_RE = re.compile(
 _TOPIC_UNSAFE = ("+", "#", "\0", "/")
 MAX_TOPIC_BYTES = 65535
 MAX_ERROR_MESSAGE_BYTES = 500
+MAX_NEXT_LEVELS = 1000
 _TRUNCATED = "...[truncated]"
 
 
@@ -266,10 +267,13 @@ def _topic_and_instruction(obj: dict, where: str) -> tuple[str, Optional[str]]:
 
 
 def _parse_next_chain(raw: Any) -> tuple[Optional[NextTask], int]:
-    """Iterative, so a long chain cannot exhaust the stack."""
+    """Iterative, so a long chain cannot exhaust the stack. Capped, so the answer does not
+    depend on how deep the interpreter's JSON parser goes (3.13 parses deeper than 3.11)."""
     levels: list[dict] = []
     where = "next."
     while raw is not None:
+        if len(levels) >= MAX_NEXT_LEVELS:
+            raise EnvelopeError(f"next is nested too deeply (more than {MAX_NEXT_LEVELS} levels)")
         if not isinstance(raw, dict):
             raise EnvelopeError(f"{where[:-1]} must be an object or null")
         levels.append(raw)

@@ -46,6 +46,7 @@ _NOT_ACKED = object()
 _STABLE_SECONDS = 30.0  # a link up this long resets the reconnect backoff
 _SHORT_LIVED_ALARM = 3
 _SESSION_TAKEN_OVER = 0x8E
+_FAILURE_CAUSES_KEPT = 16
 _CONNACK_TIMEOUT = 10.0  # paho alone waits 1.5 keep-alives for a port that is not an MQTT broker
 _NOT_A_BROKER_HINT = "is it an MQTT broker's port? (MQTT_HOST/MQTT_PORT, [mqtt] broker_url)"
 
@@ -138,8 +139,7 @@ class _Link:
         self._takeover = ""
         self._answered = False
         self._connect_started = 0.0
-        self._failures = Throttle()
-        self._failure_text = ""
+        self._failures: dict[str, Throttle] = {}  # by cause
         self._woken = False
         self.client_id = client_id
         self._thread: Optional[threading.Thread] = None
@@ -270,7 +270,7 @@ class _Link:
                                  f"{describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id)}")
             return
         self.version.accepted()
-        self._failure_text = ""  # the next outage is reported at once
+        self._failures.clear()  # the next outage is reported at once
         if not flags.session_present:
             self._generation += 1
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
@@ -345,13 +345,13 @@ class _Link:
                              f"connection to broker {self.where} failed ({self.name} link): {cause}{hint}")
 
     def _connect_failed(self, level: int, text: str) -> None:
-        """Every failed attempt is counted; a failure unlike the previous one is logged at once,
-        the same one again once a minute with how often it happened (a broker that stays away
-        must not flood the log)."""
+        """Every failed attempt is counted; each cause is logged at once the first time, then
+        once a minute with how often it happened (a broker that stays away must not flood the
+        log, nor one whose failures alternate between two wordings)."""
         self.metrics.mqtt_connection(False, failed=True)
-        if text != self._failure_text:
-            self._failure_text, self._failures = text, Throttle()
-        count = self._failures.occurred()
+        if len(self._failures) > _FAILURE_CAUSES_KEPT:
+            self._failures.clear()
+        count = self._failures.setdefault(text, Throttle()).occurred()
         if count:
             since = f" ({count} failed attempts since the last report)" if count > 1 else ""
             log.log(level, "%s; retrying with backoff%s", text, since)

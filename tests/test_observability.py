@@ -97,7 +97,7 @@ class ScriptedRunTests(BrokerTestCase):
         watcher.wait_for("/conversations/+/+", count=6, timeout=30)
         provider = f"openai-compatible({fake.base_url})"
         port = agent.env["HEALTH_PORT"]
-        snapshot = wait_until(lambda: self._settled(port), 15, "all publishes acknowledged")
+        snapshot = wait_until(lambda: self._settled(port), 15, "all publishes acknowledged and tasks finished")
         tasks, mqtt, tools, llm = snapshot["tasks"], snapshot["mqtt"], snapshot["tools"], snapshot["llm"]["providers"]
         self.assertEqual({k: tasks[k] for k in ("tasks_received", "tasks_processing", "tasks_completed", "tasks_failed",
                                                 "tasks_rejected", "tasks_duplicate", "current_pipeline_depth",
@@ -165,7 +165,10 @@ class ScriptedRunTests(BrokerTestCase):
     @staticmethod
     def _settled(port):
         snapshot = json.loads(http_get(port, "/metrics")[2])
-        return snapshot if snapshot["mqtt"]["messages_published"] >= ScriptedRunTests.PUBLISHED else None
+        # a task is counted finished just after its last progress event is written
+        done = snapshot["mqtt"]["messages_published"] >= ScriptedRunTests.PUBLISHED and \
+            snapshot["tasks"]["tasks_finished"] >= 6
+        return snapshot if done else None
 
     @staticmethod
     def _jq(text, program):

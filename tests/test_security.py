@@ -31,19 +31,26 @@ class Certificates:
         for ca in ("ca", "other-ca"):
             openssl("genrsa", "-out", f"{ca}.key", "2048", cwd=d)
             openssl("req", "-new", "-x509", "-key", f"{ca}.key", "-out", f"{ca}.crt", "-days", "365",
-                    "-subj", f"/C=US/ST=CA/L=SF/O=Agent2389/CN=mqtt-{ca}", cwd=d)
+                    "-subj", f"/C=US/ST=CA/L=SF/O=Agent2389/CN=mqtt-{ca}",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
         self.server("server", "DNS:localhost,IP:127.0.0.1")
         self.server("wrong-name", "DNS:broker.example.com")
         openssl("genrsa", "-aes256", "-passout", "pass:key-pass-S3CRET-77", "-out", "agent-client.key", "2048", cwd=d)
         openssl("req", "-new", "-key", "agent-client.key", "-passin", "pass:key-pass-S3CRET-77", "-out",
                 "agent-client.csr", "-subj", "/C=US/ST=CA/L=SF/O=Agent2389/CN=agent-001", cwd=d)
+        with open(os.path.join(d, "client.ext"), "w") as handle:
+            handle.write(self.LEAF + "extendedKeyUsage=clientAuth\n")
         openssl("x509", "-req", "-in", "agent-client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-out",
-                "agent-client.crt", "-days", "365", "-CAcreateserial", cwd=d)
+                "agent-client.crt", "-days", "365", "-CAcreateserial", "-extfile", "client.ext", cwd=d)
+
+    # what RFC 5280 asks of a leaf certificate (Python 3.13 and newer refuse one without AKI)
+    LEAF = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
 
     def server(self, name, san):
         d = self.dir
         with open(os.path.join(d, f"{name}.ext"), "w") as handle:
-            handle.write(f"subjectAltName={san}\n")
+            handle.write(f"{self.LEAF}extendedKeyUsage=serverAuth\nsubjectAltName={san}\n")
         openssl("genrsa", "-out", f"{name}.key", "2048", cwd=d)
         openssl("req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O=Agent2389/CN={name}", cwd=d)
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-out", f"{name}.crt",
