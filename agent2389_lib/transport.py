@@ -474,21 +474,25 @@ class _Link:
             self.on_disconnected()
 
     # -------------------------------------------------------------- shutdown
-    def stop(self, timeout: float = 5.0) -> None:
-        """Send DISCONNECT (so the broker does not publish the Last Will), then end the thread."""
+    def begin_stop(self) -> None:
+        """Send DISCONNECT (so the broker does not publish the Last Will); `finish_stop` waits."""
         self._closing.set()
         if self.connected:
             self.client.disconnect()
             self.wake()
-            deadline = time.monotonic() + timeout
-            while self.client.socket() is not None and time.monotonic() < deadline:
-                if self._thread is None or not self._thread.is_alive():
-                    break
-                time.sleep(0.01)
+
+    def finish_stop(self, deadline: float) -> None:
+        """Wait until the DISCONNECT is written (or the deadline), then end the thread."""
+        while self.client.socket() is not None and time.monotonic() < deadline:
+            if self._thread is None or not self._thread.is_alive():
+                break
+            time.sleep(0.01)
         self._stop.set()
         self.wake()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()) + _POLL_SECONDS)
+            if self._thread.is_alive():
+                log.warning("the %s link's thread did not end within the shutdown deadline", self.name)
 
 
 class MqttTransport:
@@ -620,5 +624,9 @@ class MqttTransport:
         self.on_subscribed()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self.intake.stop(timeout)
-        self.output.stop(timeout)
+        """Both links at once, within one deadline: a slow broker cannot stretch shutdown."""
+        deadline = time.monotonic() + timeout
+        for link in (self.intake, self.output):
+            link.begin_stop()
+        for link in (self.intake, self.output):
+            link.finish_stop(deadline)

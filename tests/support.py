@@ -410,9 +410,14 @@ class AgentProcess:
             self.proc.send_signal(signum)
 
     def wait(self, timeout: float = 30) -> int:
-        """The exit code, once the whole log is copied."""
+        """The exit code, once the whole log is copied; a process still running fails the test
+        with the end of its log."""
         assert self.proc is not None
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.agent_id} still running after {timeout} s; its log ends:\n"
+                                 f"{self.log()[-4000:]}") from None
         self._copier.join(10)
         return code
 
