@@ -87,6 +87,7 @@ class AgentRuntime:
         self.metrics = Metrics(config.agent_id, self.workers)
         self._state = "starting"
         self.stop_requested = threading.Event()
+        self.stop_signal: Optional[str] = None  # set by the signal handler
         self._hard_stop = threading.Event()
         self._accepting = True
         self._busy = 0
@@ -319,12 +320,17 @@ class AgentRuntime:
     def _wait_for(self, ready: Callable[[float], bool]) -> None:
         while not ready(1.0):
             if self.stop_requested.is_set():
+                self.log_stop_signal()
                 raise StartupError("stopped before the broker connection was established")
 
     def serve(self) -> None:
         """Heartbeat until a stop is requested."""
         while not self.stop_requested.wait(self.config.heartbeat_interval):
             self.publish_status(protocol.AVAILABLE, heartbeat=True)
+        self.log_stop_signal()
+
+    def log_stop_signal(self) -> None:
+        log.info("received %s: finishing in-flight tasks (send again to exit at once)", self.stop_signal or "a stop")
 
     def shutdown(self) -> bool:
         """Warm shutdown; returns False when tasks were still running after the grace period."""
@@ -360,12 +366,13 @@ class AgentRuntime:
 
 
 def _install_signal_handlers(runtime: AgentRuntime) -> None:
+    """The handler only records the signal: it runs in the main thread wherever that was, possibly
+    in the middle of writing a log line, so logging from it fails ("reentrant call") and can
+    leave the main thread broken. The main thread logs it once it sees the stop."""
     def handle(signum: int, frame: Any) -> None:
         if runtime.stop_requested.is_set():
-            log.warning("second signal: exiting at once")
-            logging.shutdown()
-            os._exit(128 + signum)
-        log.info("received %s: finishing in-flight tasks (send again to exit at once)", signal.Signals(signum).name)
+            os._exit(128 + signum)  # the second signal: at once
+        runtime.stop_signal = signal.Signals(signum).name
         runtime.stop_requested.set()
 
     signal.signal(signal.SIGTERM, handle)
