@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+from typing import Optional
 
 import paho.mqtt.client as mqtt
 
@@ -17,11 +18,29 @@ log = logging.getLogger("agent2389.transport.mqtt")
 UNSUPPORTED_PROTOCOL = 0x84  # paho maps the 3.1.1 CONNACK code 1 to it too
 
 
+def _remaining_length(value: int) -> bytes:
+    """MQTT's variable byte integer: 7 bits per byte, low bits first, high bit = more follows."""
+    encoded = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        encoded.append(digit | 0x80 if value else digit)
+        if not value:
+            return bytes(encoded)
+
+
 def publish_packet_size(topic: str, payload: bytes, v5: bool) -> int:
     """Bytes of a QoS 1 PUBLISH without properties: fixed header, topic, packet id, payload."""
     remaining = 2 + len(topic.encode("utf-8")) + 2 + (1 if v5 else 0) + len(payload)
-    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
-    return 1 + length_bytes + remaining
+    return 1 + len(_remaining_length(remaining)) + remaining
+
+
+def qos0_publish_packet(topic: str, payload: bytes, v5: bool) -> bytes:
+    """A QoS 0 PUBLISH without properties (MQTT 3.1.1 and 5, section 3.3): no packet id, nothing
+    comes back for it."""
+    name = topic.encode("utf-8")
+    properties = b"\0" if v5 else b""
+    return (b"\x30" + _remaining_length(2 + len(name) + len(properties) + len(payload))
+            + len(name).to_bytes(2, "big") + name + properties + payload)
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
@@ -46,32 +65,48 @@ def set_nodelay(sock: socket.socket) -> None:
 
 
 class BufferedSocket:
-    """A plain TCP socket read in 64 KiB chunks, written in coalesced sends.
+    """A link's socket as paho sees it: buffered reads, coalesced writes, and a way in for QoS 0
+    publishes that does not go through paho.
 
     paho reads each packet's fixed header one byte at a time: three or four recv() calls for
-    a 4-byte PUBACK. Serving those reads from one buffer saves most of the syscalls. paho also
-    sends every packet with its own send(); with `coalesce_writes` they are collected and the
-    owner's loop sends them together (`flush_writes`) once paho has written everything that was
-    queued (only a loop that calls `flush_writes` may ask for it). TLS sockets are not wrapped:
-    they already buffer whole records on reads.
+    a 4-byte PUBACK. On plain TCP those reads are served from one 64 KiB buffer (TLS sockets
+    already buffer whole records). paho also sends every packet with its own send(); with
+    `coalesce_writes` they are collected and the owner's loop sends them together
+    (`flush_writes`) once paho has written everything that was queued (only a loop that calls
+    `flush_writes` may ask for it). Other threads may add whole packets with `write_packet`
+    once the broker accepted the session; paho too only ever adds whole packets, so none
+    interleave.
     """
 
     def __init__(self, sock: socket.socket, coalesce_writes: bool = False):
         self._sock = sock
+        self._buffer_reads = not isinstance(sock, ssl.SSLSocket)
         self._data = b""
         self._pos = 0
         self._out = bytearray()
+        self._out_lock = threading.Lock()
         self.coalesce_writes = coalesce_writes
+        self.session_v5: Optional[bool] = None  # the accepted session's protocol, once CONNACK said so
 
     def send(self, data: bytes) -> int:
         if not self.coalesce_writes:
             return self._sock.send(data)
-        self._out += data
+        with self._out_lock:
+            self._out += data
         return len(data)
+
+    def write_packet(self, packet: bytes) -> bool:
+        """Queue one whole packet for the next flush; False when no session is open on this socket."""
+        if self.session_v5 is None or not self.coalesce_writes:
+            return False
+        with self._out_lock:
+            self._out += packet
+        return True
 
     def close(self) -> None:
         """paho closes the socket right after writing DISCONNECT: send what was collected first,
         or the broker sees a dropped connection and publishes the Last Will."""
+        self.session_v5 = None
         try:
             self.flush_writes()
         except OSError:
@@ -83,14 +118,23 @@ class BufferedSocket:
 
     def flush_writes(self) -> None:
         """As much of the collected bytes as the kernel takes now; the rest waits for writability."""
-        while self._out:
-            try:
-                sent = self._sock.send(self._out)
-            except BlockingIOError:
+        while True:
+            with self._out_lock:  # not held while sending: writers would wait for the syscall
+                data, self._out = self._out, bytearray()
+            if not data:
                 return
-            del self._out[:sent]
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            if sent < len(data):
+                with self._out_lock:
+                    self._out[:0] = memoryview(data)[sent:]
+                return
 
     def recv(self, size: int) -> bytes:
+        if not self._buffer_reads:
+            return self._sock.recv(size)
         if self._pos >= len(self._data):
             self._data, self._pos = self._sock.recv(65536), 0  # BlockingIOError when nothing is there
             if not self._data:
@@ -100,16 +144,16 @@ class BufferedSocket:
         return chunk
 
     def pending(self) -> int:
-        return len(self._data) - self._pos
+        return len(self._data) - self._pos if self._buffer_reads else self._sock.pending()
 
     def __getattr__(self, name: str):
         return getattr(self._sock, name)
 
 
 def open_socket(client: mqtt.Client, sock: socket.socket, coalesce_writes: bool) -> None:
-    """paho's on_socket_open: no Nagle, and buffered reads (and writes) on plain TCP."""
+    """paho's on_socket_open: no Nagle; buffered reads on plain TCP, coalesced writes when asked."""
     set_nodelay(sock)
-    if not isinstance(sock, ssl.SSLSocket) and getattr(client, "_sock", None) is sock:
+    if getattr(client, "_sock", None) is sock and (coalesce_writes or not isinstance(sock, ssl.SSLSocket)):
         # paho has no hook for its reads; it assigned _sock just before
         client._sock = BufferedSocket(sock, coalesce_writes)
 

@@ -161,7 +161,7 @@ class GatekeeperRouter:
 
     def __init__(self, settings: GatekeeperSettings):
         self.settings = settings
-        self.http = JsonHttpClient("gatekeeper", settings.url, {"Content-Type": "application/json"},
+        self.http = JsonHttpClient("gatekeeper", settings.url, {},
                                    settings.retry_attempts, settings.timeout_ms / 1000.0,
                                    lambda body: protocol.truncate_utf8(body.decode("utf-8", "replace"), 200))
 

@@ -126,16 +126,21 @@ class AgentRuntime:
             self.dedupe.close()
             raise StartupError(str(exc)) from None
         self.tools.on_execution = self.metrics.tool_execution
-        self.agent_loop = build_agent_loop(config, self.tools if config.tools else None, self.metrics,
-                                           self.publish_progress)
         self.registry: Optional[Registry] = None
         route = None
-        if config.routing is not None:  # v2: discovery feeds the router
-            from .router import WorkflowRouter, build_router  # imports an HTTP client
-            self.registry = registry = Registry(config.heartbeat_interval)
-            self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
-            route = WorkflowRouter(config.agent_id, config.routing, registry, build_router(config.routing, self.metrics),
-                                   self.metrics, self.publish_progress).next_step
+        try:  # an HTTP endpoint the environment's proxy settings make unusable
+            self.agent_loop = build_agent_loop(config, self.tools if config.tools else None, self.metrics,
+                                               self.publish_progress)
+            if config.routing is not None:  # v2: discovery feeds the router
+                from .router import WorkflowRouter, build_router  # imports an HTTP client
+                self.registry = registry = Registry(config.heartbeat_interval)
+                self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
+                route = WorkflowRouter(config.agent_id, config.routing, registry,
+                                       build_router(config.routing, self.metrics), self.metrics,
+                                       self.publish_progress).next_step
+        except LlmError as exc:
+            self.dedupe.close()
+            raise StartupError(str(exc)) from None
         self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.metrics,
                                        self.publish_progress, should_abandon=self._hard_stop.is_set, route=route)
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")

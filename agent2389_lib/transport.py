@@ -33,7 +33,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from .config import MqttSettings
 from .errors import PayloadTooLarge
 from .mqttclient import (UNSUPPORTED_PROTOCOL, BufferedSocket, ProtocolVersion, describe_refusal,
-                         describe_tls_error, new_client, publish_packet_size)
+                         describe_tls_error, new_client, publish_packet_size,
+                         qos0_publish_packet)
 from .logs import Throttle
 from .metrics import Metrics
 
@@ -128,7 +129,6 @@ class _Link:
         self._pending: dict[int, tuple[PublishTicket, str, bytes, bool]] = {}  # mid: ticket and message
         self._client_lock = threading.Lock()  # publishing vs. replacing the client
         self._acked_early: dict[int, Optional[str]] = {}
-        self._advisory: set[int] = set()  # QoS 0 publishes paho has not yet written
         self.max_packet_size: Optional[int] = None  # from the broker's CONNACK
         self._generation = 0
         self._last_read = time.monotonic()
@@ -218,14 +218,21 @@ class _Link:
         return ticket  # paho's register-write callback wakes the network thread
 
     def publish_advisory(self, topic: str, payload: bytes) -> None:
-        """QoS 0, for progress events: nothing waits for them, and one lost costs nothing."""
-        with self._client_lock:
-            info = self.client.publish(topic, payload, qos=0)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return  # not connected: paho does not keep QoS 0 messages
-            with self._lock:
-                if self._acked_early.pop(info.mid, _NOT_ACKED) is _NOT_ACKED:
-                    self._advisory.add(info.mid)  # paho reports it once written
+        """QoS 0, for progress events: nothing waits for them, and one lost costs nothing. The
+        packet goes straight into the connection's send buffer: paho would build a message info,
+        a lock, and a reason code and properties to report it written, for every event. Dropped
+        while no session is open, as paho drops QoS 0 messages then."""
+        sock = self.client.socket()
+        v5 = sock.session_v5 if isinstance(sock, BufferedSocket) else None
+        if v5 is None:
+            return
+        packet = qos0_publish_packet(topic, payload, v5)
+        if self.max_packet_size is not None and len(packet) > self.max_packet_size:
+            self.metrics.published_message(False)
+            return
+        if sock.write_packet(packet):
+            self.metrics.published_message(True)
+            self.wake()
 
     def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
@@ -274,6 +281,9 @@ class _Link:
         if not flags.session_present:
             self._generation += 1
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        sock = client.socket()
+        if isinstance(sock, BufferedSocket):
+            sock.session_v5 = self.v5
         self._connected_at = time.monotonic()
         log.info("connected to broker %s:%d (%s link, session %s)", self.settings.host, self.settings.port,
                  self.name, "resumed" if flags.session_present else "new")
@@ -360,9 +370,7 @@ class _Link:
         refusal = str(reason_code) if reason_code.is_failure else None
         with self._lock:
             pending = self._pending.pop(mid, None)
-            if mid in self._advisory:
-                self._advisory.discard(mid)
-            elif pending is None:
+            if pending is None:
                 self._acked_early[mid] = refusal
         if pending is not None:
             pending[0].settle(refusal)
@@ -398,8 +406,6 @@ class _Link:
         self.metrics.mqtt_connecting()
         if self.v5 != self.version.v5:  # a link found that the broker does not speak MQTT 5
             self._replace_client()
-        with self._lock:
-            self._advisory.clear()  # paho drops unsent QoS 0 messages when it reconnects
         self._answered = False
         self._connect_started = time.monotonic()
         self.client.on_log = self._remember_error  # until CONNACK: why a connection failed
@@ -431,12 +437,11 @@ class _Link:
             self._stop.wait(self._backoff.next_delay())
             return
         read = self._may_read() or time.monotonic() - self._last_read >= self.settings.keep_alive / 2
-        buffered = isinstance(sock, BufferedSocket)
-        if read and sock.pending():  # SSLSocket or BufferedSocket: data already read off the wire
+        if read and sock.pending():  # data already read off the wire (our buffer, or a TLS record)
             readable, writable = [sock], []
         else:
             rlist = [sock, self._wake_r] if read else [self._wake_r]
-            wlist = [sock] if self.client.want_write() or (buffered and sock.unsent()) else []
+            wlist = [sock] if self.client.want_write() or sock.unsent() else []
             readable, writable, _ = select.select(rlist, wlist, [], _POLL_SECONDS)
         if self._wake_r in readable:
             self._drain_wake()
@@ -448,7 +453,7 @@ class _Link:
             self._last_read = time.monotonic()
         if rc == mqtt.MQTT_ERR_SUCCESS:
             rc = self.client.loop_misc()
-        if buffered and rc == mqtt.MQTT_ERR_SUCCESS:
+        if rc == mqtt.MQTT_ERR_SUCCESS:
             sock.flush_writes()  # everything paho wrote in this round, in one send()
         if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
             self._drop_socket()

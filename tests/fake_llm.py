@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -52,8 +53,8 @@ class Raw:
     """A 200 answer written byte by byte: `chunks` with `pause` seconds before each, under a
     Content-Length of `length` (default: their total); a shorter body then closes the connection."""
 
-    def __init__(self, chunks, length: Optional[int] = None, pause: float = 0.0):
-        self.chunks, self.length, self.pause = chunks, length, pause
+    def __init__(self, chunks, length: Optional[int] = None, pause: float = 0.0, headers: Optional[dict] = None):
+        self.chunks, self.length, self.pause, self.headers = chunks, length, pause, headers or {}
 
 
 class BadRequest(Exception):
@@ -66,13 +67,17 @@ class FakeLLM:
     models_path = "/models"
     completion_path = "/chat/completions"
 
-    def __init__(self, api_key: str = "sk-test-key-0123456789", default_text: str = "fake answer"):
+    def __init__(self, api_key: str = "sk-test-key-0123456789", default_text: str = "fake answer",
+                 tls: Optional[ssl.SSLContext] = None):
+        """`tls`: serve https with this context."""
         self.api_key = api_key
         self.default_text = default_text
         self.script: list = []
         self.responder: Optional[Callable[[dict], Any]] = None  # when the script is empty: request body -> action
         self.requests: list[dict] = []
         self.lock = threading.Lock()
+        self.close_after_response = False  # close each connection after one answer, without saying so
+        self.connections_closed = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -106,8 +111,18 @@ class FakeLLM:
                 except BadRequest as exc:
                     return fake.send(self, 400, fake.error_body("invalid_request_error", str(exc)))
                 fake.respond(self, body)
+                self.close_connection = self.close_connection or fake.close_after_response
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def shutdown_request(self, request: Any) -> None:
+                super().shutdown_request(request)
+                with fake.lock:
+                    fake.connections_closed += 1
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -117,7 +132,7 @@ class FakeLLM:
     def _record(self, handler: BaseHTTPRequestHandler, body: Any) -> None:
         with self.lock:
             self.requests.append({"method": handler.command, "path": handler.path, "headers": dict(handler.headers),
-                                  "body": body, "at": time.monotonic()})
+                                  "body": body, "at": time.monotonic(), "client_port": handler.client_address[1]})
 
     def send(self, handler: BaseHTTPRequestHandler, code: int, body: Any, headers: Optional[dict] = None) -> None:
         data = json.dumps(body).encode()
@@ -154,6 +169,8 @@ class FakeLLM:
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(length))
+        for key, value in action.headers.items():
+            handler.send_header(key, value)
         handler.end_headers()
         sent = 0
         try:
@@ -172,7 +189,7 @@ class FakeLLM:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -182,7 +199,7 @@ class FakeLLM:
 class FakeOpenAI(FakeLLM):
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{super().base_url}/v1"
 
     models_path = "/v1/models"
     completion_path = "/v1/chat/completions"

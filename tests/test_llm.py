@@ -9,6 +9,7 @@ import unittest
 from dataclasses import replace
 
 from fake_llm import FakeAnthropic, FakeOpenAI, Hang, Raw, Reply, Status
+from support import free_port
 
 from agent2389_lib.config import AgentConfig, BudgetSettings, LlmSettings, Secret, ToolSpec
 from agent2389_lib.errors import LlmError, TaskTimeout
@@ -216,10 +217,11 @@ class OpenAITests(ProviderCase):
         with self.assertRaises(LlmError) as caught:
             wrong.chain.verify()
         self.assertIn(f"rejected the API key (HTTP 401 from {self.fake.base_url}/models)", str(caught.exception))
-        unreachable = replace(llm_settings(self.fake, "openai", OPENAI_KEY), base_url="http://127.0.0.1:9/v1")
+        closed = free_port()  # nothing listens there
+        unreachable = replace(llm_settings(self.fake, "openai", OPENAI_KEY), base_url=f"http://127.0.0.1:{closed}/v1")
         with self.assertRaises(LlmError) as caught:
             loop_for(unreachable, ()).chain.verify()
-        self.assertIn("http://127.0.0.1:9/v1/models is unreachable", str(caught.exception))
+        self.assertIn(f"http://127.0.0.1:{closed}/v1/models is unreachable: Connection refused", str(caught.exception))
 
 
 class AnthropicTests(ProviderCase):

@@ -93,13 +93,19 @@ class TlsTests(unittest.TestCase):
 
     def test_mutual_tls_answers_a_task(self):
         broker = self.brokers["server"]
-        watcher = Watcher(broker.port, STATUS, "/conversations/#")  # the plain listener, for the test's eyes
+        progress = f"/control/agents/{AGENT}/progress/#"
+        watcher = Watcher(broker.port, STATUS, "/conversations/#", progress)  # the plain listener, for the test's eyes
         self.addCleanup(watcher.close)
         agent = self.agent().start_and_wait_available(watcher)
         task = envelope(AGENT, cid="c-tls")
         watcher.publish(INPUT, task)
         (reply,) = watcher.wait_for(f"/conversations/c-tls/{AGENT}")
         self.assertEqual(reply["task_id"], task["task_id"])
+        # progress events go into the TLS connection's send buffer beside paho's packets
+        events = watcher.wait_for(progress, lambda p: p["event_type"] == "TaskComplete")
+        self.assertEqual(events[0]["task_id"], task["task_id"])
+        self.assertEqual([p["event_type"] for p in watcher.matching(progress)],
+                         ["TaskStart", "LlmRequest", "LlmResponse", "TaskComplete"])
         self.assertIn("New client connected", broker.log())
         self.assertIn("u'agent-001'", broker.log())  # identity taken from the certificate
         self.assertNotIn("key-pass-S3CRET-77", agent.log())

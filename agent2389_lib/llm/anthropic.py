@@ -80,7 +80,7 @@ class AnthropicProvider:
 
     def __init__(self, settings: LlmSettings, metrics: Optional[Metrics] = None):
         self.settings = settings
-        headers = {"Content-Type": "application/json", "anthropic-version": API_VERSION}
+        headers = {"anthropic-version": API_VERSION}
         if settings.api_key:
             headers["x-api-key"] = settings.api_key.reveal()
         self.http = JsonHttpClient("anthropic", settings.base_url or DEFAULT_BASE_URL, headers,

@@ -90,9 +90,7 @@ class OpenAIProvider:
     def __init__(self, settings: LlmSettings, metrics: Optional[Metrics] = None):
         self.settings = settings
         self.name = "openai" if not settings.base_url else f"openai-compatible({settings.base_url})"
-        headers = {"Content-Type": "application/json"}
-        if settings.api_key:
-            headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
+        headers = {"Authorization": f"Bearer {settings.api_key.reveal()}"} if settings.api_key else {}
         self.http = JsonHttpClient("openai", settings.base_url or DEFAULT_BASE_URL, headers,
                                    settings.max_attempts, settings.request_timeout, describe_error, metrics, self.name,
                                    settings.max_response_bytes)
