@@ -15,19 +15,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Optional, TextIO
 
-from .protocol import redact
+from .protocol import redact, utc_millis
 
 _LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
 _PY_LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG}
 _spans_enabled = False
-
-
-def _timestamp(record: logging.LogRecord) -> str:
-    moment = datetime.fromtimestamp(record.created, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _target(record: logging.LogRecord) -> str:
@@ -62,7 +56,7 @@ class JsonFormatter(logging.Formatter):
         fields = {"message": record.getMessage()}
         if record.exc_text:
             fields["exception"] = record.exc_text
-        line = {"timestamp": _timestamp(record), "level": _level(record), "target": _target(record)}
+        line = {"timestamp": utc_millis(record.created), "level": _level(record), "target": _target(record)}
         span = getattr(record, "span", None)
         if span:
             line["span"] = span
@@ -77,7 +71,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         span = getattr(record, "span", None)
         span_text = " " + " ".join(f"{k}={v}" for k, v in span.items()) if span else ""
-        text = f"{_timestamp(record)} {_level(record):5} {_target(record)}{span_text}: {record.getMessage()}"
+        text = f"{utc_millis(record.created)} {_level(record):5} {_target(record)}{span_text}: {record.getMessage()}"
         if record.exc_text:
             text += "\n" + record.exc_text
         return text.replace("\r", "\\r").replace("\n", "\\n")

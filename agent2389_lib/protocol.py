@@ -453,10 +453,23 @@ def next_task_to_dict(nxt: Optional[NextTask]) -> Optional[dict]:
 def rfc3339(now: Optional[datetime] = None) -> str:
     """RFC 3339 UTC with millisecond precision and a `Z` suffix (RULE-003)."""
     if now is None:  # the common case, on every progress event: without datetime objects
-        stamp = time.time()
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp * 1000) % 1000:03d}Z"
+        return utc_millis(time.time())
     now = now.astimezone(timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+_formatted_second: tuple[int, str] = (-1, "")
+
+
+def utc_millis(stamp: float) -> str:
+    """`rfc3339` of a Unix time. Every progress event and log line needs one: the date and time
+    of day are formatted once per second."""
+    global _formatted_second
+    second = int(stamp)
+    formatted = _formatted_second
+    if formatted[0] != second:
+        formatted = _formatted_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{formatted[1]}.{int(stamp * 1000) % 1000:03d}Z"
 
 
 def to_payload(message: Mapping[str, Any]) -> bytes:
