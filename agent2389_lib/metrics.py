@@ -314,8 +314,10 @@ def prometheus_text(snapshot: dict, version: str) -> str:
     for key, name, help_text in (("connection_attempts", "connection_attempts", "Connection attempts."),
                                  ("connections_established", "connections", "Connections established."),
                                  ("connection_failures", "connection_failures", "Failed or refused connections."),
-                                 ("messages_published", "messages_published", "Messages published and acknowledged."),
-                                 ("publish_failures", "publish_failures", "Publishes not acknowledged."),
+                                 ("messages_published", "messages_published", "Messages published: acknowledged by the broker (QoS 1), or written (progress events, QoS 0)."),
+                                 ("publish_failures", "publish_failures",
+                                  "Publishes refused by the broker, and progress events dropped (too large, or the "
+                                  "broker not reading)."),
                                  ("messages_received", "messages_received", "Messages received.")):
         family(f"agent2389_mqtt_{name}_total", "counter", help_text, [("", {}, mqtt[key])])
     family("agent2389_tool_executions_total", "counter", "Tool executions.",

@@ -95,11 +95,15 @@ class BufferedSocket:
             self._out += data
         return len(data)
 
-    def write_packet(self, packet: bytes) -> bool:
-        """Queue one whole packet for the next flush; False when no session is open on this socket."""
+    def write_packet(self, packet: bytes, backlog_limit: int) -> bool:
+        """Queue one whole packet for the next flush. False, and nothing queued, when no session
+        is open on this socket, or when over `backlog_limit` bytes already wait (a broker that
+        stopped reading must not make us hold what can be dropped)."""
         if self.session_v5 is None or not self.coalesce_writes:
             return False
         with self._out_lock:
+            if len(self._out) > backlog_limit:
+                return False
             self._out += packet
         return True
 

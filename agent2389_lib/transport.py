@@ -49,6 +49,7 @@ _SHORT_LIVED_ALARM = 3
 _SESSION_TAKEN_OVER = 0x8E
 _FAILURE_CAUSES_KEPT = 16
 _CONNACK_TIMEOUT = 10.0  # paho alone waits 1.5 keep-alives for a port that is not an MQTT broker
+_ADVISORY_BACKLOG = 1 << 20  # bytes waiting to be sent beyond which progress events are dropped
 _NOT_A_BROKER_HINT = "is it an MQTT broker's port? (MQTT_HOST/MQTT_PORT, [mqtt] broker_url)"
 
 
@@ -221,17 +222,17 @@ class _Link:
         """QoS 0, for progress events: nothing waits for them, and one lost costs nothing. The
         packet goes straight into the connection's send buffer: paho would build a message info,
         a lock, and a reason code and properties to report it written, for every event. Dropped
-        while no session is open, as paho drops QoS 0 messages then."""
+        while no session is open, as paho drops QoS 0 messages then; dropped and counted as a
+        failure when over the broker's maximum packet size or behind a 1 MiB send backlog."""
         sock = self.client.socket()
         v5 = sock.session_v5 if isinstance(sock, BufferedSocket) else None
         if v5 is None:
             return
         packet = qos0_publish_packet(topic, payload, v5)
-        if self.max_packet_size is not None and len(packet) > self.max_packet_size:
-            self.metrics.published_message(False)
-            return
-        if sock.write_packet(packet):
-            self.metrics.published_message(True)
+        written = ((self.max_packet_size is None or len(packet) <= self.max_packet_size)
+                   and sock.write_packet(packet, _ADVISORY_BACKLOG))
+        self.metrics.published_message(written)
+        if written:
             self.wake()
 
     def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool) -> None:

@@ -29,7 +29,7 @@ from agent2389_lib.llm.http import JsonHttpClient
 from agent2389_lib.metrics import Metrics
 
 CONNECTION_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-                        "ALL_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+                        "ALL_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
 class Proxy:
@@ -182,11 +182,13 @@ class ProxyTests(HttpCase):
                          [("CONNECT", f"127.0.0.1:{fake.port}")])
 
         self.environment()  # the system's trust store does not know the test CA
-        loop = loop_for(llm_settings(fake, "openai", OPENAI_KEY), ())
         with self.assertRaises(LlmError) as caught:
-            loop.chain.verify()
+            loop_for(llm_settings(fake, "openai", OPENAI_KEY), ()).chain.verify()
         self.assertIn(f"{fake.base_url}/models is unreachable: TLS certificate verification failed",
                       str(caught.exception))
+
+        self.environment(SSL_CERT_FILE=certs.path("ca.crt"))  # OpenSSL's own variable
+        loop_for(llm_settings(fake, "openai", OPENAI_KEY), ()).chain.verify()
 
     def test_a_proxy_it_cannot_use_is_named(self):
         self.environment(HTTPS_PROXY="socks5://127.0.0.1:1080")
