@@ -18,7 +18,8 @@ from typing import Any
 from unittest import mock
 
 from fake_llm import FakeOpenAI, Raw
-from support import wait_until
+from support import free_port, wait_until
+from test_first_hour import cli
 from test_llm import OPENAI_KEY, llm_settings, loop_for, task
 from test_security import Certificates
 
@@ -196,6 +197,14 @@ class ProxyTests(HttpCase):
             JsonHttpClient("openai", "https://api.openai.com/v1", {}, 1, 10, lambda body: "")
         self.assertIn("the https_proxy environment variable names 'socks5://127.0.0.1:1080'", str(caught.exception))
         self.assertIn("NO_PROXY", str(caught.exception))
+
+        # the agent stops at startup, saying so, before it takes any task
+        result = cli("run", env={"AGENT_ID": "proxied", "LLM_PROVIDER": "openai", "OPENAI_API_KEY": OPENAI_KEY,
+                                 "HTTPS_PROXY": "https://proxy.example:3128", "MQTT_PORT": str(free_port()),
+                                 "HEALTH_PORT": str(free_port())}, timeout=30)
+        self.assertEqual(result.returncode, 1, result.stderr)  # like every startup failure
+        self.assertIn("the https_proxy environment variable names 'https://proxy.example:3128'; only http:// "
+                      "proxies can be used", result.stderr)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ timeouts and bodies cut short, with exponential backoff and full jitter, honouri
 at once. Bodies are streamed: the deadline holds between chunks (a server trickling one byte
 a second cannot keep a worker) and a body over `max_response_bytes` is an error, not memory.
 
-Plain `http.client`, one keep-alive connection per worker thread: `requests` spent four times
-the CPU of the call itself on every request (benchmarks/run.py). The environment's proxy
-(`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`; http:// proxies, CONNECT for https) and CA bundle
-(`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, `SSL_CERT_FILE`) are honoured; otherwise the system's
-trust store, as for the broker.
+Plain `http.client`, one keep-alive connection per worker thread: a call through `requests`
+cost about 1.2 ms of CPU, through `http.client` 0.26 ms (README, Performance). The
+environment's proxy (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`; http:// proxies, CONNECT for
+https) and CA bundle (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, `SSL_CERT_FILE`) are honoured;
+otherwise the system's trust store, as for the broker.
 """
 
 from __future__ import annotations
@@ -103,9 +103,10 @@ class Endpoint:
         proxy = urllib.request.getproxies_environment().get(parts.scheme)
         if proxy and not urllib.request.proxy_bypass_environment(self.host):
             self.proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-            if self.proxy.scheme not in ("http", "https") or not self.proxy.hostname:
+            if self.proxy.scheme != "http" or not self.proxy.hostname:
                 raise LlmError(f"the {parts.scheme}_proxy environment variable names {proxy!r}; only http:// "
-                               f"proxies can be used (or exclude {self.host} with NO_PROXY)", "config")
+                               f"proxies can be used, not TLS or SOCKS ones (or exclude {self.host} with NO_PROXY)",
+                               "config")
         # a plain-http request through a proxy names the whole URL
         self.prefix = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if self.proxy and not self.tls else ""
         self._context: Optional[ssl.SSLContext] = None
@@ -118,8 +119,7 @@ class Endpoint:
             return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         proxy_port = self.proxy.port or 80
         if not self.tls:
-            connection = http.client.HTTPConnection(self.proxy.hostname, proxy_port, timeout=timeout)
-            return connection
+            return http.client.HTTPConnection(self.proxy.hostname, proxy_port, timeout=timeout)
         connection = http.client.HTTPSConnection(self.proxy.hostname, proxy_port, timeout=timeout,
                                                  context=self.context())
         connection.set_tunnel(self.host, self.port, headers=self.proxy_headers())
