@@ -20,9 +20,12 @@ WORKDIR /app
 # (AGENT2389_CONFIG, by contrast, must name a file that exists).
 # state_dir (the completed-task store) belongs on a writable volume: the root filesystem may be read-only.
 # The health server listens on every interface, for the orchestrator's probes.
+# The system trust store (mqtts:// brokers, https:// LLM APIs) is this bundle: distroless ships no
+# hashed certificate directory for OpenSSL's default paths.
 ENV AGENT2389_DEFAULT_CONFIG=/app/config/agent.toml \
     STATE_DIR=/app/state \
-    HEALTH_BIND=0.0.0.0
+    HEALTH_BIND=0.0.0.0 \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 VOLUME ["/app/state"]
 USER 10001:10001
 EXPOSE 8080

@@ -119,6 +119,8 @@ class DockerfileTests(unittest.TestCase):
         self.assertIn("EXPOSE 8080", final)
         self.assertTrue(any(i.startswith("HEALTHCHECK") and "healthcheck" in i for i in final))
         self.assertTrue(any(i.startswith("ENTRYPOINT [") for i in final), "exec form: distroless has no shell")
+        self.assertTrue(any(i.startswith("ENV ") and "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in i
+                            for i in final), "the trust store for mqtts:// and https:// LLM APIs")
 
     def test_hadolint(self):
         found = shutil.which("hadolint")

@@ -119,7 +119,7 @@ class ConnectionTests(HttpCase):
     def setUp(self):
         self.environment()
 
-    def test_one_keep_alive_connection_per_thread(self):
+    def test_a_thread_keeps_its_connection_alive(self):
         fake = self.fake()
         loop = loop_for(llm_settings(fake, "openai", OPENAI_KEY), ())
         for _ in range(5):
