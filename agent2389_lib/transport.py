@@ -282,9 +282,7 @@ class _Link:
         if not flags.session_present:
             self._generation += 1
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
-        sock = client.socket()
-        if isinstance(sock, BufferedSocket):
-            sock.session_v5 = self.v5
+        client.socket().session_v5 = self.v5  # a link's socket is always a BufferedSocket (coalesce_writes)
         self._connected_at = time.monotonic()
         log.info("connected to broker %s:%d (%s link, session %s)", self.settings.host, self.settings.port,
                  self.name, "resumed" if flags.session_present else "new")

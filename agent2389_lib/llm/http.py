@@ -176,7 +176,7 @@ class JsonHttpClient:
         url = self.base_url + path
         try:
             status, data, _ = self._request("GET", path, None, time.monotonic() + timeout, timeout)
-        except (OSError, http.client.HTTPException, BodyError) as exc:
+        except _CONNECTION_ERRORS as exc:
             raise LlmError(f"{self.provider} endpoint {url} is unreachable: {_problem(exc)}", "connection") from None
         if status != 200:
             raise LlmError(self._status_message(status, data, url), error_kind(status))
@@ -228,7 +228,7 @@ class JsonHttpClient:
             except BodyDeadline:
                 raise LlmError(f"{self.provider} was still sending its answer from {url} when the task deadline "
                                f"passed", "timeout") from None
-            except (OSError, http.client.HTTPException, BodyError) as exc:
+            except _CONNECTION_ERRORS as exc:
                 last_problem = f"{_problem(exc)} talking to {url}"
                 kind = "timeout" if isinstance(exc, socket.timeout) else "connection"
             finally:
@@ -269,6 +269,9 @@ class BodyTooLarge(BodyError):
 
 class BodyDeadline(BodyError):
     pass
+
+
+_CONNECTION_ERRORS = (OSError, http.client.HTTPException, BodyError)  # worth another attempt
 
 
 def read_body(response: http.client.HTTPResponse, sock: Optional[socket.socket], deadline: float, limit: int,
