@@ -9,6 +9,7 @@ import ssl
 import threading
 from typing import Optional
 
+import paho.mqtt as paho
 import paho.mqtt.client as mqtt
 
 from .config import MqttSettings
@@ -154,12 +155,81 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
+class PlainSocket:
+    """What a link's loop asks of its socket, for a socket paho owns alone (the wrapper could
+    not be put in): nothing buffered by us, nothing to flush, and no way in beside paho."""
+
+    __slots__ = ("_sock",)
+    session_v5 = None
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def pending(self) -> int:
+        return self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+
+    def unsent(self) -> int:
+        return 0
+
+    def flush_writes(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+# paho's private names, here and nowhere else: it assigns a new connection's socket to `_sock`
+# before calling on_socket_open (2.0 and 2.1), and `_sock_close()` closes it without DISCONNECT.
+# A release that changes either only costs the wrapper (see `link_socket`), never a connection.
+PAHO_SOCKET = "_sock"
+PAHO_SOCKET_CLOSE = "_sock_close"
+
+
 def open_socket(client: mqtt.Client, sock: socket.socket, coalesce_writes: bool) -> None:
     """paho's on_socket_open: no Nagle; buffered reads on plain TCP, coalesced writes when asked."""
     set_nodelay(sock)
-    if getattr(client, "_sock", None) is sock and (coalesce_writes or not isinstance(sock, ssl.SSLSocket)):
-        # paho has no hook for its reads; it assigned _sock just before
-        client._sock = BufferedSocket(sock, coalesce_writes)
+    if getattr(client, PAHO_SOCKET, None) is sock and (coalesce_writes or not isinstance(sock, ssl.SSLSocket)):
+        # paho has no hook for its reads; it assigned the socket just before
+        setattr(client, PAHO_SOCKET, BufferedSocket(sock, coalesce_writes))
+
+
+def link_socket(client: mqtt.Client) -> "BufferedSocket | PlainSocket | None":
+    """The connection's socket as a link's loop drives it: our wrapper where paho took it, else
+    paho's own socket behind `PlainSocket` (the loop then runs on plain paho: slower, same behaviour)."""
+    sock = client.socket()
+    if sock is None or isinstance(sock, BufferedSocket):
+        return sock
+    return PlainSocket(sock)
+
+
+_plain_paho_said = threading.Event()  # paho is one per process: so is this news
+
+
+def say_plain_paho() -> None:
+    """Once per process, when a link's socket turned out not to be the wrapper."""
+    if not _plain_paho_said.is_set():
+        _plain_paho_said.set()
+        log.info("paho-mqtt %s does not hand its new sockets over as agent2389 expects (%s before on_socket_open); "
+                 "running on plain paho: same behaviour, more CPU per message", paho.__version__, PAHO_SOCKET)
+
+
+def close_socket(client: mqtt.Client) -> None:
+    """Close the connection without DISCONNECT (paho has no public call for it). Without the
+    private one: shut the socket down, so paho's next read finds it closed and closes it itself."""
+    close = getattr(client, PAHO_SOCKET_CLOSE, None)
+    if close is not None:
+        close()
+        return
+    try:
+        client.socket().shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    for _ in range(_CLOSE_READS):  # what was already received comes first, then the end
+        if client.socket() is None or client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+            return
+
+
+_CLOSE_READS = 64
 
 
 class ProtocolVersion:

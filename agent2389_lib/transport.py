@@ -32,9 +32,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import MqttSettings
 from .errors import PayloadTooLarge
-from .mqttclient import (UNSUPPORTED_PROTOCOL, BufferedSocket, ProtocolVersion, describe_refusal,
-                         describe_tls_error, new_client, publish_packet_size,
-                         qos0_publish_packet)
+from .mqttclient import (UNSUPPORTED_PROTOCOL, ProtocolVersion, close_socket, describe_refusal, describe_tls_error,
+                         PlainSocket, link_socket, new_client, publish_packet_size, qos0_publish_packet,
+                         say_plain_paho)
 from .logs import Throttle
 from .metrics import Metrics
 
@@ -224,9 +224,11 @@ class _Link:
         a lock, and a reason code and properties to report it written, for every event. Dropped
         while no session is open, as paho drops QoS 0 messages then; dropped and counted as a
         failure when over the broker's maximum packet size or behind a 1 MiB send backlog."""
-        sock = self.client.socket()
-        v5 = sock.session_v5 if isinstance(sock, BufferedSocket) else None
+        sock = link_socket(self.client)
+        v5 = sock.session_v5 if sock is not None else None
         if v5 is None:
+            if sock is not None and self.connected:  # paho owns the socket alone
+                self.metrics.published_message(self.client.publish(topic, payload, qos=0).rc == mqtt.MQTT_ERR_SUCCESS)
             return
         packet = qos0_publish_packet(topic, payload, v5)
         written = ((self.max_packet_size is None or len(packet) <= self.max_packet_size)
@@ -282,7 +284,11 @@ class _Link:
         if not flags.session_present:
             self._generation += 1
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
-        client.socket().session_v5 = self.v5  # a link's socket is always a BufferedSocket (coalesce_writes)
+        sock = link_socket(client)
+        if isinstance(sock, PlainSocket):
+            say_plain_paho()
+        else:
+            sock.session_v5 = self.v5
         self._connected_at = time.monotonic()
         log.info("connected to broker %s:%d (%s link, session %s)", self.settings.host, self.settings.port,
                  self.name, "resumed" if flags.session_present else "new")
@@ -425,7 +431,7 @@ class _Link:
         self._drop_socket()
 
     def _service(self) -> None:
-        sock = self.client.socket()
+        sock = link_socket(self.client)
         if sock is None:
             return
         if not self._answered and time.monotonic() - self._connect_started > _CONNACK_TIMEOUT:
@@ -472,7 +478,7 @@ class _Link:
 
     def _drop_socket(self) -> None:
         if self.client.socket() is not None:
-            self.client._sock_close()  # paho has no public "close without DISCONNECT"
+            close_socket(self.client)
         if self._connected.is_set():
             self._connected.clear()
             self.on_disconnected()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -26,6 +27,19 @@ from paho.mqtt.properties import Properties
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_SCRIPT = os.path.join(ROOT, "agent2389.py")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+def program(name: str) -> str:
+    """The path of an external program a test starts: the running interpreter's environment first
+    (what the test extra installs there, e.g. hadolint), then PATH, then the sbin directories
+    (Debian puts mosquitto in /usr/sbin, off an ordinary user's PATH). A test must not pass only
+    because a copy installed by hand elsewhere happens to be on PATH."""
+    search = [sysconfig.get_path("scripts"), os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin"]
+    found = shutil.which(name, path=os.pathsep.join(search))
+    if found is None:
+        raise AssertionError(f"{name} is not installed (searched {os.pathsep.join(search)}); "
+                             f"bash .ci/run installs everything the tests start")
+    return found
 
 
 def free_port() -> int:
@@ -123,7 +137,7 @@ class Mosquitto(_Broker):
 
     def start(self) -> "Mosquitto":
         self._write_conf()
-        self.proc = subprocess.Popen(["mosquitto", "-c", self.conf], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([program("mosquitto"), "-c", self.conf], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_until(self._accepts, 10, f"mosquitto to listen on port {self.port}")
         return self
@@ -364,8 +378,11 @@ class AgentProcess:
     """`python agent2389.py run --config FILE` as a subprocess."""
 
     def __init__(self, broker: Mosquitto, agent_id: str = "agent-one", workdir: Optional[str] = None,
-                 env: Optional[dict] = None, **sections: Any):
+                 env: Optional[dict] = None, prelude: str = "", **sections: Any):
+        """`prelude`: Python run in the agent process before the CLI (to change what a test cannot
+        reach from outside, e.g. a dependency's behaviour)."""
         self.agent_id = agent_id
+        self.prelude = prelude
         self.broker = broker
         self.dir = workdir or tempfile.mkdtemp(prefix="agent-")
         config = {"agent": {"id": agent_id, "description": "test agent", "capabilities": ["testing"]},
@@ -383,7 +400,8 @@ class AgentProcess:
 
     def start(self) -> "AgentProcess":
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, "run", "--config", self.config_path],
+        program = ["-c", f"{self.prelude}\nfrom agent2389_lib.cli import main\nmain()"] if self.prelude else [AGENT_SCRIPT]
+        self.proc = subprocess.Popen([sys.executable, *program, "run", "--config", self.config_path],
                                      env=self.env, cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._copier = threading.Thread(target=self._copy_log, args=(self.proc.stdout,), daemon=True)
         self._copier.start()

@@ -1,7 +1,10 @@
-"""Packets written without paho: their encoding, and the send buffer they share with paho's."""
+"""Packets written without paho: their encoding, and the send buffer they share with paho's; the
+agent on plain paho when the socket wrapper cannot be put in."""
 
 import socket
 import unittest
+
+from support import BrokerTestCase, Mosquitto, envelope, new_task_id
 
 from agent2389_lib.mqttclient import BufferedSocket, publish_packet_size, qos0_publish_packet
 
@@ -66,6 +69,36 @@ class SendBufferTests(unittest.TestCase):
         self.assertLessEqual(self.sock.unsent(), 64 * 1024 + len(packet))
         self.assertEqual(self.sock.send(b"outcome"), 7, "paho's packets are never dropped")
         self.assertEqual(self.sock.unsent() % 1000, 7, "whole packets only, ours and paho's")
+
+
+# what a paho release that renamed its private socket attributes looks like to the wrapper
+RENAMED_PAHO_INTERNALS = ("import agent2389_lib.mqttclient as wire\n"
+                          "wire.PAHO_SOCKET = wire.PAHO_SOCKET_CLOSE = '_renamed_by_a_later_paho'")
+
+
+class PlainPahoTests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(persistence=True).start()
+
+    def test_without_the_wrapper_tasks_are_answered_on_plain_paho(self):
+        agent_id = "plain-paho"
+        watcher = self.watcher(f"/control/agents/{agent_id}/#", "/conversations/#")
+        agent = self.agent(agent_id, prelude=RENAMED_PAHO_INTERNALS).start_and_wait_available(watcher)
+        for cid in ("before-restart", "after-restart"):
+            task_id = new_task_id()
+            watcher.publish(f"/control/agents/{agent_id}/input", envelope(agent_id, task_id=task_id, cid=cid))
+            (reply,) = watcher.wait_for(f"/conversations/{cid}/{agent_id}")
+            self.assertEqual(reply["task_id"], task_id)
+            # progress events are QoS 0 publishes: on plain paho they go through paho
+            watcher.wait_for(f"/control/agents/{agent_id}/progress", lambda p: p["task_id"] == task_id)
+            if cid == "before-restart":
+                self.broker.stop()
+                self.broker.start()
+                watcher.wait_for(f"/control/agents/{agent_id}/status", lambda p: p["status"] == "available", count=2)
+        self.assertEqual(agent.log().count("running on plain paho"), 1, "said once, for both links")
+        self.assertNotIn("unexpected error", agent.log())
+        self.assertEqual(agent.stop(), 0)
 
 
 if __name__ == "__main__":
