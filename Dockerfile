@@ -20,12 +20,15 @@ WORKDIR /app
 # (AGENT2389_CONFIG, by contrast, must name a file that exists).
 # state_dir (the completed-task store) belongs on a writable volume: the root filesystem may be read-only.
 # The health server listens on every interface, for the orchestrator's probes.
-# The system trust store (mqtts:// brokers, https:// LLM APIs) is this bundle: distroless ships no
-# hashed certificate directory for OpenSSL's default paths.
+# The system trust store is this bundle: SSL_CERT_FILE for mqtts:// brokers (distroless ships no
+# hashed certificate directory for OpenSSL's default paths), REQUESTS_CA_BUNDLE for every HTTP call
+# (LLM APIs, router, tools; requests would otherwise use certifi's bundle). A private CA: mount a
+# bundle that holds it and point both variables at it.
 ENV AGENT2389_DEFAULT_CONFIG=/app/config/agent.toml \
     STATE_DIR=/app/state \
     HEALTH_BIND=0.0.0.0 \
-    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 VOLUME ["/app/state"]
 USER 10001:10001
 EXPOSE 8080

@@ -308,9 +308,9 @@ def run(quick: bool) -> dict:
     slower = min(paho_rate, requests_rate)
     results["figures"] = [
         ("throughput, instant LLM (tasks/s)", round(llm_rate, 1), f"baselines: paho echo {paho_rate:.0f}, "
-         f"requests loop {requests_rate:.0f}", round(llm_rate / slower, 3), ">= 0.7 of the slower baseline"),
+         f"requests loop {requests_rate:.0f}", round(llm_rate / slower, 3), "(information: of the slower baseline)"),
         ("CPU per task, instant LLM (us)", round(llm_cpu * 1e6), f"paho echo {paho_cpu * 1e6:.0f} + requests "
-         f"{requests_cpu * 1e6:.0f}", round(llm_cpu / (paho_cpu + requests_cpu), 3), "<= 1.3x of the baselines' sum"),
+         f"{requests_cpu * 1e6:.0f}", round(llm_cpu / (paho_cpu + requests_cpu), 3), "<= 1.4x of the baselines' sum"),
         ("throughput, echo provider (tasks/s)", round(echo_rate, 1), f"paho echo {paho_rate:.0f}",
          round(echo_rate / paho_rate, 3), ">= 0.6"),
         ("  same, progress_events = false", round(quiet_rate, 1), f"paho echo {paho_rate:.0f}",
@@ -322,7 +322,7 @@ def run(quick: bool) -> dict:
          f"paho echo {paho_latency['p50']}", round(llm_latency["p50"] - paho_latency["p50"], 3), "(information)"),
         ("concurrency, 200 ms LLM, 16 workers (tasks/s)", round(concurrent_rate, 1), "ideal 16 / 0.2 s = 80",
          round(concurrent_rate / 80, 3), ">= 0.9"),
-        ("idle RSS (MB)", round(idle_rss, 1), "", round(idle_rss, 1), "< 40"),
+        ("idle RSS, echo provider (MB)", round(idle_rss, 1), "", round(idle_rss, 1), "<= 29"),
         ("peak RSS under load (MB)", round(load_peak, 1), "", round(load_peak, 1), "(information)"),
         (f"peak RSS draining a {backlog}-task backlog (MB)", round(backlog_peak, 1), "", round(backlog_peak, 1), "< 80"),
         ("startup to retained available (s)", round(statistics.median(startups), 3), "median of 3", "",

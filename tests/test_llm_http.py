@@ -14,11 +14,11 @@ import time
 import unittest
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Optional
 from unittest import mock
 
 from fake_llm import FakeOpenAI, Raw
-from support import free_port, wait_until
+from support import Mosquitto, free_port, wait_until
 from test_first_hour import cli
 from test_llm import OPENAI_KEY, llm_settings, loop_for, task
 from test_security import Certificates
@@ -37,7 +37,8 @@ class Proxy:
     """A forward proxy on a free loopback port: absolute-form requests for http, CONNECT tunnels
     for https. Records what it was asked."""
 
-    def __init__(self):
+    def __init__(self, tls: Optional[ssl.SSLContext] = None):
+        """`tls`: the proxy itself speaks https (an https:// proxy URL)."""
         self.requests: list[dict] = []
         proxy = self
 
@@ -88,7 +89,9 @@ class Proxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -188,23 +191,54 @@ class ProxyTests(HttpCase):
         self.assertIn(f"{fake.base_url}/models is unreachable: TLS certificate verification failed",
                       str(caught.exception))
 
-        self.environment(SSL_CERT_FILE=certs.path("ca.crt"))  # OpenSSL's own variable
+        self.environment(CURL_CA_BUNDLE=certs.path("ca.crt"))  # requests' other variable
         loop_for(llm_settings(fake, "openai", OPENAI_KEY), ()).chain.verify()
 
-    def test_a_proxy_it_cannot_use_is_named(self):
-        self.environment(HTTPS_PROXY="socks5://127.0.0.1:1080")
+    def test_https_proxy(self):
+        certs = Certificates()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs.path("server.crt"), certs.path("server.key"))
+        fake = self.fake(tls=context)
+        proxy = Proxy(tls=context)  # TLS to the proxy, and TLS to the API inside the tunnel
+        self.addCleanup(proxy.close)
+        self.environment(HTTPS_PROXY=proxy.url, REQUESTS_CA_BUNDLE=certs.path("ca.crt"))
+        self.assertEqual(self.think(fake), "fake answer")
+        self.assertEqual([(r["method"], r["target"]) for r in proxy.requests], [("CONNECT", f"127.0.0.1:{fake.port}")])
+
+    def test_no_proxy_with_a_cidr_entry_goes_direct(self):
+        fake = self.fake()
+        self.environment(http_proxy=self.proxy.url, no_proxy="10.0.0.0/8,127.0.0.0/8")
+        self.assertEqual(self.think(fake), "fake answer")
+        self.assertEqual(self.proxy.requests, [])
+
+    def test_all_proxy_is_honoured(self):
+        fake = self.fake()
+        self.environment(ALL_PROXY=self.proxy.url)
+        self.assertEqual(self.think(fake), "fake answer")
+        self.assertEqual([r["target"] for r in self.proxy.requests], [f"{fake.base_url}/chat/completions"])
+
+    def test_a_socks_proxy_without_its_extra_names_the_extra(self):
+        self.environment(HTTPS_PROXY="socks5://relay:s0cks-pass@127.0.0.1:1080")
         with self.assertRaises(LlmError) as caught:
             JsonHttpClient("openai", "https://api.openai.com/v1", {}, 1, 10, lambda body: "")
-        self.assertIn("the https_proxy environment variable names 'socks5://127.0.0.1:1080'", str(caught.exception))
-        self.assertIn("NO_PROXY", str(caught.exception))
+        self.assertIn("the environment names the SOCKS proxy socks5://127.0.0.1:1080 for https://api.openai.com/v1",
+                      str(caught.exception))
+        self.assertIn("pip install 'agent2389[socks]'", str(caught.exception))
+        self.assertNotIn("s0cks-pass", str(caught.exception))
 
-        # the agent stops at startup, saying so, before it takes any task
+    def test_a_proxy_password_appears_nowhere(self):
+        """The agent starts its checks through an https:// proxy (no longer refused) that cannot be
+        reached: it stops at startup naming the proxy, never its password."""
+        broker = Mosquitto().start()
+        self.addCleanup(broker.cleanup)
         result = cli("run", env={"AGENT_ID": "proxied", "LLM_PROVIDER": "openai", "OPENAI_API_KEY": OPENAI_KEY,
-                                 "HTTPS_PROXY": "https://proxy.example:3128", "MQTT_PORT": str(free_port()),
-                                 "HEALTH_PORT": str(free_port())}, timeout=30)
+                                 "OPENAI_BASE_URL": "https://api.example.com/v1", "LOG_LEVEL": "DEBUG",
+                                 "HTTPS_PROXY": f"https://bob:hunter2@127.0.0.1:{free_port()}",
+                                 "MQTT_PORT": str(broker.port), "HEALTH_PORT": str(free_port())}, timeout=60)
         self.assertEqual(result.returncode, 1, result.stderr)  # like every startup failure
-        self.assertIn("the https_proxy environment variable names 'https://proxy.example:3128'; only http:// "
-                      "proxies can be used", result.stderr)
+        self.assertIn("openai endpoint https://api.example.com/v1/models is unreachable: cannot reach the proxy: "
+                      "Connection refused", result.stderr)
+        self.assertNotIn("hunter2", result.stdout + result.stderr)
 
 
 if __name__ == "__main__":

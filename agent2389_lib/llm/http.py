@@ -5,36 +5,27 @@ timeouts and bodies cut short, with exponential backoff and full jitter, honouri
 `Retry-After` (seconds or an HTTP date), and never beyond the task deadline. Other 4xx fail
 at once. Bodies are streamed: the deadline holds between chunks (a server trickling one byte
 a second cannot keep a worker) and a body over `max_response_bytes` is an error, not memory.
-
-Plain `http.client`, one keep-alive connection per worker thread: a call through `requests`
-cost about 1.2 ms of CPU, through `http.client` 0.26 ms (README, Performance). The
-environment's proxy (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`; http:// proxies, CONNECT for
-https) and CA bundle (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, `SSL_CERT_FILE`) are honoured;
-otherwise the system's trust store, as for the broker.
+Requests go through `requests` (sessions from httpsessions: proxies and CA bundles by its rules).
 """
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import http.client
 import json
 import logging
-import os
 import random
-import select
 import socket
-import ssl
 import threading
 import time
-import urllib.parse
-import urllib.request
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .. import __version__
+import requests
+import urllib3
+
 from ..errors import LlmError, TaskFailure
+from ..httpsessions import ProxyUnusable, ThreadSessions, causes, check_proxy, describe_failure, new_session, public_url
 from ..metrics import Metrics
 from ..protocol import truncate_utf8
 from .base import ChatReply, remaining
@@ -88,58 +79,8 @@ def backoff_delay(attempt: int) -> float:
     return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * (2 ** attempt)))
 
 
-class Endpoint:
-    """Where one base URL's requests go: straight to its host, or through the environment's proxy."""
-
-    def __init__(self, base_url: str):
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise LlmError(f"{base_url!r} is not an http:// or https:// URL", "config")
-        self.tls = parts.scheme == "https"
-        self.host = parts.hostname
-        self.port = parts.port or (443 if self.tls else 80)
-        self.path = parts.path.rstrip("/") + (f"?{parts.query}" if parts.query else "")
-        self.proxy: Optional[urllib.parse.SplitResult] = None
-        proxy = urllib.request.getproxies_environment().get(parts.scheme)
-        if proxy and not urllib.request.proxy_bypass_environment(self.host):
-            self.proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-            if self.proxy.scheme != "http" or not self.proxy.hostname:
-                raise LlmError(f"the {parts.scheme}_proxy environment variable names {proxy!r}; only http:// "
-                               f"proxies can be used, not TLS or SOCKS ones (or exclude {self.host} with NO_PROXY)",
-                               "config")
-        # a plain-http request through a proxy names the whole URL
-        self.prefix = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if self.proxy and not self.tls else ""
-        self._context: Optional[ssl.SSLContext] = None
-
-    def connect(self, timeout: float) -> http.client.HTTPConnection:
-        """A new (not yet opened) connection; http.client opens it with the first request."""
-        if not self.proxy:
-            if self.tls:
-                return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.context())
-            return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        proxy_port = self.proxy.port or 80
-        if not self.tls:
-            return http.client.HTTPConnection(self.proxy.hostname, proxy_port, timeout=timeout)
-        connection = http.client.HTTPSConnection(self.proxy.hostname, proxy_port, timeout=timeout,
-                                                 context=self.context())
-        connection.set_tunnel(self.host, self.port, headers=self.proxy_headers())
-        return connection
-
-    def proxy_headers(self) -> dict:
-        if self.proxy is None or not self.proxy.username:
-            return {}
-        credentials = f"{urllib.parse.unquote(self.proxy.username)}:{urllib.parse.unquote(self.proxy.password or '')}"
-        return {"Proxy-Authorization": "Basic " + base64.b64encode(credentials.encode()).decode("ascii")}
-
-    def context(self) -> ssl.SSLContext:
-        if self._context is None:
-            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
-            self._context = ssl.create_default_context(cafile=bundle)
-        return self._context
-
-
 class JsonHttpClient:
-    """One provider endpoint; a keep-alive connection per thread."""
+    """One provider endpoint; a requests.Session per thread (pooled keep-alive connections)."""
 
     def __init__(self, provider: str, base_url: str, headers: dict, max_attempts: int, request_timeout: float,
                  describe_error: Callable[[bytes], str], metrics: Optional[Metrics] = None,
@@ -149,53 +90,41 @@ class JsonHttpClient:
         self.label = label or provider
         self.metrics = metrics
         self.base_url = base_url.rstrip("/")
-        self.endpoint = Endpoint(self.base_url)
-        self.headers = {"User-Agent": f"agent2389/{__version__}", "Content-Type": "application/json", **headers}
-        if self.endpoint.proxy and not self.endpoint.tls:
-            self.headers.update(self.endpoint.proxy_headers())
+        self.shown_url = public_url(self.base_url)
+        try:
+            check_proxy(self.base_url)
+        except ProxyUnusable as exc:
+            raise LlmError(str(exc), "config") from None
+        # we ask for the identity encoding (a compressed body would be decompressed in memory
+        # before the size cap could see it); a server that compresses all the same is understood
+        self._sessions = ThreadSessions(lambda: new_session({"Accept-Encoding": "identity", **headers}))
         self.max_attempts = max_attempts
         self.request_timeout = request_timeout
         self.describe_error = describe_error
-        self._local = threading.local()
-
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        """This thread's connection; one the server closed while idle is replaced first (a
-        request sent on it would fail for nothing)."""
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._local.connection = self.endpoint.connect(timeout)
-        elif connection.sock is not None and select.select([connection.sock], [], [], 0)[0]:
-            connection.close()  # readable while idle: closed by the server (or garbage)
-        connection.timeout = timeout  # for (re)connecting
-        if connection.sock is not None:
-            connection.sock.settimeout(timeout)
-        return connection
 
     def get(self, path: str, timeout: float) -> Any:
         """One GET without retries (startup checks); raises LlmError naming the URL and status."""
-        url = self.base_url + path
+        url = self.shown_url + path
         try:
             status, data, _ = self._request("GET", path, None, time.monotonic() + timeout, timeout)
-        except _CONNECTION_ERRORS as exc:
+        except (requests.RequestException, BodyError) as exc:
             raise LlmError(f"{self.provider} endpoint {url} is unreachable: {_problem(exc)}", "connection") from None
         if status != 200:
             raise LlmError(self._status_message(status, data, url), error_kind(status))
         return _json_body(data, self.provider)
 
     def _request(self, method: str, path: str, body: Optional[dict], deadline: float,
-                 timeout: float) -> tuple[int, bytes, http.client.HTTPMessage]:
+                 timeout: float) -> tuple[int, bytes, Any]:
         """Status, whole body and headers of one request, the body read within the deadline."""
-        connection = self._connection(timeout)
+        response = self._sessions.get().request(method, self.base_url + path, json=body, timeout=timeout,
+                                                stream=True)
         try:
-            connection.request(method, self.endpoint.prefix + self.endpoint.path + path,
-                               None if body is None else json.dumps(body).encode(), self.headers)
-            sock = connection.sock  # the response may take it over (Connection: close)
-            response = connection.getresponse()
-            data = read_body(response, sock, deadline, self.max_body, timeout)
+            data = read_body(response, deadline, self.max_body, timeout)
         except BaseException:
-            connection.close()  # mid-request or mid-body: it cannot be reused
+            response.close()  # mid-body: the connection cannot be reused
             raise
-        return response.status, data, response.headers
+        response.raw.release_conn()  # the whole body was read: back to the pool for the next request
+        return response.status_code, data, response.headers
 
     def complete(self, path: str, body: dict, deadline: float, parse: Callable[[Any], ChatReply]) -> ChatReply:
         """One chat completion with its retries, recorded in the per-provider counters."""
@@ -214,7 +143,7 @@ class JsonHttpClient:
                                      tokens_in=tokens_in, tokens_out=tokens_out)
 
     def post(self, path: str, body: dict, deadline: float, spent: Attempted) -> Any:
-        url = self.base_url + path
+        url = self.shown_url + path
         last_problem, kind = "", "error"
         for attempt in range(self.max_attempts):
             left = remaining(deadline)
@@ -228,9 +157,9 @@ class JsonHttpClient:
             except BodyDeadline:
                 raise LlmError(f"{self.provider} was still sending its answer from {url} when the task deadline "
                                f"passed", "timeout") from None
-            except _CONNECTION_ERRORS as exc:
+            except (requests.ConnectionError, requests.Timeout, BodyError) as exc:
                 last_problem = f"{_problem(exc)} talking to {url}"
-                kind = "timeout" if isinstance(exc, socket.timeout) else "connection"
+                kind = "timeout" if isinstance(exc, requests.Timeout) else "connection"
             finally:
                 spent.seconds += time.monotonic() - started
             if headers is not None:
@@ -271,69 +200,76 @@ class BodyDeadline(BodyError):
     pass
 
 
-_CONNECTION_ERRORS = (OSError, http.client.HTTPException, BodyError)  # worth another attempt
-
-
-def read_body(response: http.client.HTTPResponse, sock: Optional[socket.socket], deadline: float, limit: int,
-              read_timeout: float) -> bytes:
+def read_body(response: requests.Response, deadline: float, limit: int, read_timeout: float) -> bytes:
     """The decoded body, chunk by chunk: each read may wait at most the time left before the
     deadline; more than `limit` bytes raise BodyTooLarge. A body shorter than its
     Content-Length (or a broken chunked body) raises BodyError."""
+    raw = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    read = getattr(raw, "read1", None)
+    cutoff = None
+    if read is None:
+        # urllib3 1.x has no read1: its read(amt) waits for amt bytes however long each one takes,
+        # so the socket is shut at the deadline instead
+        read, cutoff = raw.read, _cutoff(sock, deadline)
     chunks: list[bytes] = []
     size = 0
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise BodyDeadline()
-        if sock is not None:
-            sock.settimeout(min(read_timeout, max(left, 0.01)))
-        try:
-            chunk = response.read1(_CHUNK_BYTES)
-        except (http.client.HTTPException, OSError) as exc:
-            if time.monotonic() >= deadline:
-                raise BodyDeadline() from None
-            raise BodyError(_problem(exc)) from None
-        if not chunk:
-            if response.length:  # http.client does not say when a Content-Length body was cut short
-                raise BodyError(_CUT_SHORT)
-            response.close()  # the whole body was read: the connection can carry the next request
-            return _decoded(b"".join(chunks), response.getheader("Content-Encoding"), limit)
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"over the {limit}-byte limit (max_response_bytes)")
-        chunks.append(chunk)
-
-
-def _decoded(data: bytes, encoding: Optional[str], limit: int) -> bytes:
-    """We ask for the identity encoding; a server that compresses all the same is understood."""
-    if encoding not in ("gzip", "deflate"):
-        return data
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, detected
     try:
-        decoded = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise BodyError(f"the {encoding} body does not decompress: {exc}") from None
-    if len(decoded) > limit:
-        raise BodyTooLarge(f"over the {limit}-byte limit (max_response_bytes) once decompressed")
-    return decoded
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BodyDeadline()
+            if sock is not None:
+                sock.settimeout(min(read_timeout, max(left, 0.01)))
+            try:
+                chunk = read(_CHUNK_BYTES, decode_content=True)
+            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    raise BodyDeadline() from None
+                raise BodyError(_problem(exc)) from None
+            if not chunk:
+                if time.monotonic() >= deadline:
+                    raise BodyDeadline()
+                if raw.length_remaining:  # urllib3 1.x does not say when a Content-Length body was cut short
+                    raise BodyError(_CUT_SHORT)
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"over the {limit}-byte limit (max_response_bytes)")
+            chunks.append(chunk)
+    finally:
+        if cutoff is not None:
+            cutoff.cancel()
+
+
+def _cutoff(sock: Optional[socket.socket], deadline: float) -> Optional[threading.Timer]:
+    """Shuts `sock` at the deadline. Should it fire just after the body was read whole, the
+    connection pool finds the connection dropped and replaces it."""
+    if sock is None:
+        return None
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, (sock,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 _CUT_SHORT = "the connection closed before the whole body arrived"
 
 
 def _problem(exc: BaseException) -> str:
-    """What went wrong with a connection, in a few words."""
-    if isinstance(exc, http.client.IncompleteRead):
-        return _CUT_SHORT
+    """What went wrong with a request, in a few words."""
     if isinstance(exc, BodyError) and str(exc):
         return str(exc)
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed ({exc.verify_message})"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+    if any(isinstance(cause, http.client.IncompleteRead) for cause in causes(exc)):  # urllib3's too
+        return _CUT_SHORT
+    return describe_failure(exc)
 
 
 def _json_body(data: bytes, provider: str) -> Any:

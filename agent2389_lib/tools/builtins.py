@@ -6,14 +6,14 @@ import json
 import os
 import re
 import tempfile
-import threading
 import time
 from html.parser import HTMLParser
-from typing import Callable, Optional
+from typing import Callable
 
 import requests
 
 from ..config import AgentConfig, ToolSpec
+from ..httpsessions import ThreadSessions, causes, describe_failure, new_session
 from .base import Tool, ToolError, ToolTimeout, seconds_left
 from .netguard import NetworkPolicy, guarded_session
 
@@ -105,18 +105,13 @@ class HttpRequestTool(Tool):
         self.policy = NetworkPolicy(bool(_option(spec, "allow_private_networks", False, bool)),
                                     frozenset(h.lower().rstrip(".") for h in hosts))
         self.max_redirects = _option(spec, "max_redirects", 5, int)
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        if getattr(self._local, "session", None) is None:
-            self._local.session = guarded_session(self.policy, self.max_redirects)
-        return self._local.session
+        self._sessions = ThreadSessions(lambda: guarded_session(self.policy, self.max_redirects))
 
     def execute(self, params: dict, deadline: float) -> str:
         method = params.get("method", "GET")
         timeout = seconds_left(deadline, float(params.get("timeout", self.default_timeout)))
         try:
-            with self._session().request(method, params["url"], headers=params.get("headers"),
+            with self._sessions.get().request(method, params["url"], headers=params.get("headers"),
                                          data=params.get("body", "").encode("utf-8") or None,
                                          timeout=timeout, stream=True) as response:
                 body, truncated = self._read_capped(response, deadline)
@@ -150,16 +145,11 @@ class HttpRequestTool(Tool):
 
 def _request_failure(exc: requests.RequestException) -> str:
     """The innermost readable reason (e.g. our private-address refusal), not urllib3's wrapping."""
-    reason: Optional[BaseException] = exc
-    seen = 0
-    while reason is not None and seen < 6:
+    for reason in causes(exc):
         match = _REFUSAL.search(str(reason))
         if match:
             return match.group(0)
-        reason = reason.args[0] if reason.args and isinstance(reason.args[0], BaseException) else \
-            getattr(reason, "reason", None) or reason.__cause__
-        seen += 1
-    return f"request failed: {type(exc).__name__}"
+    return f"request failed: {describe_failure(exc)}"
 
 
 class _PathTool(Tool):
@@ -255,6 +245,7 @@ class WebSearchTool(Tool):
         self.description = spec.description or self.description
         self.endpoint = _option(spec, "endpoint", "https://google.serper.dev/search", str)
         self.key_var = _option(spec, "api_key_env", "SERPER_API_KEY", str)
+        self._sessions = ThreadSessions(new_session)
 
     def initialize(self) -> None:
         if self.spec.secret is None:
@@ -264,12 +255,13 @@ class WebSearchTool(Tool):
         assert self.spec.secret is not None
         timeout = seconds_left(deadline, self.spec.timeout)
         try:
-            response = requests.post(self.endpoint, json={"q": params["query"], "num": params.get("num_results", 5)},
-                                     headers={"X-API-KEY": self.spec.secret.reveal()}, timeout=timeout)
+            response = self._sessions.get().post(self.endpoint, json={"q": params["query"],
+                                                                     "num": params.get("num_results", 5)},
+                                                 headers={"X-API-KEY": self.spec.secret.reveal()}, timeout=timeout)
         except requests.Timeout:
             raise ToolTimeout(f"the search service did not answer within {timeout:.1f} s") from None
         except requests.RequestException as exc:
-            raise ToolError(f"the search service is unreachable: {type(exc).__name__}") from None
+            raise ToolError(f"the search service is unreachable: {describe_failure(exc)}") from None
         if response.status_code != 200:
             raise ToolError(f"the search service answered HTTP {response.status_code}")
         try:

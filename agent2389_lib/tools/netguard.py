@@ -20,6 +20,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
+from ..httpsessions import new_session
+
 
 @dataclass(frozen=True)
 class NetworkPolicy:
@@ -80,8 +82,8 @@ def guarded_session(policy: NetworkPolicy, max_redirects: int) -> requests.Sessi
             super().init_poolmanager(*args, **kwargs)
             self.poolmanager.pool_classes_by_scheme = {"http": HttpPool, "https": HttpsPool}
 
-    session = requests.Session()
-    session.trust_env = False
+    session = new_session()
+    session.trust_env = False  # a proxy would connect to the address instead of us, unchecked
     session.max_redirects = max_redirects
     adapter = GuardedAdapter()
     session.mount("http://", adapter)
