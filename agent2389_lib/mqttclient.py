@@ -233,33 +233,82 @@ _CLOSE_READS = 64
 
 
 class ProtocolVersion:
-    """The MQTT version this process speaks. With `protocol = "auto"` it is MQTT 5 until a broker
-    shows, before ever accepting an MQTT 5 connection, that it does not speak it; then 3.1.1
-    for this and every later connection of the process."""
+    """The MQTT version this process speaks. With `protocol = "auto"` it is MQTT 5 unless the
+    broker shows that it does not speak it. A CONNACK "unsupported protocol version" (0x84, which
+    paho also makes of 3.1.1's code 1) is proof, for the rest of the process. A connection closed
+    right after CONNECT is only a hint (a proxy without a backend yet, a broker still starting):
+    after two in a row, one 3.1.1 attempt, and only a broker that accepts it makes the link speak
+    3.1.1; every later connection tries 5 first again (one close away from 3.1.1 again). A broker
+    that ever accepted MQTT 5 is not doubted."""
+
+    HINTS_NEEDED = 2
 
     def __init__(self, setting: str):
         self.setting = setting
         self.current = "3.1.1" if setting == "3.1.1" else "5"
         self._v5_accepted = False
+        self._proven = False  # by a CONNACK
+        self._hints = 0  # MQTT 5 connections closed before CONNACK, in a row
+        self._probing = False  # a 3.1.1 attempt after enough hints
+        self._said = False
         self._lock = threading.Lock()
 
     @property
     def v5(self) -> bool:
         return self.current == "5"
 
-    def accepted(self) -> None:
-        with self._lock:
-            self._v5_accepted = self._v5_accepted or self.v5
+    @property
+    def deciding(self) -> bool:
+        """Whether a close before CONNACK may still be the broker's answer to MQTT 5."""
+        return self.setting == "auto" and not self._v5_accepted and not self._proven
 
-    def fall_back(self, where: str, cause: str) -> bool:
-        """Switch to 3.1.1 when allowed; True when this call switched (logged once)."""
+    def refused(self, where: str, cause: str) -> bool:
+        """A CONNACK refused MQTT 5 as a protocol version: True when the next attempt speaks 3.1.1."""
+        if self.setting != "auto":
+            return False
         with self._lock:
-            if self.setting != "auto" or not self.v5 or self._v5_accepted:
-                return False
-            self.current = "3.1.1"
-        log.warning("broker %s does not speak MQTT 5 (%s); using 3.1.1: no retain-as-published, session expiry "
-                    "or receive maximum", where, cause)
+            self._proven, self.current = True, "3.1.1"
+            self._say(where, cause)
         return True
+
+    def closed_before_connack(self, v5: bool) -> bool:
+        """A connection of this version was closed before CONNACK: True when the next attempt
+        speaks 3.1.1 because of it."""
+        with self._lock:
+            if not self.deciding:
+                return False
+            if not v5:
+                if self._probing:  # closed at 3.1.1 too: the closes said nothing about MQTT 5
+                    self._probing, self._hints, self.current = False, 0, "5"
+                return False
+            self._hints += 1
+            if self._hints < self.HINTS_NEEDED:
+                return False
+            self._probing, self.current = True, "3.1.1"
+            return True
+
+    def accepted(self, v5: bool, where: str) -> None:
+        with self._lock:
+            if v5:
+                self._v5_accepted, self._hints = True, 0
+                return
+            if self._probing:
+                self._probing = False
+                self._say(where, f"it closed MQTT 5 connections right after CONNECT {self.HINTS_NEEDED} times, then "
+                                 f"accepted MQTT 3.1.1")
+
+    def reconnecting(self) -> None:
+        """A link lost an established connection: where only hints made it 3.1.1, try 5 again."""
+        with self._lock:
+            if self.deciding and not self.v5:
+                self.current, self._hints = "5", self.HINTS_NEEDED - 1
+
+    def _say(self, where: str, cause: str) -> None:
+        """Under the lock: once per process."""
+        if not self._said:
+            self._said = True
+            log.warning("broker %s does not speak MQTT 5 (%s); using 3.1.1: no retain-as-published, session expiry "
+                        "or receive maximum", where, cause)
 
 
 def new_client(settings: MqttSettings, client_id: str, version: str = "", coalesce_writes: bool = False,

@@ -45,7 +45,10 @@ _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 30.0
 _NOT_ACKED = object()
 _STABLE_SECONDS = 30.0  # a link up this long resets the reconnect backoff
-_SHORT_LIVED_ALARM = 3
+_QUICK_CLOSES_ALARM = 2
+_SAME_EVENT_SECONDS = 0.1  # links lost this close together: one cause (a dying broker drops both at once)
+_REFUSAL_CLOSE_SECONDS = 1.0  # a close this soon after a refused publish: the refusal's
+_TAKEOVER_DELAY = (20.0, 30.0)  # seconds; two processes with one id then take over at most 3 times a minute
 _SESSION_TAKEN_OVER = 0x8E
 _FAILURE_CAUSES_KEPT = 16
 _CONNACK_TIMEOUT = 10.0  # paho alone waits 1.5 keep-alives for a port that is not an MQTT broker
@@ -71,9 +74,13 @@ class Delivery:
     mid: int
     _link: "_Link" = field(repr=False, compare=False)
     _generation: int = field(repr=False, default=0)
+    qos: int = field(compare=False, default=1)
 
     def ack(self) -> None:
-        self._link.ack(self.mid, self._generation)
+        """A QoS 0 delivery has nothing to acknowledge (a PUBACK for it is a protocol error that
+        makes the broker drop the connection)."""
+        if self.qos:
+            self._link.ack(self.mid, self._generation)
 
 
 class PublishTicket:
@@ -136,11 +143,16 @@ class _Link:
         self._last_error = ""
         self._backoff = Backoff()
         self._connected_at = 0.0
-        self._short_lived = 0
+        self._quick_closes = 0  # young closes in a row by a broker that stayed up
+        self._young_close_at: Optional[float] = None
+        self._lost_at = self._refused_at = float("-inf")
+        self.sibling: Optional[_Link] = None  # the process's other link
+        self._had_session = False  # a connection was accepted since the last attempt
         self._takeover = ""
         self._answered = False
         self._connect_started = 0.0
         self._failures: dict[str, Throttle] = {}  # by cause
+        self._loop_faults = Throttle()
         self._woken = False
         self.client_id = client_id
         self._thread: Optional[threading.Thread] = None
@@ -273,13 +285,15 @@ class _Link:
         client.on_log = None  # paho formats a log line for every packet while one is set
         if reason_code.is_failure:
             if (reason_code.value == UNSUPPORTED_PROTOCOL and self.v5
-                    and (self.version.fall_back(self.where, str(reason_code)) or not self.version.v5)):
-                self.metrics.mqtt_connection(False, failed=True)
+                    and (self.version.refused(self.where, str(reason_code)) or not self.version.v5)):
+                self._attempt_failed()
                 return  # the next attempt speaks 3.1.1
             self._connect_failed(logging.ERROR, f"broker {self.where} refused the {self.name} connection: "
                                  f"{describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id)}")
             return
-        self.version.accepted()
+        self.version.accepted(self.v5, self.where)
+        self._had_session = True
+        self._judge_young_close()
         self._failures.clear()  # the next outage is reported at once
         if not flags.session_present:
             self._generation += 1
@@ -296,26 +310,45 @@ class _Link:
         self.on_connected(flags.session_present)
 
     def _note_lifetime(self, seconds: float, reason_code: object) -> None:
-        """Two processes with one client id take the session from each other in a loop. The
-        backoff is only reset once a connection stayed up, so such a loop slows down, and its
-        likely cause is named: the broker's reason 0x8E (MQTT 5), or repeated short-lived links."""
+        """Two processes with one client id take the session from each other in a loop. Only
+        evidence of that counts, never a broker that went away (a crash loop closes young links
+        too). Evidence is the broker's reason 0x8E (MQTT 5), or, since not every broker says it,
+        young links closed again and again by a broker that stayed up: it took the link back
+        at the first attempt, the sibling link was not lost with it (a dying broker drops both),
+        and no refused publish came just before (mosquitto closes a link after one). The backoff
+        is only reset once a connection stayed up; a named takeover waits longer still."""
+        now = time.monotonic()
+        self._lost_at = now
         self._takeover = ""
         if seconds >= _STABLE_SECONDS:
             self._backoff.reset()
-            self._short_lived = 0
+            self._quick_closes = 0
             return
-        self._short_lived += 1
-        reason_value = getattr(reason_code, "value", None)
-        if reason_value == _SESSION_TAKEN_OVER:
+        if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
             self._takeover = (f"the broker closed the {self.name} link because another connection took over client "
                               f"id {self.client_id} (reason 0x8E, session taken over)")
-        elif self._short_lived >= _SHORT_LIVED_ALARM:
+        elif self._quick_closes >= _QUICK_CLOSES_ALARM:
             self._takeover = (f"the broker closed the {self.name} link of client id {self.client_id} "
-                              f"{self._short_lived} times in a row within {_STABLE_SECONDS:.0f} s of accepting it "
-                              f"({reason_code})")
+                              f"{self._quick_closes + 1} times in a row within {_STABLE_SECONDS:.0f} s of taking it "
+                              f"back, while the broker stayed up ({reason_code})")
+        else:
+            self._young_close_at = now  # judged once the broker took the link back (`_judge_young_close`)
         if self._takeover:
             self._takeover += ("; another process is probably running with the same agent id and client id: stop "
                                "it, or give each process its own agent id (or [mqtt] client_id)")
+
+    def _judge_young_close(self) -> None:
+        """The link is back at the first attempt since a young close: was the broker up all along?"""
+        closed_at, self._young_close_at = self._young_close_at, None
+        if closed_at is None:
+            return
+        sibling_lost = self.sibling is not None and abs(self.sibling._lost_at - closed_at) < _SAME_EVENT_SECONDS
+        refused = 0 <= closed_at - self._refused_at < _REFUSAL_CLOSE_SECONDS
+        self._quick_closes = 0 if sibling_lost or refused else self._quick_closes + 1
+
+    def _attempt_failed(self) -> None:
+        self.metrics.mqtt_connection(False, failed=True)
+        self._quick_closes, self._young_close_at = 0, None  # the broker was away: no takeover closed the link
 
     @property
     def where(self) -> str:
@@ -350,12 +383,17 @@ class _Link:
                                                 f"{describe_tls_error(self._last_error)}")
             return
         cause = self._last_error or "the broker closed the connection before answering CONNECT"
-        if self.v5 and (self.version.fall_back(self.where, cause) or not self.version.v5):
-            self.metrics.mqtt_connection(False, failed=True)
-            return  # the next attempt speaks 3.1.1
+        deciding = self.v5 and self.version.deciding
+        if self.version.closed_before_connack(self.v5) or self.v5 != self.version.v5:
+            self._attempt_failed()
+            return  # the next attempt speaks the other version
         explicit_v5 = self.v5 and self.version.setting == "5"
-        hint = '; it may not speak MQTT 5: set [mqtt] protocol = "3.1.1" (or "auto")' if explicit_v5 else \
-            f"; {_NOT_A_BROKER_HINT}"
+        if explicit_v5:
+            hint = '; it may not speak MQTT 5: set [mqtt] protocol = "3.1.1" (or "auto")'
+        elif deciding:
+            hint = "; trying MQTT 5 once more, then 3.1.1 (protocol = auto)"
+        else:
+            hint = f"; {_NOT_A_BROKER_HINT}"
         self._connect_failed(logging.ERROR if explicit_v5 else logging.WARNING,
                              f"connection to broker {self.where} failed ({self.name} link): {cause}{hint}")
 
@@ -363,7 +401,7 @@ class _Link:
         """Every failed attempt is counted; each cause is logged at once the first time, then
         once a minute with how often it happened (a broker that stays away must not flood the
         log, nor one whose failures alternate between two wordings)."""
-        self.metrics.mqtt_connection(False, failed=True)
+        self._attempt_failed()
         if len(self._failures) > _FAILURE_CAUSES_KEPT:
             self._failures.clear()
         count = self._failures.setdefault(text, Throttle()).occurred()
@@ -373,6 +411,8 @@ class _Link:
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         refusal = str(reason_code) if reason_code.is_failure else None
+        if refusal:
+            self._refused_at = time.monotonic()
         with self._lock:
             pending = self._pending.pop(mid, None)
             if pending is None:
@@ -383,7 +423,7 @@ class _Link:
 
     def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.on_message(Delivery(message.topic, message.payload, bool(message.retain), message.mid,
-                                 self, self._generation))
+                                 self, self._generation, message.qos))
 
     # -------------------------------------------------------------- network loop
     def _run(self) -> None:
@@ -399,17 +439,28 @@ class _Link:
                 self._connection_failed(exc)
                 self._stop.wait(self._backoff.next_delay())
             except OSError as exc:
-                log.warning("connection to broker %s:%d (%s link) failed: %s", self.settings.host, self.settings.port,
-                            self.name, exc.strerror or exc)
-                self._drop_socket()
+                self._loop_failed(logging.WARNING, f"connection to broker {self.where} ({self.name} link) failed: "
+                                                   f"{exc.strerror or exc}")
             except Exception:  # never let the network thread die
-                log.exception("unexpected error in the %s network loop; reconnecting", self.name)
-                self._drop_socket()
+                self._loop_failed(logging.ERROR, f"unexpected error in the {self.name} network loop", exc_info=True)
         self._drop_socket()
+
+    def _loop_failed(self, level: int, text: str, exc_info: bool = False) -> None:
+        """Drop the connection and wait before the next: a fault that comes back on every round
+        must turn into neither a reconnect storm nor a log flood (a line a minute, with the count)."""
+        self._drop_socket()
+        count = self._loop_faults.occurred()
+        if count:
+            since = f" ({count} times since the last report)" if count > 1 else ""
+            log.log(level, "%s; reconnecting with backoff%s", text, since, exc_info=exc_info)
+        self._stop.wait(self._backoff.next_delay())
 
     def _connect_once(self) -> bool:
         self.metrics.mqtt_connecting()
-        if self.v5 != self.version.v5:  # a link found that the broker does not speak MQTT 5
+        if self._had_session:
+            self._had_session = False
+            self.version.reconnecting()
+        if self.v5 != self.version.v5:  # the other version, for the reasons ProtocolVersion gives
             self._replace_client()
         self._answered = False
         self._connect_started = time.monotonic()
@@ -464,6 +515,7 @@ class _Link:
             self._drop_socket()
             delay = self._backoff.next_delay()
             if self._takeover:
+                delay = max(delay, random.uniform(*_TAKEOVER_DELAY))
                 log.error("%s; next attempt in %.1f s", self._takeover, delay)
             self._stop.wait(delay)
 
@@ -480,6 +532,7 @@ class _Link:
         if self.client.socket() is not None:
             close_socket(self.client)
         if self._connected.is_set():
+            self._lost_at = time.monotonic()
             self._connected.clear()
             self.on_disconnected()
 
@@ -531,6 +584,7 @@ class MqttTransport:
                             receive_maximum=receive_maximum, max_packet_size=max_packet_size)
         self.output = _Link("output", settings, f"{settings.client_id}-out", metrics, persistent=False,
                             version=self.version, will=output_will)
+        self.intake.sibling, self.output.sibling = self.output, self.intake
         self.intake.on_connected = self._intake_connected
         self.intake.on_message = lambda delivery: self.on_delivery(delivery)
         self.intake.on_disconnected = self._intake_disconnected

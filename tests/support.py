@@ -93,10 +93,11 @@ class _Broker:
     def stop(self) -> None:
         raise NotImplementedError
 
-    def log(self) -> str:
+    def log(self, tail: Optional[int] = 4000) -> str:
+        """The end of the broker's log (the whole of it with tail=None)."""
         try:
             with open(self.log_path, errors="replace") as handle:
-                return handle.read()[-4000:]
+                return handle.read()[-tail:] if tail else handle.read()
         except OSError:
             return ""
 
@@ -249,6 +250,73 @@ class RabbitMQ(_JavaOrErlangBroker):
             subprocess.run(["epmd", "-kill"], env={**base_env(), "ERL_EPMD_PORT": str(self.epmd_port)},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
             self.epmd_port = None
+
+
+class ClosingProxy:
+    """A TCP relay on a free loopback port in front of a broker: it closes the first
+    `close_first` connections as soon as it accepts them (a load balancer without a backend yet)
+    and relays the rest; `drop_all()` cuts every relayed connection (the balancer restarting)."""
+
+    def __init__(self, target_port: int, close_first: int):
+        self.target_port = target_port
+        self.to_close = close_first
+        self.closed = 0
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self.to_close > 0:
+                    self.to_close -= 1
+                    self.closed += 1
+                    conn.close()
+                    continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for sock in (conn, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._pairs.append((conn, upstream))
+            for source, target in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def drop_all(self) -> None:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.drop_all()
 
 
 class Watcher:

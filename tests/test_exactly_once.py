@@ -222,7 +222,9 @@ class HealthAbuseTests(BrokerTestCase):
 
 class SameAgentIdTests(BrokerTestCase):
     def test_two_processes_with_one_id_are_named_and_slowed_down(self):
-        """Before: 135 takeovers in 22 s and only "Unspecified error" in the logs."""
+        """Before: 135 takeovers in 22 s and only "Unspecified error" in the logs; then 21 in 22 s.
+        mosquitto 2.0 closes a taken-over link without DISCONNECT 0x8E: the evidence is a broker
+        that takes the link back at once while the sibling link stays up."""
         watcher = self.watcher(STATUS)
         first = self.agent(AGENT).start_and_wait_available(watcher)
         second = self.agent(AGENT).start()
@@ -232,8 +234,12 @@ class SameAgentIdTests(BrokerTestCase):
             return [float(line.rsplit("next attempt in ", 1)[1].split(" s")[0])
                     for agent in (first, second) for line in agent.log().splitlines() if cause in line]
 
-        wait_until(lambda: delays() and max(delays()) >= 3.5, 60, "the reconnect delay to grow past 3.5 s")
-        self.assertIn("client id agent2389-agent-one", first.log() + second.log())
+        wait_until(delays, 60, "the conflict to be named")
+        self.assertGreaterEqual(min(delays()), 20, "named, a takeover waits: at most 3 a minute")
+        line = next(line for agent in (first, second) for line in agent.log().splitlines() if cause in line)
+        self.assertEqual(json.loads(line)["level"], "ERROR")
+        self.assertIn("client id agent2389-agent-one", line)
+        self.assertEqual((first.proc.poll(), second.proc.poll()), (None, None), "both keep running")
 
 
 class WorkerDeathTests(BrokerTestCase):

@@ -1,0 +1,142 @@
+"""The MQTT layer at its edges, against a real mosquitto and the agent as a process: QoS 0 tasks,
+a broker in a crash loop (two agents with one id: test_exactly_once), a protocol fallback on a
+single closed connection, and faults inside the network loop."""
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+from support import (BrokerTestCase, ClosingProxy, Mosquitto, envelope, new_task_id, program,
+                     wait_until)
+
+FALLBACK = "does not speak MQTT 5"
+TAKEOVER = "another process is probably running with the same agent id"
+
+
+def status(agent_id):
+    return f"/control/agents/{agent_id}/status"
+
+
+def available(payload):
+    return payload.get("status") == "available"
+
+
+class Qos0Tests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(extra_conf="log_type all").start()
+
+    def test_qos0_tasks_are_answered_and_the_agent_stays_on_the_broker(self):
+        agent_id = "qos0-agent"
+        watcher = self.watcher(status(agent_id), "/conversations/#")
+        agent = self.agent(agent_id).start_and_wait_available(watcher)
+        tasks = [envelope(agent_id, cid="c-qos0", instruction=f"task {n}") for n in range(5)]
+        for task in tasks:  # mosquitto_pub's default QoS is 0, as the reference implementation's forwards
+            subprocess.run([program("mosquitto_pub"), "-p", str(self.broker.port), "-t",
+                            f"/control/agents/{agent_id}/input", "-m", json.dumps(task)], check=True, timeout=10)
+        replies = watcher.wait_for(f"/conversations/c-qos0/{agent_id}", count=5)
+        self.assertEqual(sorted(r["task_id"] for r in replies), sorted(t["task_id"] for t in tasks))
+        self.assertNotIn("lost connection", agent.log())
+        self.assertNotIn(f"Client agent2389-{agent_id} disconnected due to protocol error", self.broker.log(tail=None))
+        self.assertEqual(self.broker.log(tail=None).count(f"as agent2389-{agent_id} ("), 1, "connected once, never again")
+
+
+class CrashLoopTests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(persistence=True).start()
+
+    def connections(self, client_id):
+        return self.broker.log(tail=None).count(f" as {client_id} (")
+
+    def test_a_broker_in_a_crash_loop_is_not_taken_for_a_twin_agent(self):
+        agent_id = "crash-loop-agent"
+        watcher = self.watcher(status(agent_id), "/conversations/#")
+        agent = self.agent(agent_id).start_and_wait_available(watcher)
+        intake = f"agent2389-{agent_id}"
+        published = []
+        for cycle in range(4):  # each time the agent is back, the broker dies under it
+            before = self.connections(intake)
+            task = envelope(agent_id, cid="c-crash", instruction=f"cycle {cycle}")
+            watcher.publish(f"/control/agents/{agent_id}/input", task)  # acknowledged by the broker
+            published.append(task["task_id"])
+            self.broker.stop()
+            self.broker.start()
+            wait_until(lambda: self.connections(intake) > before, 40, "the agent to reconnect")
+        replies = watcher.wait_for(f"/conversations/c-crash/{agent_id}", count=len(published), timeout=60)
+        self.assertEqual(sorted({r["task_id"] for r in replies}), sorted(published))
+        self.assertNotIn(TAKEOVER, agent.log())
+        task_id = new_task_id()  # and it keeps serving, without a takeover's long wait
+        watcher.publish(f"/control/agents/{agent_id}/input", envelope(agent_id, task_id=task_id, cid="c-after"))
+        self.assertEqual(watcher.wait_for(f"/conversations/c-after/{agent_id}")[0]["task_id"], task_id)
+
+
+class ProtocolFallbackTests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(extra_conf="log_type all").start()
+
+    def proxied_agent(self, agent_id, close_first):
+        proxy = ClosingProxy(self.broker.port, close_first)
+        self.addCleanup(proxy.close)
+        agent = self.agent(agent_id, mqtt={"broker_url": f"mqtt://127.0.0.1:{proxy.port}"})
+        return proxy, agent
+
+    def protocols(self, agent_id):
+        """The protocol level of each connection the broker accepted for the agent's links (p5: MQTT 5)."""
+        return re.findall(rf" as agent2389-{re.escape(agent_id)}(?:-out)? \((p\d)", self.broker.log(tail=None))
+
+    def test_one_closed_connection_is_no_reason_to_leave_mqtt5(self):
+        agent_id = "lb-agent"
+        watcher = self.watcher(status(agent_id))
+        proxy, agent = self.proxied_agent(agent_id, close_first=1)
+        agent.start_and_wait_available(watcher)
+        self.assertEqual(proxy.closed, 1)
+        self.assertNotIn(FALLBACK, agent.log())
+        self.assertEqual(self.protocols(agent_id), ["p5", "p5"])
+
+    def test_after_a_fallback_on_closes_a_later_connection_speaks_mqtt5_again(self):
+        agent_id = "lb-agent-2"
+        watcher = self.watcher(status(agent_id))
+        proxy, agent = self.proxied_agent(agent_id, close_first=2)  # closes, then 3.1.1 accepted: evidence
+        agent.start_and_wait_available(watcher)
+        self.assertEqual(agent.log().count(FALLBACK), 1)
+        self.assertEqual(self.protocols(agent_id), ["p2", "p2"])  # mosquitto says p2 for 3.1.1
+        proxy.drop_all()  # the balancer restarts; the broker behind it speaks MQTT 5
+        wait_until(lambda: len(self.protocols(agent_id)) >= 4, 30, "both links to reconnect")
+        self.assertEqual(self.protocols(agent_id)[2:], ["p5", "p5"])
+        watcher.wait_for(status(agent_id), available, count=2)
+
+
+class NetworkLoopFaultTests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(extra_conf="log_type all").start()
+
+    def test_a_fault_in_the_loop_reconnects_with_backoff_and_is_logged_once(self):
+        agent_id = "faulty-loop"
+        flag = os.path.join(tempfile.mkdtemp(prefix="fault-"), "raise")
+        prelude = ("import os\nimport agent2389_lib.transport as transport\n"
+                   "service = transport._Link._service\n"
+                   "def faulty(self):\n"
+                   f"    if self.name == 'intake' and os.path.exists({flag!r}):\n"
+                   "        raise RuntimeError('injected fault')\n"
+                   "    return service(self)\n"
+                   "transport._Link._service = faulty\n")
+        watcher = self.watcher(status(agent_id), "/conversations/#")
+        agent = self.agent(agent_id, prelude=prelude).start_and_wait_available(watcher)
+        connections = lambda: self.broker.log(tail=None).count("New connection from")  # noqa: E731
+        before = connections()
+        open(flag, "w").close()
+        started = time.monotonic()
+        wait_until(lambda: connections() >= before + 4, 30, "four reconnection attempts")
+        # equal jitter: at least 0.25 + 0.5 + 1 s between the first four attempts
+        self.assertGreaterEqual(time.monotonic() - started, 1.7)
+        os.unlink(flag)
+        task_id = new_task_id()
+        watcher.publish(f"/control/agents/{agent_id}/input", envelope(agent_id, task_id=task_id, cid="c-fault"))
+        self.assertEqual(watcher.wait_for(f"/conversations/c-fault/{agent_id}", timeout=40)[0]["task_id"], task_id)
+        self.assertEqual(agent.log().count("unexpected error in the intake network loop"), 1, "a line a minute")
