@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import math
 import os
 import re
 import sys
@@ -162,6 +163,7 @@ class AgentConfig:
     heartbeat_interval: int = 60
     shutdown_grace: int = 30
     progress: bool = True
+    dead_letter_topic: str = ""  # where refused outcomes go; "" = nowhere (the loader defaults it per agent)
     log_level: str = "INFO"
     log_format: str = "json"
     log_spans: bool = False
@@ -207,7 +209,7 @@ _COMMON_TOP = {
     "task_timeout": "task_timeout", "max_output_size": "max_output_size", "max_message_size": "max_message_size",
     "state_dir": "state_dir", "heartbeat_interval": "heartbeat_interval", "shutdown_grace": "shutdown_grace",
     "progress_events": "progress", "completed_store_size": "completed_store_size", "instance_id": "instance_id",
-    "description": "description", "capabilities": "capabilities",
+    "description": "description", "capabilities": "capabilities", "dead_letter_topic": "dead_letter_topic",
 }
 _SECTIONS: dict[str, dict[str, str]] = {
     "": _COMMON_TOP,
@@ -231,7 +233,8 @@ _TOOL_KEYS = ("name", "impl", "command", "args", "timeout", "schema", "descripti
 _FALLBACK_KEYS = ("provider", "model", "api_key_env", "api_key", "base_url", "temperature", "max_tokens",
                   "system_prompt", "max_attempts", "request_timeout", "max_response_bytes")
 _ROUTING_KEYS = {"strategy", "max_iterations", "llm", "gatekeeper"}
-_ROUTING_SUB = {"llm": {"provider", "model", "temperature", "api_key_env", "base_url", "max_tokens", "timeout"},
+_ROUTING_SUB = {"llm": {"provider", "model", "temperature", "api_key_env", "base_url", "max_tokens", "timeout",
+                        "max_attempts"},
                 "gatekeeper": {"url", "timeout_ms", "retry_attempts"}}
 ROUTER_PROVIDERS = ("openai", "anthropic")
 ROUTER_TEMPERATURE = 0.1
@@ -243,6 +246,7 @@ _ENV_SIMPLE = {
     "TASK_TIMEOUT": "task_timeout", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format",
     "LOG_SPANS": "log_spans", "HEALTH_PORT": "health_port", "STATE_DIR": "state_dir",
     "AGENT_INSTANCE_ID": "instance_id", "LLM_PROVIDER": "llm.provider", "HEALTH_BIND": "health_bind",
+    "DEAD_LETTER_TOPIC": "dead_letter_topic",
 }
 
 
@@ -366,8 +370,11 @@ def _normalize(raw: dict, out: _Collector) -> dict[str, _Value]:
     settings: dict[str, _Value] = {}
     tools: list = []
     for key, value in raw.items():
-        if isinstance(value, dict) and key in _SECTIONS and key != "":
-            _take_section(key, value, settings, out)
+        if key in _SECTIONS and key != "":
+            if isinstance(value, dict):
+                _take_section(key, value, settings, out)
+            else:
+                out.problem(f"[{key}] must be a table (a [{key}] section), not {type(value).__name__} {key} = ...")
         elif key == "tools":
             tools.extend(_normalize_tools(value, out))
         elif key == "routing":
@@ -471,6 +478,9 @@ class _Reader:
         if not isinstance(value, str):
             self.bad(key, json.dumps(value), "must be a string")
             return default
+        if "\0" in value:
+            self.out.problem(f"{self.origin(key)} must not contain NUL characters (\\u0000)")
+            return default
         if not allow_empty and not value.strip():
             self.out.problem(f"{self.origin(key)} must not be empty")
             return default
@@ -495,7 +505,7 @@ class _Reader:
             except ValueError:
                 self.bad(key, self.raw(key), f"is not {noun}")
                 return default
-        if isinstance(value, bool) or not isinstance(value, types):
+        if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value):
             self.bad(key, json.dumps(self.raw(key)), f"is not {noun}")
             return default
         if value < lo or (hi is not None and value > hi):
@@ -526,8 +536,8 @@ class _Reader:
         value = self.raw(key)
         if value is None or value == "":
             return None
-        if not isinstance(value, str):
-            self.out.problem(f"{self.origin(key)} must be a string")
+        if not isinstance(value, str) or "\0" in value:
+            self.out.problem(f"{self.origin(key)} must be a string without NUL characters")
             return None
         return Secret(value)
 
@@ -570,6 +580,7 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
         heartbeat_interval=read.integer("heartbeat_interval", 60, 1, 86400),
         shutdown_grace=read.integer("shutdown_grace", 30, 0, 3600),
         progress=read.boolean("progress", True),
+        dead_letter_topic=_dead_letter_topic(read, agent_id),
         log_level=read.choice("log_level", "INFO", LOG_LEVELS + ("WARNING",), str.upper).replace("WARNING", "WARN"),
         log_format=read.choice("log_format", "json", ("json", "text")),
         log_spans=read.boolean("log_spans", False),
@@ -582,6 +593,15 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
         routing=_build_routing(read, env, llm, run_problems),
     )
     return config, run_problems
+
+
+def _dead_letter_topic(read: _Reader, agent_id: str) -> str:
+    """Default `/control/agents/{agent_id}/dead-letter`; set empty to turn it off."""
+    topic = read.string("dead_letter_topic", f"/control/agents/{agent_id}/dead-letter")
+    if topic and (any(c in topic for c in "+#\0") or len(topic.encode("utf-8", "replace")) > 65535):
+        read.out.problem(f"{read.origin('dead_letter_topic')} must be an MQTT topic name without wildcards (+, #) "
+                         f"or NUL, e.g. /control/agents/{agent_id}/dead-letter; or empty to turn it off")
+    return topic or ""
 
 
 def _build_mqtt(read: _Reader, env: Mapping[str, str], client_name: str) -> MqttSettings:
@@ -631,18 +651,18 @@ def _broker_address(read: _Reader) -> tuple[str, str, int, Optional[str], Option
     scheme, host, port = "mqtt", "localhost", 1883
     user: Optional[str] = None
     password: Optional[Secret] = None
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         scheme = {"mqtt": "mqtt", "tcp": "mqtt", "mqtts": "mqtts", "ssl": "mqtts", "tls": "mqtts"}[parts.scheme.lower()]
         host = parts.hostname or ""
-        port = parts.port or (8883 if scheme == "mqtts" else 1883)
-        if not host:
-            raise ValueError("no host")
+        port = parts.port if parts.port is not None else (8883 if scheme == "mqtts" else 1883)
+        if not host or not 0 < port < 65536:
+            raise ValueError("no host, or port 0")
         user = unquote(parts.username) if parts.username else None
         password = Secret(unquote(parts.password)) if parts.password else None
     except (KeyError, ValueError):
-        shown = url.replace(f":{parts.password}@", f":{MASK}@") if parts.password else url
-        read.bad("mqtt.broker_url", shown, "must look like mqtt://host:1883 or mqtts://host:8883")
+        read.bad("mqtt.broker_url", _without_password(url), "must look like mqtt://host:1883 or mqtts://host:8883 "
+                                                          "(port 1-65535)")
     if read.raw("mqtt.env_host"):
         host = read.raw("mqtt.env_host").strip()
     if read.raw("mqtt.env_port"):
@@ -652,6 +672,12 @@ def _broker_address(read: _Reader) -> tuple[str, str, int, Optional[str], Option
         key = "mqtt.env_host" if read.raw("mqtt.env_host") else "mqtt.broker_url"
         read.bad(key, host, "is not a valid hostname or IP address")
     return scheme, host, port, user, password
+
+
+def _without_password(url: str) -> str:
+    """A broker URL fit for an error message: whatever stands between `:` and `@` is masked, even
+    in a URL too broken to parse."""
+    return re.sub(r"(//[^/@:]*:)[^/]*@", rf"\g<1>{MASK}@", url)
 
 
 def _valid_host(host: str) -> bool:

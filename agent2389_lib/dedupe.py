@@ -8,6 +8,10 @@ Completed keys live in a bounded LRU; with a state directory they are also kept 
 store is locked (flock) so a second process of the same agent cannot use it at the same time.
 A failed write never blocks an acknowledgement: the key stays remembered in memory and the
 store reports itself degraded.
+
+Release 0.1 kept completed task ids (no agent id, no digest) in `completed_tasks.sqlite3`; when
+that file is there, its ids are read once (never written) so redeliveries right after the
+upgrade are still recognized.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import pathlib
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -28,6 +33,7 @@ NEW = "new"
 IN_FLIGHT = "in_flight"
 COMPLETED = "completed"
 _PRUNE_EVERY = 256
+LEGACY_STORE = "completed_tasks.sqlite3"  # release 0.1's
 
 
 class StoreError(Exception):
@@ -41,6 +47,7 @@ class DedupeStore:
         self._db_lock = threading.Lock()
         self._in_flight: dict[str, list[Any]] = {}
         self._completed: OrderedDict[str, None] = OrderedDict()
+        self._legacy_ids: frozenset = frozenset()  # task ids release 0.1 completed
         self._db: Optional[sqlite3.Connection] = None
         self._lock_fd: Optional[int] = None
         self._inserts = 0
@@ -73,13 +80,30 @@ class DedupeStore:
         for (key,) in reversed(rows):
             self._completed[key] = None
         self._db = db
+        self._legacy_ids = self._read_legacy(os.path.join(state_dir, LEGACY_STORE))
+
+    def _read_legacy(self, path: str) -> frozenset:
+        if not os.path.isfile(path):
+            return frozenset()
+        try:
+            db = sqlite3.connect(f"{pathlib.Path(path).resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT task_id FROM completed ORDER BY seq DESC LIMIT ?", (self.capacity,)).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            log.warning("the completed-task store of release 0.1 (%s) cannot be read (%s); tasks it completed may be "
+                        "answered again if redelivered", path, exc)
+            return frozenset()
+        log.info("read %d completed task ids from the release 0.1 store %s", len(rows), path)
+        return frozenset(row[0] for row in rows if isinstance(row[0], str) and row[0])
 
     # -------------------------------------------------------------- claims
-    def begin(self, key: str, ack_handle: Any) -> str:
+    def begin(self, key: str, ack_handle: Any, task_id: str = "") -> str:
         """Claim a task. For duplicates of an in-flight task the handle is kept and returned by
         `finish`, so the duplicate is acknowledged together with the original."""
         with self._lock:
-            if key in self._completed:
+            if key in self._completed or task_id in self._legacy_ids:
                 return COMPLETED
             if key in self._in_flight:
                 if ack_handle not in self._in_flight[key]:  # a redelivery of the same message is equal

@@ -80,6 +80,7 @@ class Metrics:
         self.connected = False
         self.connection_attempts = self.connections_established = self.connection_failures = 0
         self.published = self.publish_failures = self.messages_received = 0
+        self.outcomes_undeliverable = 0
         self.last_heartbeat: Optional[float] = None
         self.connected_since: Optional[float] = None
         # tools, llm, lifecycle
@@ -152,6 +153,10 @@ class Metrics:
                 self.published += 1
             else:
                 self.publish_failures += 1
+
+    def outcome_undeliverable(self) -> None:
+        with self._lock:
+            self.outcomes_undeliverable += 1
 
     def heartbeat(self) -> None:
         with self._lock:
@@ -245,6 +250,7 @@ class Metrics:
                     "connections_established": self.connections_established,
                     "connection_failures": self.connection_failures, "messages_published": self.published,
                     "publish_failures": self.publish_failures, "messages_received": self.messages_received,
+                    "outcomes_undeliverable": self.outcomes_undeliverable,
                     "last_heartbeat": self.last_heartbeat,
                     "connection_duration_seconds": round(now - self.connected_since, 3) if self.connected_since else 0,
                 },
@@ -320,6 +326,9 @@ def prometheus_text(snapshot: dict, version: str) -> str:
                                   "broker not reading)."),
                                  ("messages_received", "messages_received", "Messages received.")):
         family(f"agent2389_mqtt_{name}_total", "counter", help_text, [("", {}, mqtt[key])])
+    family("agent2389_outcomes_undeliverable_total", "counter", "Task outcomes the broker refused for good "
+           "(not authorized, invalid topic, too large): final for their task, sent to the dead-letter topic.",
+           [("", {}, mqtt["outcomes_undeliverable"])])
     family("agent2389_tool_executions_total", "counter", "Tool executions.",
            [("", {"tool": n}, s["executions"]) for n, s in tools.items()])
     family("agent2389_tool_failures_total", "counter", "Failed tool executions.",

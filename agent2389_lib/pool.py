@@ -4,6 +4,11 @@ Pool members (agents with an instance id) share one agent id through a shared su
 Each publishes its own retained status under `/instances/{instance_id}/status`; the agent's
 status topic stands for the pool and is `unavailable` only when no member is alive. A plain
 agent with the same id would receive every task besides the pool: that is a conflict.
+
+Members that leave together (a scale to zero) each see the others alive unless they wait: a
+leaving member waits until the broker echoes its own `unavailable` back. Every `unavailable`
+that reached the broker before it has then reached it too, so the member whose `unavailable`
+arrived last sees no one alive and marks the pool unavailable.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ class PoolView:
         self.pool_topic = protocol.status_topic(agent_id)
         self._prefix, self._suffix = protocol.instance_status_topic(agent_id, "\0").split("\0")
         self._alive: set[str] = set()
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
     def observe(self, topic: str, payload: bytes) -> tuple[bool, Optional[str]]:
         """Record one status message. Returns (the pool was marked unavailable, a conflict to report)."""
@@ -34,11 +39,12 @@ class PoolView:
             return False, None
         if topic.startswith(self._prefix) and topic.endswith(self._suffix):
             member = topic[len(self._prefix):-len(self._suffix)]
-            with self._lock:
+            with self._changed:
                 if status.get("status") == protocol.AVAILABLE:
                     self._alive.add(member)
                 else:
                     self._alive.discard(member)
+                self._changed.notify_all()
             return False, None
         if topic != self.pool_topic:
             return False, None
@@ -61,8 +67,12 @@ class PoolView:
 
     def alive(self) -> list[str]:
         """Members whose retained instance status is `available`."""
-        with self._lock:
+        with self._changed:
             return sorted(self._alive)
 
-    def others_alive(self) -> bool:
-        return any(member != self.instance_id for member in self.alive())
+    def last_to_leave(self, timeout: float) -> bool:
+        """After this member published its `unavailable`: whether the pool is left with no member
+        alive, once the broker has echoed that status back (or `timeout` passed)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.instance_id not in self._alive, timeout)
+            return not any(member != self.instance_id for member in self._alive)

@@ -10,6 +10,7 @@ stays unacknowledged and is redelivered.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 from . import protocol
+from .backoff import jittered
 from .config import AgentConfig
 from .dedupe import COMPLETED, NEW, DedupeStore
 from .errors import PayloadTooLarge, TaskFailure, TaskTimeout
@@ -31,11 +33,16 @@ _PEEK_BYTES = 65536
 _PEEK_RE = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([^"\\]{1,200})"')
             for name in ("task_id", "conversation_id")}
 _PUBLISH_PATIENCE = 10.0
+# PUBACK reason codes no retry changes: not authorized, topic name invalid, packet too large. Others
+# (quota exceeded 0x97, server busy 0x89, ...) may pass later: retried with backoff within the deadline.
+_FINAL_REFUSALS = frozenset({0x87, 0x90, 0x95})
+_REFUSAL_BACKOFF = (0.5, 10.0)  # seconds: initial and maximum
 _REJECTION_CODES = (protocol.INVALID_INPUT, protocol.PIPELINE_DEPTH_EXCEEDED)
 _INTERNAL_ERROR_TEXT = "internal error while processing the task (details are in the agent log)"
 
 Think = Callable[[TaskEnvelope, float], str]
-Route = Callable[[TaskEnvelope, str], "tuple[str, dict]"]  # a v2 hop's output -> (topic, forward or final answer)
+# a v2 hop's output and the task's deadline -> (topic, forward or final answer)
+Route = Callable[[TaskEnvelope, str, float], "tuple[str, dict]"]
 
 
 class Delivery(Protocol):
@@ -47,7 +54,8 @@ class Delivery(Protocol):
 
 
 class Ticket(Protocol):
-    refusal: Optional[str]  # the broker's failing reason code, None when accepted
+    refusal: Optional[str]  # the broker's failing reason, None when accepted
+    refusal_code: Optional[int]  # its reason code
 
     def wait(self, timeout: Optional[float]) -> bool: ...
 
@@ -60,20 +68,25 @@ class PublishAbandoned(Exception):
     """The broker never acknowledged an outcome before shutdown; the task stays unacknowledged."""
 
 
-class OutcomeRefused(Exception):
-    """The broker refused an outcome (PUBACK reason code); the task stays unacknowledged and
-    not completed, so a redelivery retries it."""
+class OutcomeUndeliverable(Exception):
+    """The broker refused an outcome for good (or until the task's deadline): the task is final
+    all the same, its outcome goes to the dead-letter topic."""
+
+    def __init__(self, topic: str, refusal: str, code: int):
+        super().__init__(f"{refusal} (reason 0x{code:02X})")
+        self.topic, self.refusal, self.code = topic, refusal, code
 
 
 class Claim:
-    """A claimed task key. It ends in exactly one of: its outcome published, then every
-    delivery collected for it acknowledged; or released unacknowledged (shutdown, refusal)."""
+    """A claimed task key. It ends in exactly one of: its outcome published (or refused for
+    good by the broker), then every delivery collected for it acknowledged; or released
+    unacknowledged (shutdown)."""
 
-    __slots__ = ("key", "task_id", "reply_topic", "published")
+    __slots__ = ("key", "task_id", "reply_topic", "deadline", "published", "undeliverable")
 
-    def __init__(self, key: str, task_id: str, reply_topic: str):
-        self.key, self.task_id, self.reply_topic = key, task_id, reply_topic
-        self.published = False
+    def __init__(self, key: str, task_id: str, reply_topic: str, deadline: float):
+        self.key, self.task_id, self.reply_topic, self.deadline = key, task_id, reply_topic, deadline
+        self.published = self.undeliverable = False
 
 
 def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
@@ -112,7 +125,7 @@ class TaskProcessor:
         """Process one delivery to its end; never raises."""
         try:
             self._handle(delivery)
-        except (PublishAbandoned, OutcomeRefused) as exc:
+        except PublishAbandoned as exc:
             log.warning("%s; the broker will redeliver the task", exc)
         except Exception:  # only reachable when not even an error could be published
             log.exception("unexpected error while handling a message on %s; it stays unacknowledged",
@@ -157,7 +170,7 @@ class TaskProcessor:
         """Claim `key` for the body. A duplicate yields None. An exception in the body is
         answered with `internal_error`; a claim left without a published outcome is released
         unacknowledged (the broker redelivers it)."""
-        state = self.dedupe.begin(key, delivery)
+        state = self.dedupe.begin(key, delivery, task_id)
         if state != NEW:
             self.metrics.task_dropped("duplicate")
             if state == COMPLETED:
@@ -167,10 +180,11 @@ class TaskProcessor:
                 log.info("duplicate of in-flight task %s: it is acknowledged when the original finishes", task_id)
             yield None
             return
-        claim = Claim(key, task_id, protocol.conversation_topic(cid, self.agent_id))
+        claim = Claim(key, task_id, protocol.conversation_topic(cid, self.agent_id),
+                      time.monotonic() + self.config.task_timeout)
         try:
             yield claim
-        except (PublishAbandoned, OutcomeRefused):
+        except PublishAbandoned:
             raise
         except BaseException as exc:  # a bug, or one that ends the worker (SystemExit): answered all the same
             log.exception("internal error in task %s", task_id)
@@ -212,11 +226,13 @@ class TaskProcessor:
             with span(log, "task_processing", **self._ids(*ids)) as extra:
                 log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=extra)
                 self.progress(*ids, "General", "TaskStart", "task accepted", None)
-                topic, message = self._outcome(envelope)
+                topic, message = self._outcome(envelope, claim.deadline)
                 message = self._publish(claim, topic, message)
                 error = message.get("error")
                 outcome = "completed" if error is None else ("rejected" if error["code"] in _REJECTION_CODES else "failed")
                 kind = "error " + error["code"] if error else ("response" if "response" in message else "forward")
+                if claim.undeliverable:
+                    outcome, kind = "failed", f"{kind} refused by the broker"
                 self.progress(*ids, "General", "TaskError" if error else "TaskComplete", f"task finished: {kind}", None)
                 log.info("task %s finished: %s in %.0f ms", envelope.task_id, kind,
                          (time.monotonic() - started) * 1000, extra=extra)
@@ -229,34 +245,69 @@ class TaskProcessor:
         what was published."""
         payload = protocol.to_payload(message)
         try:
-            if len(payload) > self.config.max_message_size:
-                raise PayloadTooLarge(len(payload), self.config.max_message_size, "max_message_size")
-            self._publish_and_wait(claim, topic, payload)
-        except PayloadTooLarge as exc:
-            what = "the answer" if topic == claim.reply_topic else f"the task forwarded to {topic}"
-            message = protocol.error_message(protocol.INTERNAL_ERROR, f"{what} was {exc}", claim.task_id, self.secrets)
-            log.error("task %s: %s was %s; publishing an error instead", claim.task_id, what, exc)
-            self._publish_and_wait(claim, claim.reply_topic, protocol.to_payload(message))
+            try:
+                if len(payload) > self.config.max_message_size:
+                    raise PayloadTooLarge(len(payload), self.config.max_message_size, "max_message_size")
+                self._publish_and_wait(claim, topic, payload)
+            except PayloadTooLarge as exc:
+                what = "the answer" if topic == claim.reply_topic else f"the task forwarded to {topic}"
+                message = protocol.error_message(protocol.INTERNAL_ERROR, f"{what} was {exc}", claim.task_id,
+                                                 self.secrets)
+                log.error("task %s: %s was %s; publishing an error instead", claim.task_id, what, exc)
+                payload = protocol.to_payload(message)
+                self._publish_and_wait(claim, claim.reply_topic, payload)
+        except OutcomeUndeliverable as exc:
+            self._dead_letter(claim, exc, payload)
         claim.published = True
         for handle in self.dedupe.finish(claim.key, completed=True):
             handle.ack()
         return message
 
     def _publish_and_wait(self, claim: Claim, topic: str, payload: bytes) -> None:
-        ticket = self.publisher.publish(topic, payload)
-        waited = 0.0
-        while not ticket.wait(_PUBLISH_PATIENCE):
-            waited += _PUBLISH_PATIENCE
-            if self.should_abandon():
-                raise PublishAbandoned(f"outcome of task {claim.task_id} was not acknowledged by the broker")
-            log.warning("outcome of task %s not yet acknowledged by the broker after %.0f s; still waiting",
-                        claim.task_id, waited)
-        if ticket.refusal is not None:
-            log.error("the broker refused the outcome of task %s on %s: %s (check the broker ACL for this client); "
-                      "the task stays unacknowledged", claim.task_id, topic, ticket.refusal)
-            raise OutcomeRefused(f"the broker refused the outcome of task {claim.task_id}")
+        """Publish until the broker accepts; a refusal that may pass later is retried with
+        backoff until the task's deadline. Raises OutcomeUndeliverable."""
+        for attempt in itertools.count():
+            ticket = self.publisher.publish(topic, payload)
+            waited = 0.0
+            while not ticket.wait(_PUBLISH_PATIENCE):
+                waited += _PUBLISH_PATIENCE
+                if self.should_abandon():
+                    raise PublishAbandoned(f"outcome of task {claim.task_id} was not acknowledged by the broker")
+                log.warning("outcome of task %s not yet acknowledged by the broker after %.0f s; still waiting",
+                            claim.task_id, waited)
+            if ticket.refusal is None:
+                return
+            code = ticket.refusal_code or 0
+            delay = jittered(attempt, *_REFUSAL_BACKOFF, equal=True)
+            if code in _FINAL_REFUSALS or time.monotonic() + delay >= claim.deadline or self.should_abandon():
+                raise OutcomeUndeliverable(topic, ticket.refusal, code)
+            log.warning("the broker refused the outcome of task %s on %s: %s (reason 0x%02X); retrying in %.1f s",
+                        claim.task_id, topic, ticket.refusal, code, delay)
+            time.sleep(delay)
 
-    def _outcome(self, envelope: TaskEnvelope) -> tuple[str, dict]:
+    def _dead_letter(self, claim: Claim, refused: OutcomeUndeliverable, payload: bytes) -> None:
+        """A refused outcome is final for its task (holding the delivery would hold one of the
+        broker's Receive Maximum slots forever); it goes to the dead-letter topic, if any."""
+        self.metrics.outcome_undeliverable()
+        claim.undeliverable = True
+        where = self.config.dead_letter_topic
+        log.error("task %s: the broker refused its outcome on %s: %s; the task is final (acknowledged, not retried)%s; "
+                  "check the broker ACL for this client", claim.task_id, refused.topic, refused,
+                  f", its outcome goes to {where}" if where else "")
+        if not where:
+            return
+        letter = protocol.dead_letter_message(self.agent_id, claim.task_id, refused.topic, refused.code,
+                                              refused.refusal, payload)
+        try:
+            ticket = self.publisher.publish(where, protocol.to_payload(letter))
+        except (PayloadTooLarge, RuntimeError) as exc:
+            log.error("task %s: could not send it to the dead-letter topic %s: %s", claim.task_id, where, exc)
+            return
+        if ticket.wait(_PUBLISH_PATIENCE) and ticket.refusal is not None:
+            log.error("task %s: the broker refused the dead-letter topic %s too: %s", claim.task_id, where,
+                      ticket.refusal)
+
+    def _outcome(self, envelope: TaskEnvelope, deadline: float) -> tuple[str, dict]:
         """What to publish, and where, for a claimed task."""
         reply_topic = protocol.conversation_topic(envelope.conversation_id, self.agent_id)
         if envelope.depth > self.config.max_pipeline_depth:
@@ -266,14 +317,13 @@ class TaskProcessor:
         try:
             if envelope.next is not None:
                 protocol.next_agent_id(envelope.next.topic)
-            deadline = time.monotonic() + self.config.task_timeout
             text = self.think(envelope, deadline)
             if time.monotonic() > deadline:
                 raise TaskTimeout()
             if envelope.next is not None:
                 return protocol.forward_envelope(envelope, text, self.agent_id)
             if self.route is not None and protocol.is_routable(envelope):
-                return self.route(envelope, text)
+                return self.route(envelope, text, deadline)
             return reply_topic, protocol.response_message(protocol.extract_response(text), envelope.task_id)
         except EnvelopeError as exc:
             return reply_topic, self._error(envelope, protocol.INVALID_INPUT, str(exc))

@@ -520,6 +520,18 @@ def error_message(code: str, message: str, task_id: str, secrets: Iterable[str] 
     return {"error": {"code": code, "message": sanitize_error_message(message, secrets)}, "task_id": task_id}
 
 
+def dead_letter_message(agent_id: str, task_id: str, topic: str, reason_code: int, reason: str, outcome: bytes,
+                        now: Optional[datetime] = None) -> dict:
+    """What a refused outcome leaves on the dead-letter topic: the outcome as it was, where it was
+    going, and the broker's reason."""
+    try:
+        body: Any = json.loads(outcome)
+    except ValueError:
+        body = outcome.decode("utf-8", "replace")
+    return {"agent_id": agent_id, "task_id": task_id, "topic": topic, "reason_code": reason_code,
+            "reason": reason, "timestamp": rfc3339(now), "outcome": body}
+
+
 def progress_message(agent_id: str, task_id: str, conversation_id: str, category: str, event_type: str,
                      message: str, metadata: Optional[dict] = None, now: Optional[datetime] = None) -> dict:
     if category not in _PROGRESS_SUFFIX or event_type not in PROGRESS_EVENT_TYPES:

@@ -3,7 +3,8 @@
 Fed by a subscription to `/control/agents/+/status`. The `status` field decides (the
 reference's registry ignores it and so counts a dead agent as healthy); an agent is stale
 when its *published* timestamp is older than three of its heartbeats. Payloads of the
-reference implementation (no `health`, `load`) are accepted; garbage is ignored and counted.
+reference implementation (no `health`, `load`, `heartbeat_interval`) are accepted and judged
+against its heartbeat of 900 s; garbage is ignored and counted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger("agent2389.registry")
 
 STATUS_FILTER = "/control/agents/+/status"
 _STALE_HEARTBEATS = 3
+REFERENCE_HEARTBEAT = 900.0  # seconds: the reference implementation's default, which it does not publish
 _ROUTABLE_HEALTH = (protocol.HEALTH_OK, protocol.HEALTH_DEGRADED)
 _TIMESTAMP_RE = re.compile(
     r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(?:([Zz])|([+-])(\d\d):?(\d\d))$")
@@ -62,7 +64,7 @@ def parse_timestamp(value: Any) -> Optional[float]:
     return moment + fraction - offset
 
 
-def parse_status(agent_id: str, payload: Any, default_heartbeat: float) -> Optional[AgentInfo]:
+def parse_status(agent_id: str, payload: Any) -> Optional[AgentInfo]:
     """An available agent's entry, or None when the status says unavailable; raises ValueError on garbage."""
     if not isinstance(payload, dict):
         raise ValueError("not a JSON object")
@@ -79,7 +81,7 @@ def parse_status(agent_id: str, payload: Any, default_heartbeat: float) -> Optio
         raise ValueError("capabilities must be strings")
     load = payload.get("load", 0.0)
     health = payload.get("health", protocol.HEALTH_OK)
-    heartbeat = payload.get("heartbeat_interval", default_heartbeat)
+    heartbeat = payload.get("heartbeat_interval", REFERENCE_HEARTBEAT)
     if (not isinstance(load, (int, float)) or isinstance(load, bool) or not isinstance(health, str)
             or not isinstance(heartbeat, (int, float)) or heartbeat <= 0):
         raise ValueError("health, load or heartbeat_interval has the wrong type")
@@ -91,8 +93,7 @@ def parse_status(agent_id: str, payload: Any, default_heartbeat: float) -> Optio
 class Registry:
     """Agents seen on the status topics; thread-safe (fed by a network thread, read by workers)."""
 
-    def __init__(self, heartbeat_interval: float, clock: Callable[[], float] = time.time):
-        self.default_heartbeat = heartbeat_interval
+    def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.ignored = 0  # malformed status messages
         self._agents: dict[str, AgentInfo] = {}
@@ -105,7 +106,7 @@ class Registry:
             return
         agent_id = parts[3]
         try:
-            info = parse_status(agent_id, json.loads(payload), self.default_heartbeat) if payload else None
+            info = parse_status(agent_id, json.loads(payload)) if payload else None
         except (ValueError, RecursionError) as exc:
             with self._lock:
                 self.ignored += 1

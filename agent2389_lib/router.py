@@ -16,9 +16,9 @@ from typing import Any, Optional, Protocol
 
 from . import protocol
 from .config import GatekeeperSettings, LlmSettings, RoutingSettings
-from .errors import TaskFailure
+from .errors import TaskFailure, TaskTimeout
 from .llm import build_provider
-from .llm.base import Message, OutputSchema
+from .llm.base import Message, OutputSchema, remaining
 from .llm.http import Attempted, JsonHttpClient
 from .llm.loop import Progress
 from .metrics import Metrics
@@ -197,15 +197,19 @@ class WorkflowRouter:
         self.metrics = metrics
         self.progress: Progress = progress or (lambda *args: None)
 
-    def next_step(self, envelope: TaskEnvelope, output: str) -> tuple[str, dict]:
-        """The forward to the chosen agent, or the workflow's final answer, and its topic."""
+    def next_step(self, envelope: TaskEnvelope, output: str, deadline: float) -> tuple[str, dict]:
+        """The forward to the chosen agent, or the workflow's final answer, and its topic. Routing
+        runs within the task's deadline (the router gets what is left, its corrective retry too);
+        past it, TaskTimeout."""
         flow = protocol.workflow_of(envelope)
         reply_topic = protocol.conversation_topic(envelope.conversation_id, self.agent_id)
         if flow.iteration_count + 1 >= self.max_iterations:
             return reply_topic, self._final(envelope, output, "max_iterations")
         request = RoutingRequest(self.agent_id, flow, output, tuple(self.registry.routable()), self.max_iterations)
         try:
-            decision, target = self._decide(request)
+            decision, target = self._decide(request, deadline)
+        except TaskTimeout:
+            raise
         except (RouterError, TaskFailure) as exc:
             log.warning("task %s: routing failed (%s); the workflow ends with this agent's answer",
                         envelope.task_id, exc)
@@ -225,15 +229,18 @@ class WorkflowRouter:
         self.metrics.routing_decision(reason)
         return protocol.workflow_response(envelope, protocol.extract_response(output), self.agent_id, reason)
 
-    def _decide(self, request: RoutingRequest) -> tuple[Decision, Optional[str]]:
+    def _decide(self, request: RoutingRequest, deadline: float) -> tuple[Decision, Optional[str]]:
         """A usable decision and its agent (None: complete), after at most one corrective retry.
         This agent itself is accepted only when named twice in a row."""
         feedback: Optional[str] = None
         allow_self = False
         for _ in range(2):
+            remaining(deadline)  # TaskTimeout once the task's time is up
             try:
-                decision = self.router.decide(request, feedback, time.monotonic() + self.router.budget())
+                decision = self.router.decide(request, feedback, min(deadline, time.monotonic() + self.router.budget()))
             except (RouterError, TaskFailure) as exc:
+                if time.monotonic() >= deadline:
+                    raise TaskTimeout(f"routing did not finish before the task deadline ({exc})") from None
                 feedback = f"the router failed: {exc}"
                 continue
             target, feedback = self._target(decision, allow_self, request.agents)

@@ -11,6 +11,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Optional
 
@@ -34,6 +35,8 @@ log = logging.getLogger("agent2389.runtime")
 EXIT_OK, EXIT_STARTUP = 0, 1
 _STOP = object()
 _STATUS_WAIT = 5.0
+_SESSION_QUIET = 1.0  # seconds without a delivery after which a leaving member's session is taken as empty
+_DRAIN_POLL = 0.05
 _MAX_PACKET_SLACK = 2
 
 
@@ -90,6 +93,7 @@ class AgentRuntime:
         self.stop_signal: Optional[str] = None  # set by the signal handler
         self._hard_stop = threading.Event()
         self._accepting = True
+        self._last_delivery = 0.0
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._futures: list[Future] = []
@@ -133,7 +137,7 @@ class AgentRuntime:
                                                self.publish_progress)
             if config.routing is not None:  # v2: discovery feeds the router
                 from .router import WorkflowRouter, build_router  # imports an HTTP client
-                self.registry = registry = Registry(config.heartbeat_interval)
+                self.registry = registry = Registry()
                 self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
                 route = WorkflowRouter(config.agent_id, config.routing, registry,
                                        build_router(config.routing, self.metrics), self.metrics,
@@ -188,11 +192,14 @@ class AgentRuntime:
             instances_hint=len(set(self.pool.alive()) | {member}) if member else None))
 
     def publish_status(self, status: str, wait_seconds: Optional[float] = None, heartbeat: bool = False) -> bool:
-        """The retained status; a pool member publishes its own and the pool's, and marks the pool
-        unavailable only when it sees no other member alive."""
+        """The retained status; a pool member publishes its own and, while available, the pool's
+        (`leave_pool` says when the pool is unavailable)."""
         topics = [self.instance_topic] if self.instance_topic else []
-        if status == protocol.AVAILABLE or not self.instance_topic or not self.pool.others_alive():
+        if status == protocol.AVAILABLE or not self.instance_topic:
             topics.append(self.status_topic)
+        return self._publish_status(topics, status, wait_seconds, heartbeat)
+
+    def _publish_status(self, topics: list, status: str, wait_seconds: Optional[float], heartbeat: bool = False) -> bool:
         payload = self._status_payload(status)
         with span(log, "publish_status", topic=self.status_topic, agent_id=self.config.agent_id) as extra:
             tickets = [self.transport.publish(topic, payload, retain=True) for topic in topics]
@@ -252,7 +259,20 @@ class AgentRuntime:
     def _may_read(self) -> bool:
         return self._accepting and self.intake.has_room()
 
+    def _drain_session(self, deadline: float) -> None:
+        """After UNSUBACK the broker queues nothing new for this session, and sends what it holds as
+        acknowledgements free its window: done once no task is queued or running and nothing has
+        arrived for a while."""
+        while time.monotonic() < deadline:
+            if (self.intake.depth() == 0 and self.load() == 0
+                    and time.monotonic() - self._last_delivery >= _SESSION_QUIET):
+                return
+            self._hard_stop.wait(_DRAIN_POLL)
+        log.warning("tasks were still arriving after shutdown_grace (%d s); the rest waits in this member's "
+                    "session", self.config.shutdown_grace)
+
     def _on_delivery(self, delivery: Any) -> None:
+        self._last_delivery = time.monotonic()
         if self._accepting:
             self.intake.put(delivery)
         else:
@@ -340,12 +360,14 @@ class AgentRuntime:
     def shutdown(self) -> bool:
         """Warm shutdown; returns False when tasks were still running after the grace period."""
         self.state = "stopping"
-        # a pool member leaves the shared subscription (still reading, for the UNSUBACK) and finishes
-        # what it already received: its session would otherwise hold those tasks, and collect new
-        # ones, while it is away
-        if self.config.instance_id and self.transport.connected and not self.transport.leave_input(_STATUS_WAIT):
-            log.warning("the broker did not confirm leaving the shared subscription; this member's session "
-                        "may keep receiving tasks until it returns or the session expires")
+        # a pool member leaves the shared subscription and answers everything the broker still
+        # sends its session: what it left there would wait for a member with its instance id
+        if self.config.instance_id and self.transport.connected:
+            if self.transport.leave_input(_STATUS_WAIT):
+                self._drain_session(time.monotonic() + self.config.shutdown_grace)
+            else:
+                log.warning("the broker did not confirm leaving the shared subscription; this member's session "
+                            "may keep receiving tasks until it returns or the session expires")
         self._accepting = False
         if not self.config.instance_id:
             dropped = self.intake.drain()
@@ -360,6 +382,8 @@ class AgentRuntime:
                         "and will be redelivered", len(pending), self.config.shutdown_grace)
         if self.transport.connected:
             self.publish_status(protocol.UNAVAILABLE, wait_seconds=_STATUS_WAIT)
+            if self.instance_topic and self.pool.last_to_leave(_STATUS_WAIT):
+                self._publish_status([self.status_topic], protocol.UNAVAILABLE, _STATUS_WAIT)
         self.transport.stop()
         self.tools.shutdown()
         self.executor.shutdown(wait=False)

@@ -30,6 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from .backoff import Backoff
 from .config import MqttSettings
 from .errors import PayloadTooLarge
 from .mqttclient import (UNSUPPORTED_PROTOCOL, ProtocolVersion, close_socket, describe_refusal, describe_tls_error,
@@ -85,36 +86,23 @@ class Delivery:
 
 class PublishTicket:
     """Completion of one QoS 1 publish: set when the broker's PUBACK arrives. `refusal` is the
-    PUBACK's failing reason code (MQTT 5, e.g. "Not authorized"), None when it was accepted."""
+    PUBACK's failing reason (MQTT 5, e.g. "Not authorized") and `refusal_code` its value (0x87),
+    both None when it was accepted."""
 
-    __slots__ = ("done", "refusal")
+    __slots__ = ("done", "refusal", "refusal_code")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.refusal: Optional[str] = None
+        self.refusal_code: Optional[int] = None
 
     def wait(self, timeout: Optional[float]) -> bool:
         return self.done.wait(timeout)
 
-    def settle(self, refusal: Optional[str]) -> None:
-        self.refusal = refusal
+    def settle(self, refusal: Optional[tuple[str, int]]) -> None:
+        if refusal is not None:
+            self.refusal, self.refusal_code = refusal
         self.done.set()
-
-
-class Backoff:
-    """Exponential backoff with equal jitter: a random delay between half the cap and the cap,
-    so reconnecting agents spread out but a refused client never retries at once."""
-
-    def __init__(self, initial: float = _BACKOFF_INITIAL, maximum: float = _BACKOFF_MAX):
-        self.initial, self.maximum, self.attempt = initial, maximum, 0
-
-    def next_delay(self) -> float:
-        cap = min(self.maximum, self.initial * (2 ** self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return random.uniform(cap / 2, cap)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class _Link:
@@ -136,12 +124,12 @@ class _Link:
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[PublishTicket, str, bytes, bool]] = {}  # mid: ticket and message
         self._client_lock = threading.Lock()  # publishing vs. replacing the client
-        self._acked_early: dict[int, Optional[str]] = {}
+        self._acked_early: dict[int, Optional[tuple[str, int]]] = {}
         self.max_packet_size: Optional[int] = None  # from the broker's CONNACK
         self._generation = 0
         self._last_read = time.monotonic()
         self._last_error = ""
-        self._backoff = Backoff()
+        self._backoff = Backoff(_BACKOFF_INITIAL, _BACKOFF_MAX)
         self._connected_at = 0.0
         self._quick_closes = 0  # young closes in a row by a broker that stayed up
         self._young_close_at: Optional[float] = None
@@ -316,12 +304,13 @@ class _Link:
         young links closed again and again by a broker that stayed up: it took the link back
         at the first attempt, the sibling link was not lost with it (a dying broker drops both),
         and no refused publish came just before (mosquitto closes a link after one). The backoff
-        is only reset once a connection stayed up; a named takeover waits longer still."""
+        is reset once a connection stayed up, or was closed for a refused publish (the broker is
+        fine); a named takeover waits longer still."""
         now = time.monotonic()
         self._lost_at = now
         self._takeover = ""
-        if seconds >= _STABLE_SECONDS:
-            self._backoff.reset()
+        if seconds >= _STABLE_SECONDS or 0 <= now - self._refused_at < _REFUSAL_CLOSE_SECONDS:
+            self._backoff.reset()  # a link that stayed up, or one closed for a refused publish: no broker trouble
             self._quick_closes = 0
             return
         if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
@@ -343,8 +332,7 @@ class _Link:
         if closed_at is None:
             return
         sibling_lost = self.sibling is not None and abs(self.sibling._lost_at - closed_at) < _SAME_EVENT_SECONDS
-        refused = 0 <= closed_at - self._refused_at < _REFUSAL_CLOSE_SECONDS
-        self._quick_closes = 0 if sibling_lost or refused else self._quick_closes + 1
+        self._quick_closes = 0 if sibling_lost else self._quick_closes + 1
 
     def _attempt_failed(self) -> None:
         self.metrics.mqtt_connection(False, failed=True)
@@ -410,7 +398,7 @@ class _Link:
             log.log(level, "%s; retrying with backoff%s", text, since)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        refusal = str(reason_code) if reason_code.is_failure else None
+        refusal = (str(reason_code), reason_code.value) if reason_code.is_failure else None
         if refusal:
             self._refused_at = time.monotonic()
         with self._lock:

@@ -1,4 +1,5 @@
-"""A minimal OpenAI-compatible server for benchmarks: no validation, optional fixed latency.
+"""A minimal OpenAI-compatible server for benchmarks: no validation, optional fixed latency; a
+conversation that says "use a tool" gets a call of the first tool offered, then an answer.
 
     python benchmarks/llm_server.py PORT LATENCY_MS
 """
@@ -36,10 +37,18 @@ class Handler(BaseHTTPRequestHandler):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if LATENCY:
             time.sleep(LATENCY)
-        text = request["messages"][-1]["content"][:200]
+        last = request["messages"][-1]
+        text = (last.get("content") or "")[:200]
+        message = {"role": "assistant", "content": text}
+        if request.get("tools") and last["role"] == "user" and "use a tool" in json.dumps(request["messages"]):
+            # a tool call first (the first tool offered), the answer once its result is back
+            name = request["tools"][0]["function"]["name"]
+            message = {"role": "assistant", "content": None, "tool_calls": [{
+                "id": f"call-{time.monotonic_ns()}", "type": "function",
+                "function": {"name": name, "arguments": json.dumps({"message": text})}}]}
         self._send(json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                            "message": {"role": "assistant", "content": text}}],
+                               "choices": [{"index": 0, "finish_reason": "tool_calls" if "tool_calls" in message
+                                            else "stop", "logprobs": None, "message": message}],
                                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode())
 
 

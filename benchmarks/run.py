@@ -173,13 +173,14 @@ def write_agent_config(procs: Processes, broker: int, provider: dict, progress: 
 
 
 def start_agent(procs: Processes, driver: Driver, config: str, env_extra: dict | None = None,
-                root: str = ROOT) -> tuple:
-    """An agent process from the tree at `root`, and its seconds to `available`."""
+                root: str = ROOT, program: str = "") -> tuple:
+    """An agent process from the tree at `root` (or `program` with the same arguments), and its
+    seconds to `available`."""
     driver.available.clear()
     env = {"PATH": os.environ["PATH"], "HEALTH_PORT": str(free_port()), "LOG_LEVEL": "INFO",
            "OPENAI_API_KEY": "sk-bench", **(env_extra or {})}
     started = time.perf_counter()
-    proc = procs.spawn([sys.executable, os.path.join(root, "agent2389.py"), "run", "--config", config], env=env,
+    proc = procs.spawn([sys.executable, program or os.path.join(root, "agent2389.py"), "run", "--config", config], env=env,
                        log="agent.log")
     if not driver.available.wait(30):
         raise RuntimeError(f"the agent did not become available (see {procs.dir}/agent.log)")

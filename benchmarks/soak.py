@@ -1,11 +1,15 @@
 """Soak: mixed traffic for a while, sampling the agent's threads, descriptors and RSS.
 
-    python benchmarks/soak.py [--minutes 10] [--rate 100]
+    python benchmarks/soak.py [--minutes 10] [--rate 40] [--root TREE] [--tracemalloc DIR]
 
-Traffic, per 20 messages: 14 valid tasks, 1 redelivered duplicate, 1 pipeline that revisits
-the agent, 1 not JSON, 1 invalid envelope, 1 oversized, 1 lone-surrogate poison. The
-completed-task store is small (2,000) so it is full after the first minute; the figures that
-matter are the growth from then on. Every task that can be answered must be answered.
+The agent thinks with a loopback OpenAI-compatible server and has the `echo` tool. Traffic, per
+20 messages: 10 valid tasks, 3 that call a tool, 1 forwarded to another agent (a pipeline hop),
+1 redelivered duplicate, 1 pipeline that revisits the agent, 1 not JSON, 1 invalid envelope, 1
+oversized, 1 lone-surrogate poison. The completed-task store is small (2,000) so it is full
+after the first minute; the figures that matter are the growth from then on. Every task that
+can be answered must be answered. `--root` runs the agent of another tree (an earlier commit)
+for a before/after; `--tracemalloc DIR` takes a snapshot a minute and prints what grew most
+between the first full-store minute and the end.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import AGENT, Driver, Processes, memory_mb, start_agent, start_broker  # noqa: E402
+from run import AGENT, ROOT, Driver, Processes, memory_mb, start_agent, start_broker, start_llm  # noqa: E402
 
 INPUT = f"/control/agents/{AGENT}/input"
 STORE_SIZE = 2000
@@ -34,6 +38,13 @@ def envelope(**over) -> dict:
 def message(index: int, recent: list) -> tuple[bytes, str | None]:
     """The payload to send and the task id whose answer it must produce (None: no answer)."""
     kind = index % 20
+    if kind in (10, 11, 12):
+        body = envelope(instruction="use a tool, then answer")
+        return json.dumps(body).encode(), body["task_id"]
+    if kind == 13:
+        body = envelope(next={"topic": "/control/agents/soak-sink/input", "instruction": "next", "input": None,
+                              "next": None})
+        return json.dumps(body).encode(), None  # a hop: forwarded to an agent that is not there
     if kind == 14 and recent:
         return json.dumps(recent[-1]).encode(), None  # a duplicate: silently dropped
     if kind == 15:
@@ -65,17 +76,25 @@ def sample(pid: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--rate", type=float, default=100.0, help="messages per second")
+    parser.add_argument("--rate", type=float, default=40.0, help="messages per second")
+    parser.add_argument("--root", default=ROOT, help="the tree whose agent to run (default: this one)")
+    parser.add_argument("--tracemalloc", metavar="DIR", help="snapshot the agent's allocations into DIR")
     args = parser.parse_args()
     procs = Processes()
     try:
         broker = start_broker(procs)
         driver = Driver(broker)
+        llm = start_llm(procs, 0)
         config = os.path.join(procs.dir, "soak.toml")
         with open(config, "w") as handle:
             handle.write(f'[agent]\nid = "{AGENT}"\nstate_dir = "./state"\ncompleted_store_size = {STORE_SIZE}\n\n'
-                         f'[mqtt]\nbroker_url = "mqtt://127.0.0.1:{broker}"\n\n[llm]\nprovider = "echo"\n')
-        agent, _ = start_agent(procs, driver, config)
+                         f'[mqtt]\nbroker_url = "mqtt://127.0.0.1:{broker}"\n\n'
+                         f'[llm]\nprovider = "openai"\nmodel = "bench"\nbase_url = "http://127.0.0.1:{llm}/v1"\n\n'
+                         f'[tools]\necho = "builtin"\n')
+        traced = {"SNAPSHOT_DIR": args.tracemalloc} if args.tracemalloc else {}
+        agent, _ = start_agent(procs, driver, config, traced, root=args.root,
+                               program=os.path.join(os.path.dirname(os.path.abspath(__file__)), "traced_agent.py")
+                               if traced else "")
         expected: list[str] = []
         recent: list = []
         samples = []
@@ -106,6 +125,23 @@ def main() -> None:
           f"fds {min(s['fds'] for s in samples)}-{max(s['fds'] for s in samples)}")
     print(f"RSS after the completed-task cache filled: {full[0]['rss_mb']} MB at minute {full[0]['minute']}, "
           f"{full[-1]['rss_mb']} MB at the end: growth {full[-1]['rss_mb'] - full[0]['rss_mb']:.1f} MB (target < 5)")
+    if args.tracemalloc:
+        report_growth(args.tracemalloc, round(full[0]["minute"]))
+
+
+def report_growth(directory: str, warm_minute: int) -> None:
+    """What grew most between the snapshot after warm-up and the last one."""
+    import tracemalloc
+    names = sorted(os.listdir(directory))
+    if len(names) < 2:
+        return
+    first = names[min(max(warm_minute, 1), len(names) - 1) - 1]
+    before, after = (tracemalloc.Snapshot.load(os.path.join(directory, n)) for n in (first, names[-1]))
+    print(f"\ntracemalloc, {first} -> {names[-1]}, the largest growth:")
+    for stat in after.compare_to(before, "traceback")[:8]:
+        print(f"  {stat.size_diff / 1024:+.1f} KiB in {stat.count_diff:+d} blocks")
+        for line in stat.traceback.format()[-6:]:
+            print("    " + line)
 
 
 if __name__ == "__main__":

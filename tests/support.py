@@ -546,6 +546,18 @@ class AgentProcess:
         raise AssertionError("no VmHWM")
 
 
+def test_failed(case: unittest.TestCase) -> bool:
+    """In tearDown: whether the test failed (Python 3.11 resets `_outcome.success` for each part
+    of a test, so it alone no longer tells; its result does)."""
+    outcome = getattr(case, "_outcome", None)
+    if outcome is None:
+        return False
+    if not getattr(outcome, "success", True):
+        return True
+    result = getattr(outcome, "result", None)
+    return any(test is case for test, _ in getattr(result, "failures", []) + getattr(result, "errors", []))
+
+
 class BrokerTestCase(unittest.TestCase):
     """One broker per test class; agents and watchers are cleaned up after each test."""
 
@@ -565,7 +577,7 @@ class BrokerTestCase(unittest.TestCase):
     def tearDown(self) -> None:
         for agent in self.agents:
             agent.stop()
-        if not getattr(getattr(self, "_outcome", None), "success", True):  # show what the agents said
+        if test_failed(self):  # show what the agents said
             for agent in self.agents:
                 print(f"\n--- log of {agent.agent_id} ---\n{agent.log()[-3000:]}", file=sys.stderr)
 

@@ -10,7 +10,8 @@ import time
 import unittest
 from typing import Optional
 
-from support import AGENT_SCRIPT, ActiveMQ, AgentProcess, Mosquitto, RabbitMQ, Watcher, base_env, envelope
+from support import (AGENT_SCRIPT, ActiveMQ, AgentProcess, Mosquitto, RabbitMQ, Watcher, base_env, envelope,
+                     test_failed)
 
 FALLBACK = "does not speak MQTT 5"
 
@@ -45,7 +46,7 @@ class BrokerScenarios:
     def tearDown(self):
         for agent in self.agents:
             agent.stop()
-        if not getattr(getattr(self, "_outcome", None), "success", True):
+        if test_failed(self):
             for agent in self.agents:
                 print(f"\n--- log of {agent.agent_id} ---\n{agent.log()[-3000:]}", file=sys.stderr)
             print(f"\n--- broker log ---\n{self.broker.log()}", file=sys.stderr)

@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import socket
+import sqlite3
 import tempfile
 import time
 import unittest
@@ -56,32 +57,47 @@ class PoisonTests(BrokerTestCase):
 
 
 class RefusedOutcomeTests(unittest.TestCase):
-    def test_refused_outcome_is_retried_not_acknowledged(self):
+    def test_refused_outcomes_are_final_and_never_wedge_the_agent(self):
+        """Before: each refused outcome kept its delivery unacknowledged, holding one Receive
+        Maximum slot; after max_pipeline_depth refusals the broker sent nothing more, also after
+        a restart. mosquitto closes the output link after each 0x87: no twin agent either."""
         broker = Mosquitto(persistence=True)
         self.addCleanup(broker.cleanup)
         with open(os.path.join(broker.dir, "acl"), "w") as handle:
             handle.write("topic readwrite #\ntopic deny /conversations/denied/#\n")
         broker.extra_conf = f"acl_file {broker.dir}/acl"
         broker.start()
-        watcher = Watcher(broker.port, STATUS, "/conversations/#")
+        dead_letters = f"/control/agents/{AGENT}/dead-letter"
+        watcher = Watcher(broker.port, STATUS, "/conversations/#", dead_letters)
         self.addCleanup(watcher.close)
-        agent = AgentProcess(broker, AGENT, agent={"state_dir": "./state"})
+        agent = AgentProcess(broker, AGENT, agent={"state_dir": "./state", "max_pipeline_depth": 2})
         self.addCleanup(agent.stop)
         agent.start_and_wait_available(watcher)
-        denied = envelope(AGENT, cid="denied")
-        watcher.publish(INPUT, denied)
-        agent.wait_log(f"the broker refused the outcome of task {denied['task_id']} on /conversations/denied/{AGENT}:"
-                       f" Not authorized")
+        denied = [envelope(AGENT, cid="denied") for _ in range(5)]  # more than the receive maximum of 2
+        for task in denied:
+            watcher.publish(INPUT, task)
+        letters = watcher.wait_for(dead_letters, count=len(denied), timeout=60)
+        self.assertEqual(sorted(l["task_id"] for l in letters), sorted(t["task_id"] for t in denied))
+        self.assertEqual({(l["topic"], l["reason_code"], l["reason"]) for l in letters},
+                         {(f"/conversations/denied/{AGENT}", 0x87, "Not authorized")})
+        line = next(l for l in agent.log().splitlines() if f"task {denied[0]['task_id']}: the broker refused" in l)
+        self.assertEqual(json.loads(line)["level"], "ERROR")
+        self.assertIn(f"on /conversations/denied/{AGENT}: Not authorized (reason 0x87); the task is final", line)
         allowed = envelope(AGENT, cid="allowed")
         watcher.publish(INPUT, allowed)
-        watcher.wait_for(f"/conversations/allowed/{AGENT}")
+        watcher.wait_for(f"/conversations/allowed/{AGENT}", timeout=30)
+        self.assertNotIn("another process is probably running", agent.log())
+        wait_until(lambda: http_get(agent.env["HEALTH_PORT"], "/metrics")[1]["mqtt"]["outcomes_undeliverable"] == 5,
+                   10, "the refusals to be counted")
         agent.stop()
-        self.assertNotIn(f"task {denied['task_id']} finished", agent.log())
-        # not acknowledged and not completed: the restarted agent gets it again and tries again
+        # acknowledged and recorded: a restarted agent is not given them again
         again = AgentProcess(broker, AGENT, workdir=agent.dir, agent={"state_dir": "./state"})
         self.addCleanup(again.stop)
-        again.start()
-        again.wait_log(f"the broker refused the outcome of task {denied['task_id']}")
+        again.start_and_wait_available(watcher)
+        marker = envelope(AGENT, cid="allowed")
+        watcher.publish(INPUT, marker)
+        watcher.wait_for(f"/conversations/allowed/{AGENT}", lambda p: p["task_id"] == marker["task_id"])
+        self.assertNotIn("the broker refused", again.log().rpartition("starting (version")[2])
 
 
 class OversizedOutcomeTests(BrokerTestCase):
@@ -145,6 +161,28 @@ class StateDirTests(BrokerTestCase):
         shared = tempfile.mkdtemp(prefix="state-")
         for name in ("agent-one", "agent-two"):
             self.agent(name, agent={"state_dir": shared}).start_and_wait_available(watcher)
+
+    def test_the_store_of_release_0_1_is_read_after_the_upgrade(self):
+        """0.1 kept completed task ids in completed_tasks.sqlite3: a redelivery right after the
+        upgrade is recognized, a new task is answered, and the old file is left as it was."""
+        state = tempfile.mkdtemp(prefix="state-0.1-")
+        done = envelope(AGENT, cid="c-upgrade")
+        legacy = os.path.join(state, "completed_tasks.sqlite3")
+        with sqlite3.connect(legacy) as db:  # the 0.1 schema
+            db.execute("CREATE TABLE completed (seq INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT UNIQUE)")
+            db.execute("INSERT INTO completed (task_id) VALUES (?)", (done["task_id"],))
+        before = open(legacy, "rb").read()
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT, agent={"state_dir": state}).start_and_wait_available(watcher)
+        fresh = envelope(AGENT, cid="c-upgrade")
+        for task in (done, fresh):
+            watcher.publish(INPUT, task)
+        (reply,) = watcher.wait_for("/conversations/c-upgrade/+")
+        self.assertEqual(reply["task_id"], fresh["task_id"])
+        agent.wait_log(f"discarding duplicate of completed task {done['task_id']}")
+        self.assertIn("read 1 completed task ids from the release 0.1 store", agent.log())
+        self.assertEqual(watcher.matching("/conversations/c-upgrade/+"), [reply])
+        self.assertEqual(open(legacy, "rb").read(), before)
 
     def test_unusable_state_dirs_fail_with_one_clear_line(self):
         plain = tempfile.mktemp(prefix="state-file-")

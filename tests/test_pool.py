@@ -2,6 +2,7 @@
 real mosquitto with agent processes."""
 
 import re
+import signal
 import sys
 import time
 
@@ -118,6 +119,34 @@ class PoolTests(BrokerTestCase):
         second.stop()
         watcher.wait_for(self.pool_topic, status_is("unavailable"))
         self.assertEqual(self.retained_pool_status(), "unavailable")
+
+    def test_a_member_leaving_under_load_hands_nothing_to_its_session(self):
+        """A StatefulSet scale-down: before, 27 of 60 tasks waited in the departed member's session."""
+        watcher = self.watcher(self.pool_topic, self.instances, "/conversations/#")
+        leaving, staying = self.start_members(watcher, ["d1", "d2"], latency_ms=200, max_pipeline_depth=1)
+        tasks = [envelope(self.pool_id, cid="c-leave") for _ in range(60)]
+        for task in tasks:
+            watcher.publish(self.input, task, wait=False)
+        for member in (leaving, staying):  # both busy
+            wait_until(lambda: FINISHED.search(member.log()), 30, "the member's first answer")
+        leaving.signal(signal.SIGTERM)
+        self.assertEqual(leaving.wait(60), 0)
+        replies = watcher.wait_for("/conversations/c-leave/+", count=60, timeout=90)
+        self.assertEqual(sorted({r["task_id"] for r in replies}), sorted(t["task_id"] for t in tasks))
+
+    def test_members_stopped_together_leave_the_pool_unavailable(self):
+        """Scale to zero, `compose down`: before, the pool stayed `available` in 1 to 3 of 3 tries
+        and a plain agent with the same id then refused to start."""
+        watcher = self.watcher(self.pool_topic, self.instances)
+        for attempt in range(3):
+            members = self.start_members(watcher, [f"t{attempt}-{n}" for n in range(3)])
+            for member in members:
+                member.signal(signal.SIGTERM)
+            for member in members:
+                self.assertEqual(member.wait(30), 0)
+            self.assertEqual(self.retained_pool_status(), "unavailable", f"try {attempt + 1}")
+        plain = self.agent(self.pool_id).start_and_wait_available(watcher)
+        self.assertNotIn("is also served by pool member", plain.log())
 
     def retained_pool_status(self):
         """What a newcomer sees, once the pool's latest status has reached it."""

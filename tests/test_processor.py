@@ -34,8 +34,8 @@ class Delivery:
 
 
 class Ticket:
-    def __init__(self, refusal: Optional[str] = None):
-        self.refusal = refusal
+    def __init__(self, refusal: Optional[tuple] = None):
+        self.refusal, self.refusal_code = refusal or (None, None)
 
     def wait(self, timeout):
         return True
@@ -46,7 +46,7 @@ class MemoryPublisher:
 
     def __init__(self, journal: list):
         self.journal = journal
-        self.refusals: list = []  # per publish: None, a reason code text, or an exception to raise
+        self.refusals: list = []  # per publish: None, (reason text, reason code), or an exception to raise
         self.max_packet_size: Optional[int] = None
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> Ticket:
@@ -71,7 +71,8 @@ class ProcessorTestCase(unittest.TestCase):
         self.journal: list = []
         self.publisher = MemoryPublisher(self.journal)
         self.store = store or DedupeStore(100)
-        settings = {"agent_id": AGENT, "task_timeout": 5, **config}
+        settings = {"agent_id": AGENT, "task_timeout": 5, "dead_letter_topic": f"/control/agents/{AGENT}/dead-letter",
+                    **config}
         self.processor = TaskProcessor(AgentConfig(**settings), think, self.publisher, self.store,
                                        Metrics(AGENT, 4))
         return self.processor
@@ -259,18 +260,40 @@ class ExactlyOnceTests(ProcessorTestCase):
         self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}",
                                         lambda m: self.assertEqual(m["error"]["code"], "internal_error"))
 
-    def test_refused_outcome_is_not_acked_nor_completed(self):
+    def test_an_outcome_refused_for_good_is_final_and_dead_lettered(self):
+        """Holding the delivery would hold one of the broker's Receive Maximum slots forever."""
         self.make()
-        self.publisher.refusals = ["Not authorized"]
+        self.publisher.refusals = [("Not authorized", 0x87)]
         task = envelope(AGENT, cid="denied")
         with self.assertLogs("agent2389.processor", "ERROR") as logs:
             first = Delivery(task, journal=self.journal)
             self.processor.handle(first)
-        self.assertEqual(first.acks, 0)
-        self.assertIn(f"refused the outcome of task {task['task_id']} on /conversations/denied/{AGENT}: "
-                      "Not authorized", "\n".join(logs.output))
-        redelivered = self.deliver(task)  # the broker redelivers it: processed again, now accepted
-        self.assertEqual((first.acks, redelivered.acks, len(self.publisher.published())), (0, 1, 2))
+        self.assertEqual(first.acks, 1)
+        self.assertIn(f"task {task['task_id']}: the broker refused its outcome on /conversations/denied/{AGENT}: "
+                      "Not authorized (reason 0x87); the task is final", "\n".join(logs.output))
+        (refused, letter) = self.publisher.published()
+        self.assertEqual(letter[0], f"/control/agents/{AGENT}/dead-letter")
+        self.assertEqual({k: letter[1][k] for k in ("task_id", "topic", "reason_code", "reason", "outcome")},
+                         {"task_id": task["task_id"], "topic": refused[0], "reason_code": 0x87,
+                          "reason": "Not authorized", "outcome": refused[1]})
+        self.assertEqual(self.processor.metrics.snapshot()["mqtt"]["outcomes_undeliverable"], 1)
+        again = self.deliver(task)  # a redelivery is a duplicate of a completed task
+        self.assertEqual((again.acks, len(self.publisher.published())), (1, 2))
+
+    def test_a_refusal_that_may_pass_is_retried(self):
+        self.make()
+        self.publisher.refusals = [("Quota exceeded", 0x97), ("Server busy", 0x89)]
+        delivery = self.deliver(envelope(AGENT, cid="busy"))
+        self.assertEqual((delivery.acks, [t for t, _ in self.publisher.published()]),
+                         (1, [f"/conversations/busy/{AGENT}"] * 3))
+        self.assertEqual(self.processor.metrics.snapshot()["mqtt"]["outcomes_undeliverable"], 0)
+
+    def test_no_dead_letter_topic_when_set_empty(self):
+        self.make(dead_letter_topic="")
+        self.publisher.refusals = [("Topic Name invalid", 0x90)]
+        with self.assertLogs("agent2389.processor", "ERROR"):
+            delivery = self.deliver(envelope(AGENT, cid="denied"))
+        self.assertEqual((delivery.acks, len(self.publisher.published())), (1, 1))
 
     def test_answer_over_max_message_size_becomes_internal_error(self):
         self.make(think=lambda envelope, deadline: "y" * 5000, max_message_size=4096)

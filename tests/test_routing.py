@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 from fake_llm import FakeAnthropic, FakeGatekeeper, FakeOpenAI, Hang, Reply, Status
@@ -93,7 +94,7 @@ class DiscoveryTests(RoutingCase):
         self.addCleanup(statuses.close)
 
         def seen():
-            registry = Registry(30)
+            registry = Registry()
             for message in list(statuses.messages):
                 registry.observe(message.topic, message.payload)
             return [a.agent_id for a in registry.routable()], registry.ignored
@@ -250,6 +251,31 @@ class GatekeeperWorkflowTests(RoutingCase):
         answer = self.final("cid-stuck")
         self.assertEqual((answer["workflow"]["reason"], answer["workflow"]["iterations"]), ("router_error", 1))
         self.assertEqual(len(gatekeeper.completions()), 3 + 4)  # 2 attempts, then the corrective call's 2
+
+
+class RoutingDeadlineTests(RoutingCase):
+    def test_routers_that_never_answer_end_within_the_task_deadline(self):
+        """Every hop's outcome within task_timeout, with the timeout error. Before: 92 s with a
+        gatekeeper and 83 s with an LLM router at TASK_TIMEOUT=30 (default router settings: 244 s).
+        A gatekeeper-routed writer and an LLM-routed judge, side by side."""
+        gatekeeper = FakeGatekeeper()
+        self.addCleanup(gatekeeper.close)
+        gatekeeper.script += [Hang(120.0, then=decision())] * 10
+        fake = FakeOpenAI(api_key=ROUTER_KEY)
+        self.addCleanup(fake.close)
+        fake.script += [Hang(120.0, then=Reply("{}"))] * 10
+        llm = llm_routing(fake)
+        llm["llm"]["max_attempts"] = 3  # [routing.llm] takes max_attempts like [llm]
+        self.start({"strategy": "gatekeeper", "gatekeeper": {"url": gatekeeper.url}}, names=("writer",),
+                   env={"TASK_TIMEOUT": "30"})
+        self.start(llm, names=("judge",), env={"TASK_TIMEOUT": "30"})
+        started = time.monotonic()
+        tasks = {cid: self.workflow(agent, "never routed", cid) for agent, cid in (("writer", "cid-gk-late"),
+                                                                                   ("judge", "cid-llm-late"))}
+        for cid, task in tasks.items():
+            answer = self.final(cid, timeout=60)
+            self.assertEqual((answer["task_id"], answer["error"]["message"]), (task["task_id"], "task exceeded 30 s"))
+        self.assertLess(time.monotonic() - started, 30 + 3, "within the deadline, plus publishing")
 
 
 class KilledHopTests(RoutingCase):

@@ -43,7 +43,7 @@ def v2_task(instruction="Write about MQTT", context=None, trace=None, agent="wri
 class RegistryTests(unittest.TestCase):
     def setUp(self):
         self.clock = NOW.timestamp()
-        self.registry = Registry(60, clock=lambda: self.clock)
+        self.registry = Registry(clock=lambda: self.clock)
 
     def ids(self):
         return [a.agent_id for a in self.registry.routable()]
@@ -62,7 +62,17 @@ class RegistryTests(unittest.TestCase):
                 "capabilities": ["research"], "description": "Research agent"}
         self.registry.observe("/control/agents/researcher/status", json.dumps(rust).encode())
         (info,) = self.registry.routable()
-        self.assertEqual((info.health, info.load, info.heartbeat_interval), ("ok", 0.0, 60))
+        self.assertEqual((info.health, info.load, info.heartbeat_interval), ("ok", 0.0, 900))
+
+    def test_a_reference_status_is_judged_against_the_reference_heartbeat(self):
+        """It republishes every 900 s and does not say so: our 60 s would make it routable a fifth of the time."""
+        rust = {"agent_id": "researcher", "status": "available", "timestamp": NOW.isoformat(),
+                "capabilities": ["research"], "description": "Research agent"}
+        self.registry.observe("/control/agents/researcher/status", json.dumps(rust).encode())
+        self.clock += 899
+        self.assertEqual(self.ids(), ["researcher"], "live between two of its heartbeats")
+        self.clock += 3 * 900 - 899 + 1
+        self.assertEqual(self.ids(), [], "stale after three of them")
 
     def test_garbage_ignored_and_counted(self):
         for payload in (b"not json", b"[1]", b'{"status": "dancing", "timestamp": "2026-12-01T12:00:00Z"}',
@@ -275,7 +285,7 @@ class ScriptedRouter:
 
 class WorkflowRouterTests(unittest.TestCase):
     def setUp(self):
-        self.registry = Registry(60)
+        self.registry = Registry()
         for agent in ("writer", "judge"):
             self.registry.observe(*status(agent, capabilities=["review"] if agent == "judge" else ["writing"]))
         self.registry.clock = lambda: NOW.timestamp()
@@ -285,7 +295,7 @@ class WorkflowRouterTests(unittest.TestCase):
     def hop(self, router, envelope=None, max_iterations=10):
         workflow = WorkflowRouter("writer", RoutingSettings("llm", max_iterations), self.registry, router, self.metrics,
                                   lambda *event: self.events.append(event))
-        return workflow.next_step(envelope or v2_task(), "the draft")
+        return workflow.next_step(envelope or v2_task(), "the draft", time.monotonic() + 60)
 
     def test_forward_emits_routing_progress(self):
         topic, message = self.hop(ScriptedRouter({"workflow_complete": False, "reasoning": "check it",

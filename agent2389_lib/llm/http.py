@@ -14,7 +14,6 @@ import email.utils
 import http.client
 import json
 import logging
-import random
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any, Callable, Optional
 import requests
 import urllib3
 
+from ..backoff import jittered
 from ..errors import LlmError, TaskFailure
 from ..httpsessions import ProxyUnusable, ThreadSessions, causes, check_proxy, describe_failure, new_session, public_url
 from ..metrics import Metrics
@@ -72,11 +72,6 @@ def error_kind(status: int) -> str:
     if status == 529:
         return "overloaded"
     return "server_error" if status >= 500 else "bad_request"
-
-
-def backoff_delay(attempt: int) -> float:
-    """Full jitter: uniform(0, min(cap, base * 2**attempt))."""
-    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * (2 ** attempt)))
 
 
 class JsonHttpClient:
@@ -172,7 +167,7 @@ class JsonHttpClient:
             if attempt + 1 >= self.max_attempts:
                 break
             wait = retry_after_seconds(headers.get("Retry-After")) if headers is not None else None
-            wait = backoff_delay(attempt) if wait is None else wait
+            wait = jittered(attempt, _BACKOFF_BASE, _BACKOFF_CAP) if wait is None else wait
             if wait >= deadline - time.monotonic():
                 raise LlmError(f"{last_problem}; the task deadline leaves no time for another attempt", kind)
             spent.retries += 1
