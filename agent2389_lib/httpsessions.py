@@ -1,10 +1,12 @@
 """Every HTTP call the agent makes goes through a `requests.Session` made here, one per thread
 and endpoint (keep-alive, and requests' own rules for the environment: `HTTP(S)_PROXY`,
 `ALL_PROXY`, `NO_PROXY` with CIDR entries, https:// proxies, `REQUESTS_CA_BUNDLE` and
-`CURL_CA_BUNDLE`), and every failure is worded here for the user who reads it."""
+`CURL_CA_BUNDLE`), and every failure is worded here for the user who reads it. Only the
+`http_request` tool's sessions ignore the environment (tools/netguard.py says why)."""
 
 from __future__ import annotations
 
+import os
 import ssl
 import threading
 import urllib.parse
@@ -40,6 +42,17 @@ def new_session(headers: Optional[dict] = None) -> requests.Session:
     session = requests.Session()
     session.headers["User-Agent"] = USER_AGENT
     session.headers.update(headers or {})
+    return session
+
+
+def endpoint_session(url: str, headers: Optional[dict] = None) -> requests.Session:
+    """A Session for one endpoint with the environment's proxy and CA bundle, by requests' own
+    rules, applied once: with `trust_env` requests would apply them again on every request
+    (scanning the environment, looking for ~/.netrc), a few percent of an agent's CPU per task."""
+    session = new_session(headers)
+    session.trust_env = False
+    session.proxies = requests.utils.get_environ_proxies(url)
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     return session
 
 

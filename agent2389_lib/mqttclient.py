@@ -160,7 +160,6 @@ class PlainSocket:
     not be put in): nothing buffered by us, nothing to flush, and no way in beside paho."""
 
     __slots__ = ("_sock",)
-    session_v5 = None
 
     def __init__(self, sock: socket.socket):
         self._sock = sock

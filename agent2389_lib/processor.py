@@ -35,7 +35,8 @@ _PEEK_RE = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([^"\\]{1,200})
 _PUBLISH_PATIENCE = 10.0
 # PUBACK reason codes no retry changes: not authorized, topic name invalid, packet too large. Others
 # (quota exceeded 0x97, server busy 0x89, ...) may pass later: retried with backoff within the deadline.
-_FINAL_REFUSALS = frozenset({0x87, 0x90, 0x95})
+_PACKET_TOO_LARGE = 0x95
+_FINAL_REFUSALS = frozenset({0x87, 0x90, _PACKET_TOO_LARGE})
 _REFUSAL_BACKOFF = (0.5, 10.0)  # seconds: initial and maximum
 _REJECTION_CODES = (protocol.INVALID_INPUT, protocol.PIPELINE_DEPTH_EXCEEDED)
 _INTERNAL_ERROR_TEXT = "internal error while processing the task (details are in the agent log)"
@@ -297,7 +298,7 @@ class TaskProcessor:
         if not where:
             return
         letter = protocol.dead_letter_message(self.agent_id, claim.task_id, refused.topic, refused.code,
-                                              refused.refusal, payload)
+                                              refused.refusal, payload, keep_outcome=refused.code != _PACKET_TOO_LARGE)
         try:
             ticket = self.publisher.publish(where, protocol.to_payload(letter))
         except (PayloadTooLarge, RuntimeError) as exc:

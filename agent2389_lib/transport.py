@@ -45,6 +45,7 @@ _POLL_SECONDS = 1.0
 _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 30.0
 _NOT_ACKED = object()
+_ACKED_EARLY_KEPT = 1024  # an early PUBACK is claimed within microseconds; the rest are QoS 0 reports
 _STABLE_SECONDS = 30.0  # a link up this long resets the reconnect backoff
 _QUICK_CLOSES_ALARM = 2
 _SAME_EVENT_SECONDS = 0.1  # links lost this close together: one cause (a dying broker drops both at once)
@@ -132,7 +133,7 @@ class _Link:
         self._backoff = Backoff(_BACKOFF_INITIAL, _BACKOFF_MAX)
         self._connected_at = 0.0
         self._quick_closes = 0  # young closes in a row by a broker that stayed up
-        self._young_close_at: Optional[float] = None
+        self._young_close: Optional[tuple[float, Optional[float]]] = None  # when, and since when the sibling was up
         self._lost_at = self._refused_at = float("-inf")
         self.sibling: Optional[_Link] = None  # the process's other link
         self._had_session = False  # a connection was accepted since the last attempt
@@ -225,10 +226,12 @@ class _Link:
         while no session is open, as paho drops QoS 0 messages then; dropped and counted as a
         failure when over the broker's maximum packet size or behind a 1 MiB send backlog."""
         sock = link_socket(self.client)
+        if isinstance(sock, PlainSocket):  # paho owns the socket alone: through paho
+            if self.connected:
+                self.metrics.published_message(self.client.publish(topic, payload, qos=0).rc == mqtt.MQTT_ERR_SUCCESS)
+            return
         v5 = sock.session_v5 if sock is not None else None
         if v5 is None:
-            if sock is not None and self.connected:  # paho owns the socket alone
-                self.metrics.published_message(self.client.publish(topic, payload, qos=0).rc == mqtt.MQTT_ERR_SUCCESS)
             return
         packet = qos0_publish_packet(topic, payload, v5)
         written = ((self.max_packet_size is None or len(packet) <= self.max_packet_size)
@@ -320,23 +323,30 @@ class _Link:
             self._takeover = (f"the broker closed the {self.name} link of client id {self.client_id} "
                               f"{self._quick_closes + 1} times in a row within {_STABLE_SECONDS:.0f} s of taking it "
                               f"back, while the broker stayed up ({reason_code})")
-        else:
-            self._young_close_at = now  # judged once the broker took the link back (`_judge_young_close`)
+        else:  # judged once the broker took the link back (`_judge_young_close`)
+            sibling = self.sibling
+            self._young_close = (now, sibling._connected_at if sibling is not None and sibling.connected else None)
         if self._takeover:
             self._takeover += ("; another process is probably running with the same agent id and client id: stop "
                                "it, or give each process its own agent id (or [mqtt] client_id)")
 
     def _judge_young_close(self) -> None:
-        """The link is back at the first attempt since a young close: was the broker up all along?"""
-        closed_at, self._young_close_at = self._young_close_at, None
-        if closed_at is None:
+        """The link is back at the first attempt since a young close: was the broker up all along,
+        the sibling link connected before that close and not lost with it?"""
+        young, self._young_close = self._young_close, None
+        if young is None:
             return
-        sibling_lost = self.sibling is not None and abs(self.sibling._lost_at - closed_at) < _SAME_EVENT_SECONDS
-        self._quick_closes = 0 if sibling_lost else self._quick_closes + 1
+        closed_at, sibling_up_since = young
+        sibling_stayed = (sibling_up_since is not None and sibling_up_since < closed_at and self.sibling is not None
+                          and abs(self.sibling._lost_at - closed_at) >= _SAME_EVENT_SECONDS)
+        self._quick_closes = self._quick_closes + 1 if sibling_stayed else 0
 
     def _attempt_failed(self) -> None:
+        """The broker was away: no takeover closed either link."""
         self.metrics.mqtt_connection(False, failed=True)
-        self._quick_closes, self._young_close_at = 0, None  # the broker was away: no takeover closed the link
+        for link in (self, self.sibling):
+            if link is not None:
+                link._quick_closes, link._young_close = 0, None
 
     @property
     def where(self) -> str:
@@ -403,8 +413,10 @@ class _Link:
             self._refused_at = time.monotonic()
         with self._lock:
             pending = self._pending.pop(mid, None)
-            if pending is None:
+            if pending is None:  # its publish() has not returned yet, or it was a QoS 0 publish (plain paho)
                 self._acked_early[mid] = refusal
+                if len(self._acked_early) > _ACKED_EARLY_KEPT:
+                    del self._acked_early[next(iter(self._acked_early))]
         if pending is not None:
             pending[0].settle(refusal)
         self.metrics.published_message(refusal is None)

@@ -1,14 +1,16 @@
 """A minimal OpenAI-compatible server for benchmarks: no validation, optional fixed latency; a
-conversation that says "use a tool" gets a call of the first tool offered, then an answer.
+conversation that says "use a tool" gets a call of one of the tools offered (in turn), then an answer.
 
     python benchmarks/llm_server.py PORT LATENCY_MS
 """
 
+import itertools
 import json
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+ROTATION = itertools.count()
 LATENCY = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
 MODELS = json.dumps({"object": "list", "data": [{"id": "bench", "object": "model", "created": 0,
                                                  "owned_by": "bench"}]}).encode()
@@ -41,8 +43,8 @@ class Handler(BaseHTTPRequestHandler):
         text = (last.get("content") or "")[:200]
         message = {"role": "assistant", "content": text}
         if request.get("tools") and last["role"] == "user" and "use a tool" in json.dumps(request["messages"]):
-            # a tool call first (the first tool offered), the answer once its result is back
-            name = request["tools"][0]["function"]["name"]
+            # a tool call first (the tools offered in turn), the answer once its result is back
+            name = request["tools"][next(ROTATION) % len(request["tools"])]["function"]["name"]
             message = {"role": "assistant", "content": None, "tool_calls": [{
                 "id": f"call-{time.monotonic_ns()}", "type": "function",
                 "function": {"name": name, "arguments": json.dumps({"message": text})}}]}

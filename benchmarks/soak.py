@@ -2,8 +2,9 @@
 
     python benchmarks/soak.py [--minutes 10] [--rate 40] [--root TREE] [--tracemalloc DIR]
 
-The agent thinks with a loopback OpenAI-compatible server and has the `echo` tool. Traffic, per
-20 messages: 10 valid tasks, 3 that call a tool, 1 forwarded to another agent (a pipeline hop),
+The agent thinks with a loopback OpenAI-compatible server and has the `echo` built-in and a
+command tool (`echo`, a process per call). Traffic, per 20 messages: 10 valid tasks, 3 that call
+a tool (the two in turn), 1 forwarded to another agent (a pipeline hop),
 1 redelivered duplicate, 1 pipeline that revisits the agent, 1 not JSON, 1 invalid envelope, 1
 oversized, 1 lone-surrogate poison. The completed-task store is small (2,000) so it is full
 after the first minute; the figures that matter are the growth from then on. Every task that
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40.0, help="messages per second")
     parser.add_argument("--root", default=ROOT, help="the tree whose agent to run (default: this one)")
     parser.add_argument("--tracemalloc", metavar="DIR", help="snapshot the agent's allocations into DIR")
+    parser.add_argument("--store-size", type=int, default=STORE_SIZE,
+                        help=f"completed_store_size (default {STORE_SIZE}: full after the first minute)")
     args = parser.parse_args()
     procs = Processes()
     try:
@@ -87,10 +90,13 @@ def main() -> None:
         llm = start_llm(procs, 0)
         config = os.path.join(procs.dir, "soak.toml")
         with open(config, "w") as handle:
-            handle.write(f'[agent]\nid = "{AGENT}"\nstate_dir = "./state"\ncompleted_store_size = {STORE_SIZE}\n\n'
+            handle.write(f'[agent]\nid = "{AGENT}"\nstate_dir = "./state"\ncompleted_store_size = {args.store_size}\n\n'
                          f'[mqtt]\nbroker_url = "mqtt://127.0.0.1:{broker}"\n\n'
                          f'[llm]\nprovider = "openai"\nmodel = "bench"\nbase_url = "http://127.0.0.1:{llm}/v1"\n\n'
-                         f'[tools]\necho = "builtin"\n')
+                         f'[tools]\necho = "builtin"\n\n'
+                         f'[tools.shout]\nimpl = "external"\ncommand = "echo"\nargs = ["{{message}}"]\n'
+                         f'schema = {{ type = "object", properties = {{ message = {{ type = "string" }} }}, '
+                         f'required = ["message"] }}\n')
         traced = {"SNAPSHOT_DIR": args.tracemalloc} if args.tracemalloc else {}
         agent, _ = start_agent(procs, driver, config, traced, root=args.root,
                                program=os.path.join(os.path.dirname(os.path.abspath(__file__)), "traced_agent.py")
@@ -119,7 +125,7 @@ def main() -> None:
         driver.close()
     finally:
         procs.stop_all()
-    full = [s for s in samples if s["sent"] >= STORE_SIZE * 20 / 14 + 1000] or samples[-2:]
+    full = [s for s in samples if s["sent"] >= args.store_size * 20 / 14 + 1000] or samples[-2:]
     print(f"\nsoak: {index} messages in {args.minutes} min, {len(expected)} answers expected and all received")
     print(f"threads {min(s['threads'] for s in samples)}-{max(s['threads'] for s in samples)}, "
           f"fds {min(s['fds'] for s in samples)}-{max(s['fds'] for s in samples)}")

@@ -288,6 +288,15 @@ class ExactlyOnceTests(ProcessorTestCase):
                          (1, [f"/conversations/busy/{AGENT}"] * 3))
         self.assertEqual(self.processor.metrics.snapshot()["mqtt"]["outcomes_undeliverable"], 0)
 
+    def test_an_outcome_too_large_for_the_broker_is_dead_lettered_by_its_size(self):
+        self.make()
+        self.publisher.refusals = [("Packet too large", 0x95)]
+        with self.assertLogs("agent2389.processor", "ERROR"):
+            self.deliver(envelope(AGENT, cid="large"))
+        (refused, letter) = self.publisher.published()
+        self.assertEqual((letter[1]["outcome"], letter[1]["outcome_bytes"]),
+                         (None, len(json.dumps(refused[1], separators=(",", ":")).encode())))
+
     def test_no_dead_letter_topic_when_set_empty(self):
         self.make(dead_letter_topic="")
         self.publisher.refusals = [("Topic Name invalid", 0x90)]

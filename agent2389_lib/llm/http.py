@@ -25,7 +25,8 @@ import urllib3
 
 from ..backoff import jittered
 from ..errors import LlmError, TaskFailure
-from ..httpsessions import ProxyUnusable, ThreadSessions, causes, check_proxy, describe_failure, new_session, public_url
+from ..httpsessions import (ProxyUnusable, ThreadSessions, causes, check_proxy, describe_failure, endpoint_session,
+                            public_url)
 from ..metrics import Metrics
 from ..protocol import truncate_utf8
 from .base import ChatReply, remaining
@@ -92,7 +93,8 @@ class JsonHttpClient:
             raise LlmError(str(exc), "config") from None
         # we ask for the identity encoding (a compressed body would be decompressed in memory
         # before the size cap could see it); a server that compresses all the same is understood
-        self._sessions = ThreadSessions(lambda: new_session({"Accept-Encoding": "identity", **headers}))
+        self._sessions = ThreadSessions(lambda: endpoint_session(self.base_url, {"Accept-Encoding": "identity",
+                                                                                 **headers}))
         self.max_attempts = max_attempts
         self.request_timeout = request_timeout
         self.describe_error = describe_error

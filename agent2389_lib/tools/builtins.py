@@ -13,7 +13,7 @@ from typing import Callable
 import requests
 
 from ..config import AgentConfig, ToolSpec
-from ..httpsessions import ThreadSessions, causes, describe_failure, new_session
+from ..httpsessions import ThreadSessions, causes, describe_failure, endpoint_session
 from .base import Tool, ToolError, ToolTimeout, seconds_left
 from .netguard import NetworkPolicy, guarded_session
 
@@ -245,7 +245,7 @@ class WebSearchTool(Tool):
         self.description = spec.description or self.description
         self.endpoint = _option(spec, "endpoint", "https://google.serper.dev/search", str)
         self.key_var = _option(spec, "api_key_env", "SERPER_API_KEY", str)
-        self._sessions = ThreadSessions(new_session)
+        self._sessions = ThreadSessions(lambda: endpoint_session(self.endpoint))
 
     def initialize(self) -> None:
         if self.spec.secret is None:
