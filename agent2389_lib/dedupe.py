@@ -154,10 +154,6 @@ class DedupeStore:
         """Why completed tasks are not being persisted, or None while all is well."""
         return self._write_error
 
-    def in_flight_count(self) -> int:
-        with self._lock:
-            return len(self._in_flight)
-
     def close(self) -> None:
         with self._db_lock:
             if self._db is not None:

@@ -201,15 +201,6 @@ def _reject_lone_surrogates(data: dict) -> None:
             raise EnvelopeError(f"{name} is nested too deeply") from None
 
 
-def peek_ids(payload: bytes | str) -> tuple[Optional[str], Optional[str]]:
-    """Best-effort (task_id, conversation_id) of a payload we cannot otherwise accept."""
-    try:
-        parse_envelope(payload)
-    except EnvelopeError as exc:
-        return exc.task_id, exc.conversation_id
-    return None, None
-
-
 def _parse_envelope_object(data: dict, task_id: Optional[str], raw_task_id: Any, raw_cid: Any) -> TaskEnvelope:
     if "task_id" not in data:
         raise EnvelopeError("envelope has no task_id")

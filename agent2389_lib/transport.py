@@ -361,15 +361,12 @@ class _Link:
         self._connected.clear()
         if was_connected and not self._closing.is_set():
             self._note_lifetime(time.monotonic() - self._connected_at, reason_code)
-        if self._closing.is_set():
-            pass
-        elif self._takeover:
-            pass  # logged with the backoff delay once the socket is dropped
-        elif was_connected:
-            log.warning("lost connection to broker %s:%d (%s link): %s", self.settings.host,
-                        self.settings.port, self.name, reason_code)
-        elif not self._answered:
-            self._closed_before_connack()
+        if not (self._closing.is_set() or self._takeover):  # a takeover is logged with its delay, later
+            if was_connected:
+                log.warning("lost connection to broker %s:%d (%s link): %s", self.settings.host,
+                            self.settings.port, self.name, reason_code)
+            elif not self._answered:
+                self._closed_before_connack()
         self._last_error = ""
         self.on_disconnected()
 

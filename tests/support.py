@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,8 +43,30 @@ def program(name: str) -> str:
     return found
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            low, high = (int(part) for part in handle.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A TCP port free on every interface, picked below the kernel's ephemeral range: outgoing
+    connections take their local ports from that range, so one of them could take a port
+    between this check and the bind of the broker or agent it is for (an agent then stops at
+    startup: health port in use)."""
+    low, _ = _ephemeral_ports()
+    for _ in range(200):
+        port = random.randint(max(1024, low - 16000), low - 1)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the whole range below is taken: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
