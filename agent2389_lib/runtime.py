@@ -193,7 +193,7 @@ class AgentRuntime:
 
     def publish_status(self, status: str, wait_seconds: Optional[float] = None, heartbeat: bool = False) -> bool:
         """The retained status; a pool member publishes its own and, while available, the pool's
-        (`leave_pool` says when the pool is unavailable)."""
+        (the last member to leave marks the pool unavailable: `shutdown`)."""
         topics = [self.instance_topic] if self.instance_topic else []
         if status == protocol.AVAILABLE or not self.instance_topic:
             topics.append(self.status_topic)
@@ -362,9 +362,10 @@ class AgentRuntime:
         self.state = "stopping"
         # a pool member leaves the shared subscription and answers everything the broker still
         # sends its session: what it left there would wait for a member with its instance id
+        grace_ends = time.monotonic() + self.config.shutdown_grace
         if self.config.instance_id and self.transport.connected:
             if self.transport.leave_input(_STATUS_WAIT):
-                self._drain_session(time.monotonic() + self.config.shutdown_grace)
+                self._drain_session(grace_ends)
             else:
                 log.warning("the broker did not confirm leaving the shared subscription; this member's session "
                             "may keep receiving tasks until it returns or the session expires")
@@ -375,7 +376,7 @@ class AgentRuntime:
                 log.info("%d queued tasks left unacknowledged; the broker will redeliver them", dropped)
         for _ in self._futures:
             self.intake.put(_STOP)
-        done, pending = wait(self._futures, timeout=self.config.shutdown_grace)
+        done, pending = wait(self._futures, timeout=max(0.0, grace_ends - time.monotonic()))
         if pending:
             self._hard_stop.set()
             log.warning("%d tasks still running after shutdown_grace (%d s); they stay unacknowledged "
