@@ -178,10 +178,11 @@ class PlainSocket:
 
 
 # paho's private names, here and nowhere else: it assigns a new connection's socket to `_sock`
-# before calling on_socket_open (2.0 and 2.1), and `_sock_close()` closes it without DISCONNECT.
+# before calling on_socket_open (2.0 to 2.2), and `_sock_close()` closes it without DISCONNECT.
 # A release that changes either only costs the wrapper (see `link_socket`), never a connection.
 PAHO_SOCKET = "_sock"
 PAHO_SOCKET_CLOSE = "_sock_close"
+_CLOSE_READS = 64  # reads that may come before the end of a socket closed the public way
 
 
 def open_socket(client: mqtt.Client, sock: socket.socket, coalesce_writes: bool) -> None:
@@ -227,8 +228,6 @@ def close_socket(client: mqtt.Client) -> None:
         if client.socket() is None or client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
             return
 
-
-_CLOSE_READS = 64
 
 
 class ProtocolVersion:
