@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime, timedelta, timezone
 
 from fake_llm import FakeAnthropic, FakeGatekeeper, FakeOpenAI, Hang, Reply, Status
 from support import AGENT_SCRIPT, BrokerTestCase, Watcher, base_env, envelope, wait_until
@@ -84,7 +85,28 @@ def llm_routing(fake, provider="openai", max_iterations=5):
                     "api_key_env": "ROUTER_KEY"}}
 
 
+def agents_known_to(agent):
+    """The agent's own registry, through its metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.env['HEALTH_PORT']}/metrics", timeout=5) as response:
+        return json.loads(response.read())["routing"]
+
+
 class DiscoveryTests(RoutingCase):
+    def test_a_reference_agent_between_its_heartbeats_is_routable(self):
+        """The reference republishes its status every 900 s and does not say so: judged against
+        our 60 s heartbeat, a live reference agent was routable only a fifth of the time."""
+        gatekeeper = FakeGatekeeper()
+        self.addCleanup(gatekeeper.close)
+        (researcher,) = self.start({"strategy": "gatekeeper", "gatekeeper": {"url": gatekeeper.url}},
+                                   names=("researcher",))
+        wait_until(lambda: agents_known_to(researcher)["registry_agents"] == 1, 10, "the agent itself")
+        five_minutes_ago = (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()
+        rust = {"agent_id": "rusty-between", "status": "available", "timestamp": five_minutes_ago,
+                "capabilities": ["research"], "description": "a reference agent"}
+        self.watch.publish("/control/agents/rusty-between/status", rust, retain=True)
+        self.addCleanup(self.watch.publish, "/control/agents/rusty-between/status", b"", retain=True)
+        wait_until(lambda: agents_known_to(researcher)["registry_agents"] == 2, 10, "the reference agent routable")
+
     def test_registry_follows_agents(self):
         gatekeeper = FakeGatekeeper()
         self.addCleanup(gatekeeper.close)
@@ -98,11 +120,6 @@ class DiscoveryTests(RoutingCase):
             for message in list(statuses.messages):
                 registry.observe(message.topic, message.payload)
             return [a.agent_id for a in registry.routable()], registry.ignored
-
-        def agents_known_to(agent):  # the agent's own registry, through its metrics
-            port = agent.env["HEALTH_PORT"]
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                return json.loads(response.read())["routing"]
 
         wait_until(lambda: seen() == (["judge", "researcher", "writer"], 0), 10, "three agents in the registry")
         (payload,) = [json.loads(m.payload) for m in statuses.messages if m.topic.endswith("/writer/status")][-1:]
