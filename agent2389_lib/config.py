@@ -598,9 +598,9 @@ def _build(settings: dict, env: Mapping[str, str], out: _Collector) -> tuple[Age
 def _dead_letter_topic(read: _Reader, agent_id: str) -> str:
     """Default `/control/agents/{agent_id}/dead-letter`; set empty to turn it off."""
     topic = read.string("dead_letter_topic", f"/control/agents/{agent_id}/dead-letter")
-    if topic and (any(c in topic for c in "+#\0") or len(topic.encode("utf-8", "replace")) > 65535):
-        read.out.problem(f"{read.origin('dead_letter_topic')} must be an MQTT topic name without wildcards (+, #) "
-                         f"or NUL, e.g. /control/agents/{agent_id}/dead-letter; or empty to turn it off")
+    if topic and (any(c in topic for c in "+#") or len(topic.encode("utf-8", "replace")) > 65535):
+        read.out.problem(f"{read.origin('dead_letter_topic')} must be an MQTT topic name without wildcards (+, #), "
+                         f"e.g. /control/agents/{agent_id}/dead-letter; or empty to turn it off")
     return topic or ""
 
 

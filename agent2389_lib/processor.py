@@ -258,7 +258,7 @@ class TaskProcessor:
                 payload = protocol.to_payload(message)
                 self._publish_and_wait(claim, claim.reply_topic, payload)
         except OutcomeUndeliverable as exc:
-            self._dead_letter(claim, exc, payload)
+            self._dead_letter(claim, exc, message, len(payload))
         claim.published = True
         for handle in self.dedupe.finish(claim.key, completed=True):
             handle.ack()
@@ -286,7 +286,7 @@ class TaskProcessor:
                         claim.task_id, topic, ticket.refusal, code, delay)
             time.sleep(delay)
 
-    def _dead_letter(self, claim: Claim, refused: OutcomeUndeliverable, payload: bytes) -> None:
+    def _dead_letter(self, claim: Claim, refused: OutcomeUndeliverable, outcome: dict, size: int) -> None:
         """A refused outcome is final for its task (holding the delivery would hold one of the
         broker's Receive Maximum slots forever); it goes to the dead-letter topic, if any."""
         self.metrics.outcome_undeliverable()
@@ -298,7 +298,8 @@ class TaskProcessor:
         if not where:
             return
         letter = protocol.dead_letter_message(self.agent_id, claim.task_id, refused.topic, refused.code,
-                                              refused.refusal, payload, keep_outcome=refused.code != _PACKET_TOO_LARGE)
+                                              refused.refusal, None if refused.code == _PACKET_TOO_LARGE else outcome,
+                                              size)
         try:
             ticket = self.publisher.publish(where, protocol.to_payload(letter))
         except (PayloadTooLarge, RuntimeError) as exc:

@@ -511,18 +511,12 @@ def error_message(code: str, message: str, task_id: str, secrets: Iterable[str] 
     return {"error": {"code": code, "message": sanitize_error_message(message, secrets)}, "task_id": task_id}
 
 
-def dead_letter_message(agent_id: str, task_id: str, topic: str, reason_code: int, reason: str, outcome: bytes,
-                        keep_outcome: bool = True, now: Optional[datetime] = None) -> dict:
-    """What a refused outcome leaves on the dead-letter topic: the outcome as it was (or only its
-    size, when its size was the reason), where it was going, and the broker's reason."""
-    body: Any = None
-    if keep_outcome:
-        try:
-            body = json.loads(outcome)
-        except ValueError:
-            body = outcome.decode("utf-8", "replace")
+def dead_letter_message(agent_id: str, task_id: str, topic: str, reason_code: int, reason: str,
+                        outcome: Optional[dict], outcome_bytes: int, now: Optional[datetime] = None) -> dict:
+    """What a refused outcome leaves on the dead-letter topic: the outcome as it was (None when
+    its size was the reason), its size, where it was going, and the broker's reason."""
     return {"agent_id": agent_id, "task_id": task_id, "topic": topic, "reason_code": reason_code,
-            "reason": reason, "timestamp": rfc3339(now), "outcome": body, "outcome_bytes": len(outcome)}
+            "reason": reason, "timestamp": rfc3339(now), "outcome": outcome, "outcome_bytes": outcome_bytes}
 
 
 def progress_message(agent_id: str, task_id: str, conversation_id: str, category: str, event_type: str,

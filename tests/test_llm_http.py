@@ -99,6 +99,14 @@ class Proxy:
         self.server.server_close()
 
 
+def server_tls() -> tuple:
+    """Test certificates, and a server context with the certificate for 127.0.0.1."""
+    certs = Certificates()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs.path("server.crt"), certs.path("server.key"))
+    return certs, context
+
+
 class HttpCase(unittest.TestCase):
     def fake(self, **options) -> FakeOpenAI:
         fake = FakeOpenAI(api_key=OPENAI_KEY, **options)
@@ -170,15 +178,16 @@ class ProxyTests(HttpCase):
         self.assertNotIn("Proxy-Authorization", fake.completions()[0]["headers"], "credentials stay at the proxy")
 
     def test_no_proxy_goes_direct(self):
+        """Host names, and CIDR blocks (which the standard library's proxy bypass does not know)."""
         fake = self.fake()
-        self.environment(http_proxy=self.proxy.url, no_proxy="localhost,127.0.0.1")
-        self.assertEqual(self.think(fake), "fake answer")
-        self.assertEqual(self.proxy.requests, [])
+        for no_proxy in ("localhost,127.0.0.1", "10.0.0.0/8,127.0.0.0/8"):
+            with self.subTest(no_proxy=no_proxy):
+                self.environment(http_proxy=self.proxy.url, no_proxy=no_proxy)
+                self.assertEqual(self.think(fake), "fake answer")
+                self.assertEqual(self.proxy.requests, [])
 
     def test_https_through_a_connect_tunnel_with_the_ca_bundle_from_the_environment(self):
-        certs = Certificates()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certs.path("server.crt"), certs.path("server.key"))
+        certs, context = server_tls()
         fake = self.fake(tls=context)
         self.environment(HTTPS_PROXY=self.proxy.url, REQUESTS_CA_BUNDLE=certs.path("ca.crt"))
         self.assertEqual(self.think(fake), "fake answer")
@@ -195,21 +204,13 @@ class ProxyTests(HttpCase):
         loop_for(llm_settings(fake, "openai", OPENAI_KEY), ()).chain.verify()
 
     def test_https_proxy(self):
-        certs = Certificates()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certs.path("server.crt"), certs.path("server.key"))
+        certs, context = server_tls()
         fake = self.fake(tls=context)
         proxy = Proxy(tls=context)  # TLS to the proxy, and TLS to the API inside the tunnel
         self.addCleanup(proxy.close)
         self.environment(HTTPS_PROXY=proxy.url, REQUESTS_CA_BUNDLE=certs.path("ca.crt"))
         self.assertEqual(self.think(fake), "fake answer")
         self.assertEqual([(r["method"], r["target"]) for r in proxy.requests], [("CONNECT", f"127.0.0.1:{fake.port}")])
-
-    def test_no_proxy_with_a_cidr_entry_goes_direct(self):
-        fake = self.fake()
-        self.environment(http_proxy=self.proxy.url, no_proxy="10.0.0.0/8,127.0.0.0/8")
-        self.assertEqual(self.think(fake), "fake answer")
-        self.assertEqual(self.proxy.requests, [])
 
     def test_all_proxy_is_honoured(self):
         fake = self.fake()

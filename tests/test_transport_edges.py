@@ -24,11 +24,15 @@ def available(payload):
     return payload.get("status") == "available"
 
 
-class Qos0Tests(BrokerTestCase):
+class LoggingBrokerCase(BrokerTestCase):
+    """A broker that logs every connection with its protocol level (the assertions read it)."""
+
     @classmethod
     def setUpClass(cls):
         cls.broker = Mosquitto(extra_conf="log_type all").start()
 
+
+class Qos0Tests(LoggingBrokerCase):
     def test_qos0_tasks_are_answered_and_the_agent_stays_on_the_broker(self):
         agent_id = "qos0-agent"
         watcher = self.watcher(status(agent_id), "/conversations/#")
@@ -74,11 +78,7 @@ class CrashLoopTests(BrokerTestCase):
         self.assertEqual(watcher.wait_for(f"/conversations/c-after/{agent_id}")[0]["task_id"], task_id)
 
 
-class ProtocolFallbackTests(BrokerTestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.broker = Mosquitto(extra_conf="log_type all").start()
-
+class ProtocolFallbackTests(LoggingBrokerCase):
     def proxied_agent(self, agent_id, close_first):
         proxy = ClosingProxy(self.broker.port, close_first)
         self.addCleanup(proxy.close)
@@ -111,11 +111,7 @@ class ProtocolFallbackTests(BrokerTestCase):
         watcher.wait_for(status(agent_id), available, count=2)
 
 
-class NetworkLoopFaultTests(BrokerTestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.broker = Mosquitto(extra_conf="log_type all").start()
-
+class NetworkLoopFaultTests(LoggingBrokerCase):
     def test_a_fault_in_the_loop_reconnects_with_backoff_and_is_logged_once(self):
         agent_id = "faulty-loop"
         flag = os.path.join(tempfile.mkdtemp(prefix="fault-"), "raise")
