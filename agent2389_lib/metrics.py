@@ -80,7 +80,7 @@ class Metrics:
         self.connected = False
         self.connection_attempts = self.connections_established = self.connection_failures = 0
         self.published = self.publish_failures = self.messages_received = 0
-        self.outcomes_undeliverable = 0
+        self.outcomes_undeliverable = self.progress_events_dropped = 0
         self.last_heartbeat: Optional[float] = None
         self.connected_since: Optional[float] = None
         # tools, llm, lifecycle
@@ -153,6 +153,10 @@ class Metrics:
                 self.published += 1
             else:
                 self.publish_failures += 1
+
+    def progress_dropped(self) -> None:
+        with self._lock:
+            self.progress_events_dropped += 1
 
     def outcome_undeliverable(self) -> None:
         with self._lock:
@@ -251,6 +255,7 @@ class Metrics:
                     "connection_failures": self.connection_failures, "messages_published": self.published,
                     "publish_failures": self.publish_failures, "messages_received": self.messages_received,
                     "outcomes_undeliverable": self.outcomes_undeliverable,
+                    "progress_events_dropped": self.progress_events_dropped,
                     "last_heartbeat": self.last_heartbeat,
                     "connection_duration_seconds": round(now - self.connected_since, 3) if self.connected_since else 0,
                 },
@@ -321,9 +326,9 @@ def prometheus_text(snapshot: dict, version: str) -> str:
                                  ("connections_established", "connections", "Connections established."),
                                  ("connection_failures", "connection_failures", "Failed or refused connections."),
                                  ("messages_published", "messages_published", "Messages published: acknowledged by the broker (QoS 1), or written (progress events, QoS 0)."),
-                                 ("publish_failures", "publish_failures",
-                                  "Publishes refused by the broker, and progress events dropped (too large, or the "
-                                  "broker not reading)."),
+                                 ("publish_failures", "publish_failures", "QoS 1 publishes refused by the broker."),
+                                 ("progress_events_dropped", "progress_events_dropped",
+                                  "Progress events (QoS 0) dropped: no connection, too large, or the broker not reading."),
                                  ("messages_received", "messages_received", "Messages received.")):
         family(f"agent2389_mqtt_{name}_total", "counter", help_text, [("", {}, mqtt[key])])
     family("agent2389_outcomes_undeliverable_total", "counter", "Task outcomes the broker refused for good "

@@ -14,29 +14,72 @@ arrived last sees no one alive and marks the pool unavailable.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Optional
 
 from . import protocol
+from .logs import Throttle
+
+log = logging.getLogger("agent2389.pool")
 
 
-class PoolView:
+class Membership:
+    """This process's place among those serving its agent id: alone (no instance id), or one
+    member of a pool. Decides every topic a status goes to and what a seen status calls for."""
+
     def __init__(self, agent_id: str, instance_id: Optional[str]):
         self.agent_id = agent_id
         self.instance_id = instance_id
+        self.member = instance_id is not None
         self.pool_topic = protocol.status_topic(agent_id)
+        self.own_topic = protocol.instance_status_topic(agent_id, instance_id) if instance_id else self.pool_topic
+        self.startup_conflict: Optional[str] = None  # a conflict seen before `available`
+        self._conflicts = Throttle()
         self._prefix, self._suffix = protocol.instance_status_topic(agent_id, "\0").split("\0")
         self._alive: set[str] = set()
         self._changed = threading.Condition()
 
-    def observe(self, topic: str, payload: bytes) -> tuple[bool, Optional[str]]:
-        """Record one status message. Returns (the pool was marked unavailable, a conflict to report)."""
+    # -------------------------------------------------------------- topics
+    def input_filter(self) -> str:
+        """A member takes its share of the tasks through the pool's shared subscription."""
+        topic = protocol.input_topic(self.agent_id)
+        return protocol.shared_subscription(self.agent_id, topic) if self.member else topic
+
+    def watched_filters(self) -> list[str]:
+        return [self.pool_topic, protocol.instance_status_topic(self.agent_id, "+")]
+
+    def wills(self) -> tuple[str, Optional[str]]:
+        """Where the broker publishes `unavailable` for a process that vanished: its own status,
+        and for a member the pool's too, from the other link (re-asserted by any member alive)."""
+        return self.own_topic, self.pool_topic if self.member else None
+
+    def status_topics(self, status: str) -> list[str]:
+        """A member publishes its own status and, while available, the pool's (only the last member
+        to leave marks the pool unavailable: `leaving_topics`)."""
+        if self.member and status == protocol.AVAILABLE:
+            return [self.own_topic, self.pool_topic]
+        return [self.own_topic]
+
+    def size_hint(self) -> Optional[int]:
+        """Members alive, this one included (a member's status carries it)."""
+        if not self.member:
+            return None
+        with self._changed:
+            return len(self._alive | {self.instance_id})
+
+    # -------------------------------------------------------------- statuses seen
+    def observe(self, topic: str, payload: bytes, state: str) -> bool:
+        """One status message of this agent id, seen in the agent's `state`. True when this member,
+        running, must mark the pool available again (a leaving member or a Last Will marked it
+        unavailable). A conflict seen while starting is kept for startup to refuse; later ones
+        are logged, at most once a minute."""
         try:
             status = json.loads(payload) if payload else {}
         except ValueError:
-            return False, None
+            return False
         if not isinstance(status, dict):
-            return False, None
+            return False
         if topic.startswith(self._prefix) and topic.endswith(self._suffix):
             member = topic[len(self._prefix):-len(self._suffix)]
             with self._changed:
@@ -45,34 +88,36 @@ class PoolView:
                 else:
                     self._alive.discard(member)
                 self._changed.notify_all()
-            return False, None
+            return False
         if topic != self.pool_topic:
-            return False, None
+            return False
         if status.get("status") == protocol.UNAVAILABLE:
-            return self.instance_id is not None, None
+            return self.member and state == "running"
         if status.get("status") == protocol.AVAILABLE:
-            return False, self._conflict(status.get("instance_id"))
-        return False, None
+            conflict = self._conflict(status.get("instance_id"))
+            if conflict and state == "starting":
+                self.startup_conflict = conflict
+            elif conflict and self._conflicts.occurred():
+                log.error(conflict)
+        return False
 
     def _conflict(self, other: object) -> Optional[str]:
-        if self.instance_id is not None and other is None:
+        if self.member and other is None:
             return (f"agent id {self.agent_id} is also served by an agent that is not a pool member (its status on "
                     f"{self.pool_topic} has no instance_id): it receives every task besides the pool, so tasks are "
                     f"answered twice; stop it, or give it an instance id (AGENT_INSTANCE_ID) so it joins the pool")
-        if self.instance_id is None and isinstance(other, str):
+        if not self.member and isinstance(other, str):
             return (f"agent id {self.agent_id} is also served by pool member {other}: this agent receives every "
                     f"task besides the pool, so tasks are answered twice; give it an instance id "
                     f"(AGENT_INSTANCE_ID) so it joins the pool, or stop the pool")
         return None
 
-    def alive(self) -> list[str]:
-        """Members whose retained instance status is `available`."""
-        with self._changed:
-            return sorted(self._alive)
-
-    def last_to_leave(self, timeout: float) -> bool:
-        """After this member published its `unavailable`: whether the pool is left with no member
-        alive, once the broker has echoed that status back (or `timeout` passed)."""
+    # -------------------------------------------------------------- leaving
+    def leaving_topics(self, timeout: float) -> list[str]:
+        """After this member published its `unavailable`: the pool's status topic when no member is
+        left alive once the broker has echoed that status back (or `timeout` passed), else none."""
+        if not self.member:
+            return []
         with self._changed:
             self._changed.wait_for(lambda: self.instance_id not in self._alive, timeout)
-            return not any(member != self.instance_id for member in self._alive)
+            return [] if any(member != self.instance_id for member in self._alive) else [self.pool_topic]

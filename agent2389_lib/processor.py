@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Protocol
 
-from . import protocol
+from . import protocol, workflow
 from .backoff import jittered
 from .config import AgentConfig
 from .dedupe import COMPLETED, NEW, DedupeStore
@@ -324,7 +324,7 @@ class TaskProcessor:
                 raise TaskTimeout()
             if envelope.next is not None:
                 return protocol.forward_envelope(envelope, text, self.agent_id)
-            if self.route is not None and protocol.is_routable(envelope):
+            if self.route is not None and workflow.is_routable(envelope):
                 return self.route(envelope, text, deadline)
             return reply_topic, protocol.response_message(protocol.extract_response(text), envelope.task_id)
         except EnvelopeError as exc:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-from . import protocol
+from . import protocol, workflow
 from .config import GatekeeperSettings, LlmSettings, RoutingSettings
 from .errors import TaskFailure, TaskTimeout
 from .llm import build_provider
@@ -64,7 +64,7 @@ class Decision:
 @dataclass(frozen=True)
 class RoutingRequest:
     agent_id: str  # the agent that just did the work
-    workflow: protocol.Workflow
+    workflow: workflow.Workflow
     current_output: str
     agents: tuple  # of AgentInfo, routable now
     max_iterations: int
@@ -201,7 +201,7 @@ class WorkflowRouter:
         """The forward to the chosen agent, or the workflow's final answer, and its topic. Routing
         runs within the task's deadline (the router gets what is left, its corrective retry too);
         past it, TaskTimeout."""
-        flow = protocol.workflow_of(envelope)
+        flow = workflow.workflow_of(envelope)
         reply_topic = protocol.conversation_topic(envelope.conversation_id, self.agent_id)
         if flow.iteration_count + 1 >= self.max_iterations:
             return reply_topic, self._final(envelope, output, "max_iterations")
@@ -222,12 +222,12 @@ class WorkflowRouter:
         self.progress(envelope.task_id, envelope.conversation_id, "General", "Custom", f"routing to {target}",
                       {"kind": "routing", "next_agent": target, "reasoning": decision.reasoning,
                        "iteration": request.iteration})
-        return protocol.routed_envelope(envelope, output, self.agent_id, target, decision.next_instruction,
+        return workflow.routed_envelope(envelope, output, self.agent_id, target, decision.next_instruction,
                                         decision.reasoning)
 
     def _final(self, envelope: TaskEnvelope, output: str, reason: str) -> dict:
         self.metrics.routing_decision(reason)
-        return protocol.workflow_response(envelope, protocol.extract_response(output), self.agent_id, reason)
+        return workflow.workflow_response(envelope, protocol.extract_response(output), self.agent_id, reason)
 
     def _decide(self, request: RoutingRequest, deadline: float) -> tuple[Decision, Optional[str]]:
         """A usable decision and its agent (None: complete), after at most one corrective retry.

@@ -1,6 +1,7 @@
 """Lifecycle of one agent process (PROTOCOL.md 5): startup order, workers, heartbeat, shutdown.
 
-Data flow: paho intake thread --(enqueue only)--> Intake (bounded) --> worker pool --> processor.
+Data flow: paho intake thread --(enqueue only)--> Intake --> worker pool --> processor. The intake
+is bounded by its reader: the network thread stops reading the socket while the intake is full.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from .dedupe import DedupeStore, StoreError
 from .errors import LlmError
 from .health import AgentStatus, HealthServer
 from .llm import build_agent_loop
-from .logs import Throttle, span
+from .logs import span
 from .metrics import Metrics
-from .pool import PoolView
+from .pool import Membership
 from .processor import TaskProcessor
 from .registry import STATUS_FILTER, Registry
 from .tools import build_registry
@@ -45,10 +46,10 @@ class StartupError(Exception):
 
 
 class Intake:
-    """Bounded hand-off from the network thread to the workers.
-
-    The network thread only reads the socket while `has_room()`; taking an item from a full
-    intake calls `on_room` so the network thread resumes at once.
+    """The hand-off from the network thread to the workers. The queue itself is unbounded, so
+    `put` never blocks the network thread; what bounds it is that the network thread reads the
+    socket only while `has_room()` (one read may bring a few messages past `capacity`). Taking
+    an item from a full intake calls `on_room` so the network thread resumes at once.
     """
 
     def __init__(self, capacity: int, on_room: Callable[[], None] = lambda: None):
@@ -97,24 +98,18 @@ class AgentRuntime:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._futures: list[Future] = []
-        self.status_topic = protocol.status_topic(config.agent_id)
-        self.pool = PoolView(config.agent_id, config.instance_id)
-        self.instance_topic = (protocol.instance_status_topic(config.agent_id, config.instance_id)
-                               if config.instance_id else None)
+        self.pool = Membership(config.agent_id, config.instance_id)
         self._probe_topic = f"/control/agents/{config.agent_id}/probe/{config.mqtt.client_id}"
         self._probe_seen = threading.Event()
-        self._conflict: Optional[str] = None
-        self._conflicts = Throttle()
         self.intake = Intake(capacity=2 * self.workers)
         self.metrics.intake_depth = self.intake.depth
         unavailable = self._status_payload(protocol.UNAVAILABLE)
-        input_topic = protocol.input_topic(config.agent_id)
+        own_will, pool_will = self.pool.wills()
         self.transport = MqttTransport(
             config.mqtt, self.metrics, may_read=self._may_read, receive_maximum=self.workers,
             max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536,
-            input_topic=protocol.shared_subscription(config.agent_id, input_topic) if config.instance_id else input_topic,
-            will=(self.instance_topic or self.status_topic, unavailable),
-            output_will=(self.status_topic, unavailable) if config.instance_id else None)
+            input_topic=self.pool.input_filter(), will=(own_will, unavailable),
+            output_will=(pool_will, unavailable) if pool_will else None)
         self.intake.on_room = self.transport.wake_intake
         self.transport.on_delivery = self._on_delivery
         self.transport.on_subscribed = self._on_subscribed
@@ -183,25 +178,20 @@ class AgentRuntime:
             return self._busy / self.workers
 
     def _status_payload(self, status: str) -> bytes:
-        member = self.config.instance_id
         return protocol.to_payload(protocol.status_message(
             self.config.agent_id, status, capabilities=self.config.capabilities,
             description=self.config.description, load=self.load(),
             health=protocol.HEALTH_DEGRADED if self.saturated() else protocol.HEALTH_OK, version=__version__,
-            heartbeat_interval=self.config.heartbeat_interval, instance_id=member,
-            instances_hint=len(set(self.pool.alive()) | {member}) if member else None))
+            heartbeat_interval=self.config.heartbeat_interval, instance_id=self.config.instance_id,
+            instances_hint=self.pool.size_hint()))
 
     def publish_status(self, status: str, wait_seconds: Optional[float] = None, heartbeat: bool = False) -> bool:
-        """The retained status; a pool member publishes its own and, while available, the pool's
-        (the last member to leave marks the pool unavailable: `shutdown`)."""
-        topics = [self.instance_topic] if self.instance_topic else []
-        if status == protocol.AVAILABLE or not self.instance_topic:
-            topics.append(self.status_topic)
-        return self._publish_status(topics, status, wait_seconds, heartbeat)
+        """The retained status, on the topics the pool membership names."""
+        return self._publish_status(self.pool.status_topics(status), status, wait_seconds, heartbeat)
 
     def _publish_status(self, topics: list, status: str, wait_seconds: Optional[float], heartbeat: bool = False) -> bool:
         payload = self._status_payload(status)
-        with span(log, "publish_status", topic=self.status_topic, agent_id=self.config.agent_id) as extra:
+        with span(log, "publish_status", topic=self.pool.pool_topic, agent_id=self.config.agent_id) as extra:
             tickets = [self.transport.publish(topic, payload, retain=True) for topic in topics]
             log.log(logging.DEBUG if heartbeat else logging.INFO, "Published agent status (%s) on %s", status,
                     ", ".join(topics), extra=extra)
@@ -209,19 +199,14 @@ class AgentRuntime:
         return all(ticket.wait(wait_seconds) for ticket in tickets) if wait_seconds is not None else True
 
     def _on_status_seen(self, topic: str, payload: bytes) -> None:
-        """Statuses of this agent id (output link's network thread): keep the pool available
-        while a member runs, and report a plain agent and a pool sharing one agent id."""
+        """Statuses (output link's network thread): for discovery, and for the pool membership,
+        which may call for the pool's status to be re-asserted."""
         if topic == self._probe_topic:
             self._probe_seen.set()
             return
         if self.registry is not None:
             self.registry.observe(topic, payload)
-        pool_marked_unavailable, conflict = self.pool.observe(topic, payload)
-        if conflict and self.state == "starting":
-            self._conflict = conflict
-        elif conflict and self._conflicts.occurred():
-            log.error(conflict)
-        if pool_marked_unavailable and self.state == "running":
+        if self.pool.observe(topic, payload, self.state):
             self.publish_status(protocol.AVAILABLE)
 
     def _survey(self) -> None:
@@ -230,7 +215,7 @@ class AgentRuntime:
         member = self.config.instance_id
         probe = (protocol.shared_subscription(f"probe-{self.config.mqtt.client_id}", self._probe_topic)
                  if member else self._probe_topic)
-        self.transport.watch([self.status_topic, protocol.instance_status_topic(self.config.agent_id, "+"), probe]
+        self.transport.watch(self.pool.watched_filters() + [probe]
                              + ([STATUS_FILTER] if self.registry is not None else []))
         if not self.transport.wait_watching(_STATUS_WAIT) or self.transport.watch_refusal:
             if member:
@@ -248,8 +233,8 @@ class AgentRuntime:
             log.warning("a probe on %s did not come back within %.0f s (check the broker ACL for this client); "
                         "statuses of other agents with id %s may go unnoticed", self._probe_topic, _STATUS_WAIT,
                         self.config.agent_id)
-        if self._conflict:
-            raise StartupError(self._conflict)
+        if self.pool.startup_conflict:
+            raise StartupError(self.pool.startup_conflict)
 
     def _on_subscribed(self) -> None:
         if self.state == "running":  # a reconnect: tell the world we are back
@@ -363,14 +348,14 @@ class AgentRuntime:
         # a pool member leaves the shared subscription and answers everything the broker still
         # sends its session: what it left there would wait for a member with its instance id
         grace_ends = time.monotonic() + self.config.shutdown_grace
-        if self.config.instance_id and self.transport.connected:
+        if self.pool.member and self.transport.connected:
             if self.transport.leave_input(_STATUS_WAIT):
                 self._drain_session(grace_ends)
             else:
                 log.warning("the broker did not confirm leaving the shared subscription; this member's session "
                             "may keep receiving tasks until it returns or the session expires")
         self._accepting = False
-        if not self.config.instance_id:
+        if not self.pool.member:
             dropped = self.intake.drain()
             if dropped:
                 log.info("%d queued tasks left unacknowledged; the broker will redeliver them", dropped)
@@ -383,8 +368,9 @@ class AgentRuntime:
                         "and will be redelivered", len(pending), self.config.shutdown_grace)
         if self.transport.connected:
             self.publish_status(protocol.UNAVAILABLE, wait_seconds=_STATUS_WAIT)
-            if self.instance_topic and self.pool.last_to_leave(_STATUS_WAIT):
-                self._publish_status([self.status_topic], protocol.UNAVAILABLE, _STATUS_WAIT)
+            last = self.pool.leaving_topics(_STATUS_WAIT)
+            if last:
+                self._publish_status(last, protocol.UNAVAILABLE, _STATUS_WAIT)
         self.transport.stop()
         self.tools.shutdown()
         self.executor.shutdown(wait=False)

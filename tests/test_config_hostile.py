@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from test_first_hour import cli
 
-from agent2389_lib.config import _ENV_SIMPLE, _SECTIONS, ConfigError, load_config, masked_view
+from agent2389_lib.config import ConfigError, load_config, masked_view
+from agent2389_lib.config.sources import ENV_SIMPLE, SECTIONS
 
 SECRET = "S3cr3t-sentinel"
 SECRET_KEYS = {("mqtt", "password"), ("mqtt", "client_key_password"), ("llm", "api_key"), ("llm", "openai_api_key"),
@@ -43,7 +44,7 @@ scalars = st.one_of(st.booleans(), st.integers(-2 ** 63, 2 ** 63 - 1), st.floats
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(st.sampled_from(["name", "impl", "command", "url", "provider", "a"]), inner,
                                         max_size=3), max_leaves=5)
-SECTION_KEYS = {name: sorted(keys) for name, keys in _SECTIONS.items() if name}
+SECTION_KEYS = {name: sorted(keys) for name, keys in SECTIONS.items() if name}
 TOOL_OR_ROUTING = st.one_of(
     st.lists(st.dictionaries(st.sampled_from(["name", "impl", "command", "args", "timeout", "schema", "env", "config"]),
                              values, max_size=4), max_size=2),
@@ -58,7 +59,7 @@ TOOL_OR_ROUTING = st.one_of(
 def documents(draw):
     """(TOML text, environment): known sections and keys with hostile values; secrets only where secrets go."""
     lines = [f"{json.dumps(key)} = {toml_value(draw(values))}"
-             for key in draw(st.lists(st.sampled_from(sorted(_SECTIONS[""])), max_size=4, unique=True))]
+             for key in draw(st.lists(st.sampled_from(sorted(SECTIONS[""])), max_size=4, unique=True))]
     for name in draw(st.lists(st.sampled_from(sorted(SECTION_KEYS)), max_size=4, unique=True)):
         if draw(st.integers(0, 9)) == 0:
             lines.insert(0, f"{name} = {toml_value(draw(values))}")  # a section of the wrong type
@@ -74,7 +75,7 @@ def documents(draw):
     if draw(st.booleans()):  # credentials in a broker URL, sound or broken
         host = draw(st.sampled_from(["[bad", "host:0", "host", "ho st", ":1883", "h:99999"]))
         lines.append(f'[mqtt]\nbroker_url = "mqtt://user:{SECRET}@{host}"')
-    names = sorted(_ENV_SIMPLE) + ["MQTT_HOST", "MQTT_PORT", "MQTT_BROKER_URL", "OPENAI_BASE_URL", "MQTT_USERNAME"]
+    names = sorted(ENV_SIMPLE) + ["MQTT_HOST", "MQTT_PORT", "MQTT_BROKER_URL", "OPENAI_BASE_URL", "MQTT_USERNAME"]
     env = draw(st.dictionaries(st.sampled_from(names), st.one_of(st.text(max_size=20), st.sampled_from(HOSTILE_TEXT)),
                                max_size=4))
     for variable in draw(st.lists(st.sampled_from(SECRET_VARIABLES), max_size=2, unique=True)):

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fake_llm import FakeAnthropic, FakeGatekeeper, FakeOpenAI, Hang, Reply, Status  # noqa: E402
 
-from agent2389_lib import protocol  # noqa: E402
+from agent2389_lib import protocol, workflow  # noqa: E402
 from agent2389_lib.config import GatekeeperSettings, LlmSettings, RoutingSettings, Secret  # noqa: E402
 from agent2389_lib.errors import LlmError  # noqa: E402
 from agent2389_lib.metrics import Metrics, prometheus_text  # noqa: E402
@@ -121,16 +121,16 @@ class RegistryTests(unittest.TestCase):
 
 class EnvelopeTests(unittest.TestCase):
     def test_routable(self):
-        self.assertTrue(protocol.is_routable(v2_task()))
+        self.assertTrue(workflow.is_routable(v2_task()))
         for version in ("1.0", "1", "1.2"):
             envelope = protocol.parse_envelope(json.dumps({**json.loads(protocol.to_payload({
                 "task_id": "6f1c7a52-3b7e-4bd4-9d8e-0c7b2a3f4e51", "conversation_id": "c", "topic": "/control/agents/a/input",
                 "instruction": None, "input": None, "next": None})), "version": version}))
-            self.assertFalse(protocol.is_routable(envelope), version)
+            self.assertFalse(workflow.is_routable(envelope), version)
 
     def test_routed_envelope(self):
         envelope = v2_task(context={"original_query": "q", "steps_completed": [], "iteration_count": 2}, trace=[])
-        topic, out = protocol.routed_envelope(envelope, '{"draft": "text"}', "writer", "judge", "Review it", "needs review",
+        topic, out = workflow.routed_envelope(envelope, '{"draft": "text"}', "writer", "judge", "Review it", "needs review",
                                               now=NOW)
         self.assertEqual(topic, "/control/agents/judge/input")
         self.assertNotEqual(out["task_id"], envelope.task_id)
@@ -148,11 +148,11 @@ class EnvelopeTests(unittest.TestCase):
         steps = [{"agent_id": "a", "action": str(i), "timestamp": "t"} for i in range(100)]
         trace = [{"from_agent": "a", "to_agent": "b", "reason": "r", "timestamp": "t", "step_number": i + 1}
                  for i in range(100)]
-        _, first = protocol.routed_envelope(v2_task("x" * 300), "plain text", "writer", "judge", None, "r")
+        _, first = workflow.routed_envelope(v2_task("x" * 300), "plain text", "writer", "judge", None, "r")
         self.assertEqual((first["context"]["original_query"], first["input"], first["context"]["iteration_count"]),
                          ("x" * 300, "plain text", 1))
         self.assertEqual(len(first["context"]["steps_completed"][0]["action"]), 200)
-        _, capped = protocol.routed_envelope(
+        _, capped = workflow.routed_envelope(
             v2_task(context={"original_query": "q", "steps_completed": steps, "iteration_count": 100}, trace=trace),
             "out", "writer", "judge", None, "r")
         self.assertEqual((len(capped["context"]["steps_completed"]), len(capped["routing_trace"])), (100, 100))
@@ -163,7 +163,7 @@ class EnvelopeTests(unittest.TestCase):
         trace = [{"from_agent": "a", "to_agent": "writer", "reason": "r", "timestamp": "t", "step_number": 1}]
         envelope = v2_task(context={"original_query": "q", "steps_completed": [
             {"agent_id": "a", "action": "x", "timestamp": "t"}], "iteration_count": 1}, trace=trace)
-        message = protocol.workflow_response(envelope, "done", "writer", "router", now=NOW)
+        message = workflow.workflow_response(envelope, "done", "writer", "router", now=NOW)
         self.assertEqual((message["response"], message["task_id"]), ("done", envelope.task_id))
         self.assertEqual(message["workflow"]["iterations"], 2)
         self.assertEqual([s["agent_id"] for s in message["workflow"]["steps_completed"]], ["a", "writer"])
@@ -171,7 +171,7 @@ class EnvelopeTests(unittest.TestCase):
 
 
 def request_for(agents=()):
-    return RoutingRequest("writer", protocol.workflow_of(v2_task()), "the draft", tuple(agents), 10)
+    return RoutingRequest("writer", workflow.workflow_of(v2_task()), "the draft", tuple(agents), 10)
 
 
 class LlmRouterTests(unittest.TestCase):

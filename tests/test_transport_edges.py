@@ -115,13 +115,13 @@ class NetworkLoopFaultTests(LoggingBrokerCase):
     def test_a_fault_in_the_loop_reconnects_with_backoff_and_is_logged_once(self):
         agent_id = "faulty-loop"
         flag = os.path.join(tempfile.mkdtemp(prefix="fault-"), "raise")
-        prelude = ("import os\nimport agent2389_lib.transport as transport\n"
-                   "service = transport._Link._service\n"
+        prelude = ("import os\nimport agent2389_lib.link as link\n"
+                   "service = link.Link._service\n"
                    "def faulty(self):\n"
                    f"    if self.name == 'intake' and os.path.exists({flag!r}):\n"
                    "        raise RuntimeError('injected fault')\n"
                    "    return service(self)\n"
-                   "transport._Link._service = faulty\n")
+                   "link.Link._service = faulty\n")
         watcher = self.watcher(status(agent_id), "/conversations/#")
         agent = self.agent(agent_id, prelude=prelude).start_and_wait_available(watcher)
         connections = lambda: self.broker.log(tail=None).count("New connection from")  # noqa: E731

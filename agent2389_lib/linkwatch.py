@@ -1,0 +1,203 @@
+"""Why a link's connection attempts fail and its connections end, told to the operator once per
+cause, and how long the link waits before its next attempt. The link reports what happened; this
+judges it: a broker that is away, one that does not speak MQTT 5, or another process with the
+same client id taking the session over."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Optional
+
+import paho.mqtt.client as mqtt
+
+from .backoff import Backoff
+from .config import MqttSettings
+from .logs import Throttle
+from .metrics import Metrics
+from .mqttclient import ProtocolVersion, describe_tls_error
+
+log = logging.getLogger("agent2389.transport.mqtt")
+
+_BACKOFF_INITIAL = 0.5
+_BACKOFF_MAX = 30.0
+_STABLE_SECONDS = 30.0  # a link up this long resets the reconnect backoff
+_QUICK_CLOSES_ALARM = 2
+_SAME_EVENT_SECONDS = 0.1  # links lost this close together: one cause (a dying broker drops both at once)
+_REFUSAL_CLOSE_SECONDS = 1.0  # a close this soon after a refused publish: the refusal's
+_TAKEOVER_DELAY = (20.0, 30.0)  # seconds; two processes with one id then take over at most 3 times a minute
+_SESSION_TAKEN_OVER = 0x8E
+_FAILURE_CAUSES_KEPT = 16
+CONNACK_TIMEOUT = 10.0  # paho alone waits 1.5 keep-alives for a port that is not an MQTT broker
+NOT_A_BROKER_HINT = "is it an MQTT broker's port? (MQTT_HOST/MQTT_PORT, [mqtt] broker_url)"
+
+
+class LinkWatch:
+    """One link's connection history. `sibling` is the process's other link: a broker that
+    went away drops both at once, a takeover only one."""
+
+    def __init__(self, name: str, client_id: str, settings: MqttSettings, version: ProtocolVersion,
+                 metrics: Metrics):
+        self.name = name
+        self.client_id = client_id
+        self.settings = settings
+        self.version = version
+        self.metrics = metrics
+        self.where = f"{settings.host}:{settings.port}"
+        self.sibling: Optional[LinkWatch] = None
+        self.up = False
+        self.takeover = ""  # what the last close proved, when it proved a takeover
+        self.answered = False  # the broker answered the current attempt's CONNECT
+        self._backoff = Backoff(_BACKOFF_INITIAL, _BACKOFF_MAX)
+        self._attempt_started = 0.0
+        self._last_error = ""
+        self._failures: dict[str, Throttle] = {}  # by cause
+        self._loop_faults = Throttle()
+        self._connected_at = 0.0
+        self._quick_closes = 0  # young closes in a row by a broker that stayed up
+        self._young_close: Optional[tuple[float, Optional[float]]] = None  # when, and since when the sibling was up
+        self._lost_at = self._refused_at = float("-inf")
+
+    # -------------------------------------------------------------- attempts
+    def attempt_started(self) -> None:
+        self.answered = False
+        self._attempt_started = time.monotonic()
+
+    def remember_error(self, client, userdata, level: int, text: str) -> None:
+        """paho's on_log until CONNACK: paho only logs why a TLS connection failed."""
+        if level == mqtt.MQTT_LOG_ERR:
+            self._last_error = text
+
+    def connack_overdue(self) -> bool:
+        """The broker took the TCP connection but has not answered CONNECT in time (said here)."""
+        if self.answered or time.monotonic() - self._attempt_started <= CONNACK_TIMEOUT:
+            return False
+        self.failed_attempt(logging.WARNING, f"broker {self.where} accepted the TCP connection ({self.name} link) "
+                                             f"but did not answer CONNECT within {CONNACK_TIMEOUT:.0f} s; "
+                                             f"{NOT_A_BROKER_HINT}")
+        return True
+
+    def failed_attempt(self, level: int, text: str) -> None:
+        """Every failed attempt is counted; each cause is logged at once the first time, then
+        once a minute with how often it happened (a broker that stays away must not flood the
+        log, nor one whose failures alternate between two wordings)."""
+        self.broker_away()
+        if len(self._failures) > _FAILURE_CAUSES_KEPT:
+            self._failures.clear()
+        count = self._failures.setdefault(text, Throttle()).occurred()
+        if count:
+            since = f" ({count} failed attempts since the last report)" if count > 1 else ""
+            log.log(level, "%s; retrying with backoff%s", text, since)
+
+    def tls_failed(self, cause: str) -> None:
+        self.failed_attempt(logging.ERROR, f"TLS with broker {self.where} failed ({self.name} link): "
+                                           f"{describe_tls_error(cause)}")
+
+    def broker_away(self) -> None:
+        """An attempt failed: the broker was away, so no takeover closed either link."""
+        self.metrics.mqtt_connection(False, failed=True)
+        for watch in (self, self.sibling):
+            if watch is not None:
+                watch._quick_closes, watch._young_close = 0, None
+
+    def closed_before_connack(self, v5: bool) -> None:
+        """The broker dropped the connection without answering CONNECT: TLS trouble (paho only
+        logged why), or a broker that does not speak the version we sent."""
+        cause, self._last_error = self._last_error, ""
+        if cause and self.settings.tls:
+            self.tls_failed(cause)
+            return
+        cause = cause or "the broker closed the connection before answering CONNECT"
+        deciding = v5 and self.version.deciding
+        if self.version.closed_before_connack(v5) or v5 != self.version.v5:
+            self.broker_away()
+            return  # the next attempt speaks the other version
+        explicit_v5 = v5 and self.version.setting == "5"
+        if explicit_v5:
+            hint = '; it may not speak MQTT 5: set [mqtt] protocol = "3.1.1" (or "auto")'
+        elif deciding:
+            hint = "; trying MQTT 5 once more, then 3.1.1 (protocol = auto)"
+        else:
+            hint = f"; {NOT_A_BROKER_HINT}"
+        self.failed_attempt(logging.ERROR if explicit_v5 else logging.WARNING,
+                            f"connection to broker {self.where} failed ({self.name} link): {cause}{hint}")
+
+    # -------------------------------------------------------------- connections
+    def accepted(self) -> None:
+        self._judge_young_close()
+        self._failures.clear()  # the next outage is reported at once
+        self._last_error = ""
+        self._connected_at = time.monotonic()
+        self.up = True
+
+    def refused_publish(self) -> None:
+        self._refused_at = time.monotonic()
+
+    def dropped(self) -> None:
+        """We closed an established connection."""
+        self._lost_at = time.monotonic()
+        self.up = False
+
+    def closed(self, reason_code: object) -> None:
+        """The broker closed an established connection.
+
+        Two processes with one client id take the session from each other in a loop. Only
+        evidence of that counts, never a broker that went away (a crash loop closes young links
+        too). Evidence is the broker's reason 0x8E (MQTT 5), or, since not every broker says it,
+        young links closed again and again by a broker that stayed up: it took the link back
+        at the first attempt, the sibling link was not lost with it (a dying broker drops both),
+        and no refused publish came just before (mosquitto closes a link after one). The backoff
+        is reset once a connection stayed up, or was closed for a refused publish (the broker is
+        fine); a named takeover waits longer still."""
+        now = time.monotonic()
+        self._lost_at = now
+        self.up = False
+        self.takeover = ""
+        if now - self._connected_at >= _STABLE_SECONDS or 0 <= now - self._refused_at < _REFUSAL_CLOSE_SECONDS:
+            self._backoff.reset()
+            self._quick_closes = 0
+            return
+        if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
+            self.takeover = (f"the broker closed the {self.name} link because another connection took over client "
+                             f"id {self.client_id} (reason 0x8E, session taken over)")
+        elif self._quick_closes >= _QUICK_CLOSES_ALARM:
+            self.takeover = (f"the broker closed the {self.name} link of client id {self.client_id} "
+                             f"{self._quick_closes + 1} times in a row within {_STABLE_SECONDS:.0f} s of taking it "
+                             f"back, while the broker stayed up ({reason_code})")
+        else:  # judged once the broker took the link back (`_judge_young_close`)
+            sibling = self.sibling
+            self._young_close = (now, sibling._connected_at if sibling is not None and sibling.up else None)
+        if self.takeover:
+            self.takeover += ("; another process is probably running with the same agent id and client id: stop "
+                              "it, or give each process its own agent id (or [mqtt] client_id)")
+
+    def _judge_young_close(self) -> None:
+        """The link is back at the first attempt since a young close: was the broker up all along,
+        the sibling link connected before that close and not lost with it?"""
+        young, self._young_close = self._young_close, None
+        if young is None:
+            return
+        closed_at, sibling_up_since = young
+        sibling_stayed = (sibling_up_since is not None and sibling_up_since < closed_at and self.sibling is not None
+                          and abs(self.sibling._lost_at - closed_at) >= _SAME_EVENT_SECONDS)
+        self._quick_closes = self._quick_closes + 1 if sibling_stayed else 0
+
+    # -------------------------------------------------------------- waiting
+    def loop_failed(self, level: int, text: str, exc_info: bool = False) -> None:
+        """A fault in the network loop that may come back on every round: a line a minute, with the count."""
+        count = self._loop_faults.occurred()
+        if count:
+            since = f" ({count} times since the last report)" if count > 1 else ""
+            log.log(level, "%s; reconnecting with backoff%s", text, since, exc_info=exc_info)
+
+    def next_delay(self) -> float:
+        return self._backoff.next_delay()
+
+    def delay_after_close(self) -> float:
+        """After a connection ended in the loop: the backoff, or 20-30 s after a takeover (said with the delay)."""
+        delay = self._backoff.next_delay()
+        if self.takeover:
+            delay = max(delay, random.uniform(*_TAKEOVER_DELAY))
+            log.error("%s; next attempt in %.1f s", self.takeover, delay)
+        return delay

@@ -1,0 +1,41 @@
+"""The socket under paho, through paho's public API only: TCP_NODELAY on every connection, and
+closing one without DISCONNECT (so the broker publishes the Last Will, as for a crash).
+
+paho has no call for the second; shutting the socket down makes paho's next read find the end
+and close it itself, reporting it to on_disconnect like any connection the broker dropped. No
+module of agent2389 touches paho's private attributes; should one ever have to, it goes here."""
+
+from __future__ import annotations
+
+import socket
+
+import paho.mqtt.client as mqtt
+
+_CLOSE_READS = 64  # reads that may come before the end of a socket that was shut down
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """paho leaves Nagle on, which costs 40-80 ms per hop on small messages."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # pragma: no cover - e.g. a non-TCP socket
+        pass
+
+
+def open_socket(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    """paho's on_socket_open."""
+    set_nodelay(sock)
+
+
+def close_socket(client: mqtt.Client) -> None:
+    """Close the connection without DISCONNECT: what was already received is read first."""
+    sock = client.socket()
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    for _ in range(_CLOSE_READS):
+        if client.socket() is None or client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+            return

@@ -1,0 +1,82 @@
+"""One link in this process against a real broker: its socket, what its publishes count, and the
+progress events it drops rather than send."""
+
+import socket
+import unittest
+
+from support import BrokerTestCase, Mosquitto, wait_until
+
+from agent2389_lib.config import MqttSettings
+from agent2389_lib.link import Link
+from agent2389_lib.metrics import Metrics
+from agent2389_lib.mqttclient import ProtocolVersion, new_client
+from agent2389_lib.wire import close_socket
+
+LIMIT = 20000  # the broker's max_packet_size
+
+
+class ProgressDropTests(BrokerTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(extra_conf=f"max_packet_size {LIMIT}").start()
+
+    def link(self, protocol: str = "5") -> tuple[Link, Metrics]:
+        metrics = Metrics("link-test", workers=1)
+        settings = MqttSettings(host="127.0.0.1", port=self.broker.port, client_id="link-test", protocol=protocol)
+        link = Link("output", settings, settings.client_id, metrics, persistent=False,
+                    version=ProtocolVersion(protocol))
+        self.addCleanup(link.finish_stop, 0)
+        self.addCleanup(link.begin_stop)
+        return link, metrics
+
+    def counts(self, metrics: Metrics) -> tuple[int, int, int]:
+        mqtt = metrics.snapshot()["mqtt"]
+        return mqtt["messages_published"], mqtt["publish_failures"], mqtt["progress_events_dropped"]
+
+    def test_progress_events_are_dropped_apart_from_refused_publishes(self):
+        link, metrics = self.link()
+        link.publish_advisory("/control/agents/link-test/progress", b"{}")
+        self.assertEqual(self.counts(metrics), (0, 0, 1), "no session yet: dropped, and counted as a drop only")
+        watcher = self.watcher("/control/agents/link-test/progress")
+        link.start()
+        self.assertTrue(link.wait_connected(10))
+        link.publish_advisory("/control/agents/link-test/progress", b"x" * (LIMIT + 1))
+        self.assertEqual(self.counts(metrics), (0, 0, 2), "over the broker's maximum packet size")
+        link.publish_advisory("/control/agents/link-test/progress", b"small")
+        watcher.wait_for("/control/agents/link-test/progress", lambda p: p == b"small")
+        wait_until(lambda: self.counts(metrics) == (1, 0, 2), 5, "the written event to be counted as published")
+        ticket = link.publish("/conversations/c/link-test", b"outcome")
+        self.assertTrue(ticket.wait(10))
+        self.assertIsNone(ticket.refusal)
+        wait_until(lambda: self.counts(metrics) == (2, 0, 2), 5, "the acknowledged outcome to be counted")
+        self.assertTrue(link.connected, "neither drop cost the connection")
+
+    def test_no_nagle_and_a_close_without_disconnect_leaves_the_will(self):
+        settings = MqttSettings(host="127.0.0.1", port=self.broker.port, protocol="5")
+        client = new_client(settings, "wire-test")
+        client.will_set("/control/agents/wire-test/status", b"gone", qos=1)
+        connected = []
+        client.on_connect = lambda *args: connected.append(True)
+        watcher = self.watcher("/control/agents/wire-test/status")
+        client.connect("127.0.0.1", self.broker.port)
+        wait_until(lambda: client.loop(0.1) == 0 and connected, 10, "the CONNACK")  # one thread: this one
+        self.assertEqual(client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        close_socket(client)
+        self.assertIsNone(client.socket())
+        self.assertEqual(watcher.wait_for("/control/agents/wire-test/status"), [b"gone"],
+                         "the broker took it for a lost connection")
+
+    def test_qos0_reports_never_settle_a_later_publish_with_the_same_packet_id(self):
+        """paho numbers QoS 0 and QoS 1 publishes from one counter; a QoS 0 write report kept as an
+        early PUBACK would settle the QoS 1 publish that gets its id after the counter wraps."""
+        link, metrics = self.link()
+        link.start()
+        self.assertTrue(link.wait_connected(10))
+        for _ in range(3):
+            link.publish_advisory("/control/agents/link-test/progress", b"p")
+        wait_until(lambda: self.counts(metrics)[0] == 3, 5, "three written progress events")
+        self.assertEqual(link._tickets._early, {}, "a write report is not an early PUBACK")
+
+
+if __name__ == "__main__":
+    unittest.main()
