@@ -1,4 +1,4 @@
-"""Command line: run, check-config, version, and the operator commands inject, monitor,
+"""Command line: run, check-config, version, tools, and the operator commands inject, monitor,
 pipeline and healthcheck."""
 
 from __future__ import annotations
@@ -106,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--conversation-id", help="default: a new one")
     _add_wait_args(pipeline)
     _add_broker_args(pipeline)
+
+    tools = _command(sub, "tools", "list the tools the agent would offer the LLM, or run one, from a configuration "
+                     "(MCP servers are started to ask them; no broker or LLM needed)",
+                     "agent2389 tools call time__get_current_time --args '{\"timezone\": \"UTC\"}' -c agent.toml")
+    tool_commands = tools.add_subparsers(dest="tools_command", metavar="list|call")
+    tool_commands.required = True
+    tools_list = tool_commands.add_parser("list", help="every tool: name, where it comes from, description")
+    tools_list.add_argument("--json", action="store_true", help="also the input schemas and MCP server states, as JSON")
+    _add_config_arg(tools_list)
+    tools_call = tool_commands.add_parser("call", help="run one tool and print its result (exit 1 if it failed)")
+    tools_call.add_argument("name", help="the tool's name as the LLM sees it (an MCP tool: SERVER__TOOL)")
+    tools_call.add_argument("--args", default="{}", metavar="JSON", help="its arguments, a JSON object")
+    _add_config_arg(tools_call)
 
     health = _command(sub, "healthcheck", "probe the agent's health endpoint: exit 0 when healthy, 1 otherwise "
                       "(the container HEALTHCHECK; needs no curl or wget)", "agent2389 healthcheck --endpoint ready")
@@ -278,6 +291,16 @@ def _monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tools(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
+    from .toolcheck import call_tool, list_tools
+    config = _load_or_exit(args.config).config
+    configure_logging("WARN", "text", config.secrets())
+    if args.tools_command == "list":
+        return list_tools(config, args.json)
+    return call_tool(config, args.name, args.args)
+
+
 def _healthcheck(args: argparse.Namespace) -> int:
     from .ops import probe
     configured = os.environ.get("HEALTH_PORT", "")
@@ -291,5 +314,6 @@ def _healthcheck(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     handlers = {"version": lambda a: print(f"agent2389 {__version__}") or 0, "check-config": _check_config,
-                "run": _run, "inject": _inject, "pipeline": _pipeline, "monitor": _monitor, "healthcheck": _healthcheck}
+                "run": _run, "inject": _inject, "pipeline": _pipeline, "monitor": _monitor, "healthcheck": _healthcheck,
+                "tools": _tools}
     sys.exit(handlers[args.command](args))

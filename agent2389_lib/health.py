@@ -45,6 +45,7 @@ class AgentStatus:
     saturated: bool  # the intake is full
     waiting: int  # tasks received and not yet started
     store_problem: Optional[str] = None  # why completed tasks are not being persisted
+    mcp_servers: tuple = ()  # each MCP server's status (McpServer.status)
 
 
 def readiness(status: AgentStatus) -> Optional[str]:
@@ -57,6 +58,10 @@ def readiness(status: AgentStatus) -> Optional[str]:
         return "intake is full: all workers busy and the queue at its bound"
     if status.store_problem:
         return f"state store degraded: {status.store_problem}"
+    for server in status.mcp_servers:
+        if server["required"] and server["state"] != "up":
+            return f"required MCP server {server['name']} is {server['state']}" + (
+                f": {server['last_error']}" if server["last_error"] else "")
     return None
 
 
@@ -78,9 +83,19 @@ def health_report(status: AgentStatus, metrics: Metrics, now: float) -> dict:
     store = {"status": "unhealthy" if status.store_problem else "healthy",
              "message": status.store_problem or "completed tasks are recorded", "last_check": stamp}
     checks = {"mqtt": mqtt, "task_processing": tasks, "state_store": store}
+    if status.mcp_servers:
+        down = [s["name"] for s in status.mcp_servers if s["state"] != "up"]
+        required_down = [s["name"] for s in status.mcp_servers if s["required"] and s["state"] != "up"]
+        checks["mcp_servers"] = {"status": "unhealthy" if required_down else "healthy",
+                                 "message": f"not up: {', '.join(down)}" if down else "all MCP servers up",
+                                 "last_check": stamp}
     healthy = all(check["status"] == "healthy" for check in checks.values())
-    return {"status": "healthy" if healthy else "degraded", "timestamp": stamp, "agent_id": metrics.agent_id,
-            "uptime_seconds": int(metrics.uptime()), "state": status.state, "checks": checks}
+    report = {"status": "healthy" if healthy else "degraded", "timestamp": stamp, "agent_id": metrics.agent_id,
+              "uptime_seconds": int(metrics.uptime()), "state": status.state, "checks": checks}
+    if status.mcp_servers:
+        report["mcp_servers"] = [{key: s[key] for key in ("name", "transport", "state", "required", "tools",
+                                                          "restarts", "last_error")} for s in status.mcp_servers]
+    return report
 
 
 def wants_prometheus(accept: str) -> bool:

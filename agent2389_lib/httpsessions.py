@@ -13,6 +13,7 @@ import urllib.parse
 from typing import Callable, Iterator, Optional
 
 import requests
+import urllib3
 
 from . import __version__
 
@@ -93,6 +94,13 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         queue.extend(item for item in linked if isinstance(item, BaseException))
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether a failed request ran out of time: requests says so itself, or (urllib3 1.x, a read
+    timeout while streaming a body) only the urllib3 error it wraps in a ConnectionError does."""
+    return any(isinstance(cause, (requests.Timeout, TimeoutError, urllib3.exceptions.ReadTimeoutError))
+               for cause in causes(exc))
+
+
 def describe_failure(exc: BaseException) -> str:
     """A failed request in a few words: "Connection refused", "timed out", "TLS certificate
     verification failed (...)", "cannot reach the proxy (...)"; never a URL with credentials."""
@@ -100,7 +108,7 @@ def describe_failure(exc: BaseException) -> str:
     for cause in chain:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"TLS certificate verification failed ({cause.verify_message})"
-    if any(isinstance(cause, (requests.Timeout, TimeoutError)) for cause in chain):
+    if timed_out(exc):
         return "timed out"
     for cause in chain:
         if isinstance(cause, OSError) and cause.strerror:

@@ -68,6 +68,7 @@ class Metrics:
         self.intake_depth: Callable[[], int] = lambda: 0
         self.store_degraded: Callable[[], bool] = lambda: False
         self.registry_size: Callable[[], tuple[int, int]] = lambda: (0, 0)  # routable agents, statuses ignored
+        self.mcp_servers: Callable[[], list[dict]] = lambda: []  # each MCP server's status
         self.routing: dict[str, int] = defaultdict(int)  # decisions by outcome
         # tasks
         self.received = self.completed = self.failed = self.rejected = self.duplicates = self.ignored = 0
@@ -219,6 +220,7 @@ class Metrics:
         depth = self.intake_depth()
         store_degraded = self.store_degraded()
         registry_agents, registry_ignored = self.registry_size()
+        mcp_servers = self.mcp_servers()
         with self._lock:
             now = self._clock()
             recent = list(self.recent)
@@ -259,6 +261,7 @@ class Metrics:
                     "last_heartbeat": self.last_heartbeat,
                     "connection_duration_seconds": round(now - self.connected_since, 3) if self.connected_since else 0,
                 },
+                "mcp": {"servers": mcp_servers},
                 "tools": {"tool_stats": tools,
                           "total_executions": sum(t["executions"] for t in tools.values()),
                           "total_failures": sum(t["failures"] for t in tools.values()),
@@ -340,6 +343,18 @@ def prometheus_text(snapshot: dict, version: str) -> str:
            [("", {"tool": n}, s["failures"]) for n, s in tools.items()])
     family("agent2389_tool_timeouts_total", "counter", "Tool executions killed at their timeout.",
            [("", {"tool": n}, s["timeouts"]) for n, s in tools.items()])
+    servers = snapshot["mcp"]["servers"]
+    family("agent2389_mcp_server_up", "gauge", "1 while the MCP server is connected and its tools listed.",
+           [("", {"server": s["name"]}, int(s["state"] == "up")) for s in servers])
+    family("agent2389_mcp_server_tools", "gauge", "Tools the MCP server offers the LLM now.",
+           [("", {"server": s["name"]}, s["tools"]) for s in servers])
+    family("agent2389_mcp_server_restarts_total", "counter", "Attempts to start (stdio) or reach (HTTP) the "
+           "MCP server again after it was lost or failed to start.",
+           [("", {"server": s["name"]}, s["restarts"]) for s in servers])
+    family("agent2389_mcp_calls_total", "counter", "tools/call requests to the MCP server.",
+           [("", {"server": s["name"]}, s["calls"]) for s in servers])
+    family("agent2389_mcp_call_errors_total", "counter", "tools/call requests that failed, timed out or "
+           "returned isError.", [("", {"server": s["name"]}, s["call_errors"]) for s in servers])
     family("agent2389_llm_requests_total", "counter", "LLM requests (each with its retries).",
            [("", {"provider": n}, s["requests"]) for n, s in llm.items()])
     family("agent2389_llm_errors_total", "counter", "LLM requests that failed, by kind.",

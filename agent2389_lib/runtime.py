@@ -125,11 +125,12 @@ class AgentRuntime:
             self.dedupe.close()
             raise StartupError(str(exc)) from None
         self.tools.on_execution = self.metrics.tool_execution
+        self.metrics.mcp_servers = lambda: [server.status() for server in self.tools.servers]
         self.registry: Optional[Registry] = None
         route = None
         try:  # an HTTP endpoint the environment's proxy settings make unusable
-            self.agent_loop = build_agent_loop(config, self.tools if config.tools else None, self.metrics,
-                                               self.publish_progress)
+            offered = self.tools if config.tools or config.mcp_servers else None
+            self.agent_loop = build_agent_loop(config, offered, self.metrics, self.publish_progress)
             if config.routing is not None:  # v2: discovery feeds the router
                 from .router import WorkflowRouter, build_router  # imports an HTTP client
                 self.registry = registry = Registry()
@@ -161,7 +162,7 @@ class AgentRuntime:
 
     def status(self) -> AgentStatus:
         return AgentStatus(self.state, self.transport.connected, self.saturated(), self.intake.depth(),
-                           self.dedupe.degraded)
+                           self.dedupe.degraded, tuple(server.status() for server in self.tools.servers))
 
     def publish_progress(self, task_id: str, conversation_id: str, category: str, event_type: str, message: str,
                          metadata: Optional[dict]) -> None:
@@ -372,7 +373,7 @@ class AgentRuntime:
             if last:
                 self._publish_status(last, protocol.UNAVAILABLE, _STATUS_WAIT)
         self.transport.stop()
-        self.tools.shutdown()
+        self.tools.shutdown(max(1.0, grace_ends - time.monotonic()))
         self.executor.shutdown(wait=False)
         self.dedupe.close()
         self.state = "stopped"

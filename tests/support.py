@@ -5,6 +5,7 @@ Nothing here sleeps to synchronize: every wait is on a condition with a deadline
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -41,6 +42,22 @@ def program(name: str) -> str:
         raise AssertionError(f"{name} is not installed (searched {os.pathsep.join(search)}); "
                              f"bash .ci/run installs everything the tests start")
     return found
+
+
+def installed(name: str) -> str:
+    """A program the test setup installs into the running interpreter's environment (.ci/run: the
+    test extra, and npm packages with that environment as their prefix); never one that merely
+    happens to be on PATH."""
+    path = os.path.join(sysconfig.get_path("scripts"), name)
+    if not os.access(path, os.X_OK):
+        raise AssertionError(f"{name} is not installed in {os.path.dirname(path)}; bash .ci/run installs it")
+    return path
+
+
+def mcp_python() -> str:
+    """An interpreter with the `mcp` SDK: this one, or under Python 3.9 (which the SDK does not
+    support) the `python-mcp` that .ci/run links into this environment from a newer one."""
+    return sys.executable if importlib.util.find_spec("mcp") is not None else installed("python-mcp")
 
 
 def _ephemeral_ports() -> tuple[int, int]:

@@ -13,9 +13,9 @@ PACKAGE = "agent2389_lib"
 LAYERS = {
     6: ["cli", "__main__", "build_pyz"],
     5: ["runtime"],
-    4: ["processor", "router", "ops", "opsclient"],
+    4: ["processor", "router", "ops", "opsclient", "toolcheck"],
     3: ["transport", "link", "linkwatch", "tickets", "mqttclient", "wire"],
-    2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "registry", "httpsessions"],
+    2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "registry", "httpsessions"],  # tools.mcp.* too
     1: ["health", "logs", "errors"],
     0: ["", "config", "config.*", "protocol", "workflow", "metrics", "backoff"],
 }

@@ -378,6 +378,70 @@ class RoutingConfigTests(ConfigCase):
         self.assertTrue(any("[routing.gatekeeper] timeout" in w for w in loaded.warnings), loaded.warnings)
 
 
+class McpServersConfigTests(ConfigCase):
+    SERVERS = """
+        [[mcp_servers]]
+        name = "time"
+        command = "mcp-server-time"
+        args = ["--local-timezone", "UTC"]
+        env = { TZ = "UTC", API_TOKEN = "${TIME_TOKEN}" }
+        timeout = 10
+        required = true
+        allowed_tools = ["get_current_time"]
+
+        [[mcp_servers]]
+        name = "docs"
+        url = "https://mcp.example.com/mcp"
+        headers = { Authorization = "Bearer ${DOCS_TOKEN}", X-Team = "blue" }
+        """
+
+    def test_both_layouts_load_the_same_servers(self):
+        for head in ('[agent]\nid = "abc"\n[llm]\nprovider = "echo"\n', 'agent_id = "abc"\n[llm]\nprovider = "echo"\n'):
+            with self.subTest(head=head):
+                config = self.load(head + textwrap.dedent(self.SERVERS), TIME_TOKEN="tt-secret-1", DOCS_TOKEN="dd-2").config
+                time_server, docs = config.mcp_servers
+                self.assertEqual(time_server.command, ("mcp-server-time", "--local-timezone", "UTC"))
+                self.assertEqual(time_server.env, (("TZ", "UTC"), ("API_TOKEN", Secret("tt-secret-1"))))
+                self.assertEqual((time_server.timeout, time_server.required, time_server.allowed_tools),
+                                 (10.0, True, ("get_current_time",)))
+                self.assertEqual(docs.url, "https://mcp.example.com/mcp")
+                self.assertEqual(docs.headers, (("Authorization", Secret("Bearer dd-2")), ("X-Team", "blue")))
+                self.assertIn("tt-secret-1", config.secrets())
+                self.assertIn("Bearer dd-2", config.secrets())
+                shown = str(masked_view(config)["mcp_servers"])
+                self.assertNotIn("tt-secret-1", shown)
+                self.assertNotIn("dd-2", shown)
+                self.assertIn("blue", shown)
+
+    def test_each_rule(self):
+        base = 'agent_id = "abc"\n[llm]\nprovider = "echo"\n'
+        cases = [
+            ('name = "Time"\ncommand = "x"', "[[mcp_servers]] #1 name=Time must be 1-32 of a-z, 0-9, '_' or '-'"),
+            ('command = "x"', "[[mcp_servers]] #1 needs name = "),
+            ('name = "t"\ncommand = "x"\nurl = "http://h/mcp"', "[[mcp_servers]] #1 (t) needs exactly one of command"),
+            ('name = "t"', "[[mcp_servers]] #1 (t) needs exactly one of command"),
+            ('name = "t"\nurl = "ftp://h/mcp"', "[[mcp_servers]] #1 (t) url=ftp://h/mcp must be an http:// or https:// URL"),
+            ('name = "t"\ncommand = "x"\nheaders = { A = "b" }', "[[mcp_servers]] #1 (t) headers apply to url servers only"),
+            ('name = "t"\nurl = "http://h/mcp"\nargs = ["a"]', "[[mcp_servers]] #1 (t) args applies to command (stdio) servers"),
+            ('name = "t"\ncommand = "x"\nargs = "a b"', "[[mcp_servers]] #1 (t) args must be an array of strings"),
+            ('name = "t"\ncommand = "x"\nenv = { "1BAD" = "v" }', "[[mcp_servers]] #1 (t) env: '1BAD' is not an environment"),
+            ('name = "t"\ncommand = "x"\ntimeout = 0', "[[mcp_servers]] #1 (t) timeout=0 is out of range (0.1-3600.0)"),
+            ('name = "t"\ncommand = "x"\nallowed_tools = ["a"]\ndenied_tools = ["b"]',
+             "[[mcp_servers]] #1 (t): set allowed_tools or denied_tools, not both"),
+        ]
+        for table, expected in cases:
+            with self.subTest(table=table):
+                self.assert_problem(self.problems(base + "[[mcp_servers]]\n" + table + "\n"), expected)
+        twice = base + '[[mcp_servers]]\nname = "t"\ncommand = "x"\n[[mcp_servers]]\nname = "t"\nurl = "http://h/"\n'
+        self.assert_problem(self.problems(twice), "[[mcp_servers]] #2 (t): MCP server name 't' is used twice")
+        self.assert_problem(self.problems('mcp_servers = "x"\n' + base), "mcp_servers must be an array of tables")
+
+    def test_unknown_keys_are_warned_about(self):
+        loaded = self.load('agent_id = "abc"\n[llm]\nprovider = "echo"\n[[mcp_servers]]\nname = "t"\n'
+                           'command = "x"\ntimout = 5\n')
+        self.assertIn("unknown key [[mcp_servers]] #1 (t) timout is ignored (did you mean timeout?)", loaded.warnings)
+
+
 class SecretTests(ConfigCase):
     def test_secrets_masked_in_repr_and_view(self):
         loaded = self.load(LAYOUT_A, OPENAI_API_KEY=OPENAI_KEY, MQTT_USERNAME="u", MQTT_PASSWORD="pw-very-secret")

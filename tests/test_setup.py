@@ -3,6 +3,7 @@ copy of the project with Debian's python3 (PEP 668: no system-wide pip) first on
 systemd unit through `systemd-analyze verify`, and the single-file build run by an interpreter
 without site-packages."""
 
+import json
 import os
 import re
 import shutil
@@ -30,9 +31,15 @@ def project_copy() -> str:
     return target
 
 
+# how this box reaches the package registries (a proxy, its CA): the box's, not a developer's
+NETWORK_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "SSL_CERT_FILE",
+               "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "PIP_CERT", "REQUESTS_CA_BUNDLE")
+
+
 def stock_env(**extra: str) -> dict:
     """A login shell's environment on a stock Debian box: Debian's python3 first on PATH."""
-    return {"PATH": STOCK_PATH, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", **extra}
+    network = {name: os.environ[name] for name in NETWORK_ENV if name in os.environ}
+    return {"PATH": STOCK_PATH, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", **network, **extra}
 
 
 class Output:
@@ -89,7 +96,7 @@ class StockDebianTests(unittest.TestCase):
         pick itself (the broker's comes from MQTT_PORT, as a user's would from the quick start's)."""
         with open(os.path.join(clone, "README.md")) as handle:
             recipes = dict(re.findall(r"<!-- recipe: (\S+) -->\n```bash\n(.*?)```", handle.read(), re.S))
-        self.assertEqual(sorted(recipes), ["inject", "monitor", "mosquitto", "pipeline"])
+        self.assertEqual(sorted(recipes), ["inject", "mcp", "monitor", "mosquitto", "pipeline"])
         env = stock_env(MQTT_PORT=str(port))
 
         def bash(script: str, timeout: float = 90) -> subprocess.CompletedProcess:
@@ -117,6 +124,10 @@ class StockDebianTests(unittest.TestCase):
         self.assertTrue(pipeline.stdout.startswith("Edit the article"), pipeline.stdout)
         for agent in ("researcher", "writer", "editor"):
             self.assertTrue(os.listdir(os.path.join(clone, "state", agent)), agent)  # each its own state_dir
+        mcp = bash(recipes["mcp"], timeout=300)  # installs mcp-server-time from PyPI, as a user would
+        self.assertEqual(mcp.returncode, 0, mcp.stderr[-3000:])
+        self.assertRegex(mcp.stdout, r"(?m)^time__get_current_time +mcp:time \(stdio\) +Get current time")
+        self.assertEqual(json.loads(mcp.stdout[mcp.stdout.index("{"):])["timezone"], "Europe/Paris")
 
     def test_ci_script_creates_a_venv(self):
         clone = project_copy()

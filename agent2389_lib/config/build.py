@@ -4,113 +4,23 @@ collected (not raised) so that all are reported at once, with the key or variabl
 from __future__ import annotations
 
 import ipaddress
-import json
-import math
 import os
 import re
 from dataclasses import replace
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
 from .model import (AgentConfig, BASE_URL_ENV, BUILTIN_TOOLS, BudgetSettings, DEFAULT_MODELS,
                     GatekeeperSettings, KEY_ENV, LOG_LEVELS, LlmSettings, MASK, MqttSettings,
                     OFFICIAL_KEY_PREFIX, PROVIDERS, ROUTER_MAX_TOKENS, ROUTER_PROVIDERS, ROUTER_TEMPERATURE,
                     ROUTER_TIMEOUT, RoutingSettings, Secret, ToolSpec)
+from .mcp_servers import build_mcp_servers
+from .reader import Reader, table_reader
 from .sources import FALLBACK_KEYS, TOOL_KEYS, Collector, Value, warn_unknown
 
 _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
 _INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # e.g. a StatefulSet ordinal or pod name
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-
-
-class Reader:
-    """Typed access to flat settings, recording a problem (not raising) on a bad value."""
-
-    def __init__(self, settings: dict, out: Collector):
-        self.settings = settings
-        self.out = out
-
-    def has(self, key: str) -> bool:
-        return key in self.settings
-
-    def origin(self, key: str) -> str:
-        return self.settings[key].origin if key in self.settings else key
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        return self.settings[key].value if key in self.settings else default
-
-    def bad(self, key: str, shown: Any, rule: str) -> None:
-        self.out.problem(f"{self.origin(key)}={shown} {rule}")
-
-    def string(self, key: str, default: Optional[str] = None, allow_empty: bool = True) -> Optional[str]:
-        value = self.raw(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            self.bad(key, json.dumps(value), "must be a string")
-            return default
-        if "\0" in value:
-            self.out.problem(f"{self.origin(key)} must not contain NUL characters (\\u0000)")
-            return default
-        if not allow_empty and not value.strip():
-            self.out.problem(f"{self.origin(key)} must not be empty")
-            return default
-        return value
-
-    def integer(self, key: str, default: Optional[int], lo: int, hi: Optional[int] = None) -> Optional[int]:
-        return self._numeric(key, default, lo, hi, int, (int,), "a whole number")
-
-    def number(self, key: str, default: Optional[float], lo: float, hi: Optional[float] = None) -> Optional[float]:
-        value = self._numeric(key, default, lo, hi, float, (int, float), "a number")
-        return None if value is None else float(value)
-
-    def _numeric(self, key: str, default: Any, lo: Any, hi: Any, parse: Callable[[str], Any], types: tuple,
-                 noun: str) -> Any:
-        """A number from TOML or from an environment string, range-checked."""
-        value = self.raw(key, default)
-        if value is None:
-            return None
-        if isinstance(value, str):
-            try:
-                value = parse(value.strip())
-            except ValueError:
-                self.bad(key, self.raw(key), f"is not {noun}")
-                return default
-        if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value):
-            self.bad(key, json.dumps(self.raw(key)), f"is not {noun}")
-            return default
-        if value < lo or (hi is not None and value > hi):
-            self.bad(key, value, f"is out of range ({lo}-{hi})" if hi is not None else f"must be at least {lo}")
-            return default
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.strip().lower() in ("true", "1", "yes", "on")
-        self.bad(key, value, "must be true or false")
-        return default
-
-    def choice(self, key: str, default: str, choices: tuple, fold: Callable[[str], str] = str.lower) -> str:
-        value = self.string(key, default)
-        if value is None:
-            return default
-        folded = fold(value.strip())
-        if folded not in choices:
-            self.bad(key, value, f"must be one of {', '.join(choices)}")
-            return default
-        return folded
-
-    def secret(self, key: str) -> Optional[Secret]:
-        value = self.raw(key)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str) or "\0" in value:
-            self.out.problem(f"{self.origin(key)} must be a string without NUL characters")
-            return None
-        return Secret(value)
 
 
 def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[AgentConfig, list]:
@@ -161,6 +71,7 @@ def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[Agent
         llm=llm,
         budget=_build_budget(read),
         tools=tuple(_build_tools(read, env)),
+        mcp_servers=build_mcp_servers(read.raw("mcp_servers", []), out),
         routing=_build_routing(read, env, llm, run_problems),
     )
     return config, run_problems
@@ -383,10 +294,7 @@ def _build_tool(out: Collector, origin: str, name: Any, table: Any, env: Mapping
     if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
         out.problem(f"{origin}: tool name {name!r} must be 1-64 letters, digits, '_' or '-'")
         return None
-    for key in table:
-        if key not in TOOL_KEYS:
-            warn_unknown(out, origin, key, list(TOOL_KEYS))
-    reader = Reader({k: Value(v, f"{origin} {k}") for k, v in table.items()}, out)
+    reader = table_reader(out, origin, table, TOOL_KEYS)
     impl = reader.string("impl", "external" if "command" in table else "builtin")
     timeout = reader.number("timeout", 30.0, 0.1, 3600.0)
     schema = table.get("schema")

@@ -113,6 +113,23 @@ class ToolSpec:
 
 
 @dataclass(frozen=True)
+class McpServerSpec:
+    """One `[[mcp_servers]]` entry: a stdio server (`command`) or a streamable HTTP one (`url`)."""
+
+    name: str
+    command: tuple = ()  # argv: the program, then its args
+    url: Optional[str] = None
+    env: tuple = ()  # (name, value) pairs; a value is a Secret when its name looks like a credential
+    headers: tuple = ()  # (name, value) pairs, the same way
+    cwd: Optional[str] = None
+    timeout: float = 30.0  # seconds per call, never past the task deadline
+    startup_timeout: float = 30.0  # seconds for the process to start and answer initialize and tools/list
+    required: bool = False  # /ready is 503 while it is down
+    allowed_tools: Optional[tuple] = None
+    denied_tools: tuple = ()
+
+
+@dataclass(frozen=True)
 class GatekeeperSettings:
     url: str
     timeout_ms: int = 5000
@@ -154,6 +171,7 @@ class AgentConfig:
     llm: LlmSettings = field(default_factory=LlmSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     tools: tuple = ()  # of ToolSpec
+    mcp_servers: tuple = ()  # of McpServerSpec
     routing: Optional[RoutingSettings] = None
 
     def secrets(self) -> tuple[str, ...]:

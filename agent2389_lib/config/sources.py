@@ -46,7 +46,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "health": {"port": "health_port", "bind": "health_bind"},
     "logging": {"level": "log_level", "format": "log_format", "spans": "log_spans"},
 }
-_SPECIAL_SECTIONS = ("tools", "routing")
+_SPECIAL_SECTIONS = ("tools", "routing", "mcp_servers")
 TOOL_KEYS = ("name", "impl", "command", "args", "timeout", "schema", "description", "env", "config")
 FALLBACK_KEYS = ("provider", "model", "api_key_env", "api_key", "base_url", "temperature", "max_tokens",
                   "system_prompt", "max_attempts", "request_timeout", "max_response_bytes")
@@ -151,6 +151,8 @@ def normalize(raw: dict, out: Collector) -> dict[str, Value]:
             tools.extend(_normalize_tools(value, out))
         elif key == "routing":
             settings["routing"] = Value(_normalize_routing(value, out), "[routing]")
+        elif key == "mcp_servers":
+            settings["mcp_servers"] = Value(_normalize_mcp_servers(value, out), "[[mcp_servers]]")
         elif key in SECTIONS[""]:
             settings[SECTIONS[""][key]] = Value(value, key)
         else:
@@ -191,6 +193,14 @@ def _normalize_tools(value: Any, out: Collector) -> list:
     else:
         out.problem("tools must be a table ([tools]) or an array of tables ([[tools]])")
     return items
+
+
+def _normalize_mcp_servers(value: Any, out: Collector) -> list:
+    """`[[mcp_servers]]`, the same in both layouts, to a list of (origin, table)."""
+    if not isinstance(value, list):
+        out.problem("mcp_servers must be an array of tables ([[mcp_servers]])")
+        return []
+    return [(f"[[mcp_servers]] #{index + 1}", table) for index, table in enumerate(value)]
 
 
 def _normalize_routing(value: Any, out: Collector) -> Any:

@@ -29,6 +29,7 @@ class Tool:
     name: str = ""
     description: str = ""
     schema: dict = {"type": "object"}
+    source: str = "builtin"  # where it comes from, for `agent2389 tools list`
 
     def initialize(self) -> None:
         """Check at startup that the tool can work (raises ToolError with a clear message)."""

@@ -29,7 +29,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _STDERR_TAIL = 2000
 _KILL_GRACE = 2.0
 _CHUNK = 65536
-BASE_ENV = ("PATH", "LANG")
+BASE_ENV = ("PATH", "LANG")  # what a command tool gets of the agent's environment
 
 
 def _truncation_marker(limit: int) -> str:
@@ -91,6 +91,8 @@ def _checked(name: str, value: str) -> str:
 
 
 class CommandTool(Tool):
+    source = "command"
+
     def __init__(self, spec: ToolSpec, max_output_size: int):
         self.spec = spec
         self.name = spec.name
@@ -123,7 +125,7 @@ class CommandTool(Tool):
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             raise ToolTimeout(f"{self.name} did not finish within {timeout:.1f} s and was killed") from None
         finally:
             out.join(_KILL_GRACE)
@@ -154,12 +156,12 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen, grace: float = _KILL_GRACE) -> None:
     """SIGTERM the whole process group, then SIGKILL it: grandchildren that ignore SIGTERM or
     outlive the leader must not survive."""
     _signal_group(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(_KILL_GRACE)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         pass
     _signal_group(proc.pid, signal.SIGKILL)

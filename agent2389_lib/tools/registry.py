@@ -1,18 +1,23 @@
-"""The configured tools: the allow-list, schema validation, execution with a deadline."""
+"""The configured tools: the allow-list, schema validation, execution with a deadline. Command
+tools and built-ins are fixed at startup; an MCP server's tools are whatever it last listed."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from ..config import AgentConfig, ToolSpec
 from .base import Tool, ToolDef, ToolError, ToolTimeout
+from .mcp.server import McpServer
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
 
 log = logging.getLogger("agent2389.tools")
+
+_ATTEMPT_SLACK = 1.0  # seconds beyond startup_timeout for a failed first attempt to be told
 
 
 class ToolStartupError(Exception):
@@ -29,52 +34,90 @@ def schema_problems(validator: "Draft202012Validator", params: Any) -> list[str]
 
 
 class ToolRegistry:
-    def __init__(self, tools: list[Tool]):
-        self.tools = {tool.name: tool for tool in tools}
-        self._validators = {}
-        if tools:  # jsonschema costs ~8 MB of memory: an agent without tools never loads it
-            from jsonschema import Draft202012Validator
-            self._validators = {tool.name: Draft202012Validator(tool.schema) for tool in tools}
+    def __init__(self, tools: list[Tool], servers: Sequence[McpServer] = ()):
+        self.fixed = {tool.name: tool for tool in tools}
+        self.servers = list(servers)
+        self._validators: dict[str, tuple[Tool, "Draft202012Validator"]] = {}  # made on first use
         self.on_execution: Callable[[str, bool, bool, float], None] = lambda name, ok, timed_out, seconds: None
+
+    @property
+    def tools(self) -> dict[str, Tool]:
+        """Every tool offered now: the fixed ones, then each MCP server's (a name taken is not taken over)."""
+        if not self.servers:
+            return self.fixed
+        current = dict(self.fixed)
+        for server in self.servers:
+            for name, tool in server.tools.items():
+                current.setdefault(name, tool)
+        return current
 
     def definitions(self) -> list[ToolDef]:
         return [ToolDef(t.name, t.description, t.schema) for t in self.tools.values()]
 
     def initialize(self) -> None:
-        for tool in self.tools.values():
+        """Check the fixed tools, then start the MCP servers in parallel and wait for each up to its
+        startup_timeout. A server that is not up by then is only logged: the agent serves without
+        its tools meanwhile (a `required` one keeps /ready at 503), and it keeps being retried."""
+        for tool in self.fixed.values():
             try:
                 tool.initialize()
             except ToolError as exc:
                 raise ToolStartupError(f"tool {tool.name} cannot start: {exc}") from None
+        started = time.monotonic()
+        for server in self.servers:
+            server.start()
+        for server in self.servers:
+            waited = started + server.spec.startup_timeout + _ATTEMPT_SLACK - time.monotonic()
+            if not server.wait_first_attempt(max(0.0, waited)):
+                log.log(logging.ERROR if server.spec.required else logging.WARNING,
+                        "MCP server %s is not up after %g s (%s); the agent starts without its tools%s",
+                        server.name, server.spec.startup_timeout, server.last_error or "no answer yet",
+                        " and /ready stays 503 until it is up" if server.spec.required else "")
 
-    def shutdown(self) -> None:
-        for tool in self.tools.values():
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """The fixed tools, then every MCP server at once, within `timeout`."""
+        for tool in self.fixed.values():
             try:
                 tool.shutdown()
             except Exception:  # one tool's cleanup must not stop the others'
                 log.exception("tool %s failed to shut down", tool.name)
+        stopping = [threading.Thread(target=server.stop, args=(timeout,), daemon=True) for server in self.servers]
+        for thread in stopping:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in stopping:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
-    def check(self, name: str, arguments: Any) -> Optional[str]:
+    def _validator(self, tool: Tool) -> "Draft202012Validator":
+        cached = self._validators.get(tool.name)
+        if cached is None or cached[0] is not tool:  # jsonschema costs ~8 MB: loaded only once a tool is called
+            from jsonschema import Draft202012Validator, validators
+            cached = (tool, validators.validator_for(tool.schema, default=Draft202012Validator)(tool.schema))
+            self._validators[tool.name] = cached
+        return cached[1]
+
+    def _refusal(self, tools: dict[str, Tool], name: str, arguments: Any) -> Optional[str]:
         """Why a call may not run (not configured, bad parameters), or None."""
-        if name not in self.tools:
-            return f"unknown tool {name!r}; the available tools are: {', '.join(sorted(self.tools)) or 'none'}"
+        if name not in tools:
+            return f"unknown tool {name!r}; the available tools are: {', '.join(sorted(tools)) or 'none'}"
         if not isinstance(arguments, dict):
             return f"the arguments for {name} must be a JSON object, got {str(arguments)[:100]!r}"
-        problems = schema_problems(self._validators[name], arguments)
+        problems = schema_problems(self._validator(tools[name]), arguments)
         if problems:
             return f"invalid parameters for {name}: " + "; ".join(problems[:5])
         return None
 
     def execute(self, name: str, arguments: Any, deadline: float) -> tuple[bool, str]:
         """(ok, content); a refused or failed call is reported, never raised."""
-        refusal = self.check(name, arguments)
+        tools = self.tools  # one view for the check and the call: an MCP server may list anew meanwhile
+        refusal = self._refusal(tools, name, arguments)
         if refusal is not None:
             log.warning("tool call refused: %s", refusal)
             return False, refusal
         started = time.monotonic()
         ok, timed_out = False, False
         try:
-            result = self.tools[name].execute(arguments, deadline)
+            result = tools[name].execute(arguments, deadline)
             ok = True
             return True, result
         except ToolError as exc:
@@ -104,4 +147,4 @@ def build_registry(config: AgentConfig) -> ToolRegistry:
             tools.append(build_tool(spec, config))
         except ToolError as exc:
             raise ToolStartupError(f"tool {spec.name}: {exc}") from None
-    return ToolRegistry(tools)
+    return ToolRegistry(tools, [McpServer(spec, config.max_output_size) for spec in config.mcp_servers])

@@ -1,0 +1,110 @@
+"""Typed access to flat settings for the build step: each bad value becomes a problem that names
+where the user wrote it, and the default is used meanwhile, so every problem is found in one pass."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, Optional
+
+from .model import Secret
+from .sources import Collector, Value, warn_unknown
+
+
+class Reader:
+    """Typed access to flat settings, recording a problem (not raising) on a bad value."""
+
+    def __init__(self, settings: dict, out: Collector):
+        self.settings = settings
+        self.out = out
+
+    def has(self, key: str) -> bool:
+        return key in self.settings
+
+    def origin(self, key: str) -> str:
+        return self.settings[key].origin if key in self.settings else key
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        return self.settings[key].value if key in self.settings else default
+
+    def bad(self, key: str, shown: Any, rule: str) -> None:
+        self.out.problem(f"{self.origin(key)}={shown} {rule}")
+
+    def string(self, key: str, default: Optional[str] = None, allow_empty: bool = True) -> Optional[str]:
+        value = self.raw(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self.bad(key, json.dumps(value), "must be a string")
+            return default
+        if "\0" in value:
+            self.out.problem(f"{self.origin(key)} must not contain NUL characters (\\u0000)")
+            return default
+        if not allow_empty and not value.strip():
+            self.out.problem(f"{self.origin(key)} must not be empty")
+            return default
+        return value
+
+    def integer(self, key: str, default: Optional[int], lo: int, hi: Optional[int] = None) -> Optional[int]:
+        return self._numeric(key, default, lo, hi, int, (int,), "a whole number")
+
+    def number(self, key: str, default: Optional[float], lo: float, hi: Optional[float] = None) -> Optional[float]:
+        value = self._numeric(key, default, lo, hi, float, (int, float), "a number")
+        return None if value is None else float(value)
+
+    def _numeric(self, key: str, default: Any, lo: Any, hi: Any, parse: Callable[[str], Any], types: tuple,
+                 noun: str) -> Any:
+        """A number from TOML or from an environment string, range-checked."""
+        value = self.raw(key, default)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = parse(value.strip())
+            except ValueError:
+                self.bad(key, self.raw(key), f"is not {noun}")
+                return default
+        if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value):
+            self.bad(key, json.dumps(self.raw(key)), f"is not {noun}")
+            return default
+        if value < lo or (hi is not None and value > hi):
+            self.bad(key, value, f"is out of range ({lo}-{hi})" if hi is not None else f"must be at least {lo}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        self.bad(key, value, "must be true or false")
+        return default
+
+    def choice(self, key: str, default: str, choices: tuple, fold: Callable[[str], str] = str.lower) -> str:
+        value = self.string(key, default)
+        if value is None:
+            return default
+        folded = fold(value.strip())
+        if folded not in choices:
+            self.bad(key, value, f"must be one of {', '.join(choices)}")
+            return default
+        return folded
+
+    def secret(self, key: str) -> Optional[Secret]:
+        value = self.raw(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or "\0" in value:
+            self.out.problem(f"{self.origin(key)} must be a string without NUL characters")
+            return None
+        return Secret(value)
+
+
+def table_reader(out: Collector, origin: str, table: dict, known: tuple) -> Reader:
+    """A reader for one table of an array (a tool, an MCP server): unknown keys warned about,
+    every problem named `{origin} {key}`."""
+    for key in table:
+        if key not in known:
+            warn_unknown(out, origin, key, list(known))
+    return Reader({k: Value(v, f"{origin} {k}") for k, v in table.items()}, out)

@@ -1,0 +1,191 @@
+"""One MCP session over any channel: the initialize handshake, tools/list, tools/call with a
+timeout that cancels, and the server's own messages (ping, list_changed) answered in passing."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Callable, Optional, Protocol
+
+from ... import __version__
+from . import jsonrpc
+
+log = logging.getLogger("agent2389.tools.mcp")
+
+OFFERED_VERSION = "2025-11-25"
+SUPPORTED_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+_MAX_PAGES = 100  # of tools/list: a server whose cursor never ends must not hold startup forever
+
+
+class McpError(Exception):
+    """The server cannot be used for this request; the message says why, for the operator and the LLM."""
+
+
+class McpTimeout(McpError):
+    pass
+
+
+class Channel(Protocol):
+    """How messages reach the server: stdio or streamable HTTP. `send` may hand the server's
+    answers to the session's `dispatch` before it returns (HTTP does)."""
+
+    protocol_version: Optional[str]
+
+    def start(self) -> None: ...
+
+    def send(self, message: dict, timeout: float) -> None: ...
+
+    def close(self, timeout: float) -> None: ...
+
+
+class _Waiter:
+    __slots__ = ("done", "message", "failure")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.message: Optional[dict] = None
+        self.failure: Optional[str] = None  # why the answer could not be read
+
+
+class McpSession:
+    """`open_channel(session)` makes the channel; the channel calls `dispatch` with every message
+    from the server, `fail` for an answer it could not read, and `closed` once the server is gone."""
+
+    def __init__(self, server: str, open_channel: Callable[["McpSession"], Channel],
+                 on_tools_changed: Callable[[], None] = lambda: None,
+                 on_closed: Callable[[str], None] = lambda reason: None):
+        self.server = server
+        self.on_tools_changed = on_tools_changed
+        self.on_closed = on_closed
+        self.protocol_version: Optional[str] = None
+        self.server_info: dict = {}
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Waiter] = {}
+        self._lock = threading.Lock()
+        self._closed: Optional[str] = None
+        self.channel = open_channel(self)
+        self.channel.start()
+
+    # -------------------------------------------------------------- requests
+    def request(self, method: str, params: Optional[dict], timeout: float) -> dict:
+        """The result of one request, or McpError; on timeout the server is told to cancel it
+        and its late answer is dropped."""
+        request_id = next(self._ids)
+        waiter = _Waiter()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._closed is not None:
+                raise McpError(self._closed)
+            self._pending[request_id] = waiter
+        try:
+            try:
+                self.channel.send(jsonrpc.request(request_id, method, params), timeout)
+                answered = waiter.done.wait(max(0.0, deadline - time.monotonic()))
+            except McpTimeout:  # the channel itself waited the whole time (HTTP)
+                answered = False
+            if not answered:
+                self._cancel(request_id, f"no answer within {timeout:.1f} s")
+                raise McpTimeout(f"MCP server {self.server} did not answer {method} within {timeout:.1f} s; "
+                                 f"the request was cancelled")
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+        if waiter.message is None:  # unreadable, or the server went away meanwhile
+            raise McpError(waiter.failure or self._closed or f"MCP server {self.server} went away")
+        try:
+            return jsonrpc.response_value(waiter.message)
+        except jsonrpc.RpcError as exc:
+            raise McpError(f"MCP server {self.server} answered {method} with an error: {exc}") from None
+
+    def notify(self, method: str, params: Optional[dict] = None, timeout: float = 10.0) -> None:
+        self.channel.send(jsonrpc.notification(method, params), timeout)
+
+    def _cancel(self, request_id: int, reason: str) -> None:
+        try:
+            self.notify("notifications/cancelled", {"requestId": request_id, "reason": reason})
+        except McpError:
+            pass  # gone too: nothing left to cancel
+
+    # -------------------------------------------------------------- the protocol
+    def initialize(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        result = self.request("initialize", {"protocolVersion": OFFERED_VERSION, "capabilities": {},
+                                             "clientInfo": {"name": "agent2389", "version": __version__}}, timeout)
+        version = result.get("protocolVersion")
+        if version not in SUPPORTED_VERSIONS:
+            raise McpError(f"MCP server {self.server} speaks protocol version {str(version)[:40]!r}; agent2389 "
+                           f"speaks {', '.join(SUPPORTED_VERSIONS)}")
+        self.protocol_version = self.channel.protocol_version = version
+        self.server_info = result.get("serverInfo") if isinstance(result.get("serverInfo"), dict) else {}
+        self.notify("notifications/initialized", timeout=max(0.1, deadline - time.monotonic()))
+
+    def list_tools(self, timeout: float) -> list[dict]:
+        tools: list[dict] = []
+        cursor = None
+        for _ in range(_MAX_PAGES):
+            result = self.request("tools/list", {"cursor": cursor} if cursor else None, timeout)
+            page = result.get("tools")
+            if not isinstance(page, list):
+                raise McpError(f"MCP server {self.server} answered tools/list without a list of tools")
+            tools.extend(tool for tool in page if isinstance(tool, dict))
+            cursor = result.get("nextCursor")
+            if not isinstance(cursor, str) or not cursor:
+                return tools
+        log.warning("MCP server %s: tools/list still had more pages after %d; using the tools so far",
+                    self.server, _MAX_PAGES)
+        return tools
+
+    def call_tool(self, name: str, arguments: dict, timeout: float) -> dict:
+        return self.request("tools/call", {"name": name, "arguments": arguments}, timeout)
+
+    # -------------------------------------------------------------- from the server
+    def dispatch(self, message: dict) -> None:
+        if jsonrpc.is_response(message):
+            with self._lock:
+                waiter = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+            if waiter is not None:
+                waiter.message = message
+                waiter.done.set()
+            return
+        method = message.get("method")
+        if "id" in message:  # a request of the server's: we offer no capabilities but ping
+            answer = (jsonrpc.result_response(message["id"], {}) if method == "ping" else
+                      jsonrpc.error_response(message["id"], jsonrpc.METHOD_NOT_FOUND,
+                                             f"agent2389 does not offer {str(method)[:60]}"))
+            try:
+                self.channel.send(answer, 10.0)
+            except McpError as exc:
+                log.debug("MCP server %s: could not answer its %s: %s", self.server, method, exc)
+        elif method == "notifications/tools/list_changed":
+            self.on_tools_changed()
+
+    def fail(self, request_id: int, reason: str) -> None:
+        with self._lock:
+            waiter = self._pending.get(request_id)
+        if waiter is not None:
+            waiter.failure = reason
+            waiter.done.set()
+
+    def closed(self, reason: str) -> None:
+        """The server is gone: every waiting request ends with the reason."""
+        with self._lock:
+            if self._closed is not None:
+                return
+            self._closed = reason
+            waiting = list(self._pending.values())
+        for waiter in waiting:
+            waiter.done.set()
+        self.on_closed(reason)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def closed_reason(self) -> str:
+        return self._closed or ""
+
+    def close(self, timeout: float) -> None:
+        self.channel.close(timeout)
