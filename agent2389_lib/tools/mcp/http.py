@@ -11,6 +11,7 @@ import time
 from typing import Iterator, Optional
 
 import requests
+import urllib3
 
 from ...httpsessions import ThreadSessions, describe_failure, endpoint_session, public_url, timed_out
 from . import jsonrpc
@@ -18,6 +19,7 @@ from .session import McpError, McpSession, McpTimeout
 
 _BODY_SHOWN = 200  # characters of an error body in a message
 MAX_EVENT = 8 << 20  # bytes of one event-stream event (or JSON answer)
+_READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)  # reading a streamed body
 
 
 class SessionExpired(McpError):
@@ -74,7 +76,7 @@ class HttpChannel:
                     self.session.dispatch(answer)
                     if jsonrpc.is_response(answer) and answer.get("id") == message["id"]:
                         return
-            except requests.RequestException as exc:
+            except _READ_ERRORS as exc:
                 if timed_out(exc):
                     raise McpTimeout(f"MCP server {self.server} did not answer within {timeout:.1f} s") from None
                 raise McpError(f"MCP server {self.server}: the answer broke off: {describe_failure(exc)}") from None
@@ -92,7 +94,7 @@ class HttpChannel:
             raise McpError(f"MCP server {self.server} answered with more than {MAX_EVENT >> 20} MiB")
         try:
             decoded = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise McpError(f"MCP server {self.server} answered with something that is not JSON") from None
         for item in decoded if isinstance(decoded, list) else [decoded]:  # 2025-03-26 allows a batch
             if isinstance(item, dict) and item.get("jsonrpc") == "2.0":

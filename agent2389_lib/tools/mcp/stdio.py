@@ -107,7 +107,10 @@ class StdioChannel:
                 log.warning("MCP server %s wrote a line on stdout that is %s; ignored (stdout is for MCP "
                             "messages only: a server should log to stderr)", self.server, exc)
                 continue
-            self.session.dispatch(message)
+            try:
+                self.session.dispatch(message)
+            except Exception:  # the reader must outlive a message it could not handle
+                log.exception("MCP server %s: a message could not be handled", self.server)
         self.session.closed(self._exit_reason())
 
     def _drop_long_line(self, stdout: IO[bytes], first: bytes) -> None:
