@@ -78,7 +78,7 @@ class Link:
         self._generation = 0
         self._last_read = time.monotonic()
         self._had_session = False  # a connection was accepted since the last attempt
-        self._advisory_backlog = 0  # bytes of progress events since paho last wrote all it had
+        self._advisory_backlog = 0  # bytes of progress events since paho last wrote all it had (a bound, unlocked)
         self._dropping = False  # closing the socket ourselves: paho's report of it is ours to make
         self._woken = False
         self._thread: Optional[threading.Thread] = None
@@ -199,8 +199,9 @@ class Link:
                     and (self.version.refused(self.watch.where, str(reason_code)) or not self.version.v5)):
                 self.watch.broker_away()
                 return  # the next attempt speaks 3.1.1
+            why = describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id)
             self.watch.failed_attempt(logging.ERROR, f"broker {self.watch.where} refused the {self.name} connection: "
-                                      f"{describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id)}")
+                                                     f"{why}")
             return
         self.version.accepted(self.v5, self.watch.where)
         self._had_session = True
