@@ -13,6 +13,7 @@ import threading
 import time
 from typing import IO, Optional
 
+from ...logs import Throttle
 from ...protocol import redact
 from ..command import kill_group
 from . import jsonrpc
@@ -42,6 +43,7 @@ class StdioChannel:
         self._unwritten = 0  # bytes in the outbox
         self._count_lock = threading.Lock()
         self._writer: Optional[threading.Thread] = None
+        self._junk = Throttle()  # lines that are not messages: a line a minute about them
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
@@ -104,8 +106,11 @@ class StdioChannel:
             try:
                 message = jsonrpc.decode(line)
             except jsonrpc.RpcError as exc:
-                log.warning("MCP server %s wrote a line on stdout that is %s; ignored (stdout is for MCP "
-                            "messages only: a server should log to stderr)", self.server, exc)
+                count = self._junk.occurred()
+                if count:
+                    log.warning("MCP server %s wrote a line on stdout that is %s; ignored (stdout is for MCP "
+                                "messages only: a server should log to stderr)%s", self.server, exc,
+                                f" ({count} such lines since the last report)" if count > 1 else "")
                 continue
             try:
                 self.session.dispatch(message)
