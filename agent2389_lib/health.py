@@ -58,11 +58,16 @@ def readiness(status: AgentStatus) -> Optional[str]:
         return "intake is full: all workers busy and the queue at its bound"
     if status.store_problem:
         return f"state store degraded: {status.store_problem}"
-    for server in status.mcp_servers:
-        if server["required"] and server["state"] != "up":
-            return f"required MCP server {server['name']} is {server['state']}" + (
-                f": {server['last_error']}" if server["last_error"] else "")
+    down = _required_down(status)
+    if down:
+        server = down[0]
+        return f"required MCP server {server['name']} is {server['state']}" + (
+            f": {server['last_error']}" if server["last_error"] else "")
     return None
+
+
+def _required_down(status: AgentStatus) -> list[dict]:
+    return [server for server in status.mcp_servers if server["required"] and server["state"] != "up"]
 
 
 def health_report(status: AgentStatus, metrics: Metrics, now: float) -> dict:
@@ -85,8 +90,7 @@ def health_report(status: AgentStatus, metrics: Metrics, now: float) -> dict:
     checks = {"mqtt": mqtt, "task_processing": tasks, "state_store": store}
     if status.mcp_servers:
         down = [s["name"] for s in status.mcp_servers if s["state"] != "up"]
-        required_down = [s["name"] for s in status.mcp_servers if s["required"] and s["state"] != "up"]
-        checks["mcp_servers"] = {"status": "unhealthy" if required_down else "healthy",
+        checks["mcp_servers"] = {"status": "unhealthy" if _required_down(status) else "healthy",
                                  "message": f"not up: {', '.join(down)}" if down else "all MCP servers up",
                                  "last_check": stamp}
     healthy = all(check["status"] == "healthy" for check in checks.values())

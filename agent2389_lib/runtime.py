@@ -125,7 +125,7 @@ class AgentRuntime:
             self.dedupe.close()
             raise StartupError(str(exc)) from None
         self.tools.on_execution = self.metrics.tool_execution
-        self.metrics.mcp_servers = lambda: [server.status() for server in self.tools.servers]
+        self.metrics.mcp_servers = self.tools.server_statuses
         self.registry: Optional[Registry] = None
         route = None
         try:  # an HTTP endpoint the environment's proxy settings make unusable
@@ -162,7 +162,7 @@ class AgentRuntime:
 
     def status(self) -> AgentStatus:
         return AgentStatus(self.state, self.transport.connected, self.saturated(), self.intake.depth(),
-                           self.dedupe.degraded, tuple(server.status() for server in self.tools.servers))
+                           self.dedupe.degraded, tuple(self.tools.server_statuses()))
 
     def publish_progress(self, task_id: str, conversation_id: str, category: str, event_type: str, message: str,
                          metadata: Optional[dict]) -> None:

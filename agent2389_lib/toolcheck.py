@@ -24,7 +24,7 @@ def list_tools(config: AgentConfig, as_json: bool) -> int:
     try:
         rows = [{"name": tool.name, "source": tool.source, "description": tool.description,
                  "input_schema": tool.schema} for tool in registry.tools.values()]
-        servers = [server.status() for server in registry.servers]
+        servers = registry.server_statuses()
     finally:
         registry.shutdown()
     if as_json:

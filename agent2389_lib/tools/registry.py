@@ -51,6 +51,9 @@ class ToolRegistry:
                 current.setdefault(name, tool)
         return current
 
+    def server_statuses(self) -> list[dict]:
+        return [server.status() for server in self.servers]
+
     def definitions(self) -> list[ToolDef]:
         return [ToolDef(t.name, t.description, t.schema) for t in self.tools.values()]
 

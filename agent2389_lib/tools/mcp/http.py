@@ -102,12 +102,10 @@ class HttpChannel:
 
     def close(self, timeout: float) -> None:
         """DELETE the session (a server that does not allow it answers 405: fine)."""
+        headers = self._headers()
         with self._lock:
             session_id, self._session_id = self._session_id, None
         if session_id:
-            headers = {"Mcp-Session-Id": session_id}
-            if self.protocol_version:
-                headers["MCP-Protocol-Version"] = self.protocol_version
             try:
                 self._sessions.get().delete(self.url, headers=headers, timeout=max(0.1, timeout)).close()
             except requests.RequestException:

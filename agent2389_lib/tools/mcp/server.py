@@ -103,21 +103,22 @@ class McpServer:
             if not self._stop.is_set():
                 self.restarts += 1
 
+    def _new_session(self) -> McpSession:
+        """A session that starts its channel (the process, for stdio) and wakes the supervisor when lost."""
+        return McpSession(self.name, self._open_channel, on_tools_changed=self._tools_changed,
+                          on_closed=lambda reason: self._wake.set())
+
     def _connect(self) -> None:
-        session = McpSession(self.name, self._open_channel, on_tools_changed=self._tools_changed,
-                             on_closed=lambda reason: self._wake.set())
+        """A failed attempt leaves its session in `_session`, for `_went_down` (or `stop`) to close."""
+        session = self._new_session()
         with self._lock:
             self._session = session
         if self._stop.is_set():
             session.close(1.0)
             return
         deadline = time.monotonic() + self.spec.startup_timeout
-        try:
-            session.initialize(self.spec.startup_timeout)
-            self._install(session.list_tools(max(0.1, deadline - time.monotonic())))
-        except McpError:
-            session.close(2.0)
-            raise
+        session.initialize(self.spec.startup_timeout)
+        self._install(session.list_tools(max(0.1, deadline - time.monotonic())))
         self.state, self.last_error = "up", ""
         self._up.set()
         log.info("MCP server %s is up (%s, protocol %s): %d tools", self.name, self.transport,
@@ -237,16 +238,16 @@ class McpServer:
             if self.transport == "http":
                 session.closed(str(exc))  # the supervisor reconnects
             raise
-        self._reopen(timeout - (time.monotonic() - started))
-        return self._session.call_tool(tool, arguments, max(0.1, timeout - (time.monotonic() - started)))
+        session = self._reopen(timeout - (time.monotonic() - started))
+        return session.call_tool(tool, arguments, max(0.1, timeout - (time.monotonic() - started)))
 
-    def _reopen(self, timeout: float) -> None:
+    def _reopen(self, timeout: float) -> McpSession:
         """A new HTTP session in place of one the server forgot (on the calling thread: the call waits for it)."""
-        session = McpSession(self.name, self._open_channel, on_tools_changed=self._tools_changed,
-                             on_closed=lambda reason: self._wake.set())
+        session = self._new_session()
         session.initialize(max(0.1, timeout))
         with self._lock:
             self._session = session
+        return session
 
 
 def _plain(value: object) -> str:
