@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -84,14 +85,40 @@ class Intake:
             dropped += 1
 
 
+class StopRequest:
+    """A stop asked for by SIGTERM or SIGINT. The handler runs in the main thread between any two
+    bytecodes, possibly while that thread holds a lock: inside `threading.Event.wait` it holds the
+    event's own lock, so setting an Event from the handler can deadlock the agent for good. The
+    handler therefore takes no lock: it keeps the signal's name and writes a byte to a pipe that
+    `wait` selects on. Logging from it would fail the same way; the main thread logs the stop."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._readable, self._writable = os.pipe()
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            os._exit(128 + signum)  # the second signal: at once
+        self.signal_name = signal.Signals(signum).name
+        os.write(self._writable, b"!")  # one byte ever: the pipe cannot be full
+
+    def is_set(self) -> bool:
+        return self.signal_name is not None
+
+    def wait(self, timeout: float) -> bool:
+        """True once a stop was asked for; a signal arriving after the check still ends the select."""
+        if not self.is_set():
+            select.select([self._readable], [], [], timeout)
+        return self.is_set()
+
+
 class AgentRuntime:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.workers = config.max_pipeline_depth
         self.metrics = Metrics(config.agent_id, self.workers)
         self._state = "starting"
-        self.stop_requested = threading.Event()
-        self.stop_signal: Optional[str] = None  # set by the signal handler
+        self.stop_requested = StopRequest()
         self._hard_stop = threading.Event()
         self._accepting = True
         self._last_delivery = 0.0
@@ -341,7 +368,7 @@ class AgentRuntime:
         self.log_stop_signal()
 
     def log_stop_signal(self) -> None:
-        log.info("received %s: finishing in-flight tasks (send again to exit at once)", self.stop_signal or "a stop")
+        log.info("received %s: finishing in-flight tasks (send again to exit at once)", self.stop_requested.signal_name)
 
     def shutdown(self) -> bool:
         """Warm shutdown; returns False when tasks were still running after the grace period."""
@@ -383,17 +410,8 @@ class AgentRuntime:
 
 
 def _install_signal_handlers(runtime: AgentRuntime) -> None:
-    """The handler only records the signal: it runs in the main thread wherever that was, possibly
-    in the middle of writing a log line, so logging from it fails ("reentrant call") and can
-    leave the main thread broken. The main thread logs it once it sees the stop."""
-    def handle(signum: int, frame: Any) -> None:
-        if runtime.stop_requested.is_set():
-            os._exit(128 + signum)  # the second signal: at once
-        runtime.stop_signal = signal.Signals(signum).name
-        runtime.stop_requested.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, runtime.stop_requested.handle)
+    signal.signal(signal.SIGINT, runtime.stop_requested.handle)
 
 
 def run_agent(config: AgentConfig) -> int:

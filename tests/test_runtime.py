@@ -3,8 +3,11 @@
 import json
 import signal
 import subprocess
+import sys
+import threading
 import unittest
 
+from agent2389_lib.runtime import StopRequest
 from fake_llm import FakeOpenAI, Reply, Status
 from support import AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, new_task_id, wait_until
 
@@ -411,6 +414,41 @@ class BacklogTests(BrokerTestCase):
         print(f"\nbacklog: {self.TASKS} tasks drained, agent peak RSS {peak_mb:.1f} MB")
         self.assertEqual(len({r["task_id"] for r in replies}), self.TASKS)
         self.assertLess(peak_mb, 80)
+
+
+class StopRequestTests(unittest.TestCase):
+    """SIGTERM's handler runs in the main thread between any two bytecodes, also while that thread
+    holds a lock (entering `threading.Event.wait` it holds the event's): a handler that takes one
+    can wait for itself for ever, and the agent never stops (seen once in 1,152 CI runs)."""
+
+    def test_the_signal_handler_takes_no_lock(self):
+        for stop in (StopRequest(), _EventStop()):
+            with self.subTest(type(stop).__name__):
+                entered = []
+
+                def profile(frame, event, arg):
+                    name = frame.f_code.co_name if event == "call" else getattr(arg, "__name__", "")
+                    if event in ("call", "c_call") and name in ("acquire", "__enter__"):
+                        entered.append(name)
+
+                sys.setprofile(profile)
+                try:
+                    stop.handle(signal.SIGTERM, None)
+                finally:
+                    sys.setprofile(None)
+                self.assertTrue(stop.wait(0))
+                if isinstance(stop, StopRequest):
+                    self.assertEqual(entered, [])
+                    self.assertEqual(stop.signal_name, "SIGTERM")
+                else:  # the check itself can fail: an Event takes its lock
+                    self.assertNotEqual(entered, [])
+
+
+class _EventStop(threading.Event):
+    """What the handler did before: set an Event."""
+
+    def handle(self, signum, frame):
+        self.set()
 
 
 if __name__ == "__main__":
