@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send a v2 envelope with a workflow context; with --wait, wait for the workflow's final "
                              "answer and print the route it took")
     inject.add_argument("--query", help="v2: the original query (default: the instruction or message)")
+    inject.add_argument("--traceparent", help="continue this W3C trace (default: a new trace; its id is printed)")
     _add_wait_args(inject)
     _add_broker_args(inject)
 
@@ -200,8 +201,17 @@ def _json_arg(parser_name: str, value: Optional[str]):
 
 
 def _deliver(args: argparse.Namespace, task: dict) -> int:
-    from . import ops
+    """Publish `task` as the first span of a trace (or of the one `--traceparent` names)."""
+    from . import ops, tracing
     from .opsclient import OperatorError
+    given = getattr(args, "traceparent", None)
+    parent = tracing.parse(given)
+    if given is not None and parent is None:
+        print(f"error: --traceparent {given!r} is not a W3C traceparent (00-<32 hex digits: trace id>-<16 hex "
+              f"digits: parent span id>-<2 hex digits: flags>)", file=sys.stderr)
+        return EXIT_CONFIG
+    context = tracing.child_of(parent)
+    task = {**task, **context.fields()}
     client = _client(args)
     show = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
@@ -212,7 +222,8 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
     finally:
         client.close()
     if args.json:
-        print(json.dumps({"task": task, "reply": reply, "timed_out": code == ops.EXIT_TIMEOUT}, ensure_ascii=False))
+        print(json.dumps({"task": task, "reply": reply, "timed_out": code == ops.EXIT_TIMEOUT,
+                          "trace_id": context.trace_id}, ensure_ascii=False))
     else:
         route = ops.describe_workflow(reply)
         if route:
@@ -282,7 +293,8 @@ def _monitor(args: argparse.Namespace) -> int:
                     continue
                 print(f"{protocol.rfc3339()} {line}", flush=True)
             else:
-                print(ops.render(message.topic, message.payload, args.format, colour), flush=True)
+                print(ops.render(message.topic, message.payload, args.format, colour,
+                                 user_properties=getattr(message.properties, "UserProperty", ())), flush=True)
             seen += 1
     except KeyboardInterrupt:
         pass

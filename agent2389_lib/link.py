@@ -11,7 +11,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -21,7 +21,8 @@ from .config import MqttSettings
 from .errors import PayloadTooLarge
 from .linkwatch import LinkWatch
 from .metrics import Metrics
-from .mqttclient import UNSUPPORTED_PROTOCOL, ProtocolVersion, describe_refusal, new_client, publish_packet_size
+from .mqttclient import (UNSUPPORTED_PROTOCOL, ProtocolVersion, describe_refusal, new_client, publish_packet_size,
+                         user_properties)
 from .tickets import PublishTicket, Tickets
 from .wire import close_socket
 
@@ -46,6 +47,7 @@ class InboundMessage:
     _link: "Link" = field(repr=False, compare=False)
     _generation: int = field(repr=False, default=0)
     qos: int = field(compare=False, default=1)
+    user_properties: tuple = field(compare=False, default=())  # MQTT 5 (name, value) pairs
 
     def ack(self) -> None:
         """A QoS 0 delivery has nothing to acknowledge (a PUBACK for it is a protocol error that
@@ -143,36 +145,40 @@ class Link:
             pass
 
     # -------------------------------------------------------------- publishing and acking
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> PublishTicket:
-        """Queue a QoS 1 publish; paho sends it now or after the next reconnect. Raises PayloadTooLarge
-        instead of sending what the broker announced it would refuse (it would drop the link,
-        and paho would resend the same packet on every reconnect)."""
-        size = publish_packet_size(topic, payload, self.v5)
+    def publish(self, topic: str, payload: bytes, retain: bool = False,
+                headers: Sequence[tuple[str, str]] = ()) -> PublishTicket:
+        """Queue a QoS 1 publish; paho sends it now or after the next reconnect. `headers` go as
+        MQTT 5 user properties (3.1.1 has none). Raises PayloadTooLarge instead of sending what
+        the broker announced it would refuse (it would drop the link, and paho would resend the
+        same packet on every reconnect)."""
+        size = publish_packet_size(topic, payload, self.v5, user_properties(headers, self.v5))
         if self.max_packet_size is not None and size > self.max_packet_size:
             raise PayloadTooLarge(size, self.max_packet_size, "broker's maximum packet size")
         ticket = PublishTicket()
         with self._client_lock:
-            self._queue(ticket, topic, payload, retain)
+            self._queue(ticket, topic, payload, retain, tuple(headers))
         return ticket  # paho's register-write callback wakes the network thread
 
-    def publish_advisory(self, topic: str, payload: bytes) -> None:
+    def publish_advisory(self, topic: str, payload: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
         """QoS 0, for progress events: nothing waits for them, and one lost costs nothing. Dropped,
         and counted as a dropped progress event, while no session is open (paho drops QoS 0
         messages then), over the broker's maximum packet size, or behind a 1 MiB send backlog
         (a broker that stopped reading must not make us hold what can be dropped)."""
-        fits = self.max_packet_size is None or publish_packet_size(topic, payload, self.v5) <= self.max_packet_size
+        properties = user_properties(headers, self.v5)
+        fits = (self.max_packet_size is None
+                or publish_packet_size(topic, payload, self.v5, properties) <= self.max_packet_size)
         if (self.connected and fits and self._advisory_backlog <= _ADVISORY_BACKLOG
-                and self.client.publish(topic, payload, qos=0).rc == mqtt.MQTT_ERR_SUCCESS):
+                and self.client.publish(topic, payload, qos=0, properties=properties).rc == mqtt.MQTT_ERR_SUCCESS):
             self._advisory_backlog += len(payload)
             self.metrics.published_message(True)
         else:
             self.metrics.progress_dropped()
 
-    def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+    def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool, headers: tuple) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=user_properties(headers, self.v5))
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise RuntimeError("MQTT outgoing queue is full")
-        self._tickets.track(info.mid, ticket, (topic, payload, retain))
+        self._tickets.track(info.mid, ticket, (topic, payload, retain, headers))
 
     def _replace_client(self) -> None:
         """A client for the other protocol version; what the old one had not yet delivered is
@@ -238,7 +244,8 @@ class Link:
 
     def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.on_message(InboundMessage(message.topic, message.payload, bool(message.retain), message.mid,
-                                       self, self._generation, message.qos))
+                                       self, self._generation, message.qos,
+                                       tuple(getattr(message.properties, "UserProperty", ()))))
 
     # -------------------------------------------------------------- network loop
     def _run(self) -> None:

@@ -1,7 +1,9 @@
 """Process-wide logging: JSON lines or readable text, with secrets redacted everywhere.
 
 A JSON line looks like the deployment guide's example:
-`{"timestamp", "level", "target", "span": {...}, "fields": {"message": ...}}`.
+`{"timestamp", "level", "target", "span": {...}, "fields": {"message": ...}}`; a line written
+inside a traced span (a task, its LLM requests, tool calls and publishes) also has `trace_id`
+and `span_id`, so a log aggregator can link it to its trace.
 `target` is the logger name with dots as `::` (e.g. `agent2389::transport::mqtt`), so
 `jq 'select(.target | contains("mqtt"))'` picks the MQTT lines. Pass `extra={"span": {...}}`
 to attach a span (e.g. `{"operation": "task_processing", "task_id": ...}`).
@@ -17,6 +19,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Optional, TextIO
 
+from . import tracing
 from .protocol import redact, utc_millis
 
 _LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
@@ -57,6 +60,9 @@ class JsonFormatter(logging.Formatter):
         if record.exc_text:
             fields["exception"] = record.exc_text
         line = {"timestamp": utc_millis(record.created), "level": _level(record), "target": _target(record)}
+        context = tracing.current()
+        if context is not None:
+            line["trace_id"], line["span_id"] = context.trace_id, context.span_id
         span = getattr(record, "span", None)
         if span:
             line["span"] = span
@@ -71,6 +77,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         span = getattr(record, "span", None)
         span_text = " " + " ".join(f"{k}={v}" for k, v in span.items()) if span else ""
+        context = tracing.current()
+        if context is not None:
+            span_text += f" trace_id={context.trace_id}"
         text = f"{utc_millis(record.created)} {_level(record):5} {_target(record)}{span_text}: {record.getMessage()}"
         if record.exc_text:
             text += "\n" + record.exc_text

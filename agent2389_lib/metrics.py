@@ -82,6 +82,7 @@ class Metrics:
         self.connection_attempts = self.connections_established = self.connection_failures = 0
         self.published = self.publish_failures = self.messages_received = 0
         self.outcomes_undeliverable = self.progress_events_dropped = 0
+        self.spans_exported_count = self.spans_dropped_count = 0
         self.last_heartbeat: Optional[float] = None
         self.connected_since: Optional[float] = None
         # tools, llm, lifecycle
@@ -158,6 +159,14 @@ class Metrics:
     def progress_dropped(self) -> None:
         with self._lock:
             self.progress_events_dropped += 1
+
+    def spans_exported(self, count: int) -> None:
+        with self._lock:
+            self.spans_exported_count += count
+
+    def spans_dropped(self, count: int) -> None:
+        with self._lock:
+            self.spans_dropped_count += count
 
     def outcome_undeliverable(self) -> None:
         with self._lock:
@@ -262,6 +271,7 @@ class Metrics:
                     "connection_duration_seconds": round(now - self.connected_since, 3) if self.connected_since else 0,
                 },
                 "mcp": {"servers": mcp_servers},
+                "tracing": {"spans_exported": self.spans_exported_count, "spans_dropped": self.spans_dropped_count},
                 "tools": {"tool_stats": tools,
                           "total_executions": sum(t["executions"] for t in tools.values()),
                           "total_failures": sum(t["failures"] for t in tools.values()),
@@ -337,6 +347,11 @@ def prometheus_text(snapshot: dict, version: str) -> str:
     family("agent2389_outcomes_undeliverable_total", "counter", "Task outcomes the broker refused for good "
            "(not authorized, invalid topic, too large): final for their task, sent to the dead-letter topic.",
            [("", {}, mqtt["outcomes_undeliverable"])])
+    family("agent2389_tracing_spans_exported_total", "counter", "Spans the OTLP collector accepted.",
+           [("", {}, snapshot["tracing"]["spans_exported"])])
+    family("agent2389_tracing_spans_dropped_total", "counter", "Spans dropped: the export queue was full "
+           "(OTEL_BSP_MAX_QUEUE_SIZE) or the collector refused them or could not be reached.",
+           [("", {}, snapshot["tracing"]["spans_dropped"])])
     family("agent2389_tool_executions_total", "counter", "Tool executions.",
            [("", {"tool": n}, s["executions"]) for n, s in tools.items()])
     family("agent2389_tool_failures_total", "counter", "Failed tool executions.",

@@ -3,11 +3,16 @@ what went wrong while connecting. Shared by the agent's links and the operator c
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import threading
 
+from typing import Optional, Sequence
+
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .config import MqttSettings
 from .wire import open_socket
@@ -17,10 +22,36 @@ log = logging.getLogger("agent2389.transport.mqtt")
 UNSUPPORTED_PROTOCOL = 0x84  # paho maps the 3.1.1 CONNACK code 1 to it too
 
 
-def publish_packet_size(topic: str, payload: bytes, v5: bool) -> int:
-    """Bytes of a QoS 1 PUBLISH without properties (fixed header, topic, packet id, payload): what
-    a broker's maximum packet size is compared with. paho does not check it itself."""
-    remaining = 2 + len(topic.encode("utf-8")) + 2 + (1 if v5 else 0) + len(payload)
+class _PackedOnce(Properties):
+    """PUBLISH properties that never change once made, packed once: paho packs properties on every
+    send, and every message of a task carries the same ones (its trace context)."""
+
+    def __init__(self, headers: tuple):
+        super().__init__(PacketTypes.PUBLISH)
+        self.UserProperty = list(headers)
+        object.__setattr__(self, "_packed", Properties.pack(self))  # paho's __setattr__ takes property names only
+
+    def pack(self) -> bytes:
+        return self._packed
+
+
+@functools.lru_cache(maxsize=256)
+def _packed_properties(headers: tuple) -> Properties:
+    return _PackedOnce(headers)
+
+
+def user_properties(headers: Sequence[tuple[str, str]], v5: bool) -> Optional[Properties]:
+    """PUBLISH properties carrying `headers` (e.g. traceparent) on MQTT 5; 3.1.1 has none."""
+    if not (v5 and headers):
+        return None
+    return _packed_properties(tuple(headers))
+
+
+def publish_packet_size(topic: str, payload: bytes, v5: bool, properties: Optional[Properties] = None) -> int:
+    """Bytes of a QoS 1 PUBLISH (fixed header, topic, packet id, properties, payload): what a
+    broker's maximum packet size is compared with. paho does not check it itself."""
+    packed = len(properties.pack()) if properties is not None else (1 if v5 else 0)
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + packed + len(payload)
     length_bytes = 1 + (remaining >= 1 << 7) + (remaining >= 1 << 14) + (remaining >= 1 << 21)
     return 1 + length_bytes + remaining
 

@@ -9,9 +9,9 @@ import urllib.error
 import urllib.request
 import uuid
 from datetime import datetime
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
-from . import protocol
+from . import protocol, tracing
 from .opsclient import OperatorClient
 
 EXIT_RESPONSE, EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 3, 124
@@ -77,12 +77,13 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float],
     answer_topic = f"/conversations/{task['conversation_id']}/+"
     if wait is not None:
         client.subscribe([answer_topic] + ([PROGRESS_TOPIC] if on_progress else []))
-    client.publish(task["topic"], protocol.to_payload(task))
+    context = _trace(task)
+    client.publish(task["topic"], protocol.to_payload(task), headers=context.headers() if context else ())
     if wait is None:
         return EXIT_RESPONSE, None
     if on_progress:
-        on_progress(f"published task {task['task_id']} to {task['topic']}; waiting up to {wait:g} s for an answer "
-                    f"on {answer_topic}")
+        on_progress(f"published task {task['task_id']} to {task['topic']}{_trace_note(task)}; waiting up to {wait:g} s "
+                    f"for an answer on {answer_topic}")
     deadline = time.monotonic() + wait
     while True:
         left = deadline - time.monotonic()
@@ -98,9 +99,20 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float],
             return (EXIT_ERROR if "error" in payload else EXIT_RESPONSE), {"topic": message.topic, "payload": payload}
 
 
+def _trace(task: dict) -> Optional[tracing.TraceContext]:
+    return tracing.parse(task.get(tracing.TRACEPARENT), task.get(tracing.TRACESTATE))
+
+
+def _trace_note(task: dict) -> str:
+    context = _trace(task)
+    return f" (trace {context.trace_id})" if context else ""
+
+
 def describe_reply(reply: Optional[dict], task: dict, wait: Optional[float]) -> str:
     if wait is None:
-        return f"published task {task['task_id']} to {task['topic']} (conversation {task['conversation_id']})"
+        context = _trace(task)
+        return (f"published task {task['task_id']} to {task['topic']} (conversation {task['conversation_id']}"
+                f"{', trace ' + context.trace_id if context else ''})")
     if reply is None:
         return f"no answer to task {task['task_id']} within {wait:g} s"
     payload = reply["payload"]
@@ -188,18 +200,22 @@ def _json_or_text(data: bytes) -> Any:
         return data.decode("utf-8", "replace")
 
 
-def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[datetime] = None) -> str:
+def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[datetime] = None,
+           user_properties: Sequence[tuple[str, str]] = ()) -> str:
     payload = _json_or_text(data)
     kind = message_type(topic, payload)
     stamp = protocol.rfc3339(now)
+    fields = payload if isinstance(payload, dict) else {}
+    context = tracing.extract(user_properties, fields.get(tracing.TRACEPARENT), fields.get(tracing.TRACESTATE))
     if fmt == "json":
-        return json.dumps({"timestamp": stamp, "message_type": kind, "topic": topic, "payload": payload},
-                          ensure_ascii=False)
+        return json.dumps({"timestamp": stamp, "message_type": kind, "topic": topic, "payload": payload,
+                           "trace_id": context.trace_id if context else None}, ensure_ascii=False)
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")) if not isinstance(payload, str) else payload
     summary = _summary(kind, payload, body)
+    trace = f" trace={context.trace_id}" if context else ""
     if fmt == "compact":
-        return f"{stamp[11:23]} {kind} {topic} {_one_line(summary)}"
-    line = f"{stamp[11:23]}  {kind.upper():8} {topic}\n    {summary}"
+        return f"{stamp[11:23]} {kind} {topic}{trace} {_one_line(summary)}"
+    line = f"{stamp[11:23]}  {kind.upper():8} {topic}{trace}\n    {summary}"
     return f"{_COLOURS[kind]}{line}{_RESET}" if colour else line
 
 

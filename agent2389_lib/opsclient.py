@@ -6,12 +6,12 @@ import queue
 import ssl
 import threading
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import paho.mqtt.client as mqtt
 
 from .config import MqttSettings
-from .mqttclient import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client
+from .mqttclient import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client, user_properties
 
 
 class OperatorError(Exception):
@@ -104,8 +104,9 @@ class OperatorClient:
         self.client.subscribe([(topic, 1) for topic in topics])
         self._wait(self._subscribed, timeout, "subscribe")
 
-    def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
-        info = self.client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0, headers: Sequence[tuple[str, str]] = ()) -> None:
+        """`headers` go as MQTT 5 user properties (3.1.1 has none)."""
+        info = self.client.publish(topic, payload, qos=1, properties=user_properties(headers, self.version == "5"))
         try:
             info.wait_for_publish(timeout)
         except (RuntimeError, ValueError) as exc:

@@ -15,9 +15,9 @@ import logging
 import re
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, Sequence
 
-from . import protocol, workflow
+from . import protocol, tracing, workflow
 from .backoff import jittered
 from .config import AgentConfig
 from .dedupe import COMPLETED, NEW, DedupeStore
@@ -50,6 +50,7 @@ class Delivery(Protocol):
     topic: str
     payload: bytes
     retain: bool
+    user_properties: tuple  # MQTT 5 (name, value) pairs
 
     def ack(self) -> None: ...
 
@@ -62,7 +63,8 @@ class Ticket(Protocol):
 
 
 class Publisher(Protocol):
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> Ticket: ...
+    def publish(self, topic: str, payload: bytes, retain: bool = False,
+                headers: Sequence[tuple[str, str]] = ()) -> Ticket: ...
 
 
 class PublishAbandoned(Exception):
@@ -113,6 +115,7 @@ class TaskProcessor:
         # compared with the envelope's topic rather than the delivered name, which a broker may
         # rewrite (RabbitMQ swaps '.' and '/')
         self.input_topic = protocol.canonicalize_topic(protocol.input_topic(config.agent_id))
+        self._span_name = f"process {self.input_topic}"
         self.think = think
         self.publisher = publisher
         self.dedupe = dedupe
@@ -161,9 +164,23 @@ class TaskProcessor:
             delivery.ack()
             return
         key = protocol.task_key(self.agent_id, envelope)
-        with self._claimed(key, envelope.task_id, envelope.conversation_id, delivery) as claim:
-            if claim is not None:
-                self._run_claimed(claim, envelope)
+        parent = tracing.extract(delivery.user_properties, envelope.traceparent, envelope.tracestate)
+        with self._task_span(delivery, parent, envelope.task_id, envelope.conversation_id) as task_span:
+            with self._claimed(key, envelope.task_id, envelope.conversation_id, delivery) as claim:
+                if claim is not None:
+                    self._run_claimed(claim, envelope, task_span)
+
+    def _task_span(self, delivery: Delivery, parent: Optional[tracing.TraceContext], task_id: Optional[str],
+                   cid: Optional[str]) -> ContextManager[tracing.Span]:
+        """The task's span (OpenTelemetry's messaging conventions): what its messages carry, what
+        its log lines name."""
+        attributes = {"messaging.system": "mqtt", "messaging.operation.type": "process",
+                      "messaging.operation.name": "process", "messaging.destination.name": delivery.topic}
+        if task_id:
+            attributes["messaging.message.id"] = task_id
+        if cid:
+            attributes["messaging.message.conversation_id"] = cid
+        return tracing.span(self._span_name, tracing.CONSUMER, attributes, parent, task=True)
 
     # -------------------------------------------------------------- claims
     @contextmanager
@@ -206,19 +223,21 @@ class TaskProcessor:
             self.metrics.task_dropped("rejected")
             delivery.ack()
             return
-        log.warning("rejecting task %s: %s", task_id, reason,
-                    extra={"span": {"operation": "task_processing", **self._ids(task_id, cid)}})
         key = f"{self.agent_id}/{task_id}/{hashlib.sha256(delivery.payload).hexdigest()[:32]}"
-        with self._claimed(key, task_id, cid, delivery) as claim:
-            if claim is None:
-                return
-            self.progress(task_id, cid, "General", "ValidationError", "the task envelope is invalid", None)
-            self._publish(claim, claim.reply_topic,
-                          protocol.error_message(protocol.INVALID_INPUT, reason, task_id, self.secrets))
-            self.metrics.task_dropped("rejected")
+        with self._task_span(delivery, tracing.extract(delivery.user_properties), task_id, cid) as task_span:
+            log.warning("rejecting task %s: %s", task_id, reason,
+                        extra={"span": {"operation": "task_processing", **self._ids(task_id, cid)}})
+            task_span.fail(protocol.INVALID_INPUT)
+            with self._claimed(key, task_id, cid, delivery) as claim:
+                if claim is None:
+                    return
+                self.progress(task_id, cid, "General", "ValidationError", "the task envelope is invalid", None)
+                self._publish(claim, claim.reply_topic,
+                              protocol.error_message(protocol.INVALID_INPUT, reason, task_id, self.secrets))
+                self.metrics.task_dropped("rejected")
 
     # -------------------------------------------------------------- one task
-    def _run_claimed(self, claim: Claim, envelope: TaskEnvelope) -> None:
+    def _run_claimed(self, claim: Claim, envelope: TaskEnvelope, task_span: tracing.Span) -> None:
         started = time.monotonic()
         ids = (envelope.task_id, envelope.conversation_id)
         outcome = "failed"
@@ -228,8 +247,12 @@ class TaskProcessor:
                 log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=extra)
                 self.progress(*ids, "General", "TaskStart", "task accepted", None)
                 topic, message = self._outcome(envelope, claim.deadline)
+                if "response" not in message and "error" not in message and task_span.context is not None:
+                    message = {**message, **task_span.context.fields()}  # a forward: for 3.1.1 brokers too
                 message = self._publish(claim, topic, message)
                 error = message.get("error")
+                if error is not None or claim.undeliverable:
+                    task_span.fail(error["code"] if error else "outcome_undeliverable")
                 outcome = "completed" if error is None else ("rejected" if error["code"] in _REJECTION_CODES else "failed")
                 kind = "error " + error["code"] if error else ("response" if "response" in message else "forward")
                 if claim.undeliverable:
@@ -267,8 +290,14 @@ class TaskProcessor:
     def _publish_and_wait(self, claim: Claim, topic: str, payload: bytes) -> None:
         """Publish until the broker accepts; a refusal that may pass later is retried with
         backoff until the task's deadline. Raises OutcomeUndeliverable."""
+        attributes = {"messaging.system": "mqtt", "messaging.operation.type": "send", "messaging.operation.name": "send",
+                      "messaging.destination.name": topic, "messaging.message.id": claim.task_id}
+        with tracing.span(f"send {tracing.destination_template(topic)}", tracing.PRODUCER, attributes):
+            self._publish_until_accepted(claim, topic, payload)
+
+    def _publish_until_accepted(self, claim: Claim, topic: str, payload: bytes) -> None:
         for attempt in itertools.count():
-            ticket = self.publisher.publish(topic, payload)
+            ticket = self.publisher.publish(topic, payload, headers=tracing.task_headers())
             waited = 0.0
             while not ticket.wait(_PUBLISH_PATIENCE):
                 waited += _PUBLISH_PATIENCE
@@ -301,7 +330,7 @@ class TaskProcessor:
                                               refused.refusal, None if refused.code == _PACKET_TOO_LARGE else outcome,
                                               size)
         try:
-            ticket = self.publisher.publish(where, protocol.to_payload(letter))
+            ticket = self.publisher.publish(where, protocol.to_payload(letter), headers=tracing.task_headers())
         except (PayloadTooLarge, RuntimeError) as exc:
             log.error("task %s: could not send it to the dead-letter topic %s: %s", claim.task_id, where, exc)
             return

@@ -134,6 +134,8 @@ class TaskEnvelope:
     version: Optional[str] = None  # set only for v2 envelopes
     context: Optional[dict] = None
     routing_trace: Optional[list] = None
+    traceparent: Any = None  # W3C trace context fields, as they came (tracing.extract checks them)
+    tracestate: Any = None
 
 
 def normalize_uuid(value: object) -> Optional[str]:
@@ -220,7 +222,8 @@ def _parse_envelope_object(data: dict, task_id: Optional[str], raw_task_id: Any,
         raise EnvelopeError("envelope has no input (use null for none)")
     nxt, depth = _parse_next_chain(data.get("next"))
     version, context, trace = _v2_fields(data)
-    return TaskEnvelope(task_id, raw_cid, topic, instruction, data["input"], nxt, depth, version, context, trace)
+    return TaskEnvelope(task_id, raw_cid, topic, instruction, data["input"], nxt, depth, version, context, trace,
+                        data.get("traceparent"), data.get("tracestate"))
 
 
 def _usable_conversation_id(value: Any) -> bool:

@@ -17,11 +17,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Optional
 
-from . import __version__, protocol
+from . import __version__, protocol, tracing
 from .config import AgentConfig
 from .dedupe import DedupeStore, StoreError
 from .errors import LlmError
 from .health import AgentStatus, HealthServer
+from .httpsessions import public_url
 from .llm import build_agent_loop
 from .logs import span
 from .metrics import Metrics
@@ -118,6 +119,7 @@ class AgentRuntime:
         self.workers = config.max_pipeline_depth
         self.metrics = Metrics(config.agent_id, self.workers)
         self._state = "starting"
+        tracing.install(_build_tracer(config, self.metrics))
         self.stop_requested = StopRequest()
         self._hard_stop = threading.Event()
         self._accepting = True
@@ -198,7 +200,8 @@ class AgentRuntime:
         if self.config.progress:
             payload = protocol.to_payload(protocol.progress_message(
                 self.config.agent_id, task_id, conversation_id, category, event_type, message, metadata))
-            self.transport.publish_advisory(protocol.progress_topic(self.config.agent_id, category), payload)
+            self.transport.publish_advisory(protocol.progress_topic(self.config.agent_id, category), payload,
+                                            tracing.task_headers())
 
     # -------------------------------------------------------------- status
     def load(self) -> float:
@@ -401,12 +404,30 @@ class AgentRuntime:
                 self._publish_status(last, protocol.UNAVAILABLE, _STATUS_WAIT)
         self.transport.stop()
         self.tools.shutdown(max(1.0, grace_ends - time.monotonic()))
+        tracing.shutdown(max(1.0, grace_ends - time.monotonic()))
         self.executor.shutdown(wait=False)
         self.dedupe.close()
         self.state = "stopped"
         self.health.stop()
         log.info("agent %s stopped", self.config.agent_id)
         return not pending
+
+
+def _build_tracer(config: AgentConfig, metrics: Metrics) -> tracing.Tracer:
+    """Spans are recorded and exported by the OpenTelemetry SDK when an OTLP endpoint is set and
+    the `[otel]` extra is installed; otherwise the stdlib tracer mints the ids that propagation
+    and log lines need."""
+    settings = config.tracing
+    if not (settings.enabled and settings.endpoint):
+        return tracing.Tracer(settings.enabled)
+    try:
+        from .otelexport import OtelTracer
+    except ImportError as exc:
+        log.warning("traces are not exported to %s: the OpenTelemetry SDK cannot be imported (%s); install it with "
+                    "pip install 'agent2389[otel]'. Messages still carry trace context and log lines trace ids",
+                    public_url(settings.endpoint), exc)
+        return tracing.Tracer()
+    return OtelTracer(settings, config.agent_id, metrics)
 
 
 def _install_signal_handlers(runtime: AgentRuntime) -> None:

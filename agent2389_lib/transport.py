@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -129,11 +129,12 @@ class MqttTransport:
     def wake_intake(self) -> None:
         self.intake.wake()
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> PublishTicket:
-        return self.output.publish(topic, payload, retain)
+    def publish(self, topic: str, payload: bytes, retain: bool = False,
+                headers: Sequence[tuple[str, str]] = ()) -> PublishTicket:
+        return self.output.publish(topic, payload, retain, headers)
 
-    def publish_advisory(self, topic: str, payload: bytes) -> None:
-        self.output.publish_advisory(topic, payload)
+    def publish_advisory(self, topic: str, payload: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
+        self.output.publish_advisory(topic, payload, headers)
 
     def _intake_connected(self, session_present: bool) -> None:
         if self.intake.v5:

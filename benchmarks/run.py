@@ -148,6 +148,19 @@ class Driver:
         end = self.wait([t for t, _ in tasks], timeout)
         return count / (end - start)
 
+    def paced(self, count: int, rate: float, timeout: float = 600) -> None:
+        """Publish `count` tasks at `rate` a second and wait for their answers. CPU per task then
+        compares across settings: a saturated agent handles more messages per wake-up the slower
+        it is, which hides part of what it spends."""
+        tasks = [self.task() for _ in range(count)]
+        start = time.perf_counter()
+        for index, (_, payload) in enumerate(tasks):
+            delay = start + index / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            self.publish(payload)
+        self.wait([t for t, _ in tasks], timeout)
+
     def latencies(self, count: int) -> list[float]:
         """One task at a time: milliseconds from publish to answer."""
         samples = []
@@ -231,6 +244,7 @@ def percentiles(samples: list[float]) -> dict:
 def run(quick: bool) -> dict:
     scale = 5 if quick else 1
     burst, backlog, sequential, slow_tasks = 5000 // scale, 20000 // scale, 500 // scale, 320 // scale
+    paced = 3000 // scale
     procs = Processes()
     results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                  "platform": platform.platform(), "quick": quick}}
@@ -284,6 +298,34 @@ def run(quick: bool) -> dict:
         load_peak = memory_mb(agent.pid)[1]
         procs.stop(agent)
 
+        # tracing: CPU per task (instant LLM, 200 tasks/s: half of what the agent can do) with
+        # tracing off, with the [otel] extra absent (ids, propagation and log correlation only) and
+        # exporting every span. Each round runs the three back to back, in a rotating order, and
+        # waits for the batch processor's last export (5 s) before reading the CPU clock; a mode's
+        # figure is the median of its ratios to the same round's tracing off (this machine drifts
+        # more between rounds than the effect measured)
+        sink = free_port()
+        procs.spawn([sys.executable, os.path.join(HERE, "otlp_sink.py"), str(sink)], log="otlp.log")
+        wait_port(sink)
+        exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}", "OTEL_TRACES_SAMPLER": "always_on"}
+        modes = [("off", {"OTEL_SDK_DISABLED": "true"}, ""),
+                 ("extra absent", exporting, os.path.join(HERE, "without_otel.py")), ("export on", exporting, "")]
+        tracing_cpu: dict = {mode: [] for mode, _, _ in modes}
+        for round_number in range(5):
+            for mode, env_extra, program in modes[round_number % 3:] + modes[:round_number % 3]:
+                agent, _ = start_agent(procs, driver, openai_config, env_extra, program=program)
+                driver.burst(200)
+                cpu = cpu_seconds(agent.pid)
+                driver.paced(paced, 200)
+                time.sleep(6)
+                tracing_cpu[mode].append((cpu_seconds(agent.pid) - cpu) / paced)
+                procs.stop(agent)
+        results["tracing CPU per task by round (us)"] = {mode: [round(c * 1e6) for c in cpus]
+                                                         for mode, cpus in tracing_cpu.items()}
+        traced_off = statistics.median(tracing_cpu["off"])
+        traced_ratio = {mode: statistics.median(c / off for c, off in zip(tracing_cpu[mode], tracing_cpu["off"]))
+                        for mode in ("extra absent", "export on")}
+
         # concurrency: 200 ms LLM, 16 workers
         slow_config = write_agent_config(procs, broker, {"provider": "openai", "model": "bench",
                                                          "base_url": f"http://127.0.0.1:{slow_llm}/v1"})
@@ -312,6 +354,10 @@ def run(quick: bool) -> dict:
          f"requests loop {requests_rate:.0f}", round(llm_rate / slower, 3), "(information: of the slower baseline)"),
         ("CPU per task, instant LLM (us)", round(llm_cpu * 1e6), f"paho echo {paho_cpu * 1e6:.0f} + requests "
          f"{requests_cpu * 1e6:.0f}", round(llm_cpu / (paho_cpu + requests_cpu), 3), "<= 1.4x of the baselines' sum"),
+        ("CPU per task, tracing: [otel] extra absent (us)", round(statistics.median(tracing_cpu["extra absent"]) * 1e6),
+         f"tracing off {traced_off * 1e6:.0f}", round(traced_ratio["extra absent"], 3), "<= 1.02x of tracing off"),
+        ("CPU per task, tracing: every span exported (us)", round(statistics.median(tracing_cpu["export on"]) * 1e6),
+         f"tracing off {traced_off * 1e6:.0f}", round(traced_ratio["export on"], 3), "<= 1.15x of tracing off"),
         ("throughput, echo provider (tasks/s)", round(echo_rate, 1), f"paho echo {paho_rate:.0f}",
          round(echo_rate / paho_rate, 3), ">= 0.6"),
         ("  same, progress_events = false", round(quiet_rate, 1), f"paho echo {paho_rate:.0f}",

@@ -225,8 +225,8 @@ class InjectAndMonitorTests(BrokerTestCase):
         result = cli("inject", "--agent-id", "thinker", "--message", "hi", "--wait", "30", env=self.env)
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = result.stderr.splitlines()
-        self.assertRegex(lines[0], r"^published task [0-9a-f-]{36} to /control/agents/thinker/input; waiting up to 30 s "
-                                   r"for an answer on /conversations/cli-[0-9a-f]+/\+$")
+        self.assertRegex(lines[0], r"^published task [0-9a-f-]{36} to /control/agents/thinker/input \(trace [0-9a-f]{32}\); "
+                                   r"waiting up to 30 s for an answer on /conversations/cli-[0-9a-f]+/\+$")
         # TaskComplete follows the answer on the same connection, so the answer ends the wait first
         self.assertEqual([l.split("]")[1].split(":")[0].strip() for l in lines[1:]],
                          ["TaskStart", "LlmRequest", "LlmResponse"])

@@ -1,6 +1,7 @@
 """inject, monitor, pipeline and healthcheck against live agent processes and a real broker."""
 
 import json
+import re
 import subprocess
 import sys
 import unittest
@@ -97,14 +98,17 @@ class OperatorTests(BrokerTestCase):
         self.addCleanup(monitor.kill)
         first = json.loads(monitor.stdout.readline())  # the retained status arrives once subscribed
         self.assertEqual((first["message_type"], first["payload"]["status"]), ("status", "available"))
-        cli("inject", "--agent-id", "watched", "--tool", "echo", "--tool-params", '{"message": "x"}', "--wait", "30",
-            env=self.env)
+        injected = cli("inject", "--agent-id", "watched", "--tool", "echo", "--tool-params", '{"message": "x"}',
+                       "--wait", "30", env=self.env)
+        trace_id = re.search(r"^published task \S+ to \S+ \(trace ([0-9a-f]{32})\)", injected.stderr, re.M).group(1)
         lines = [first] + [json.loads(monitor.stdout.readline()) for _ in range(11)]
         self.assertEqual(monitor.wait(30), 0)
         kinds = {line["message_type"] for line in lines}
         self.assertEqual(kinds, {"status", "task", "response", "progress"})
         for line in lines:
-            self.assertEqual(set(line), {"timestamp", "message_type", "topic", "payload"})
+            self.assertEqual(set(line), {"timestamp", "message_type", "topic", "payload", "trace_id"})
+            # the task, its answer and its progress events are all of the trace inject started
+            self.assertEqual(line["trace_id"], None if line["message_type"] == "status" else trace_id, line)
 
     def test_monitor_compact_and_pretty(self):
         self.start("watched")

@@ -21,8 +21,10 @@ INPUT = f"/control/agents/{AGENT}/input"
 class Delivery:
     """A received message; counts its acknowledgements and records when they happened."""
 
-    def __init__(self, payload, topic: str = INPUT, retain: bool = False, journal: Optional[list] = None):
+    def __init__(self, payload, topic: str = INPUT, retain: bool = False, journal: Optional[list] = None,
+                 user_properties: tuple = ()):
         self.topic = topic
+        self.user_properties = user_properties
         self.payload = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.retain = retain
         self.acks = 0
@@ -49,7 +51,7 @@ class MemoryPublisher:
         self.refusals: list = []  # per publish: None, (reason text, reason code), or an exception to raise
         self.max_packet_size: Optional[int] = None
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> Ticket:
+    def publish(self, topic: str, payload: bytes, retain: bool = False, headers: tuple = ()) -> Ticket:
         if self.max_packet_size is not None and len(payload) > self.max_packet_size:
             raise PayloadTooLarge(len(payload), self.max_packet_size, "broker's maximum packet size")
         refusal = self.refusals.pop(0) if self.refusals else None

@@ -17,6 +17,7 @@ from .model import (AgentConfig, BASE_URL_ENV, BUILTIN_TOOLS, BudgetSettings, DE
 from .mcp_servers import build_mcp_servers
 from .reader import Reader, table_reader
 from .sources import FALLBACK_KEYS, TOOL_KEYS, Collector, Value, warn_unknown
+from .tracing import build_tracing
 
 _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
 _INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # e.g. a StatefulSet ordinal or pod name
@@ -73,6 +74,7 @@ def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[Agent
         tools=tuple(_build_tools(read, env)),
         mcp_servers=build_mcp_servers(read.raw("mcp_servers", []), out),
         routing=_build_routing(read, env, llm, run_problems),
+        tracing=build_tracing(env, out),
     )
     return config, run_problems
 

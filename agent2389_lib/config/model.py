@@ -147,6 +147,21 @@ class RoutingSettings:
 
 
 @dataclass(frozen=True)
+class TracingSettings:
+    """From OpenTelemetry's standard OTEL_* variables, checked here; the SDK reads the others it
+    honours (the exporter's headers, timeout, compression; the resource) from the environment."""
+
+    enabled: bool = True  # OTEL_SDK_DISABLED=true: no spans of our own, contexts passed through
+    endpoint: str = ""  # the OTLP/HTTP traces URL; "" = no export
+    sampler: str = "parentbased_always_on"  # OTEL_TRACES_SAMPLER
+    sampler_ratio: float = 1.0  # OTEL_TRACES_SAMPLER_ARG, for the traceidratio samplers
+    max_queue_size: int = 2048  # spans waiting for export; more are dropped (and counted)
+    max_export_batch_size: int = 512
+    schedule_delay: float = 5.0  # seconds between exports
+    export_timeout: float = 30.0  # seconds an export may take before its spans are dropped
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent_id: str
     instance_id: Optional[str] = None  # set: a member of the pool serving agent_id (shared subscription)
@@ -173,6 +188,7 @@ class AgentConfig:
     tools: tuple = ()  # of ToolSpec
     mcp_servers: tuple = ()  # of McpServerSpec
     routing: Optional[RoutingSettings] = None
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for redaction in logs and messages."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
+from .. import tracing
 from ..errors import TaskTimeout
 
 log = logging.getLogger("agent2389.llm")
@@ -59,6 +60,18 @@ class Provider(Protocol):
              output: Optional[OutputSchema] = None) -> ChatReply:
         """One completion; raises LlmError or TaskTimeout. With `output`, the reply's object is
         its text (OpenAI) or its one tool call's arguments (Anthropic)."""
+
+
+def traced_chat(provider: str, model: str, chat: Callable[[], ChatReply]) -> ChatReply:
+    """One LLM request as a span with OpenTelemetry's GenAI attributes."""
+    with tracing.span(f"chat {model}", tracing.CLIENT, {"gen_ai.operation.name": "chat",
+                                                        "gen_ai.provider.name": provider,
+                                                        "gen_ai.request.model": model}) as span:
+        reply = chat()
+        span.set("gen_ai.usage.input_tokens", reply.tokens_in)
+        span.set("gen_ai.usage.output_tokens", reply.tokens_out)
+        span.set("gen_ai.response.finish_reasons", [reply.finish_reason])
+        return reply
 
 
 def remaining(deadline: float) -> float:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..errors import TaskTimeout
 from ..metrics import Metrics
-from .base import ChatReply, Message, ToolCall, remaining
+from .base import ChatReply, Message, ToolCall, remaining, traced_chat
 
 _INPUT_PREFIX = "Input data: "
 
@@ -32,7 +32,7 @@ class EchoProvider:
     def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
         started = time.monotonic()
         try:
-            reply = self._answer(messages, tools, deadline)
+            reply = traced_chat(self.name, self.name, lambda: self._answer(messages, tools, deadline))
         except TaskTimeout:
             self._record(started, "deadline")
             raise

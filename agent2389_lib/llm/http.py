@@ -29,7 +29,7 @@ from ..httpsessions import (ProxyUnusable, ThreadSessions, causes, check_proxy, 
                             public_url)
 from ..metrics import Metrics
 from ..protocol import truncate_utf8
-from .base import ChatReply, remaining
+from .base import ChatReply, remaining, traced_chat
 
 log = logging.getLogger("agent2389.llm.http")
 
@@ -127,7 +127,8 @@ class JsonHttpClient:
         """One chat completion with its retries, recorded in the per-provider counters."""
         spent = Attempted()
         try:
-            reply = parse(self.post(path, body, deadline, spent))
+            reply = traced_chat(self.provider, str(body.get("model")),
+                                lambda: parse(self.post(path, body, deadline, spent)))
         except TaskFailure as exc:
             self._record(spent, getattr(exc, "kind", "deadline"))
             raise

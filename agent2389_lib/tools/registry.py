@@ -8,9 +8,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from .. import tracing
 from ..config import AgentConfig, ToolSpec
 from .base import Tool, ToolDef, ToolError, ToolTimeout
-from .mcp.server import McpServer
+from .mcp.server import McpServer, McpTool
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
@@ -117,21 +118,28 @@ class ToolRegistry:
         if refusal is not None:
             log.warning("tool call refused: %s", refusal)
             return False, refusal
+        tool = tools[name]
+        attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name}
+        if isinstance(tool, McpTool):
+            attributes.update({"agent2389.mcp.server": tool.server.name, "mcp.method.name": "tools/call"})
         started = time.monotonic()
         ok, timed_out = False, False
-        try:
-            result = tools[name].execute(arguments, deadline)
-            ok = True
-            return True, result
-        except ToolError as exc:
-            timed_out = isinstance(exc, ToolTimeout)
-            log.warning("tool %s failed: %s", name, exc)
-            return False, f"tool {name} failed: {exc}"
-        except Exception as exc:
-            log.exception("tool %s raised an unexpected error", name)
-            return False, f"tool {name} failed unexpectedly: {type(exc).__name__}"
-        finally:
-            self.on_execution(name, ok, timed_out, time.monotonic() - started)
+        with tracing.span(f"execute_tool {name}", attributes=attributes) as span:
+            try:
+                result = tool.execute(arguments, deadline)
+                ok = True
+                return True, result
+            except ToolError as exc:
+                timed_out = isinstance(exc, ToolTimeout)
+                log.warning("tool %s failed: %s", name, exc)
+                span.fail(type(exc).__name__)
+                return False, f"tool {name} failed: {exc}"
+            except Exception as exc:
+                log.exception("tool %s raised an unexpected error", name)
+                span.fail(type(exc).__name__)
+                return False, f"tool {name} failed unexpectedly: {type(exc).__name__}"
+            finally:
+                self.on_execution(name, ok, timed_out, time.monotonic() - started)
 
 
 def build_tool(spec: ToolSpec, config: AgentConfig) -> Tool:

@@ -1,0 +1,186 @@
+"""W3C Trace Context across MQTT, and the spans of a task.
+
+A task's context arrives as MQTT 5 user properties or, on MQTT 3.1.1, as top-level envelope
+fields of the same names (the W3C draft for MQTT); what the agent publishes for the task carries
+its task span's context the same ways, so a pipeline is one trace on every broker. This module
+needs the stdlib only: it mints ids, keeps the current span for log lines, and records nothing.
+With the `[otel]` extra and an OTLP endpoint, `otelexport.OtelTracer` records the same spans and
+exports them.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
+INTERNAL, CLIENT, PRODUCER, CONSUMER = "INTERNAL", "CLIENT", "PRODUCER", "CONSUMER"
+
+# version-traceid-parentid-flags; a later version may append fields after a '-'
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
+_TRACESTATE_MAX = 512
+_TRACESTATE_RE = re.compile(r"[\x20-\x7e]*\Z")
+_ids = random.Random()
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    trace_id: str  # 32 lowercase hex digits
+    span_id: str  # 16
+    flags: int = 1  # bit 0: sampled (bit 1, W3C level 2: the trace id is random)
+    state: Optional[str] = None  # tracestate, passed on as it came
+    remote: bool = False  # parsed from a message: another process's span
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags:02x}"
+
+    def fields(self) -> dict:
+        """As top-level envelope fields."""
+        return {TRACEPARENT: self.traceparent, **({TRACESTATE: self.state} if self.state else {})}
+
+    def headers(self) -> tuple:
+        """As MQTT 5 user properties."""
+        return tuple(self.fields().items())
+
+
+def parse(traceparent: Any, tracestate: Any = None) -> Optional[TraceContext]:
+    """The context a `traceparent` names, or None when it is malformed (then a new trace starts)."""
+    if not isinstance(traceparent, str):
+        return None
+    match = _TRACEPARENT_RE.match(traceparent.strip())
+    if not match:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    state = tracestate.strip() if isinstance(tracestate, str) else None
+    if not state or len(state) > _TRACESTATE_MAX or not _TRACESTATE_RE.match(state):
+        state = None
+    return TraceContext(trace_id, span_id, int(flags, 16), state, remote=True)
+
+
+def extract(user_properties: Sequence[tuple[str, str]], traceparent: Any = None,
+            tracestate: Any = None) -> Optional[TraceContext]:
+    """A message's context: its user properties first, else its envelope's fields."""
+    found = {name: value for name, value in user_properties if name in (TRACEPARENT, TRACESTATE)}
+    if TRACEPARENT in found:
+        return parse(found[TRACEPARENT], found.get(TRACESTATE))
+    return parse(traceparent, tracestate)
+
+
+def child_of(parent: Optional[TraceContext]) -> TraceContext:
+    """A new span's context: in the parent's trace, or the root of a new one."""
+    if parent is None:
+        return TraceContext(new_trace_id(), new_span_id())
+    return TraceContext(parent.trace_id, new_span_id(), parent.flags, parent.state)
+
+
+def new_trace_id() -> str:
+    return f"{_ids.getrandbits(128) or 1:032x}"
+
+
+def new_span_id() -> str:
+    return f"{_ids.getrandbits(64) or 1:016x}"
+
+
+_current: ContextVar[Optional[TraceContext]] = ContextVar("agent2389_span", default=None)
+_task: ContextVar[Optional[TraceContext]] = ContextVar("agent2389_task_span", default=None)
+
+
+def current() -> Optional[TraceContext]:
+    """The span this thread is in: log lines carry its ids."""
+    return _current.get()
+
+
+def task_headers() -> tuple:
+    """The context of the task span this thread is in, as the MQTT 5 user properties every
+    message of the task carries (none outside a task)."""
+    context = _task.get()
+    return context.headers() if context else ()
+
+
+class Span:
+    """A span that records nothing: its context is what propagation and log lines need."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: Optional[TraceContext]):
+        self.context = context
+
+    def set(self, key: str, value: Any) -> None:
+        pass
+
+    def fail(self, description: str) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+_FROM_CURRENT: Any = object()
+
+
+class Tracer:
+    """Spans without the OpenTelemetry SDK: ids for propagation and log lines. `enabled=False`
+    (OTEL_SDK_DISABLED=true) mints nothing: spans pass their parent's context through."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def start(self, name: str, kind: str, parent: Optional[TraceContext], attributes: dict) -> Span:
+        return Span(child_of(parent) if self.enabled else parent)
+
+
+    @contextmanager
+    def span(self, name: str, kind: str = INTERNAL, attributes: Optional[dict] = None,
+             parent: Optional[TraceContext] = _FROM_CURRENT, task: bool = False) -> Iterator[Span]:
+        """A span for the body, current while it runs; `parent=None` starts a new trace, and a
+        `task` span is also what the task's messages carry."""
+        span = self.start(name, kind, _current.get() if parent is _FROM_CURRENT else parent, attributes or {})
+        token = _current.set(span.context)
+        task_token = _task.set(span.context) if task else None
+        try:
+            yield span
+        except BaseException as exc:
+            span.fail(type(exc).__name__)
+            raise
+        finally:
+            if task_token is not None:
+                _task.reset(task_token)
+            _current.reset(token)
+            span.end()
+
+    def shutdown(self, timeout: float) -> None:
+        pass
+
+
+_tracer = Tracer()
+
+
+def install(tracer: Tracer) -> None:
+    """The process's tracer, chosen at startup (`otelexport.build_tracer`)."""
+    global _tracer
+    _tracer = tracer
+
+
+def span(name: str, kind: str = INTERNAL, attributes: Optional[dict] = None,
+         parent: Optional[TraceContext] = _FROM_CURRENT, task: bool = False):
+    """`Tracer.span` of the installed tracer."""
+    return _tracer.span(name, kind, attributes, parent, task)
+
+
+def shutdown(timeout: float) -> None:
+    _tracer.shutdown(timeout)
+
+
+def destination_template(topic: str) -> str:
+    """A topic fit for a span name: conversation ids make names of one use each."""
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[1] == "conversations":
+        return f"/conversations/{{conversation_id}}/{parts[3]}"
+    return topic
