@@ -82,7 +82,8 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float],
     if wait is None:
         return EXIT_RESPONSE, None
     if on_progress:
-        on_progress(f"published task {task['task_id']} to {task['topic']}{_trace_note(task)}; waiting up to {wait:g} s "
+        trace = f" (trace {context.trace_id})" if context else ""
+        on_progress(f"published task {task['task_id']} to {task['topic']}{trace}; waiting up to {wait:g} s "
                     f"for an answer on {answer_topic}")
     deadline = time.monotonic() + wait
     while True:
@@ -101,11 +102,6 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float],
 
 def _trace(task: dict) -> Optional[tracing.TraceContext]:
     return tracing.parse(task.get(tracing.TRACEPARENT), task.get(tracing.TRACESTATE))
-
-
-def _trace_note(task: dict) -> str:
-    context = _trace(task)
-    return f" (trace {context.trace_id})" if context else ""
 
 
 def describe_reply(reply: Optional[dict], task: dict, wait: Optional[float]) -> str:

@@ -285,7 +285,7 @@ class WithoutTheExtraTests(BrokerTestCase):
     def test_without_the_sdk_context_still_propagates_and_logs_carry_trace_ids(self):
         watch = self.watcher("/control/agents/+/status", "/control/agents/next-agent/input", "/conversations/#")
         agent = self.agent("bare", prelude="import sys; sys.modules['opentelemetry'] = None  # the extra absent",
-                           env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+                           env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
         agent.start_and_wait_available(watch)
         self.assertIn("the OpenTelemetry SDK cannot be imported", agent.log())
         task = envelope("bare", cid="cid-bare", next={"topic": "/control/agents/next-agent/input",
