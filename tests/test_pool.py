@@ -106,6 +106,9 @@ class PoolTests(BrokerTestCase):
         watcher.wait_for(self.pool_topic, status_is("unavailable"), timeout=30)
         self.assertEqual(self.retained_pool_status(), "unavailable")
         self.start_members(watcher, ["s4"])
+        # s4 publishes its instance status (what start_members waits for) and then the pool's
+        watcher.wait_for(self.pool_topic, lambda p: status_is("available")(p) and p.get("instance_id") == "s4",
+                         timeout=30)
         self.assertEqual(self.retained_pool_status(), "available")
         status = watcher.matching(self.pool_topic, status_is("available"))[-1]
         self.assertEqual((status["instance_id"], status["instances_hint"]), ("s4", 1))
