@@ -113,7 +113,8 @@ class OtelTracer(tracing.Tracer):
         logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
         log.info("exporting traces to %s (OTLP/HTTP, sampler %s)", public_url(settings.endpoint), settings.sampler)
 
-    def start(self, name: str, kind: str, parent: Optional[tracing.TraceContext], attributes: dict) -> tracing.Span:
+    def start(self, name: str, kind: str, parent: Optional[tracing.TraceContext], attributes: dict,
+              task: bool) -> tracing.Span:
         context = tracing.child_of(parent)
         if parent is None or parent.remote:
             context = self._decided(context, name, kind, parent, attributes)

@@ -94,7 +94,7 @@ class Driver:
 
     def __init__(self, port: int):
         self.arrivals: dict[str, float] = {}
-        self.available = threading.Event()
+        self.available: dict[str, threading.Event] = {}  # by agent id: its next `available`
         self.cond = threading.Condition()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"driver-{uuid.uuid4().hex[:6]}",
                                   protocol=mqtt.MQTTv5)
@@ -106,28 +106,36 @@ class Driver:
         self.client.on_subscribe = lambda *a: subscribed.set()
         self.client.connect("127.0.0.1", port, 60)
         self.client.loop_start()
-        self.client.subscribe([("/conversations/+/+", 1), (f"/control/agents/{AGENT}/status", 1)])
+        self.client.subscribe([("/conversations/+/+", 1), ("/control/agents/+/status", 1)])
         subscribed.wait(10)
 
     def _on_message(self, client, userdata, message) -> None:
         now = time.perf_counter()
         payload = json.loads(message.payload)
         if message.topic.endswith("/status"):
-            if payload.get("status") == "available":
-                self.available.set()
+            with self.cond:
+                event = self.available.get(message.topic.split("/")[3])
+            if event is not None and payload.get("status") == "available":
+                event.set()
             return
         with self.cond:
             self.arrivals.setdefault(payload["task_id"], now)
             self.cond.notify_all()
 
-    def task(self, instruction: str = "bench", cid: str = "bench") -> tuple[str, bytes]:
+    def next_available(self, agent: str) -> threading.Event:
+        """Set when `agent` next publishes `available` (not by a retained status from before)."""
+        with self.cond:
+            event = self.available[agent] = threading.Event()
+        return event
+
+    def task(self, instruction: str = "bench", cid: str = "bench", agent: str = AGENT) -> tuple[str, bytes]:
         task_id = str(uuid.uuid4())
-        body = {"task_id": task_id, "conversation_id": cid, "topic": f"/control/agents/{AGENT}/input",
+        body = {"task_id": task_id, "conversation_id": cid, "topic": f"/control/agents/{agent}/input",
                 "instruction": instruction, "input": {"text": "lorem ipsum dolor sit amet"}, "next": None}
         return task_id, json.dumps(body).encode()
 
-    def publish(self, payload: bytes):
-        return self.client.publish(f"/control/agents/{AGENT}/input", payload, qos=1)
+    def publish(self, payload: bytes, agent: str = AGENT):
+        return self.client.publish(f"/control/agents/{agent}/input", payload, qos=1)
 
     def wait(self, ids: list, timeout: float) -> float:
         deadline = time.monotonic() + timeout
@@ -148,18 +156,20 @@ class Driver:
         end = self.wait([t for t, _ in tasks], timeout)
         return count / (end - start)
 
-    def paced(self, count: int, rate: float, timeout: float = 600) -> None:
-        """Publish `count` tasks at `rate` a second and wait for their answers. CPU per task then
-        compares across settings: a saturated agent handles more messages per wake-up the slower
-        it is, which hides part of what it spends."""
-        tasks = [self.task() for _ in range(count)]
+    def paced(self, count: int, rate: float, agents: tuple = (AGENT,), timeout: float = 600) -> None:
+        """Publish `count` tasks to each of `agents` at `rate` a second each and wait for their
+        answers; the agents take turns, who goes first rotating. CPU per task then compares across
+        settings: a saturated agent handles more messages per wake-up the slower it is, which hides
+        part of what it spends."""
+        turns = [agents[(index + offset) % len(agents)] for index in range(count) for offset in range(len(agents))]
+        tasks = [(self.task(agent=agent), agent) for agent in turns]
         start = time.perf_counter()
-        for index, (_, payload) in enumerate(tasks):
-            delay = start + index / rate - time.perf_counter()
+        for index, ((_, payload), agent) in enumerate(tasks):
+            delay = start + index / (rate * len(agents)) - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            self.publish(payload)
-        self.wait([t for t, _ in tasks], timeout)
+            self.publish(payload, agent)
+        self.wait([task_id for (task_id, _), _ in tasks], timeout)
 
     def latencies(self, count: int) -> list[float]:
         """One task at a time: milliseconds from publish to answer."""
@@ -176,26 +186,27 @@ class Driver:
         self.client.disconnect()
 
 
-def write_agent_config(procs: Processes, broker: int, provider: dict, progress: bool = True) -> str:
+def write_agent_config(procs: Processes, broker: int, provider: dict, progress: bool = True,
+                       agent: str = AGENT) -> str:
     path = os.path.join(procs.dir, f"agent-{uuid.uuid4().hex[:6]}.toml")
     llm = "\n".join(f"{k} = {json.dumps(v)}" for k, v in provider.items())
     with open(path, "w") as handle:
-        handle.write(f'[agent]\nid = "{AGENT}"\nmax_pipeline_depth = 16\nprogress_events = {str(progress).lower()}\n\n'
+        handle.write(f'[agent]\nid = "{agent}"\nmax_pipeline_depth = 16\nprogress_events = {str(progress).lower()}\n\n'
                      f'[mqtt]\nbroker_url = "mqtt://127.0.0.1:{broker}"\n\n[llm]\n{llm}\n')
     return path
 
 
 def start_agent(procs: Processes, driver: Driver, config: str, env_extra: dict | None = None,
-                root: str = ROOT, program: str = "") -> tuple:
+                root: str = ROOT, program: str = "", agent: str = AGENT) -> tuple:
     """An agent process from the tree at `root` (or `program` with the same arguments), and its
     seconds to `available`."""
-    driver.available.clear()
+    available = driver.next_available(agent)
     env = {"PATH": os.environ["PATH"], "HEALTH_PORT": str(free_port()), "LOG_LEVEL": "INFO",
            "OPENAI_API_KEY": "sk-bench", **(env_extra or {})}
     started = time.perf_counter()
     proc = procs.spawn([sys.executable, program or os.path.join(root, "agent2389.py"), "run", "--config", config], env=env,
                        log="agent.log")
-    if not driver.available.wait(30):
+    if not available.wait(30):
         raise RuntimeError(f"the agent did not become available (see {procs.dir}/agent.log)")
     return proc, time.perf_counter() - started
 
@@ -241,10 +252,43 @@ def percentiles(samples: list[float]) -> dict:
     return {"p50": round(pick(0.50), 3), "p95": round(pick(0.95), 3), "p99": round(pick(0.99), 3)}
 
 
+def tracing_cpu_per_task(procs: Processes, driver: Driver, broker: int, provider: dict, count: int,
+                         windows: int = 15) -> dict[str, list[float]]:
+    """CPU seconds per task in each window, with tracing off, with the [otel] extra absent (ids,
+    propagation and log correlation only) and exporting every span. The three agents run side by
+    side, sent the same tasks in turn (100 a second each) and measured over the same window: this
+    machine drifts by up to 25% from one window to the next, far more than the effect measured,
+    and the drift hits the three alike. Each window starts them afresh, in a rotating order (one
+    process can run 1.5% dearer than its twin all window long), and waits for the batch
+    processor's last export (5 s) before reading the CPU clocks."""
+    sink = free_port()
+    procs.spawn([sys.executable, os.path.join(HERE, "otlp_sink.py"), str(sink)], log="otlp.log")
+    wait_port(sink)
+    exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}", "OTEL_TRACES_SAMPLER": "always_on"}
+    modes = {"off": ({"OTEL_SDK_DISABLED": "true"}, ""),
+             "extra absent": (exporting, os.path.join(HERE, "without_otel.py")), "export on": (exporting, "")}
+    names = {mode: f"{AGENT}-{mode.replace(' ', '-')}" for mode in modes}
+    configs = {mode: write_agent_config(procs, broker, provider, agent=names[mode]) for mode in modes}
+    order = list(modes)
+    cpu: dict = {mode: [] for mode in modes}
+    for window in range(windows):
+        turn = order[window % len(order):] + order[:window % len(order)]
+        agents = {mode: start_agent(procs, driver, configs[mode], modes[mode][0], program=modes[mode][1],
+                                    agent=names[mode])[0] for mode in turn}
+        driver.paced(200, 100, tuple(names.values()))
+        before = {mode: cpu_seconds(agent.pid) for mode, agent in agents.items()}
+        driver.paced(count, 100, tuple(names.values()))
+        time.sleep(6)
+        for mode, agent in agents.items():
+            cpu[mode].append((cpu_seconds(agent.pid) - before[mode]) / count)
+            procs.stop(agent)
+    return cpu
+
+
 def run(quick: bool) -> dict:
     scale = 5 if quick else 1
     burst, backlog, sequential, slow_tasks = 5000 // scale, 20000 // scale, 500 // scale, 320 // scale
-    paced = 3000 // scale
+    paced = 1500 // scale
     procs = Processes()
     results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                  "platform": platform.platform(), "quick": quick}}
@@ -287,8 +331,8 @@ def run(quick: bool) -> dict:
         procs.stop(agent)
 
         # instant LLM over HTTP: throughput and peak memory under load
-        openai_config = write_agent_config(procs, broker, {"provider": "openai", "model": "bench",
-                                                           "base_url": f"http://127.0.0.1:{instant_llm}/v1"})
+        instant = {"provider": "openai", "model": "bench", "base_url": f"http://127.0.0.1:{instant_llm}/v1"}
+        openai_config = write_agent_config(procs, broker, instant)
         agent, _ = start_agent(procs, driver, openai_config)
         driver.burst(200)
         cpu = cpu_seconds(agent.pid)
@@ -298,30 +342,9 @@ def run(quick: bool) -> dict:
         load_peak = memory_mb(agent.pid)[1]
         procs.stop(agent)
 
-        # tracing: CPU per task (instant LLM, 200 tasks/s: half of what the agent can do) with
-        # tracing off, with the [otel] extra absent (ids, propagation and log correlation only) and
-        # exporting every span. Each round runs the three back to back, in a rotating order, and
-        # waits for the batch processor's last export (5 s) before reading the CPU clock; a mode's
-        # figure is the median of its ratios to the same round's tracing off (this machine drifts
-        # more between rounds than the effect measured)
-        sink = free_port()
-        procs.spawn([sys.executable, os.path.join(HERE, "otlp_sink.py"), str(sink)], log="otlp.log")
-        wait_port(sink)
-        exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}", "OTEL_TRACES_SAMPLER": "always_on"}
-        modes = [("off", {"OTEL_SDK_DISABLED": "true"}, ""),
-                 ("extra absent", exporting, os.path.join(HERE, "without_otel.py")), ("export on", exporting, "")]
-        tracing_cpu: dict = {mode: [] for mode, _, _ in modes}
-        for round_number in range(5):
-            for mode, env_extra, program in modes[round_number % 3:] + modes[:round_number % 3]:
-                agent, _ = start_agent(procs, driver, openai_config, env_extra, program=program)
-                driver.burst(200)
-                cpu = cpu_seconds(agent.pid)
-                driver.paced(paced, 200)
-                time.sleep(6)
-                tracing_cpu[mode].append((cpu_seconds(agent.pid) - cpu) / paced)
-                procs.stop(agent)
-        results["tracing CPU per task by round (us)"] = {mode: [round(c * 1e6) for c in cpus]
-                                                         for mode, cpus in tracing_cpu.items()}
+        tracing_cpu = tracing_cpu_per_task(procs, driver, broker, instant, paced)
+        results["tracing CPU per task by window (us)"] = {mode: [round(c * 1e6) for c in cpus]
+                                                          for mode, cpus in tracing_cpu.items()}
         traced_off = statistics.median(tracing_cpu["off"])
         traced_ratio = {mode: statistics.median(c / off for c, off in zip(tracing_cpu[mode], tracing_cpu["off"]))
                         for mode in ("extra absent", "export on")}

@@ -4,12 +4,15 @@ progress events it drops rather than send."""
 import socket
 import unittest
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from support import BrokerTestCase, Mosquitto, wait_until
 
 from agent2389_lib.config import MqttSettings
 from agent2389_lib.link import Link
 from agent2389_lib.metrics import Metrics
-from agent2389_lib.mqttclient import ProtocolVersion, new_client
+from agent2389_lib.mqttclient import ProtocolVersion, new_client, user_properties
 from agent2389_lib.wire import close_socket
 
 LIMIT = 20000  # the broker's max_packet_size
@@ -76,6 +79,26 @@ class ProgressDropTests(BrokerTestCase):
             link.publish_advisory("/control/agents/link-test/progress", b"p")
         wait_until(lambda: self.counts(metrics)[0] == 3, 5, "three written progress events")
         self.assertEqual(link._tickets._early, {}, "a write report is not an early PUBACK")
+
+
+class UserPropertiesTests(unittest.TestCase):
+    HEADERS = (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+               ("tracestate", "congo=t61rcWkgMzE,r\u00e9gion=1"))
+
+    def test_packed_as_paho_packs_them(self):
+        """The trace context's properties are packed without paho's packer: the bytes must be its."""
+        made = user_properties(self.HEADERS, v5=True)
+        reference = Properties(PacketTypes.PUBLISH)
+        reference.UserProperty = list(self.HEADERS)
+        self.assertEqual(made.pack(), reference.pack())
+        self.assertEqual(str(made), str(reference), "paho's debug log line names them")
+        read = Properties(PacketTypes.PUBLISH)
+        read.unpack(made.pack())
+        self.assertEqual(read.UserProperty, list(self.HEADERS))
+
+    def test_none_on_mqtt_3_or_without_headers(self):
+        self.assertIsNone(user_properties(self.HEADERS, v5=False))
+        self.assertIsNone(user_properties((), v5=True))
 
 
 if __name__ == "__main__":
