@@ -16,6 +16,7 @@ import requests
 import urllib3
 
 from . import __version__
+from .protocol import mask_url_credentials
 
 USER_AGENT = f"agent2389/{__version__}"
 
@@ -73,7 +74,10 @@ def check_proxy(url: str) -> None:
 
 def public_url(url: str) -> str:
     """`url` without its user name and password, fit for a log line or an error."""
-    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    except ValueError:  # too broken to split (http://[bad)
+        return mask_url_credentials(url)
     if parts.username is None and parts.password is None:
         return url
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -459,6 +459,12 @@ _BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 _SECRET_PATH_RE = re.compile(r"""(?:[A-Za-z]:)?(?:[/\\][^\s/\\'"]+)*[/\\](?:secrets|\.ssh|\.aws|\.config)(?:[/\\][^\s'"]*)?""")
 _TRACEBACK_RE = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 REDACTED = "[REDACTED]"
+URL_PASSWORD_MASK = "********"
+# user:password@ in anything URL-like, whatever its shape: after a scheme (mqtt://, ftp://, a broken
+# mqtt:/), at the start of a value (u:pw@host:1883) or after a delimiter. A user name may hold '@'
+# (me@corp:pw@host), a password ':', '/' and '@' (the last '@' of the token ends it): better a path
+# masked than a password shown.
+_URL_USERINFO_RE = re.compile(r"""(?<![^\s=,;'"(<\[/])((?:[A-Za-z][\w+.-]*:/{1,2})?[^\s:/'"=,;(<\[]*):(?!//)[^\s'"]*@""")
 
 
 _CREDENTIAL_WORDS = ("password", "passwd", "token", "key", "secret", "authorization")
@@ -469,8 +475,18 @@ def _longest_first(secrets: tuple) -> tuple:
     return tuple(sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True))
 
 
+def mask_url_credentials(text: str) -> str:
+    """`text` with the password of every URL-like value in it masked (the user name stays, to
+    tell accounts apart); never raises, however broken the URL."""
+    if "@" not in text:
+        return text
+    return _URL_USERINFO_RE.sub(lambda m: f"{m.group(1)}:{URL_PASSWORD_MASK}@", text)
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Mask configured secret values and credential-looking assignments anywhere in `text`."""
+    """Mask configured secret values, URL passwords and credential-looking assignments anywhere
+    in `text`."""
+    text = mask_url_credentials(text)
     for secret in _longest_first(tuple(secrets)):
         if secret in text:
             text = text.replace(secret, REDACTED)

@@ -356,7 +356,7 @@ class RoutingConfigTests(ConfigCase):
             ('[routing]\nmax_iterations = 3\n[routing.llm]\nprovider = "openai"\n', "[routing] needs strategy"),
             ('[routing]\nstrategy = "gatekeeper"\n', '[routing] strategy = "gatekeeper" needs a [routing.gatekeeper] table'),
             ('[routing]\nstrategy = "gatekeeper"\n[routing.gatekeeper]\nurl = "gk:8000"\n',
-             "[routing.gatekeeper] url must be an absolute http(s) URL"),
+             "[routing.gatekeeper] url=gk:8000 must be an http:// or https:// URL with a host"),
             ('[routing]\nstrategy = "gatekeeper"\n[routing.gatekeeper]\nurl = "http://gk"\ntimeout_ms = 0\n',
              "[routing.gatekeeper] timeout_ms=0 is out of range"),
             ('[routing]\nstrategy = "llm"\n[routing.llm]\nprovider = "echo"\n',

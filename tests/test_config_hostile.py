@@ -101,6 +101,71 @@ class PropertyTests(unittest.TestCase):
         self.assertNotIn(SECRET, said)
 
 
+URL_PASSWORD = "Pw-" + SECRET  # has '-' and digits, as real passwords do
+URL_SCHEMES = ["mqtt://", "mqtts://", "tcp://", "http://", "https://", "ftp://", "mqtt:/", "http:/", "", "//",
+               "MQTT://", "ws://"]
+URL_HOSTS = ["host", "host:1883", "[bad", "[::1]:1883", "host:0", "host:99999", "ho st", ":1883", "", "h/x@y",
+             "127.0.0.1:8080/v1", "[bad/v1"]
+
+
+@st.composite
+def url_like(draw):
+    """A URL-like value with a password, in any shape an operator may write or mistype."""
+    password = draw(st.sampled_from([URL_PASSWORD, URL_PASSWORD + ":x", URL_PASSWORD + "@x", URL_PASSWORD + "/x",
+                                     "a%40" + URL_PASSWORD]))
+    user = draw(st.sampled_from(["u", "", "user.name", "me@corp"]))
+    return f"{draw(st.sampled_from(URL_SCHEMES))}{user}:{password}@{draw(st.sampled_from(URL_HOSTS))}"
+
+
+URL_FILE_KEYS = [("mqtt", "broker_url"), ("llm", "base_url"), ("routing.gatekeeper", "url"),
+                 ("routing.llm", "base_url"), ("llm.fallback", "base_url"), ("mcp_servers", "url"),
+                 ("tools.web_search", "config")]
+URL_VARIABLES = ["MQTT_HOST", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+
+
+@st.composite
+def url_documents(draw):
+    """A config whose URL-valued keys and variables hold url_like values."""
+    lines = ['agent_id = "urls"', "[llm]", f'provider = "{draw(st.sampled_from(["openai", "anthropic", "echo"]))}"']
+    env = {}
+    for section, key in draw(st.lists(st.sampled_from(URL_FILE_KEYS), min_size=1, max_size=4, unique=True)):
+        value = json.dumps(draw(url_like()))
+        if section == "mcp_servers":
+            lines.append(f'[[mcp_servers]]\nname = "remote"\nurl = {value}')
+        elif section == "tools.web_search":
+            lines.append(f'[tools.web_search]\nimpl = "builtin"\nconfig = {{ endpoint = {value} }}')
+        elif section == "routing.gatekeeper":
+            lines.append(f'[routing]\nstrategy = "gatekeeper"\n[routing.gatekeeper]\nurl = {value}')
+        elif section == "routing.llm":
+            lines.append(f'[routing]\nstrategy = "llm"\n[routing.llm]\nprovider = "openai"\nbase_url = {value}')
+        elif section == "llm.fallback":
+            lines.append(f'[[llm.fallback]]\nprovider = "openai"\nbase_url = {value}')
+        else:
+            lines.append(f"[{section}]\n{key} = {value}")
+    for variable in draw(st.lists(st.sampled_from(URL_VARIABLES), max_size=3, unique=True)):
+        env[variable] = draw(url_like())
+    return "\n".join(lines) + "\n", env
+
+
+class UrlPropertyTests(unittest.TestCase):
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(url_documents())
+    def test_url_like_values_never_raise_nor_echo_a_password(self, document):
+        text, env = document
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "agent.toml")
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            try:
+                loaded = load_config(path, environ=env, cwd=directory)
+            except ConfigError as exc:
+                said = str(exc)
+            else:
+                said = json.dumps(masked_view(loaded.config)) + "\n".join(loaded.warnings + loaded.run_problems)
+        self.assertNotIn(SECRET, said)
+
+
 class HostileValueTests(unittest.TestCase):
     """The values an operator tried, through the real command line."""
 
@@ -114,18 +179,42 @@ class HostileValueTests(unittest.TestCase):
         ('[mqtt]\nclient_id = "a\\u0000b"', "config error: [mqtt] client_id must not contain NUL characters"),
         ('[mqtt]\nusername = "u\\u0000"', "config error: [mqtt] username must not contain NUL characters"),
         ('[mqtt]\npassword = ["pw-123"]', "config error: [mqtt] password must be a string"),
+        ('[mqtt]\nbroker_url = "u:pw-123@host:1883"', "config error: [mqtt] broker_url=u:********@host:1883 must"),
+        ('[mqtt]\nbroker_url = "mqtt:/u:pw-123@host"', "config error: [mqtt] broker_url=mqtt:/u:********@host must"),
+        ('[mqtt]\nbroker_url = "ftp://u:pw-123@host"', "config error: [mqtt] broker_url=ftp://u:********@host must"),
+        ('[llm]\nprovider = "openai"\nbase_url = "http://u:pw-123@[bad"',
+         "config error: [llm] base_url=http://u:********@[bad must be an absolute http(s) URL"),
+        ('[llm]\nprovider = "openai"\napi_key = "sk-x"\n[[llm.fallback]]\nprovider = "openai"\nbase_url = "http://[bad"',
+         "config error: [llm] fallback #1 base_url=http://[bad must be"),
+        ('[llm]\nprovider = "echo"\n[routing]\nstrategy = "gatekeeper"\n[routing.gatekeeper]\nurl = "http://[bad"',
+         "config error: [routing.gatekeeper] url=http://[bad must be an http:// or https:// URL"),
+        ('[llm]\nprovider = "echo"\n[tools.web_search]\nimpl = "builtin"\nconfig = { api_key_env = ["X"] }',
+         'config error: [tools] web_search config api_key_env=["X"] must be a string'),
+        ('[llm]\nprovider = "echo"\n[tools.http_request]\nimpl = "builtin"\nconfig = { max_response_size = "big" }',
+         "config error: [tools] http_request config max_response_size=big is not a whole number"),
+        ('[llm]\nprovider = "echo"\n[tools.file_read]\nimpl = "builtin"\nconfig = { allowed_paths = "x" }',
+         "config error: [tools] file_read config allowed_paths must be an array of strings"),
+    ]
+    VARIABLE_CASES = [  # (environment, the line's start)
+        ({"OPENAI_BASE_URL": "http://u:pw-123@[bad"},
+         "config error: OPENAI_BASE_URL=http://u:********@[bad must be an absolute http(s) URL"),
+        ({"MQTT_HOST": "u:pw-123@host"}, "config error: MQTT_HOST=u:********@host is not a valid hostname"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:pw-123@[bad"},
+         "config error: OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL with a host"),
     ]
 
     def test_each_bad_value_is_one_line_naming_its_key(self):
-        for body, expected in self.CASES:
+        cases = [(body, {}, expected) for body, expected in self.CASES]
+        cases += [('[llm]\nprovider = "openai"', env, expected) for env, expected in self.VARIABLE_CASES]
+        for body, env, expected in cases:
             for command in ("check-config", "run"):
-                with self.subTest(body=body, command=command):
+                with self.subTest(body=body, env=env, command=command):
                     directory = tempfile.mkdtemp(prefix="hostile-")
                     path = os.path.join(directory, "agent.toml")
                     with open(path, "w") as handle:
                         handle.write(f'agent_id = "hostile"\n{body}\n' + ("" if "[llm]" in body else
                                                                            '[llm]\nprovider = "echo"\n'))
-                    result = cli(command, "--config", path, env={"LOG_FORMAT": "text"}, timeout=30)
+                    result = cli(command, "--config", path, env={"LOG_FORMAT": "text", **env}, timeout=30)
                     self.assertEqual(result.returncode, 2, result.stderr)
                     errors = [line for line in result.stderr.splitlines() if "config error" in line]
                     self.assertEqual(len(errors), 1, result.stderr)

@@ -1,4 +1,6 @@
+import io
 import json
+import logging
 import re
 import unittest
 from datetime import datetime, timezone
@@ -6,7 +8,7 @@ from datetime import datetime, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent2389_lib import protocol
+from agent2389_lib import logs, protocol
 from agent2389_lib.protocol import EnvelopeError
 
 TASK = "123e4567-e89b-12d3-a456-426614174000"
@@ -252,6 +254,30 @@ class SanitizerTests(unittest.TestCase):
             with self.subTest(text=text):
                 cleaned = protocol.sanitize_error_message(text)
                 self.assertNotIn(secret, cleaned)
+
+    def test_url_passwords_masked_in_every_shape(self):
+        for url in ("mqtt://u:pw-123@host:1883", "u:pw-123@host:1883", "mqtt:/u:pw-123@host", "ftp://u:pw-123@h",
+                    "http://user:pw-123@[bad", "//u:pw-123@h", "mqtt://me@corp:pw-123@h", "http://u:p@pw-123@h/v1",
+                    "http://u:pw-123/x@h", "https://:pw-123@h"):
+            for text in (url, f"model 'm' is not among the models at {url} lists", f"url={url}", f"({url})"):
+                with self.subTest(text=text):
+                    masked = protocol.mask_url_credentials(text)
+                    self.assertNotIn("pw-123", masked)
+                    self.assertIn(":********@", masked)
+                    self.assertNotIn("pw-123", protocol.sanitize_error_message(text))
+        for text in ("http://host/a@b", "user@host", "no at all", "10:03:13 a@b"):
+            self.assertEqual(protocol.mask_url_credentials(text), text)
+
+    def test_log_lines_mask_url_passwords(self):
+        """Every log line passes the redacting filter: the gatekeeper's and the model check's too."""
+        stream = io.StringIO()
+        handler = logs.configure_logging("INFO", "text", stream=stream)
+        try:
+            logging.getLogger("agent2389.router").warning("gatekeeper %s failed", "http://gk:pw-123@gk:8000/route")
+        finally:
+            logging.getLogger().removeHandler(handler)
+        self.assertIn("http://gk:********@gk:8000/route", stream.getvalue())
+        self.assertNotIn("pw-123", stream.getvalue())
 
     def test_configured_secret_anywhere(self):
         cleaned = protocol.sanitize_error_message("upstream said: invalid key sk-XYZ123456 for org", ["sk-XYZ123456"])

@@ -11,7 +11,7 @@ import os
 from typing import Mapping, Optional
 
 from .build import build, build_mqtt
-from .model import (AgentConfig, BudgetSettings, ConfigError, GatekeeperSettings, LlmSettings, LoadedConfig,
+from .model import (BUILTIN_OPTIONS, AgentConfig, BudgetSettings, ConfigError, GatekeeperSettings, LlmSettings, LoadedConfig,
                     McpServerSpec, MqttSettings, RoutingSettings, Secret, ToolSpec, TracingSettings, masked_view)
 from .reader import Reader
 from .sources import Collector, Value, apply_environment, interpolate, merged_environment, normalize, read_toml

@@ -10,12 +10,12 @@ from dataclasses import replace
 from typing import Any, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
-from .model import (AgentConfig, BASE_URL_ENV, BUILTIN_TOOLS, BudgetSettings, DEFAULT_MODELS,
+from .model import (AgentConfig, BASE_URL_ENV, BUILTIN_OPTIONS, BUILTIN_TOOLS, BudgetSettings, DEFAULT_MODELS,
                     GatekeeperSettings, KEY_ENV, LOG_LEVELS, LlmSettings, MASK, MqttSettings,
                     OFFICIAL_KEY_PREFIX, PROVIDERS, ROUTER_MAX_TOKENS, ROUTER_PROVIDERS, ROUTER_TEMPERATURE,
                     ROUTER_TIMEOUT, RoutingSettings, Secret, ToolSpec)
 from .mcp_servers import build_mcp_servers
-from .reader import Reader, table_reader
+from .reader import Reader, is_http_url, table_reader
 from .sources import FALLBACK_KEYS, TOOL_KEYS, Collector, Value, warn_unknown
 from .tracing import build_tracing
 
@@ -145,8 +145,8 @@ def _broker_address(read: Reader) -> tuple[str, str, int, Optional[str], Optiona
         user = unquote(parts.username) if parts.username else None
         password = Secret(unquote(parts.password)) if parts.password else None
     except (KeyError, ValueError):
-        read.bad("mqtt.broker_url", _without_password(url), "must look like mqtt://host:1883 or mqtts://host:8883 "
-                                                          "(port 1-65535)")
+        read.bad("mqtt.broker_url", url, "must look like mqtt://host:1883 or mqtts://host:8883 (port 1-65535)")
+        host = "localhost"  # said once: the URL's host is not judged again below
     if read.raw("mqtt.env_host"):
         host = read.raw("mqtt.env_host").strip()
     if read.raw("mqtt.env_port"):
@@ -156,12 +156,6 @@ def _broker_address(read: Reader) -> tuple[str, str, int, Optional[str], Optiona
         key = "mqtt.env_host" if read.raw("mqtt.env_host") else "mqtt.broker_url"
         read.bad(key, host, "is not a valid hostname or IP address")
     return scheme, host, port, user, password
-
-
-def _without_password(url: str) -> str:
-    """A broker URL fit for an error message: whatever stands between `:` and `@` is masked, even
-    in a URL too broken to parse."""
-    return re.sub(r"(//[^/@:]*:)[^/]*@", rf"\g<1>{MASK}@", url)
 
 
 def _valid_host(host: str) -> bool:
@@ -226,8 +220,7 @@ def _llm_settings(read: Reader, env: Mapping[str, str], run_problems: list, prov
     base_url = (read.string(f"{prefix}base_url")
                 or (env.get(BASE_URL_ENV[provider]) if provider in BASE_URL_ENV else None))
     if base_url:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if not is_http_url(base_url):
             shown_key = f"{prefix}base_url" if read.has(f"{prefix}base_url") else None
             if shown_key:
                 read.bad(shown_key, base_url, "must be an absolute http(s) URL")
@@ -317,7 +310,8 @@ def _build_tool(out: Collector, origin: str, name: Any, table: Any, env: Mapping
         if name not in BUILTIN_TOOLS:
             out.problem(f"{origin}: there is no builtin tool named {name!r} (builtins: {', '.join(BUILTIN_TOOLS)})")
             return None
-        key_var = options.get("api_key_env", "SERPER_API_KEY") if name == "web_search" else None
+        common["options"] = options = _builtin_options(out, origin, name, options)
+        key_var = options.get("api_key_env", BUILTIN_OPTIONS[name].get("api_key_env"))
         secret = Secret(env[key_var]) if key_var and env.get(key_var) else None
         return ToolSpec(name=name, kind="builtin", secret=secret, **common)
     if impl in ("external", "command"):
@@ -333,6 +327,28 @@ def _build_tool(out: Collector, origin: str, name: Any, table: Any, env: Mapping
                         args=tuple(args) if args is not None else None, **common)
     out.problem(f"{origin}: unknown tool implementation {impl!r} (use \"builtin\" or \"external\")")
     return None
+
+
+def _builtin_options(out: Collector, origin: str, name: str, options: dict) -> dict:
+    """A builtin tool's `config` table, each option of the type BUILTIN_OPTIONS gives it (a bad one
+    is a problem, and its default is used meanwhile)."""
+    declared = BUILTIN_OPTIONS[name]
+    read = table_reader(out, f"{origin} config", options, tuple(declared))
+    checked: dict = {}
+    for key, default in declared.items():
+        if not read.has(key):
+            continue
+        if isinstance(default, bool):
+            checked[key] = read.boolean(key, default)
+        elif isinstance(default, int):
+            checked[key] = read.integer(key, default, 0)
+        elif isinstance(default, list):
+            checked[key] = read.strings(key, default)
+        elif key == "endpoint":
+            checked[key] = read.http_url(key, default) or default
+        else:
+            checked[key] = read.string(key, default, allow_empty=False)
+    return checked
 
 
 def _valid_schema(schema: Any) -> bool:
@@ -368,9 +384,9 @@ def _build_routing(read: Reader, env: Mapping[str, str], llm: LlmSettings,
         read.out.problem(f'[routing] strategy = "{strategy}" needs a [routing.{strategy}] table')
         return RoutingSettings(strategy, max_iterations)
     if strategy == "gatekeeper":
-        url = reader.string("routing.gatekeeper.url")
-        if not url or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-            read.out.problem("[routing.gatekeeper] url must be an absolute http(s) URL, e.g. http://gatekeeper:8000/route")
+        url = reader.http_url("routing.gatekeeper.url", "http://gatekeeper:8000/route")
+        if not reader.has("routing.gatekeeper.url"):
+            read.out.problem("[routing.gatekeeper] needs url = \"http://...\", e.g. http://gatekeeper:8000/route")
         return RoutingSettings(strategy, max_iterations, gatekeeper=GatekeeperSettings(
             url or "", reader.integer("routing.gatekeeper.timeout_ms", 5000, 1, 600000),
             reader.integer("routing.gatekeeper.retry_attempts", 3, 1, 20)))

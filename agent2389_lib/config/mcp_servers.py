@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 from .model import McpServerSpec, Secret
 from .reader import Reader, table_reader
@@ -56,25 +55,21 @@ def _build_server(origin: str, table: Any, out: Collector) -> Optional[McpServer
     argv: tuple = ()
     if command is not None:
         program = read.string("command", None, allow_empty=False)
-        args = _strings(read, "args", [])
+        args = read.strings("args", [])
         if program is None or args is None:
             return None
         argv = (program, *args)
         if "headers" in table:
             out.problem(f"{origin} headers apply to url servers only")
     else:
-        url = read.string("url", None, allow_empty=False)
+        url = read.http_url("url", "http://mcp-server:8000/mcp")
         if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            read.bad("url", url, "must be an http:// or https:// URL")
             return None
         for key in ("args", "env", "cwd"):
             if key in table:
                 out.problem(f"{origin} {key} applies to command (stdio) servers only")
-    allowed = _strings(read, "allowed_tools", None)
-    denied = _strings(read, "denied_tools", [])
+    allowed = read.strings("allowed_tools", None)
+    denied = read.strings("denied_tools", [])
     if allowed is not None and denied:
         out.problem(f"{origin}: set allowed_tools or denied_tools, not both")
     return McpServerSpec(
@@ -87,16 +82,6 @@ def _build_server(origin: str, table: Any, out: Collector) -> Optional[McpServer
         required=read.boolean("required", False),
         allowed_tools=tuple(allowed) if allowed is not None else None,
         denied_tools=tuple(denied or ()))
-
-
-def _strings(read: Reader, key: str, default: Optional[list]) -> Optional[list]:
-    value = read.raw(key, default)
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(item, str) and "\0" not in item for item in value):
-        read.out.problem(f"{read.origin(key)} must be an array of strings")
-        return default
-    return value
 
 
 def _pairs(read: Reader, key: str, name_rule: re.Pattern, noun: str) -> tuple:

@@ -6,8 +6,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
+from ..protocol import mask_url_credentials
+
 PROVIDERS = ("openai", "anthropic", "echo")
-BUILTIN_TOOLS = ("echo", "http_request", "file_read", "file_write", "web_search")
+_MIB = 1 << 20
+# Each builtin tool's `config` options with their defaults, whose types are the options' types (a
+# list holds strings, a whole number is at least 0, `endpoint` is an http(s) URL): checked when the
+# configuration is read, so check-config refuses what `run` would.
+BUILTIN_OPTIONS: dict[str, dict[str, Any]] = {
+    "echo": {},
+    "http_request": {"max_response_size": _MIB, "allowed_hosts": [], "allow_private_networks": False,
+                     "max_redirects": 5},
+    "file_read": {"allowed_paths": [], "max_size": _MIB},
+    "file_write": {"allowed_paths": [], "max_size": _MIB},
+    "web_search": {"endpoint": "https://google.serper.dev/search", "api_key_env": "SERPER_API_KEY"},
+}
+BUILTIN_TOOLS = tuple(BUILTIN_OPTIONS)
 DEFAULT_MODELS = {"openai": "gpt-4o", "anthropic": "claude-sonnet-4-20250514", "echo": "echo"}
 OFFICIAL_KEY_PREFIX = {"openai": "sk-", "anthropic": "sk-ant-"}
 KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -217,10 +231,12 @@ def _collect_secrets(obj: Any, found: list) -> None:
 
 
 def masked_view(config: AgentConfig) -> dict:
-    """The effective configuration as plain data, secrets masked (for check-config)."""
+    """The effective configuration as plain data, secrets and URL passwords masked (for check-config)."""
     def convert(value: Any) -> Any:
         if isinstance(value, Secret):
             return MASK if value else ""
+        if isinstance(value, str):
+            return mask_url_credentials(value)
         if is_dataclass(value):
             return {f.name: convert(getattr(value, f.name)) for f in fields(value)}
         if isinstance(value, (tuple, list)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from .model import Secret
 from .sources import Collector, Value, warn_unknown
@@ -91,6 +92,24 @@ class Reader:
             return default
         return folded
 
+    def strings(self, key: str, default: Optional[list]) -> Optional[list]:
+        """An array of strings (without NUL)."""
+        value = self.raw(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(item, str) and "\0" not in item for item in value):
+            self.out.problem(f"{self.origin(key)} must be an array of strings")
+            return default
+        return value
+
+    def http_url(self, key: str, example: str) -> Optional[str]:
+        """An absolute http(s) URL with a host, or None (a problem when it is set but is not one)."""
+        value = self.string(key, None, allow_empty=False)
+        if value is not None and not is_http_url(value):
+            self.bad(key, value, f"must be an http:// or https:// URL with a host, e.g. {example}")
+            return None
+        return value
+
     def secret(self, key: str) -> Optional[Secret]:
         value = self.raw(key)
         if value is None or value == "":
@@ -99,6 +118,16 @@ class Reader:
             self.out.problem(f"{self.origin(key)} must be a string without NUL characters")
             return None
         return Secret(value)
+
+
+def is_http_url(value: str) -> bool:
+    """Whether `value` is an absolute http(s) URL with a host and a port urllib can read (urllib
+    raises for `http://[bad` and for ports out of range: a bad value must not be a traceback)."""
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        return False
 
 
 def table_reader(out: Collector, origin: str, table: dict, known: tuple) -> Reader:

@@ -19,6 +19,8 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
 
 from dotenv import dotenv_values
 
+from ..protocol import mask_url_credentials
+
 _INTERP_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 # file key -> canonical name, per section; "" is the top level.
@@ -71,17 +73,18 @@ class Value:
 
 
 class Collector:
-    """Problems and warnings, gathered so all are reported at once."""
+    """Problems and warnings, gathered so all are reported at once; a URL's password in a value
+    they quote is masked, whatever the URL's shape."""
 
     def __init__(self) -> None:
         self.problems: list[str] = []
         self.warnings: list[str] = []
 
     def problem(self, text: str) -> None:
-        self.problems.append(text)
+        self.problems.append(mask_url_credentials(text))
 
     def warn(self, text: str) -> None:
-        self.warnings.append(text)
+        self.warnings.append(mask_url_credentials(text))
 
 
 def merged_environment(path: Optional[str], environ: dict, cwd: Optional[str] = None) -> dict:

@@ -4,9 +4,9 @@ is a config error naming the variable, not a warning from deep inside the SDK at
 from __future__ import annotations
 
 from typing import Mapping
-from urllib.parse import urlsplit
 
 from .model import TracingSettings
+from .reader import is_http_url
 from .sources import Collector
 
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
@@ -52,12 +52,7 @@ def _traces_endpoint(env: Mapping[str, str], out: Collector) -> str:
         url = env.get(name, "").strip()
         if not url:
             continue
-        try:
-            parts = urlsplit(url)
-            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-        except ValueError:
-            valid = False
-        if not valid:
+        if not is_http_url(url):
             out.problem(f"{name} must be an http:// or https:// URL with a host, e.g. http://otel-collector:4318; "
                         f"got {url!r}")
             return ""

@@ -8,25 +8,22 @@ import re
 import tempfile
 import time
 from html.parser import HTMLParser
-from typing import Callable
+from typing import Any, Callable
 
 import requests
 
-from ..config import AgentConfig, ToolSpec
+from ..config import BUILTIN_OPTIONS, AgentConfig, ToolSpec
 from ..httpsessions import ThreadSessions, causes, describe_failure, endpoint_session
 from .base import Tool, ToolError, ToolTimeout, seconds_left
 from .netguard import NetworkPolicy, guarded_session
 
-_DEFAULT_MAX_BYTES = 1048576
 _REFUSAL = re.compile(r"refused: .*?allowed_hosts\)")
 _TRUNCATED = "\n...[truncated at {} bytes]"
 
 
-def _option(spec: ToolSpec, key: str, default, kind: type):
-    value = spec.options.get(key, default)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ToolError(f"[tools] {spec.name} config {key} must be a {kind.__name__}")
-    return value
+def _option(spec: ToolSpec, key: str) -> Any:
+    """One of the tool's options, of the type the configuration checked it for."""
+    return spec.options.get(key, BUILTIN_OPTIONS[spec.name][key])
 
 
 class EchoTool(Tool):
@@ -99,12 +96,12 @@ class HttpRequestTool(Tool):
 
     def __init__(self, spec: ToolSpec, config: AgentConfig):
         self.description = spec.description or self.description
-        self.max_bytes = _option(spec, "max_response_size", _DEFAULT_MAX_BYTES, int)
+        self.max_bytes = _option(spec, "max_response_size")
         self.default_timeout = spec.timeout
-        hosts = _option(spec, "allowed_hosts", [], list)
-        self.policy = NetworkPolicy(bool(_option(spec, "allow_private_networks", False, bool)),
+        hosts = _option(spec, "allowed_hosts")
+        self.policy = NetworkPolicy(bool(_option(spec, "allow_private_networks")),
                                     frozenset(h.lower().rstrip(".") for h in hosts))
-        self.max_redirects = _option(spec, "max_redirects", 5, int)
+        self.max_redirects = _option(spec, "max_redirects")
         self._sessions = ThreadSessions(lambda: guarded_session(self.policy, self.max_redirects))
 
     def execute(self, params: dict, deadline: float) -> str:
@@ -158,8 +155,8 @@ class _PathTool(Tool):
     def __init__(self, spec: ToolSpec, config: AgentConfig):
         self.spec = spec
         self.description = spec.description or self.description
-        self.roots = [os.path.realpath(p) for p in _option(spec, "allowed_paths", [], list)]
-        self.max_bytes = _option(spec, "max_size", _DEFAULT_MAX_BYTES, int)
+        self.roots = [os.path.realpath(p) for p in _option(spec, "allowed_paths")]
+        self.max_bytes = _option(spec, "max_size")
 
     def initialize(self) -> None:
         if not self.roots:
@@ -243,8 +240,8 @@ class WebSearchTool(Tool):
     def __init__(self, spec: ToolSpec, config: AgentConfig):
         self.spec = spec
         self.description = spec.description or self.description
-        self.endpoint = _option(spec, "endpoint", "https://google.serper.dev/search", str)
-        self.key_var = _option(spec, "api_key_env", "SERPER_API_KEY", str)
+        self.endpoint = _option(spec, "endpoint")
+        self.key_var = _option(spec, "api_key_env")
         self._sessions = ThreadSessions(lambda: endpoint_session(self.endpoint))
 
     def initialize(self) -> None:
