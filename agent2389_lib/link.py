@@ -24,7 +24,7 @@ from .metrics import Metrics
 from .mqttclient import (UNSUPPORTED_PROTOCOL, ProtocolVersion, describe_refusal, new_client, publish_packet_size,
                          user_properties)
 from .tickets import PublishTicket, Tickets
-from .wire import close_socket
+from .wire import close_socket, reset_unread
 
 log = logging.getLogger("agent2389.transport.mqtt")
 
@@ -146,8 +146,8 @@ class Link:
 
     # -------------------------------------------------------------- publishing and acking
     def publish(self, topic: str, payload: bytes, retain: bool = False,
-                headers: Sequence[tuple[str, str]] = ()) -> PublishTicket:
-        """Queue a QoS 1 publish; paho sends it now or after the next reconnect. `headers` go as
+                headers: Sequence[tuple[str, str]] = (), qos: int = 1) -> PublishTicket:
+        """Queue a QoS 1 (or 2) publish; paho sends it now or after the next reconnect. `headers` go as
         MQTT 5 user properties (3.1.1 has none). Raises PayloadTooLarge instead of sending what
         the broker announced it would refuse (it would drop the link, and paho would resend the
         same packet on every reconnect)."""
@@ -156,7 +156,7 @@ class Link:
             raise PayloadTooLarge(size, self.max_packet_size, "broker's maximum packet size")
         ticket = PublishTicket()
         with self._client_lock:
-            self._queue(ticket, topic, payload, retain, tuple(headers))
+            self._queue(ticket, topic, payload, retain, tuple(headers), qos)
         return ticket  # paho's register-write callback wakes the network thread
 
     def publish_advisory(self, topic: str, payload: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
@@ -174,11 +174,12 @@ class Link:
         else:
             self.metrics.progress_dropped()
 
-    def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool, headers: tuple) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=user_properties(headers, self.v5))
+    def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool, headers: tuple,
+               qos: int) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=user_properties(headers, self.v5))
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise RuntimeError("MQTT outgoing queue is full")
-        self._tickets.track(info.mid, ticket, (topic, payload, retain, headers))
+        self._tickets.track(info.mid, ticket, (topic, payload, retain, headers, qos))
 
     def _replace_client(self) -> None:
         """A client for the other protocol version; what the old one had not yet delivered is
@@ -235,10 +236,8 @@ class Link:
         self.on_disconnected()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        """A PUBACK (only `loop_read` runs with this callback set)."""
+        """A PUBACK or PUBCOMP (only `loop_read` runs with this callback set)."""
         refusal = (str(reason_code), reason_code.value) if reason_code.is_failure else None
-        if refusal:
-            self.watch.refused_publish()
         self._tickets.reported(mid, refusal)
         self.metrics.published_message(refusal is None)
 
@@ -320,6 +319,8 @@ class Link:
         if sock in writable or self.client.want_write():
             rc = self._write()
         if rc == mqtt.MQTT_ERR_SUCCESS and sock in readable:
+            if not self.watch.answered:  # a close now: did anyone read our CONNECT?
+                self.watch.reset_unread = reset_unread(sock)
             rc = self.client.loop_read()
             self._last_read = time.monotonic()
         if rc == mqtt.MQTT_ERR_SUCCESS:
@@ -358,7 +359,6 @@ class Link:
         finally:
             self._dropping = False
         if self._connected.is_set():
-            self.watch.dropped()
             self._connected.clear()
             self.on_disconnected()
 

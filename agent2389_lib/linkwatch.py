@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Optional
 
 import paho.mqtt.client as mqtt
 
@@ -22,10 +21,7 @@ log = logging.getLogger("agent2389.transport.mqtt")
 
 _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 30.0
-_STABLE_SECONDS = 30.0  # a link up this long resets the reconnect backoff
-_QUICK_CLOSES_ALARM = 2
-_SAME_EVENT_SECONDS = 0.1  # links lost this close together: one cause (a dying broker drops both at once)
-_REFUSAL_CLOSE_SECONDS = 1.0  # a close this soon after a refused publish: the refusal's
+_TWIN_EVIDENCE_SECONDS = 120.0  # a twin's status seen this lately names a close its takeover
 _TAKEOVER_DELAY = (20.0, 30.0)  # seconds; two processes with one id then take over at most 3 times a minute
 _SESSION_TAKEN_OVER = 0x8E
 _FAILURE_CAUSES_KEPT = 16
@@ -34,8 +30,7 @@ NOT_A_BROKER_HINT = "is it an MQTT broker's port? (MQTT_HOST/MQTT_PORT, [mqtt] b
 
 
 class LinkWatch:
-    """One link's connection history. `sibling` is the process's other link: a broker that
-    went away drops both at once, a takeover only one."""
+    """One link's connection history."""
 
     def __init__(self, name: str, client_id: str, settings: MqttSettings, version: ProtocolVersion,
                  metrics: Metrics):
@@ -45,23 +40,19 @@ class LinkWatch:
         self.version = version
         self.metrics = metrics
         self.where = f"{settings.host}:{settings.port}"
-        self.sibling: Optional[LinkWatch] = None
-        self.up = False
         self.takeover = ""  # what the last close proved, when it proved a takeover
         self.answered = False  # the broker answered the current attempt's CONNECT
+        self.reset_unread = False  # the current attempt was reset before anyone read its CONNECT
         self._backoff = Backoff(_BACKOFF_INITIAL, _BACKOFF_MAX)
         self._attempt_started = 0.0
         self._last_error = ""
         self._failures: dict[str, Throttle] = {}  # by cause
         self._loop_faults = Throttle()
-        self._connected_at = 0.0
-        self._quick_closes = 0  # young closes in a row by a broker that stayed up
-        self._young_close: Optional[tuple[float, Optional[float]]] = None  # when, and since when the sibling was up
-        self._lost_at = self._refused_at = float("-inf")
+        self._twin = (float("-inf"), "")  # when another process's status was last seen, and what it said
 
     # -------------------------------------------------------------- attempts
     def attempt_started(self) -> None:
-        self.answered = False
+        self.answered = self.reset_unread = False
         self._attempt_started = time.monotonic()
 
     def remember_error(self, client, userdata, level: int, text: str) -> None:
@@ -95,11 +86,8 @@ class LinkWatch:
                                            f"{describe_tls_error(cause)}")
 
     def broker_away(self) -> None:
-        """An attempt failed: the broker was away, so no takeover closed either link."""
+        """An attempt failed (the broker away, or not answering as one)."""
         self.metrics.mqtt_connection(False, failed=True)
-        for watch in (self, self.sibling):
-            if watch is not None:
-                watch._quick_closes, watch._young_close = 0, None
 
     def closed_before_connack(self, v5: bool) -> None:
         """The broker dropped the connection without answering CONNECT: TLS trouble (paho only
@@ -107,6 +95,11 @@ class LinkWatch:
         cause, self._last_error = self._last_error, ""
         if cause and self.settings.tls:
             self.tls_failed(cause)
+            return
+        if self.reset_unread:  # says nothing about the protocol: nobody read what we sent
+            self.failed_attempt(logging.WARNING, f"connection to broker {self.where} was reset before it read CONNECT "
+                                                 f"({self.name} link): no broker behind it yet (a proxy or load "
+                                                 f"balancer without its backend?)")
             return
         cause = cause or "the broker closed the connection before answering CONNECT"
         deciding = v5 and self.version.deciding
@@ -125,63 +118,33 @@ class LinkWatch:
 
     # -------------------------------------------------------------- connections
     def accepted(self) -> None:
-        self._judge_young_close()
+        """The broker is back: the next loss starts the backoff afresh (only attempts that fail
+        wait longer and longer; a broker in a crash loop is rejoined at once each time)."""
+        self._backoff.reset()
         self._failures.clear()  # the next outage is reported at once
         self._last_error = ""
-        self._connected_at = time.monotonic()
-        self.up = True
 
-    def refused_publish(self) -> None:
-        self._refused_at = time.monotonic()
-
-    def dropped(self) -> None:
-        """We closed an established connection."""
-        self._lost_at = time.monotonic()
-        self.up = False
+    def twin_seen(self, text: str) -> None:
+        """Another live process has this link's client id (its status said so): for a while, a
+        close of the link is its takeover."""
+        self._twin = (time.monotonic(), text)
 
     def closed(self, reason_code: object) -> None:
-        """The broker closed an established connection.
-
-        Two processes with one client id take the session from each other in a loop. Only
-        evidence of that counts, never a broker that went away (a crash loop closes young links
-        too). Evidence is the broker's reason 0x8E (MQTT 5), or, since not every broker says it,
-        young links closed again and again by a broker that stayed up: it took the link back
-        at the first attempt, the sibling link was not lost with it (a dying broker drops both),
-        and no refused publish came just before (mosquitto closes a link after one). The backoff
-        is reset once a connection stayed up, or was closed for a refused publish (the broker is
-        fine); a named takeover waits longer still."""
-        now = time.monotonic()
-        self._lost_at = now
-        self.up = False
+        """The broker closed an established connection. Two processes with one client id take
+        the session from each other in a loop; only evidence names that, never a broker that
+        went away (a crash loop closes young links too): the broker's reason 0x8E (MQTT 5), or,
+        since mosquitto closes without it, the other process's status seen lately (`twin_seen`).
+        A named takeover waits 20-30 s (`delay_after_close`)."""
         self.takeover = ""
-        if now - self._connected_at >= _STABLE_SECONDS or 0 <= now - self._refused_at < _REFUSAL_CLOSE_SECONDS:
-            self._backoff.reset()
-            self._quick_closes = 0
-            return
+        seen, twin = self._twin
         if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
             self.takeover = (f"the broker closed the {self.name} link because another connection took over client "
-                             f"id {self.client_id} (reason 0x8E, session taken over)")
-        elif self._quick_closes >= _QUICK_CLOSES_ALARM:
-            self.takeover = (f"the broker closed the {self.name} link of client id {self.client_id} "
-                             f"{self._quick_closes + 1} times in a row within {_STABLE_SECONDS:.0f} s of taking it "
-                             f"back, while the broker stayed up ({reason_code})")
-        else:  # judged once the broker took the link back (`_judge_young_close`)
-            sibling = self.sibling
-            self._young_close = (now, sibling._connected_at if sibling is not None and sibling.up else None)
+                             f"id {self.client_id} (reason 0x8E, session taken over); another process is probably "
+                             f"running with the same agent id")
+        elif time.monotonic() - seen < _TWIN_EVIDENCE_SECONDS:
+            self.takeover = f"the broker closed the {self.name} link of client id {self.client_id}: {twin}"
         if self.takeover:
-            self.takeover += ("; another process is probably running with the same agent id and client id: stop "
-                              "it, or give each process its own agent id (or [mqtt] client_id)")
-
-    def _judge_young_close(self) -> None:
-        """The link is back at the first attempt since a young close: was the broker up all along,
-        the sibling link connected before that close and not lost with it?"""
-        young, self._young_close = self._young_close, None
-        if young is None:
-            return
-        closed_at, sibling_up_since = young
-        sibling_stayed = (sibling_up_since is not None and sibling_up_since < closed_at and self.sibling is not None
-                          and abs(self.sibling._lost_at - closed_at) >= _SAME_EVENT_SECONDS)
-        self._quick_closes = self._quick_closes + 1 if sibling_stayed else 0
+            self.takeover += ": stop it, or give each process its own agent id (or [mqtt] client_id)"
 
     # -------------------------------------------------------------- waiting
     def loop_failed(self, level: int, text: str, exc_info: bool = False) -> None:

@@ -18,6 +18,11 @@ class OperatorError(Exception):
     """The broker could not be used: the message says why and what to check."""
 
 
+# The most a subscription grants is the QoS a message was published with: answers published at
+# outcome_qos = 2 then reach the operator exactly once, the rest at the QoS they were sent.
+SUBSCRIBE_QOS = 2
+
+
 class OperatorClient:
     def __init__(self, settings: MqttSettings):
         self.settings = settings
@@ -57,7 +62,7 @@ class OperatorClient:
             self._lost = False
             self.on_connection_change(f"reconnected to broker {self.where}")
         if self.topics:  # after a reconnect too
-            client.subscribe([(topic, 1) for topic in self.topics])
+            client.subscribe([(topic, SUBSCRIBE_QOS) for topic in self.topics])
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._closing:
@@ -101,7 +106,7 @@ class OperatorClient:
     def subscribe(self, topics: list[str], timeout: float = 10.0) -> None:
         """Subscribe (again after every reconnect) and wait for the SUBACK."""
         self.topics = list(topics)
-        self.client.subscribe([(topic, 1) for topic in topics])
+        self.client.subscribe([(topic, SUBSCRIBE_QOS) for topic in topics])
         self._wait(self._subscribed, timeout, "subscribe")
 
     def publish(self, topic: str, payload: bytes, timeout: float = 10.0, headers: Sequence[tuple[str, str]] = ()) -> None:

@@ -16,11 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Optional
+import time
+import uuid
+from typing import Callable, Optional
 
 from . import protocol
 from .logs import Throttle
+from .registry import parse_timestamp
 
+_CLOCK_SKEW = 2.0  # seconds between two hosts' clocks that a twin's timestamp may show
 log = logging.getLogger("agent2389.pool")
 
 
@@ -28,9 +32,15 @@ class Membership:
     """This process's place among those serving its agent id: alone (no instance id), or one
     member of a pool. Decides every topic a status goes to and what a seen status calls for."""
 
-    def __init__(self, agent_id: str, instance_id: Optional[str]):
+    def __init__(self, agent_id: str, instance_id: Optional[str], on_twin: Callable[[str], None] = lambda text: None,
+                 started: Optional[float] = None):
+        """`on_twin` hears of another live process publishing this process's own status (same
+        agent id and instance id): the two take each other's broker sessions."""
         self.agent_id = agent_id
         self.instance_id = instance_id
+        self.incarnation = uuid.uuid4().hex[:16]  # this process, in its statuses
+        self.started = time.time() if started is None else started
+        self._on_twin = on_twin
         self.member = instance_id is not None
         self.pool_topic = protocol.status_topic(agent_id)
         self.own_topic = protocol.instance_status_topic(agent_id, instance_id) if instance_id else self.pool_topic
@@ -80,6 +90,8 @@ class Membership:
             return False
         if not isinstance(status, dict):
             return False
+        if topic == self.own_topic:
+            self._check_twin(status)
         if topic.startswith(self._prefix) and topic.endswith(self._suffix):
             member = topic[len(self._prefix):-len(self._suffix)]
             with self._changed:
@@ -100,6 +112,18 @@ class Membership:
             elif conflict and self._conflicts.occurred():
                 log.error(conflict)
         return False
+
+    def _check_twin(self, status: dict) -> None:
+        """An `available` of another incarnation, stamped after this process started (an earlier
+        process's retained status is older), is a live twin's."""
+        other = status.get("incarnation")
+        stamped = parse_timestamp(status.get("timestamp"))
+        if (status.get("status") != protocol.AVAILABLE or not isinstance(other, str) or other == self.incarnation
+                or stamped is None or stamped < self.started - _CLOCK_SKEW):
+            return
+        who = f"agent id {self.agent_id}" + (f" instance {self.instance_id}" if self.member else "")
+        self._on_twin(f"another process (incarnation {protocol.truncate_utf8(other, 64)}) serves {who} with the same "
+                      f"client id: its `available` came on {self.own_topic} at {status.get('timestamp')}")
 
     def _conflict(self, other: object) -> Optional[str]:
         if self.member and other is None:

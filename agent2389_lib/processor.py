@@ -64,7 +64,7 @@ class Ticket(Protocol):
 
 class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, retain: bool = False,
-                headers: Sequence[tuple[str, str]] = ()) -> Ticket: ...
+                headers: Sequence[tuple[str, str]] = (), qos: int = 1) -> Ticket: ...
 
 
 class PublishAbandoned(Exception):
@@ -122,6 +122,7 @@ class TaskProcessor:
         self.should_abandon = should_abandon
         self.route = route
         self.secrets = config.secrets()
+        self.outcome_qos = config.mqtt.outcome_qos
         self._retained = Throttle()
 
     # -------------------------------------------------------------- entry point
@@ -297,7 +298,7 @@ class TaskProcessor:
 
     def _publish_until_accepted(self, claim: Claim, topic: str, payload: bytes) -> None:
         for attempt in itertools.count():
-            ticket = self.publisher.publish(topic, payload, headers=tracing.task_headers())
+            ticket = self.publisher.publish(topic, payload, headers=tracing.task_headers(), qos=self.outcome_qos)
             waited = 0.0
             while not ticket.wait(_PUBLISH_PATIENCE):
                 waited += _PUBLISH_PATIENCE
@@ -330,7 +331,8 @@ class TaskProcessor:
                                               refused.refusal, None if refused.code == _PACKET_TOO_LARGE else outcome,
                                               size)
         try:
-            ticket = self.publisher.publish(where, protocol.to_payload(letter), headers=tracing.task_headers())
+            ticket = self.publisher.publish(where, protocol.to_payload(letter), headers=tracing.task_headers(),
+                                            qos=self.outcome_qos)
         except (PayloadTooLarge, RuntimeError) as exc:
             log.error("task %s: could not send it to the dead-letter topic %s: %s", claim.task_id, where, exc)
             return

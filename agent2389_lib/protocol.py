@@ -399,11 +399,12 @@ def to_payload(message: Mapping[str, Any]) -> bytes:
 def status_message(agent_id: str, status: str, *, capabilities: Sequence[str] = (), description: str = "",
                    load: float = 0.0, health: str = HEALTH_OK, version: str = "", heartbeat_interval: int = 0,
                    instance_id: Optional[str] = None, instances_hint: Optional[int] = None,
-                   now: Optional[datetime] = None) -> dict:
+                   incarnation: Optional[str] = None, now: Optional[datetime] = None) -> dict:
     """The retained status: the reference's fields plus what its registry reads (`health`,
     `load`, `last_updated`). An unavailable agent says `health: "unavailable"` and `load: 1`
     too, since the reference's registry reads only those. Pool members add `instance_id` and
-    `instances_hint` (members seen alive)."""
+    `instances_hint` (members seen alive). `incarnation` names the process, so a second process
+    started with the same id sees that the status is not its own."""
     stamp = rfc3339(now)
     msg: dict = {"agent_id": agent_id, "status": status, "timestamp": stamp}
     if capabilities:
@@ -421,6 +422,8 @@ def status_message(agent_id: str, status: str, *, capabilities: Sequence[str] = 
         msg["instance_id"] = instance_id
     if instances_hint is not None:
         msg["instances_hint"] = instances_hint
+    if incarnation is not None:
+        msg["incarnation"] = incarnation
     return msg
 
 

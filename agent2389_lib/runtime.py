@@ -24,7 +24,7 @@ from .errors import LlmError
 from .health import AgentStatus, HealthServer
 from .httpsessions import public_url
 from .llm import build_agent_loop
-from .logs import span
+from .logs import Throttle, span
 from .metrics import Metrics
 from .pool import Membership
 from .processor import TaskProcessor
@@ -127,7 +127,8 @@ class AgentRuntime:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._futures: list[Future] = []
-        self.pool = Membership(config.agent_id, config.instance_id)
+        self._twins = Throttle()
+        self.pool = Membership(config.agent_id, config.instance_id, on_twin=self._on_twin)
         self._probe_topic = f"/control/agents/{config.agent_id}/probe/{config.mqtt.client_id}"
         self._probe_seen = threading.Event()
         self.intake = Intake(capacity=2 * self.workers)
@@ -214,7 +215,7 @@ class AgentRuntime:
             description=self.config.description, load=self.load(),
             health=protocol.HEALTH_DEGRADED if self.saturated() else protocol.HEALTH_OK, version=__version__,
             heartbeat_interval=self.config.heartbeat_interval, instance_id=self.config.instance_id,
-            instances_hint=self.pool.size_hint()))
+            instances_hint=self.pool.size_hint(), incarnation=self.pool.incarnation))
 
     def publish_status(self, status: str, wait_seconds: Optional[float] = None, heartbeat: bool = False) -> bool:
         """The retained status, on the topics the pool membership names."""
@@ -239,6 +240,12 @@ class AgentRuntime:
             self.registry.observe(topic, payload)
         if self.pool.observe(topic, payload, self.state):
             self.publish_status(protocol.AVAILABLE)
+
+    def _on_twin(self, text: str) -> None:
+        """Said at once and then once a minute; the links wait 20-30 s when it takes them over."""
+        if self._twins.occurred():
+            log.error("%s; stop one of them, or give each process its own agent id (or [mqtt] client_id)", text)
+        self.transport.twin_seen(text)
 
     def _survey(self) -> None:
         """Before `available`: see the retained statuses of this agent id (a probe published after

@@ -8,9 +8,10 @@
 * The output link publishes outcomes and status at QoS 1. Keeping it separate means
   waiting for a PUBACK never requires reading past a backlog of tasks.
 
-Both links reconnect with exponential backoff and equal jitter, reset only once a connection
-stayed up for a while (so two processes fighting over one client id slow down); on every intake reconnect the
-subscription is renewed and `on_subscribed` fires (the runtime re-publishes `available`).
+Both links reconnect with exponential backoff and equal jitter, reset whenever the broker accepts
+a connection (a broker back is rejoined at once); a close that evidence names a takeover by another
+process with the same client id waits 20-30 s instead. On every intake reconnect the subscription
+is renewed and `on_subscribed` fires (the runtime re-publishes `available`).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ class MqttTransport:
                             will=will,
                             may_read=lambda: not self._subscribed.is_set() or may_read(),
                             receive_maximum=receive_maximum, max_packet_size=max_packet_size)
-        self.output = Link("output", settings, f"{settings.client_id}-out", metrics, persistent=False,
+        # QoS 2 is exactly once across a reconnect only if the broker keeps the packet ids' state
+        self.output = Link("output", settings, f"{settings.client_id}-out", metrics,
+                            persistent=settings.outcome_qos == 2,
                             version=self.version, will=output_will)
-        self.intake.watch.sibling, self.output.watch.sibling = self.output.watch, self.intake.watch
         self.intake.on_connected = self._intake_connected
         self.intake.on_message = lambda message: self.on_delivery(message)
         self.intake.on_disconnected = self._intake_disconnected
@@ -130,8 +132,8 @@ class MqttTransport:
         self.intake.wake()
 
     def publish(self, topic: str, payload: bytes, retain: bool = False,
-                headers: Sequence[tuple[str, str]] = ()) -> PublishTicket:
-        return self.output.publish(topic, payload, retain, headers)
+                headers: Sequence[tuple[str, str]] = (), qos: int = 1) -> PublishTicket:
+        return self.output.publish(topic, payload, retain, headers, qos)
 
     def publish_advisory(self, topic: str, payload: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
         self.output.publish_advisory(topic, payload, headers)
@@ -148,6 +150,11 @@ class MqttTransport:
     def _intake_disconnected(self) -> None:
         self._subscribed.clear()
         self._connection_changed()
+
+    def twin_seen(self, text: str) -> None:
+        """Another process has these client ids: a close of either link is its takeover."""
+        for link in (self.intake, self.output):
+            link.watch.twin_seen(text)
 
     def _connection_changed(self) -> None:
         self.metrics.mqtt_connection(self.connected)

@@ -7,7 +7,9 @@ module of agent2389 touches paho's private attributes; should one ever have to, 
 
 from __future__ import annotations
 
+import errno
 import socket
+import ssl
 
 import paho.mqtt.client as mqtt
 
@@ -39,3 +41,20 @@ def close_socket(client: mqtt.Client) -> None:
     for _ in range(_CLOSE_READS):
         if client.socket() is None or client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
             return
+
+
+def reset_unread(sock: socket.socket) -> bool:
+    """Whether a connection the peer is closing was reset: our bytes (the CONNECT) reached a
+    socket that never read them, as when a load balancer or proxy drops a connection at accept.
+    A broker that read the CONNECT and closed ends it cleanly instead. Only for a readable plain
+    TCP socket (TLS cannot peek); it reads nothing paho would miss."""
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            return False  # an answer, not a close
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError:  # nothing to read after all, or no socket
+        return False
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) in (errno.ECONNRESET, errno.EPIPE)

@@ -294,12 +294,14 @@ class RabbitMQ(_JavaOrErlangBroker):
 
 class ClosingProxy:
     """A TCP relay on a free loopback port in front of a broker: it closes the first
-    `close_first` connections as soon as it accepts them (a load balancer without a backend yet)
+    `close_first` connections as soon as it accepts them (a load balancer without a backend yet),
+    or with `after_connect` once it read their CONNECT (a broker that refuses MQTT 5 by closing),
     and relays the rest; `drop_all()` cuts every relayed connection (the balancer restarting)."""
 
-    def __init__(self, target_port: int, close_first: int):
+    def __init__(self, target_port: int, close_first: int, after_connect: bool = False):
         self.target_port = target_port
         self.to_close = close_first
+        self.after_connect = after_connect
         self.closed = 0
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
@@ -317,6 +319,9 @@ class ClosingProxy:
                 if self.to_close > 0:
                     self.to_close -= 1
                     self.closed += 1
+                    if self.after_connect:
+                        conn.settimeout(10)
+                        conn.recv(65536)
                     conn.close()
                     continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
@@ -363,8 +368,9 @@ class Watcher:
     """A paho client that records every message on its subscriptions and can publish."""
 
     def __init__(self, port: int, *topics: str, username: Optional[str] = None, password: Optional[str] = None,
-                 protocol: str = "5"):
+                 protocol: str = "5", qos: int = 1):
         """Persistent session, resubscribing on every connect: nothing is missed across broker restarts."""
+        self.qos = qos
         self.messages: list[mqtt.MQTTMessage] = []
         self.parsed: list[tuple[str, Any]] = []
         self.topics = topics
@@ -393,7 +399,7 @@ class Watcher:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.topics:
-            client.subscribe([(t, 1) for t in self.topics])
+            client.subscribe([(t, self.qos) for t in self.topics])
         else:
             self._subscribed.set()
 

@@ -310,6 +310,18 @@ class ValidationTests(ConfigCase):
         problems = self.problems('agent_id = "abc"\n[mqtt]\nprotocol = "6"\n[llm]\nprovider = "echo"\n')
         self.assertIn('must be "auto", "5" or "3.1.1"', problems[0])
 
+    def test_outcome_qos_in_both_layouts_and_the_environment(self):
+        ours, reference = 'agent_id = "abc"\n[mqtt]\n{}\n[llm]\nprovider = "echo"\n', \
+            '[agent]\nid = "abc"\n[mqtt]\nbroker_url = "mqtt://localhost:1883"\n{}\n[llm]\nprovider = "echo"\n'
+        for layout in (ours, reference):
+            with self.subTest(layout=layout):
+                self.assertEqual(self.load(layout.format("")).config.mqtt.outcome_qos, 1)
+                self.assertEqual(self.load(layout.format("outcome_qos = 2")).config.mqtt.outcome_qos, 2)
+                self.assertEqual(self.load(layout.format(""), MQTT_OUTCOME_QOS="2").config.mqtt.outcome_qos, 2)
+                for bad in ("0", "3", '"two"', "true"):
+                    self.assert_problem(self.problems(layout.format(f"outcome_qos = {bad}")), "[mqtt] outcome_qos=")
+        self.assert_problem(self.problems(ours.format(""), MQTT_OUTCOME_QOS="0"), "MQTT_OUTCOME_QOS=0 is out of range")
+
     def test_bad_toml(self):
         problems = self.problems("agent_id = \n")
         self.assertTrue(problems[0].startswith("config file ") and "not valid TOML" in problems[0], problems)

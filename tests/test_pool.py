@@ -1,12 +1,16 @@
 """Agent pools: one agent id served by several processes through a shared subscription, against a
 real mosquitto with agent processes."""
 
+import json
 import re
 import signal
 import sys
 import time
+import unittest
 
 from support import AgentProcess, BrokerTestCase, envelope, wait_until
+
+from agent2389_lib.pool import Membership
 
 FINISHED = re.compile(r"task ([0-9a-f-]{36}) finished")
 
@@ -169,3 +173,32 @@ class PoolTests(BrokerTestCase):
         self.assertEqual(late_plain.wait(30), 1)
         self.assertIn("is also served by pool member early", late_plain.log())
         self.assertNotIn("took over", first.log())
+
+
+class TwinRuleTests(unittest.TestCase):
+    """Only a live process's status on this process's own topic is a twin's."""
+
+    def seen(self, status: dict, instance_id=None) -> list:
+        heard = []
+        membership = Membership("twin", instance_id, on_twin=heard.append, started=1_000_000.0)
+        status = {"agent_id": "twin", "status": "available", "timestamp": "1970-01-12T13:46:41.000Z",
+                  "incarnation": "other", **status}  # 1,000,001 s: after this process started
+        membership.observe(membership.own_topic, json.dumps(status).encode(), "running")
+        return heard
+
+    def test_another_live_incarnation_is_a_twin(self):
+        (text,) = self.seen({})
+        self.assertIn("another process (incarnation other) serves agent id twin with the same client id", text)
+        self.assertTrue(self.seen({}, instance_id="m1"), "a pool member's twin: the same instance id")
+
+    def test_what_is_not_a_twin(self):
+        cases = {"an earlier process's retained status": {"timestamp": "1970-01-12T13:46:30.000Z"},
+                 "its Last Will": {"status": "unavailable"},
+                 "an agent that does not say": {"incarnation": None},
+                 "no readable timestamp": {"timestamp": "yesterday"}}
+        for case, status in cases.items():
+            with self.subTest(case):
+                self.assertEqual(self.seen(status), [])
+        membership = Membership("twin", None, on_twin=self.fail)
+        own = {"status": "available", "timestamp": "2999-01-01T00:00:00Z", "incarnation": membership.incarnation}
+        membership.observe(membership.own_topic, json.dumps(own).encode(), "running")

@@ -51,7 +51,7 @@ class MemoryPublisher:
         self.refusals: list = []  # per publish: None, (reason text, reason code), or an exception to raise
         self.max_packet_size: Optional[int] = None
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False, headers: tuple = ()) -> Ticket:
+    def publish(self, topic: str, payload: bytes, retain: bool = False, headers: tuple = (), qos: int = 1) -> Ticket:
         if self.max_packet_size is not None and len(payload) > self.max_packet_size:
             raise PayloadTooLarge(len(payload), self.max_packet_size, "broker's maximum packet size")
         refusal = self.refusals.pop(0) if self.refusals else None

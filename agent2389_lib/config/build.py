@@ -123,6 +123,7 @@ def build_mqtt(read: Reader, env: Mapping[str, str], client_name: str) -> MqttSe
         username=username or None, password=password, client_id=client_id, protocol=protocol,
         session_expiry=read.integer("mqtt.session_expiry", 86400, 0, 4294967295),
         keep_alive=read.integer("mqtt.keep_alive", 60, 5, 65535), qos=1,
+        outcome_qos=read.integer("mqtt.outcome_qos", 1, 1, 2),
         ca_cert_path=paths["ca_cert_path"], client_cert_path=paths["client_cert_path"],
         client_key_path=paths["client_key_path"], client_key_password=read.secret("mqtt.client_key_password"),
         tls_insecure_skip_verify=read.boolean("mqtt.tls_insecure_skip_verify", False),

@@ -82,6 +82,7 @@ class MqttSettings:
     session_expiry: int = 86400
     keep_alive: int = 60
     qos: int = 1
+    outcome_qos: int = 1  # answers, errors and forwards; 2: exactly once on the wire
     ca_cert_path: Optional[str] = None
     client_cert_path: Optional[str] = None
     client_key_path: Optional[str] = None

@@ -35,7 +35,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "": _COMMON_TOP,
     "agent": {**_COMMON_TOP, "id": "agent_id"},
     "mqtt": {k: f"mqtt.{k}" for k in (
-        "broker_url", "username", "password", "username_env", "password_env", "qos", "keep_alive",
+        "broker_url", "username", "password", "username_env", "password_env", "qos", "outcome_qos", "keep_alive",
         "ca_cert_path", "client_cert_path", "client_key_path", "client_key_password", "tls_insecure_skip_verify",
         "client_id",
         "protocol", "session_expiry")} | {"heartbeat_interval_secs": "heartbeat_interval",
@@ -62,7 +62,7 @@ ENV_SIMPLE = {
     "TASK_TIMEOUT": "task_timeout", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format",
     "LOG_SPANS": "log_spans", "HEALTH_PORT": "health_port", "STATE_DIR": "state_dir",
     "AGENT_INSTANCE_ID": "instance_id", "LLM_PROVIDER": "llm.provider", "HEALTH_BIND": "health_bind",
-    "DEAD_LETTER_TOPIC": "dead_letter_topic",
+    "DEAD_LETTER_TOPIC": "dead_letter_topic", "MQTT_OUTCOME_QOS": "mqtt.outcome_qos",
 }
 
 
