@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 from . import __version__
 
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
 
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -296,8 +297,6 @@ def _monitor(args: argparse.Namespace) -> int:
                 print(ops.render(message.topic, message.payload, args.format, colour,
                                  user_properties=getattr(message.properties, "UserProperty", ())), flush=True)
             seen += 1
-    except KeyboardInterrupt:
-        pass
     finally:
         client.close()
     return 0
@@ -328,4 +327,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     handlers = {"version": lambda a: print(f"agent2389 {__version__}") or 0, "check-config": _check_config,
                 "run": _run, "inject": _inject, "pipeline": _pipeline, "monitor": _monitor, "healthcheck": _healthcheck,
                 "tools": _tools}
-    sys.exit(handlers[args.command](args))
+    try:
+        code = handlers[args.command](args)
+    except KeyboardInterrupt:  # `run` stops on SIGINT itself; the other commands end here, without a traceback
+        print(f"agent2389 {args.command}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

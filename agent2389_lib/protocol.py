@@ -183,8 +183,15 @@ def parse_envelope(payload: bytes | str) -> TaskEnvelope:
         if _SURROGATE_ESCAPE_RE.search(payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload):
             _reject_lone_surrogates(data)
         return _parse_envelope_object(data, task_id, raw_task_id, raw_cid)
-    except EnvelopeError as exc:
-        raise EnvelopeError(str(exc), task_id, cid) from None
+    except EnvelopeError as exc:  # a task id that is no UUID is echoed as given: the requester knows it so
+        raise EnvelopeError(str(exc), task_id or _echoable(raw_task_id), cid) from None
+
+
+def _echoable(value: Any) -> Optional[str]:
+    """A task id that is not a UUID, fit to be echoed in the error about it."""
+    if isinstance(value, str) and 0 < len(value) <= 200 and value.isprintable():
+        return value
+    return None
 
 
 _SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -219,6 +220,34 @@ class InjectAndMonitorTests(BrokerTestCase):
         super().setUp()
         self.status = self.watcher("/control/agents/+/status")
         self.env = {"MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(self.broker.port)}
+
+    def test_ctrl_c_ends_every_waiting_command_with_one_line_and_130(self):
+        """Before: a Python traceback from inject --wait, pipeline --wait and healthcheck."""
+        self.agent("sleeper", llm={"provider": "echo", "latency_ms": 60000},
+                   agent={"shutdown_grace": 1}).start_and_wait_available(self.status)
+        silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: healthcheck waits
+        self.addCleanup(silent.close)
+        commands = {
+            "inject": ["inject", "--agent-id", "sleeper", "--message", "hi", "--wait", "120"],
+            "pipeline": ["pipeline", "--topic", "t", "--wait", "120"],
+            "monitor": ["monitor"],
+            "healthcheck": ["healthcheck", "--port", str(silent.getsockname()[1]), "--timeout", "120"],
+        }
+        for name, argv in commands.items():
+            with self.subTest(name):
+                proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, *argv], env=base_env(**self.env),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                if name in ("inject", "pipeline"):
+                    self.assertIn("published task", proc.stderr.readline())  # waiting now
+                elif name == "healthcheck":
+                    self.addCleanup(silent.accept()[0].close)
+                else:
+                    self.assertIn("status", proc.stdout.readline())  # sleeper's retained status: subscribed
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+                self.assertEqual(proc.returncode, 130, err)
+                self.assertNotIn("Traceback", err)
+                self.assertEqual(err.splitlines()[-1], f"agent2389 {name}: interrupted")
 
     def test_inject_wait_shows_progress_unless_quiet(self):
         self.agent("thinker", llm={"provider": "echo", "latency_ms": 300}).start_and_wait_available(self.status)

@@ -145,6 +145,12 @@ class ProtocolRowTests(ProcessorTestCase):
         self.assert_answered_then_acked(delivery, f"/conversations/c-bad/{AGENT}",
                                         self.error_check("invalid_input", task_id, "no input"))
 
+    def test_a_task_id_that_is_no_uuid_is_answered_invalid_input_echoing_it(self):
+        """Before: discarded with a WARN saying there was no task or conversation id to reply to."""
+        delivery = self.deliver(envelope(AGENT, task_id="task-1", cid="demo"))
+        self.assert_answered_then_acked(delivery, f"/conversations/demo/{AGENT}",
+                                        self.error_check("invalid_input", "task-1", "task_id must be a UUID string"))
+
     def test_topic_mismatch_is_only_acked(self):
         delivery = self.deliver(envelope("someone-else"))
         self.assertEqual((delivery.acks, self.publisher.published()), (1, []))
