@@ -25,6 +25,7 @@ WORKDIR /app
 # (LLM APIs, router, tools; requests would otherwise use certifi's bundle). A private CA: mount a
 # bundle that holds it and point both variables at it.
 ENV AGENT2389_DEFAULT_CONFIG=/app/config/agent.toml \
+    LOG_FORMAT=json \
     STATE_DIR=/app/state \
     HEALTH_BIND=0.0.0.0 \
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \

@@ -13,6 +13,8 @@ from . import __version__
 
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
+PRETTY_SUMMARY_CHARS = 2000  # ops.PRETTY_CHARS, without importing the operator commands into every command
+_SESSION_SLACK = 30.0  # seconds the broker keeps a waiting command's session beyond its wait
 
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +52,9 @@ def _add_wait_args(parser: argparse.ArgumentParser) -> None:
                              "the agents' progress events are shown on stderr meanwhile")
     parser.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress on stderr")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--no-check", action="store_true",
+                        help="publish even when the agent has not announced itself (its retained status is missing "
+                             "or unavailable); for an agent that is away, the task waits in its broker session")
 
 
 def _command(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
@@ -95,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--agent-id", help="only this agent's topics")
     monitor.add_argument("--conversation-id", help="only this conversation")
     monitor.add_argument("--count", type=int, help="exit after this many messages")
+    monitor.add_argument("--full", action="store_true",
+                         help=f"pretty and compact: the whole message (default: a summary of at most "
+                              f"{PRETTY_SUMMARY_CHARS} characters; json is always whole)")
     _add_broker_args(monitor)
 
     pipeline = _command(sub, "pipeline", "send a research -> write -> edit chain through several agents",
@@ -175,7 +183,8 @@ def _run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- operator commands
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, session_seconds: Optional[float] = None):
+    """Connected, or exit 3 saying why; every lost and regained connection is said on stderr."""
     from .config import ConfigError, load_mqtt_settings
     from .opsclient import OperatorClient, OperatorError
     try:
@@ -183,7 +192,8 @@ def _client(args: argparse.Namespace):
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    client = OperatorClient(settings)
+    client = OperatorClient(settings, session_seconds)
+    client.on_connection_change = lambda text: print(text, file=sys.stderr, flush=True)
     try:
         client.connect()
     except OperatorError as exc:
@@ -213,9 +223,11 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
         return EXIT_CONFIG
     context = tracing.child_of(parent)
     task = {**task, **context.fields()}
-    client = _client(args)
+    client = _client(args, session_seconds=args.wait and args.wait + _SESSION_SLACK)
     show = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
+        if not args.no_check:
+            ops.check_agent(client, task["topic"])
         code, reply = ops.send_task(client, task, args.wait, show)
     except OperatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -275,7 +287,6 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _monitor(args: argparse.Namespace) -> int:
     from . import ops, protocol
     client = _client(args)
-    client.on_connection_change = lambda text: print(text, file=sys.stderr, flush=True)
     colour = args.format == "pretty" and sys.stdout.isatty()
     seen = 0
     try:
@@ -295,7 +306,8 @@ def _monitor(args: argparse.Namespace) -> int:
                 print(f"{protocol.rfc3339()} {line}", flush=True)
             else:
                 print(ops.render(message.topic, message.payload, args.format, colour,
-                                 user_properties=getattr(message.properties, "UserProperty", ())), flush=True)
+                                 user_properties=getattr(message.properties, "UserProperty", ()), full=args.full),
+                      flush=True)
             seen += 1
     finally:
         client.close()

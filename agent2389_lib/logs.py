@@ -70,17 +70,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+_TEXT_OMITTED = frozenset({"operation", "agent_id"})
+
+
 class TextFormatter(logging.Formatter):
-    """One line per record: line breaks inside a message (an error body, a traceback) are
-    written as `\\n`, so `grep` and log shippers see whole records."""
+    """One line per record, for a person: the message, then what the operation adds that the
+    message does not already say (never the agent id, the same on every line of the process),
+    then the trace. Line breaks inside a message (an error body, a traceback) are written as
+    `\\n`, so `grep` and log shippers see whole records."""
 
     def format(self, record: logging.LogRecord) -> str:
-        span = getattr(record, "span", None)
-        span_text = " " + " ".join(f"{k}={v}" for k, v in span.items()) if span else ""
+        message = record.getMessage()
+        span = getattr(record, "span", None) or {}
+        extra = [f"{k}={v}" for k, v in span.items() if k not in _TEXT_OMITTED and v is not None and str(v) not in message]
         context = tracing.current()
         if context is not None:
-            span_text += f" trace_id={context.trace_id}"
-        text = f"{utc_millis(record.created)} {_level(record):5} {_target(record)}{span_text}: {record.getMessage()}"
+            extra.append(f"trace={context.trace_id}")
+        text = f"{utc_millis(record.created)} {_level(record):5} {_target(record)}: {message}"
+        if extra:
+            text += f" ({' '.join(extra)})"
         if record.exc_text:
             text += "\n" + record.exc_text
         return text.replace("\r", "\\r").replace("\n", "\\n")
@@ -105,10 +113,14 @@ def span(logger: logging.Logger, operation: str, **fields: Any) -> Iterator[dict
 
 def configure_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = (),
                       stream: Optional[TextIO] = None, spans: bool = False) -> logging.Handler:
-    """Install one handler on the root logger (replacing earlier ones) and return it."""
+    """Install one handler on the root logger (replacing earlier ones) and return it. `auto`:
+    text for a person at a terminal, JSON for a log collector."""
     global _spans_enabled
     _spans_enabled = spans
-    handler = logging.StreamHandler(stream or sys.stderr)
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if stream.isatty() else "json"
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter(secrets))
     root = logging.getLogger()

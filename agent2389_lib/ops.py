@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Callable, Optional, Sequence
 
 from . import protocol, tracing
-from .opsclient import OperatorClient
+from .opsclient import OperatorClient, OperatorError
 
 EXIT_RESPONSE, EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 3, 124
 ROLE_INSTRUCTIONS = (  # (a word in the agent's id, what that agent is asked by default)
@@ -25,6 +25,7 @@ ROLE_INSTRUCTIONS = (  # (a word in the agent's id, what that agent is asked by 
 )
 GENERIC_INSTRUCTION = "Continue the work on the topic."
 SUMMARY_CHARS = 160
+PRETTY_CHARS = 2000  # of a message's summary in monitor's default view; --full shows it whole
 _COLOURS = {"status": "\033[32m", "task": "\033[36m", "response": "\033[1;34m", "error": "\033[1;31m",
             "progress": "\033[33m", "other": "\033[0m"}
 _RESET = "\033[0m"
@@ -70,6 +71,32 @@ def answers(task: dict, payload: Any) -> bool:
 PROGRESS_TOPIC = "/control/agents/+/progress/#"
 
 
+def check_agent(client: OperatorClient, input_topic: str, timeout: float = 10.0) -> None:
+    """Raises OperatorError unless the agent's retained status says it is available: a task for
+    an agent that never announced itself would wait for an answer that cannot come. The broker
+    sends retained messages on subscribing, before a probe published after it comes back."""
+    agent_id = protocol.next_agent_id(input_topic)
+    status_topic = protocol.status_topic(agent_id)
+    probe = f"/control/agents/{agent_id}/probe/{client.client_id}"
+    client.subscribe([status_topic, probe])
+    client.publish(probe, b"probe")
+    status: Any = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = client.next_message(max(0.0, deadline - time.monotonic()))
+        if message is None or message.topic == probe:
+            break
+        if message.topic == status_topic:
+            status = _json_or_text(message.payload)
+    hint = "start it, check --agent-id and the broker, or publish anyway with --no-check"
+    if not isinstance(status, dict):
+        raise OperatorError(f"no agent {agent_id} has announced itself on {client.where} (no retained status on "
+                            f"{status_topic}); {hint}")
+    if status.get("status") != protocol.AVAILABLE:
+        raise OperatorError(f"agent {agent_id} is {status.get('status')} on {client.where} (its status of "
+                            f"{status.get('timestamp')}); {hint}")
+
+
 def send_task(client: OperatorClient, task: dict, wait: Optional[float],
               on_progress: Optional[Callable[[str], None]] = None) -> tuple[int, Optional[dict]]:
     """Publish a task; with `wait`, subscribe to its conversation first (and, with
@@ -83,8 +110,8 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float],
         return EXIT_RESPONSE, None
     if on_progress:
         trace = f" (trace {context.trace_id})" if context else ""
-        on_progress(f"published task {task['task_id']} to {task['topic']}{trace}; waiting up to {wait:g} s "
-                    f"for an answer on {answer_topic}")
+        on_progress(f"published task {task['task_id']} to {task['topic']} on {client.where}{trace}; waiting up to "
+                    f"{wait:g} s for an answer on {answer_topic}")
     deadline = time.monotonic() + wait
     while True:
         left = deadline - time.monotonic()
@@ -197,7 +224,9 @@ def _json_or_text(data: bytes) -> Any:
 
 
 def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[datetime] = None,
-           user_properties: Sequence[tuple[str, str]] = ()) -> str:
+           user_properties: Sequence[tuple[str, str]] = (), full: bool = False) -> str:
+    """One message for a person (pretty, compact: a bounded summary unless `full`) or a program
+    (json: the whole payload)."""
     payload = _json_or_text(data)
     kind = message_type(topic, payload)
     stamp = protocol.rfc3339(now)
@@ -210,7 +239,10 @@ def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[dateti
     summary = _summary(kind, payload, body)
     trace = f" trace={context.trace_id}" if context else ""
     if fmt == "compact":
-        return f"{stamp[11:23]} {kind} {topic}{trace} {_one_line(summary)}"
+        return f"{stamp[11:23]} {kind} {topic}{trace} {' '.join(summary.split()) if full else _one_line(summary)}"
+    if not full and len(summary) > PRETTY_CHARS:
+        summary = (f"{summary[:PRETTY_CHARS]}... ({len(summary) - PRETTY_CHARS} more characters of {len(data)} bytes; "
+                   f"--full shows the whole message)")
     line = f"{stamp[11:23]}  {kind.upper():8} {topic}{trace}\n    {summary}"
     return f"{_COLOURS[kind]}{line}{_RESET}" if colour else line
 

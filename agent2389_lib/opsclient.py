@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import ssl
 import threading
@@ -9,6 +10,8 @@ import uuid
 from typing import Callable, Optional, Sequence
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .config import MqttSettings
 from .mqttclient import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client, user_properties
@@ -24,8 +27,13 @@ SUBSCRIBE_QOS = 2
 
 
 class OperatorClient:
-    def __init__(self, settings: MqttSettings):
+    """One connection for one command. With `session_seconds` (a command that waits for an
+    answer) the broker keeps its MQTT 5 session that long across a lost connection, so an answer
+    published meanwhile is delivered once it is back; the session is ended when the command is."""
+
+    def __init__(self, settings: MqttSettings, session_seconds: Optional[float] = None):
         self.settings = settings
+        self.session_seconds = session_seconds
         self.client_id = f"agent2389-cli-{uuid.uuid4().hex[:10]}"
         self.version = "3.1.1" if settings.protocol == "3.1.1" else "5"
         self.messages: "queue.Queue[mqtt.MQTTMessage]" = queue.Queue()
@@ -93,8 +101,13 @@ class OperatorClient:
             self._connect(timeout)
 
     def _connect(self, timeout: float) -> None:
+        session: dict = {}
+        if self.version == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = math.ceil(self.session_seconds or 0)
+            session = {"clean_start": not self.session_seconds, "properties": properties}
         try:
-            self.client.connect(self.settings.host, self.settings.port, self.settings.keep_alive)
+            self.client.connect(self.settings.host, self.settings.port, self.settings.keep_alive, **session)
         except ssl.SSLError as exc:
             raise OperatorError(f"TLS with broker {self.where} failed: {describe_tls_error(str(exc))}") from None
         except OSError as exc:
@@ -135,6 +148,11 @@ class OperatorClient:
             return None
 
     def close(self) -> None:
+        """Disconnect; a kept session ends with it (MQTT 5: session expiry 0 in the DISCONNECT)."""
         self._closing = True
-        self.client.disconnect()
+        properties = None
+        if self.session_seconds and self.version == "5":
+            properties = Properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+        self.client.disconnect(properties=properties)
         self.client.loop_stop()

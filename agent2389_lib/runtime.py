@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Optional
 
 from . import __version__, protocol, tracing
-from .config import AgentConfig
+from .config import OFFICIAL_BASE_URL, AgentConfig
 from .dedupe import DedupeStore, StoreError
 from .errors import LlmError
 from .health import AgentStatus, HealthServer
@@ -337,8 +337,10 @@ class AgentRuntime:
         """Connect, survey the statuses of this agent id, subscribe (SUBACK), verify the LLM,
         start workers, then publish `available`."""
         mqtt = self.config.mqtt
-        log.info("agent %s starting (version %s): broker %s, %d workers", self.config.agent_id, __version__,
-                 mqtt.broker_url, self.workers)
+        llm = self.config.llm
+        endpoint = "offline" if llm.provider == "echo" else public_url(llm.base_url or OFFICIAL_BASE_URL[llm.provider])
+        log.info("agent %s starting (version %s): broker %s, LLM %s model %s at %s, %d workers", self.config.agent_id,
+                 __version__, mqtt.broker_url, llm.provider, llm.model, endpoint, self.workers)
         if mqtt.tls_insecure_skip_verify:
             log.warning("TLS certificate and host name verification is OFF (tls_insecure_skip_verify = true): "
                         "anyone on the network path can impersonate the broker")

@@ -15,14 +15,25 @@ if ! command -v mosquitto >/dev/null 2>&1; then
   apt_install mosquitto mosquitto-clients
 fi
 
-python=$(project_python)
-if ! "$python" -c "import paho.mqtt, requests, jsonschema, dotenv" 2>/dev/null; then
-  echo "installing the Python dependencies into $(dirname "$(dirname "$python")") (pip)..."
-  "$python" -m pip install -q --disable-pip-version-check -e .
-fi
+# Whether 127.0.0.1:$1 answers an MQTT 3.1.1 CONNECT with a CONNACK (first byte 0x20), within 3 s
+speaks_mqtt() {
+  local reply
+  exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+  printf '\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00' >&3
+  reply=$(timeout 3 head -c 1 <&3 | od -An -tx1 | tr -d ' ')
+  exec 3>&-
+  [ "$reply" = 20 ]
+}
 
 port="${MQTT_PORT:-1883}"
-if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+  if ! speaks_mqtt "$port"; then
+    echo "something listens on 127.0.0.1:$port but does not answer as an MQTT broker; stop it, or run the" \
+         "quick start with another port: MQTT_PORT=1884 ./scripts/quickstart.sh" >&2
+    exit 1
+  fi
+  echo "using the MQTT broker already listening on 127.0.0.1:$port"
+else
   dir="$PWD/state/mosquitto"
   mkdir -p "$dir"
   user=""
@@ -60,6 +71,12 @@ if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
   shown="${dir#"$PWD"/}"
   echo "started a local mosquitto on 127.0.0.1:$port (pid $(cat "$dir/mosquitto.pid"), log $shown/mosquitto.log);" \
        "it keeps running after the agent stops: stop it with kill \$(cat $shown/mosquitto.pid)"
+fi
+
+python=$(project_python)
+if ! "$python" -c "import paho.mqtt, requests, jsonschema, dotenv" 2>/dev/null; then
+  echo "installing the Python dependencies into $(dirname "$(dirname "$python")") (pip)..."
+  "$python" -m pip install -q --disable-pip-version-check -e .
 fi
 
 if [ -z "${LLM_PROVIDER:-}" ]; then

@@ -5,16 +5,19 @@ import io
 import json
 import logging
 import os
+import pty
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 from fake_llm import FakeOpenAI
-from support import AGENT_SCRIPT, AgentProcess, BrokerTestCase, Mosquitto, base_env, free_port, wait_until
+from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, Mosquitto, Watcher, base_env, envelope, free_port,
+                     wait_until)
 
 from agent2389_lib import ops
 from agent2389_lib.config import load_config
@@ -155,6 +158,16 @@ class MonitorRenderingTests(unittest.TestCase):
                 self.assertEqual(len(compact.splitlines()), 1)
                 self.assertLessEqual(len(compact), 13 + len(topic) + 12 + ops.SUMMARY_CHARS)
 
+    def test_a_large_message_is_summarized_unless_full(self):
+        """Before: the default view printed a 400 KB answer in full."""
+        answer = json.dumps({"task_id": "t1", "response": "word " * 80000}).encode()
+        pretty = ops.render("/conversations/c/a1", answer, "pretty", colour=False)
+        self.assertLess(len(pretty), ops.PRETTY_CHARS + 200)
+        self.assertIn(f"more characters of {len(answer)} bytes; --full shows the whole message", pretty)
+        self.assertIn("word " * 80000, ops.render("/conversations/c/a1", answer, "pretty", colour=False, full=True))
+        self.assertIn("word " * 79999 + "word", ops.render("/conversations/c/a1", answer, "compact", colour=False,
+                                                          full=True))
+
 
 class SilentPort:
     """Something that accepts TCP connections and never answers (not an MQTT broker)."""
@@ -221,6 +234,75 @@ class InjectAndMonitorTests(BrokerTestCase):
         self.status = self.watcher("/control/agents/+/status")
         self.env = {"MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(self.broker.port)}
 
+    def test_text_logs_on_a_terminal_say_each_thing_once(self):
+        """With LOG_FORMAT unset: text on a terminal (before: JSON; text lines ran to 274 characters,
+        the task id and topic twice), and the start-up line names the LLM."""
+        primary, secondary = pty.openpty()
+        self.addCleanup(os.close, primary)
+        agent = AgentProcess(self.broker, "tty-agent")
+        env = {k: v for k, v in agent.env.items() if k != "LOG_FORMAT"}
+        proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, "run", "--config", agent.config_path], env=env,
+                                cwd=agent.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
+        os.close(secondary)
+        self.addCleanup(proc.wait, 30)
+        self.addCleanup(proc.terminate)
+        lines: list = []
+        reader = io.TextIOWrapper(io.FileIO(primary, closefd=False), encoding="utf-8", newline="")
+
+        def read_until(text):
+            while not any(text in line for line in lines):
+                lines.append(reader.readline())
+            return next(line for line in lines if text in line)
+
+        read_until("is available on")
+        task = envelope("tty-agent", cid="c-tty")
+        self.status.publish("/control/agents/tty-agent/input", task)
+        finished = read_until(f"task {task['task_id']} finished")
+        self.assertFalse(any(line.lstrip().startswith("{") for line in lines), lines[:3])
+        self.assertEqual(finished.count(task["task_id"]), 1, finished)
+        self.assertNotIn("tty-agent", finished.split(": ", 1)[1], "the agent id is the same on every line")
+        self.assertRegex(finished, r" \(conversation_id=c-tty trace=[0-9a-f]{32}\)\r?\n$")
+        self.assertIn(f"broker {self.broker.url}, LLM echo model echo at offline,", read_until("starting (version"))
+
+    def test_inject_to_an_agent_that_is_not_there_says_so_at_once(self):
+        """Before: it waited the whole timeout without a hint, naming no broker."""
+        where = f"127.0.0.1:{self.broker.port}"
+        absent = cli("inject", "--agent-id", "nobody-here", "--message", "m", "--wait", "60", env=self.env, timeout=20)
+        self.assertEqual(absent.returncode, 3, absent.stderr)
+        self.assertIn(f"error: no agent nobody-here has announced itself on {where}", absent.stderr)
+        gone = self.agent("gone-agent").start_and_wait_available(self.status)
+        gone.stop()  # its retained status: unavailable
+        left = cli("pipeline", "--agents", "gone-agent,writer-agent", "--topic", "t", "--wait", "60", env=self.env,
+                   timeout=20)
+        self.assertEqual(left.returncode, 3, left.stderr)
+        self.assertIn(f"error: agent gone-agent is unavailable on {where}", left.stderr)
+        sent = cli("inject", "--agent-id", "nobody-here", "--message", "m", "--no-check", env=self.env)
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+
+    def test_inject_wait_keeps_its_answer_across_a_broker_restart(self):
+        """Before: inject reconnected with a new session after the answer was published and said
+        `no answer ... within 60 s` (exit 124); a retry would run the task again."""
+        broker = Mosquitto(persistence=True).start()
+        self.addCleanup(broker.cleanup)
+        status = Watcher(broker.port, "/control/agents/+/status")
+        self.addCleanup(status.close)
+        agent = AgentProcess(broker, "blip-agent", llm={"provider": "echo", "latency_ms": 2000})
+        self.addCleanup(agent.stop)
+        agent.start_and_wait_available(status)
+        proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, "inject", "--agent-id", "blip-agent", "--message", "hi",
+                                 "--wait", "60", "--broker-url", broker.url], env=base_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        self.assertIn("published task", proc.stderr.readline())
+        broker.stop()
+        time.sleep(2)  # the outage: inject's client retries after 1 s, then 2 s more; the agent sooner
+        broker.start()
+        out, err = proc.communicate(timeout=90)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertEqual(out.strip(), "Input data: {\"message\":\"hi\"}")
+        self.assertIn(f"lost the connection to broker 127.0.0.1:{broker.port}", err)
+        self.assertIn(f"reconnected to broker 127.0.0.1:{broker.port}", err)
+
     def test_ctrl_c_ends_every_waiting_command_with_one_line_and_130(self):
         """Before: a Python traceback from inject --wait, pipeline --wait and healthcheck."""
         self.agent("sleeper", llm={"provider": "echo", "latency_ms": 60000},
@@ -229,7 +311,7 @@ class InjectAndMonitorTests(BrokerTestCase):
         self.addCleanup(silent.close)
         commands = {
             "inject": ["inject", "--agent-id", "sleeper", "--message", "hi", "--wait", "120"],
-            "pipeline": ["pipeline", "--topic", "t", "--wait", "120"],
+            "pipeline": ["pipeline", "--topic", "t", "--wait", "120", "--no-check"],
             "monitor": ["monitor"],
             "healthcheck": ["healthcheck", "--port", str(silent.getsockname()[1]), "--timeout", "120"],
         }
@@ -254,7 +336,7 @@ class InjectAndMonitorTests(BrokerTestCase):
         result = cli("inject", "--agent-id", "thinker", "--message", "hi", "--wait", "30", env=self.env)
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = result.stderr.splitlines()
-        self.assertRegex(lines[0], r"^published task [0-9a-f-]{36} to /control/agents/thinker/input \(trace [0-9a-f]{32}\); "
+        self.assertRegex(lines[0], r"^published task [0-9a-f-]{36} to /control/agents/thinker/input on 127\.0\.0\.1:\d+ \(trace [0-9a-f]{32}\); "
                                    r"waiting up to 30 s for an answer on /conversations/cli-[0-9a-f]+/\+$")
         # TaskComplete follows the answer on the same connection, so the answer ends the wait first
         self.assertEqual([l.split("]")[1].split(":")[0].strip() for l in lines[1:]],
@@ -270,7 +352,7 @@ class InjectAndMonitorTests(BrokerTestCase):
         subprocess.run(["mosquitto_passwd", "-b", "-c", passwords, "op", "op-secret"], check=True, capture_output=True)
         broker.extra_conf = f"password_file {passwords}"
         broker.start()
-        ok = cli("inject", "--agent-id", "nobody-home", "--message", "m", "--broker-url",
+        ok = cli("inject", "--agent-id", "nobody-home", "--message", "m", "--no-check", "--broker-url",
                  f"mqtt://op:op-secret@127.0.0.1:{broker.port}")
         self.assertEqual(ok.returncode, 0, ok.stderr)
         refused = cli("inject", "--agent-id", "nobody-home", "--message", "m", "--broker-url",

@@ -80,7 +80,7 @@ class OperatorTests(BrokerTestCase):
         self.assertEqual((task["version"], task["context"]["original_query"]), ("2.0", "the question"))
 
     def test_timeout_exit_124(self):
-        result = cli("inject", "--agent-id", "nobody-home", "--message", "x", "--wait", "1", env=self.env)
+        result = cli("inject", "--agent-id", "nobody-home", "--message", "x", "--wait", "1", "--no-check", env=self.env)
         self.assertEqual(result.returncode, 124)
         self.assertIn("no answer", result.stderr)
 
@@ -100,7 +100,7 @@ class OperatorTests(BrokerTestCase):
         self.assertEqual((first["message_type"], first["payload"]["status"]), ("status", "available"))
         injected = cli("inject", "--agent-id", "watched", "--tool", "echo", "--tool-params", '{"message": "x"}',
                        "--wait", "30", env=self.env)
-        trace_id = re.search(r"^published task \S+ to \S+ \(trace ([0-9a-f]{32})\)", injected.stderr, re.M).group(1)
+        trace_id = re.search(r"^published task \S+ to \S+ on \S+ \(trace ([0-9a-f]{32})\)", injected.stderr, re.M).group(1)
         lines = [first] + [json.loads(monitor.stdout.readline()) for _ in range(11)]
         self.assertEqual(monitor.wait(30), 0)
         kinds = {line["message_type"] for line in lines}

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,17 @@ class StockDebianTests(unittest.TestCase):
         self.run_readme_recipes(clone, port)
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(30), 0)
+
+    def test_quickstart_refuses_a_listener_that_is_not_an_mqtt_broker(self):
+        """Before: it took any listener on its port for its broker; the agent found out 10 s later."""
+        silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+        self.addCleanup(silent.close)
+        port = silent.getsockname()[1]
+        result = subprocess.run(["./scripts/quickstart.sh"], cwd=project_copy(), env=stock_env(MQTT_PORT=str(port)),
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f"something listens on 127.0.0.1:{port} but does not answer as an MQTT broker", result.stderr)
+        self.assertNotIn("creating the virtual environment", result.stdout + result.stderr)
 
     def run_readme_recipes(self, clone: str, port: int) -> None:
         """The README's first-task and pipeline recipes, verbatim but for the ports a test must

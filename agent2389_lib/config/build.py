@@ -64,7 +64,7 @@ def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[Agent
         progress=read.boolean("progress", True),
         dead_letter_topic=_dead_letter_topic(read, agent_id),
         log_level=read.choice("log_level", "INFO", LOG_LEVELS + ("WARNING",), str.upper).replace("WARNING", "WARN"),
-        log_format=read.choice("log_format", "json", ("json", "text")),
+        log_format=read.choice("log_format", "auto", ("json", "text", "auto")),
         log_spans=read.boolean("log_spans", False),
         health_port=read.integer("health_port", 8080, 1024, 65535),
         health_bind=read.string("health_bind", "0.0.0.0", allow_empty=False),

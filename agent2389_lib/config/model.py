@@ -26,6 +26,7 @@ DEFAULT_MODELS = {"openai": "gpt-4o", "anthropic": "claude-sonnet-4-20250514", "
 OFFICIAL_KEY_PREFIX = {"openai": "sk-", "anthropic": "sk-ant-"}
 KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
+OFFICIAL_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
 LOG_LEVELS = ("ERROR", "WARN", "INFO", "DEBUG")
 MASK = "********"
 ROUTER_PROVIDERS = ("openai", "anthropic")
@@ -193,7 +194,7 @@ class AgentConfig:
     progress: bool = True
     dead_letter_topic: str = ""  # where refused outcomes go; "" = nowhere (the loader defaults it per agent)
     log_level: str = "INFO"
-    log_format: str = "json"
+    log_format: str = "auto"  # text on a terminal, JSON otherwise
     log_spans: bool = False
     health_port: int = 8080
     health_bind: str = "0.0.0.0"

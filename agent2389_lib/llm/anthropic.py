@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from ..config import LlmSettings
+from ..config import OFFICIAL_BASE_URL, LlmSettings
 from ..errors import LlmError
 from ..protocol import truncate_utf8
 from ..tools.base import ToolDef
@@ -13,7 +13,6 @@ from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
 from ..metrics import Metrics
 from .http import JsonHttpClient
 
-DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
 _VERIFY_TIMEOUT = 15.0
@@ -83,7 +82,7 @@ class AnthropicProvider:
         headers = {"anthropic-version": API_VERSION}
         if settings.api_key:
             headers["x-api-key"] = settings.api_key.reveal()
-        self.http = JsonHttpClient("anthropic", settings.base_url or DEFAULT_BASE_URL, headers,
+        self.http = JsonHttpClient("anthropic", settings.base_url or OFFICIAL_BASE_URL["anthropic"], headers,
                                    settings.max_attempts, settings.request_timeout, describe_error, metrics,
                                    max_body=settings.max_response_bytes)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from ..config import LlmSettings
+from ..config import OFFICIAL_BASE_URL, LlmSettings
 from ..errors import LlmError
 from ..protocol import truncate_utf8
 from ..tools.base import ToolDef
@@ -13,7 +13,6 @@ from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
 from ..metrics import Metrics
 from .http import JsonHttpClient
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _VERIFY_TIMEOUT = 15.0
 
 
@@ -91,7 +90,7 @@ class OpenAIProvider:
         self.settings = settings
         self.name = "openai" if not settings.base_url else f"openai-compatible({settings.base_url})"
         headers = {"Authorization": f"Bearer {settings.api_key.reveal()}"} if settings.api_key else {}
-        self.http = JsonHttpClient("openai", settings.base_url or DEFAULT_BASE_URL, headers,
+        self.http = JsonHttpClient("openai", settings.base_url or OFFICIAL_BASE_URL["openai"], headers,
                                    settings.max_attempts, settings.request_timeout, describe_error, metrics, self.name,
                                    settings.max_response_bytes)
 
