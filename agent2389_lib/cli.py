@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"agent2389 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_config_arg(_command(sub, "run", "run the agent until SIGTERM/SIGINT", "agent2389 run --config agent.toml"))
+    _add_config_arg(_command(sub, "run", "run the agent until SIGTERM/SIGINT", "agent2389 run --config agent.toml.example"))
     _add_config_arg(_command(sub, "check-config", "validate the configuration and print it with secrets masked",
                              "AGENT_ID=a1 OPENAI_API_KEY=sk-... agent2389 check-config"))
     _command(sub, "version", "print the version", "agent2389 version")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tools = _command(sub, "tools", "list the tools the agent would offer the LLM, or run one, from a configuration "
                      "(MCP servers are started to ask them; no broker or LLM needed)",
-                     "agent2389 tools call time__get_current_time --args '{\"timezone\": \"UTC\"}' -c agent.toml")
+                     "agent2389 tools call time__get_current_time --args '{\"timezone\": \"UTC\"}' -c agent.toml.example")
     tool_commands = tools.add_subparsers(dest="tools_command", metavar="list|call")
     tool_commands.required = True
     tools_list = tool_commands.add_parser("list", help="every tool: name, where it comes from, description")
@@ -134,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "(the container HEALTHCHECK; needs no curl or wget)", "agent2389 healthcheck --endpoint ready")
     health.add_argument("--endpoint", choices=("health", "live", "ready"), default="health")
     health.add_argument("--host", default="127.0.0.1")
-    health.add_argument("--port", type=int, help="default: HEALTH_PORT, else 8080")
-    health.add_argument("--timeout", type=float, default=5.0)
+    health.add_argument("--port", type=int, action="append",
+                        help="default: HEALTH_PORT, else 8080; give it several times to probe several agents")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds one probe may take")
+    health.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="probe again until healthy, for at most this long, then say what each port answered")
     health.add_argument("-v", "--verbose", action="store_true", help="print what the endpoint answered")
     return parser
 
@@ -325,12 +328,15 @@ def _tools(args: argparse.Namespace) -> int:
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    from .ops import probe
+    from .ops import wait_healthy
     configured = os.environ.get("HEALTH_PORT", "")
-    port = args.port or (int(configured) if configured.isdigit() else 8080)
-    healthy, seen = probe(args.host, port, args.endpoint, args.timeout)
+    ports = args.port or [int(configured) if configured.isdigit() else 8080]
+    healthy, seen = wait_healthy(args.host, ports, args.endpoint, args.timeout, args.wait or 0.0)
     if args.verbose:
-        print(seen)
+        print("\n".join(seen))
+    if args.wait and not healthy:
+        print(f"not {args.endpoint} within {args.wait:g} s (is each agent running, on its own HEALTH_PORT?):\n  "
+              + "\n  ".join(seen), file=sys.stderr)
     return 0 if healthy else 1
 
 

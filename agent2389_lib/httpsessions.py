@@ -68,7 +68,7 @@ def check_proxy(url: str) -> None:
         import socks  # noqa: F401  (PySocks, what requests' SOCKS support uses)
     except ImportError:
         raise ProxyUnusable(f"the environment names the SOCKS proxy {public_url(proxy)} for {public_url(url)}; "
-                            f"SOCKS needs an extra package: pip install 'agent2389[socks]' (or exclude the "
+                            f"SOCKS needs the [socks] extra: pip install -e '.[socks]' in the project (or exclude the "
                             f"host with NO_PROXY)") from None
 
 

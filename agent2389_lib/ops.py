@@ -289,6 +289,18 @@ def progress_line(payload: dict) -> str:
 
 # ---------------------------------------------------------------- healthcheck
 
+def wait_healthy(host: str, ports: Sequence[int], endpoint: str, timeout: float, wait: float,
+                 poll: float = 0.2) -> tuple[bool, list[str]]:
+    """Probe each port until all are healthy or `wait` seconds passed (one round when 0); returns
+    whether they are and what each answered last."""
+    deadline = time.monotonic() + wait
+    while True:
+        results = [probe(host, port, endpoint, timeout) for port in ports]
+        if all(healthy for healthy, _ in results) or time.monotonic() >= deadline:
+            return all(healthy for healthy, _ in results), [seen for _, seen in results]
+        time.sleep(poll)
+
+
 def probe(host: str, port: int, endpoint: str, timeout: float = 5.0) -> tuple[bool, str]:
     """(healthy, what was seen) for GET /{endpoint}."""
     url = f"http://{host}:{port}/{endpoint}"

@@ -224,7 +224,7 @@ class ProxyTests(HttpCase):
             JsonHttpClient("openai", "https://api.openai.com/v1", {}, 1, 10, lambda body: "")
         self.assertIn("the environment names the SOCKS proxy socks5://127.0.0.1:1080 for https://api.openai.com/v1",
                       str(caught.exception))
-        self.assertIn("pip install 'agent2389[socks]'", str(caught.exception))
+        self.assertIn("pip install -e '.[socks]'", str(caught.exception))
         self.assertNotIn("s0cks-pass", str(caught.exception))
 
     def test_a_proxy_password_appears_nowhere(self):

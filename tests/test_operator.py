@@ -137,6 +137,13 @@ class OperatorTests(BrokerTestCase):
         self.assertEqual((ok.returncode, ok.stdout), (0, ""))
         self.assertEqual(cli("healthcheck", "--endpoint", "ready", "--port", port).returncode, 0)
         self.assertIn('"status": "healthy"', cli("healthcheck", "-v", "--port", port).stdout)
+        nobody = str(free_port())  # the pipeline recipe's wait: bounded, and it says why it stops
+        bounded = cli("healthcheck", "--endpoint", "ready", "--wait", "1", "--port", port, "--port", nobody)
+        self.assertEqual(bounded.returncode, 1)
+        self.assertIn(f"not ready within 1 s (is each agent running, on its own HEALTH_PORT?):\n  "
+                      f"http://127.0.0.1:{port}/ready: HTTP 200", bounded.stderr)
+        self.assertIn(f"http://127.0.0.1:{nobody}/ready: ", bounded.stderr)
+        self.assertEqual(cli("healthcheck", "--endpoint", "ready", "--wait", "5", "--port", port).returncode, 0)
         self.broker.stop()
         try:
             wait_until(lambda: cli("healthcheck", "--port", port).returncode == 1, 30, "healthcheck to fail")

@@ -103,6 +103,30 @@ class StockDebianTests(unittest.TestCase):
         self.assertIn(f"something listens on 127.0.0.1:{port} but does not answer as an MQTT broker", result.stderr)
         self.assertNotIn("creating the virtual environment", result.stdout + result.stderr)
 
+    def test_every_command_block_in_the_docs_runs_in_a_test_or_says_where_it_runs(self):
+        """A block a reader copies must work as written: a README recipe runs verbatim in the setup
+        test, a `runs in:` block names the test that runs it, an `example:` block says what other
+        machine it needs. Before: `--config agent.toml` (a clone has none), `pip install
+        'agent2389[otel]'` (not on PyPI)."""
+        documents = [os.path.join(ROOT, "README.md")] + sorted(
+            os.path.join(ROOT, "docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+        for path in documents:
+            with open(path) as handle:
+                text = handle.read()
+            for match in re.finditer(r"(?m)^```(?:bash|sh|console|shell)\n(.*?)^```", text, re.S):
+                with self.subTest(document=os.path.basename(path), block=match.group(1)[:60]):
+                    before = text[:match.start()].rstrip().rsplit("\n", 1)[-1]
+                    self.assertRegex(before, r"^<!-- (recipe: \S+|runs in: .+|example: .+) -->$")
+                    self.assertNotRegex(match.group(1), r"--config agent\.toml\b(?!\.example)|pip install '?agent2389\[")
+
+    def test_a_missing_config_file_names_the_example(self):
+        clone = project_copy()
+        result = subprocess.run([sys.executable, "agent2389.py", "check-config", "--config", "agent.toml"], cwd=clone,
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("config file agent.toml does not exist; start from the example: cp agent.toml.example "
+                      "agent.toml", result.stderr)
+
     def run_readme_recipes(self, clone: str, port: int) -> None:
         """The README's first-task and pipeline recipes, verbatim but for the ports a test must
         pick itself (the broker's comes from MQTT_PORT, as a user's would from the quick start's)."""

@@ -106,7 +106,9 @@ def read_toml(path: str, out: Collector) -> dict:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        out.problem(f"config file {path} does not exist")
+        example = Path(path).parent / "agent.toml.example"
+        hint = f"; start from the example: cp {example} {path}" if example.is_file() else ""
+        out.problem(f"config file {path} does not exist{hint}")
     except OSError as exc:
         out.problem(f"config file {path} cannot be read: {exc.strerror}")
     except tomllib.TOMLDecodeError as exc:
