@@ -481,6 +481,22 @@ def write_toml(path: str, sections: dict) -> str:
     return path
 
 
+def process(case: unittest.TestCase, argv: list, *, killpg: bool = False, **options: Any) -> subprocess.Popen:
+    """A process the test owns: when the test ends it is killed if still running (its whole
+    session with `killpg`, for a shell's children), reaped, and its pipes are closed."""
+    proc = subprocess.Popen(argv, start_new_session=killpg, **options)
+
+    def end() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL) if killpg else proc.kill()
+        proc.wait(10)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    case.addCleanup(end)
+    return proc
+
+
 def base_env(**extra: str) -> dict:
     """A clean environment: nothing of the developer's leaks into agent processes."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONPATH": ROOT}
@@ -513,6 +529,8 @@ class AgentProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "AgentProcess":
+        if getattr(self, "_log", None) is not None:  # started again: the earlier run's copy is done
+            self._log.close()
         self._log = open(self.log_path, "ab")
         program = ["-c", f"{self.prelude}\nfrom agent2389_lib.cli import main\nmain()"] if self.prelude else [AGENT_SCRIPT]
         self.proc = subprocess.Popen([sys.executable, *program, "run", "--config", self.config_path],

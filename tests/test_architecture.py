@@ -43,10 +43,15 @@ def layer_of(module: str) -> int:
     raise AssertionError(f"module {module or PACKAGE} has no layer in LAYERS: place it (and in docs/architecture.md)")
 
 
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
 def imports_of(module: str, path: str, known: dict) -> set[str]:
     package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+    for node in ast.walk(ast.parse(read(path))):
         targets = []
         if isinstance(node, ast.ImportFrom):
             if node.level:
@@ -96,13 +101,13 @@ class ArchitectureTests(unittest.TestCase):
             visit(module)
 
     def test_every_module_is_a_small_room(self):
-        sizes = {module: sum(1 for _ in open(path, encoding="utf-8")) for module, path in self.modules.items()}
+        sizes = {module: read(path).count("\n") for module, path in self.modules.items()}
         self.assertEqual({m: n for m, n in sizes.items() if n > MAX_LINES}, {})
 
     def test_paho_private_names_live_in_the_wire_module_only(self):
         # paho's socket attributes by name, or any private attribute of a paho client
         private = re.compile(r"\b_sock\w*|\bclient\._[a-z]\w*")
-        found = {module: private.findall(open(path, encoding="utf-8").read())
+        found = {module: private.findall(read(path))
                  for module, path in self.modules.items() if module != PAHO_PRIVATE_HOME}
         self.assertEqual({m: names for m, names in found.items() if names}, {})
 

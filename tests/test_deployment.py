@@ -14,7 +14,7 @@ import kubernetes_validate
 import yaml
 from fake_llm import FakeOpenAI
 
-from support import ROOT, Mosquitto, Watcher, free_port, program
+from support import ROOT, Mosquitto, Watcher, free_port, process, program
 
 AGENT = "prod-agent-001"
 UID = 10001
@@ -94,9 +94,8 @@ class ImageFilesystemTests(unittest.TestCase):
                "PATH": "/usr/bin:/bin"}
         watcher = Watcher(broker.port, f"/control/agents/{AGENT}/status")
         self.addCleanup(watcher.close)
-        agent = subprocess.Popen([python] + entrypoint[1:] + ["run"], env=env, cwd="/", stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, **as_user)
-        self.addCleanup(lambda: agent.poll() is None and agent.kill())
+        agent = process(self, [python] + entrypoint[1:] + ["run"], env=env, cwd="/", stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, **as_user)
         watcher.wait_for(f"/control/agents/{AGENT}/status", lambda p: p["status"] == "available", timeout=30)
         probe = subprocess.run([python] + healthcheck[1:], env={"HEALTH_PORT": health_port}, cwd="/",
                                capture_output=True, timeout=30, **as_user)

@@ -17,7 +17,7 @@ import unittest
 
 from fake_llm import FakeOpenAI
 from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, Mosquitto, Watcher, base_env, envelope, free_port,
-                     wait_until)
+                     process, wait_until)
 
 from agent2389_lib import ops
 from agent2389_lib.config import load_config
@@ -228,6 +228,12 @@ class RunFeedbackTests(unittest.TestCase):
                          [("WARN", "config warning"), ("ERROR", "config error: ")])
 
 
+def at_a_terminal() -> None:
+    """Ctrl-C as at a terminal: a suite started in the background (CI) hands its children
+    SIGINT ignored, and a Python started so keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class InjectAndMonitorTests(BrokerTestCase):
     def setUp(self):
         super().setUp()
@@ -241,11 +247,9 @@ class InjectAndMonitorTests(BrokerTestCase):
         self.addCleanup(os.close, primary)
         agent = AgentProcess(self.broker, "tty-agent")
         env = {k: v for k, v in agent.env.items() if k != "LOG_FORMAT"}
-        proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, "run", "--config", agent.config_path], env=env,
-                                cwd=agent.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
+        process(self, [sys.executable, AGENT_SCRIPT, "run", "--config", agent.config_path], env=env, cwd=agent.dir,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
         os.close(secondary)
-        self.addCleanup(proc.wait, 30)
-        self.addCleanup(proc.terminate)
         lines: list = []
         reader = io.TextIOWrapper(io.FileIO(primary, closefd=False), encoding="utf-8", newline="")
 
@@ -289,10 +293,9 @@ class InjectAndMonitorTests(BrokerTestCase):
         agent = AgentProcess(broker, "blip-agent", llm={"provider": "echo", "latency_ms": 2000})
         self.addCleanup(agent.stop)
         agent.start_and_wait_available(status)
-        proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, "inject", "--agent-id", "blip-agent", "--message", "hi",
-                                 "--wait", "60", "--broker-url", broker.url], env=base_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.kill)
+        proc = process(self, [sys.executable, AGENT_SCRIPT, "inject", "--agent-id", "blip-agent", "--message", "hi",
+                              "--wait", "60", "--broker-url", broker.url], env=base_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
         self.assertIn("published task", proc.stderr.readline())
         broker.stop()
         time.sleep(2)  # the outage: inject's client retries after 1 s, then 2 s more; the agent sooner
@@ -317,8 +320,8 @@ class InjectAndMonitorTests(BrokerTestCase):
         }
         for name, argv in commands.items():
             with self.subTest(name):
-                proc = subprocess.Popen([sys.executable, AGENT_SCRIPT, *argv], env=base_env(**self.env),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                proc = process(self, [sys.executable, AGENT_SCRIPT, *argv], env=base_env(**self.env),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=at_a_terminal)
                 if name in ("inject", "pipeline"):
                     self.assertIn("published task", proc.stderr.readline())  # waiting now
                 elif name == "healthcheck":
@@ -362,10 +365,9 @@ class InjectAndMonitorTests(BrokerTestCase):
 
     def test_monitor_counts_each_progress_event_once(self):
         self.agent("watched").start_and_wait_available(self.status)
-        monitor = subprocess.Popen([sys.executable, AGENT_SCRIPT, "monitor", "--mode", "progress", "--format", "json",
-                                    "--count", "4"], env=base_env(**self.env), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        self.addCleanup(monitor.kill)
+        monitor = process(self, [sys.executable, AGENT_SCRIPT, "monitor", "--mode", "progress", "--format", "json",
+                                 "--count", "4"], env=base_env(**self.env), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
         self.assertTrue(monitor.stderr.readline().startswith("monitoring /control/agents/+/progress/# on "))
         cli("inject", "--agent-id", "watched", "--message", "m", "--wait", "30", "--quiet", env=self.env)
         out, _ = monitor.communicate(timeout=30)
@@ -376,9 +378,8 @@ class InjectAndMonitorTests(BrokerTestCase):
         broker = Mosquitto()
         self.addCleanup(broker.cleanup)
         broker.start()
-        monitor = subprocess.Popen([sys.executable, AGENT_SCRIPT, "monitor", "--broker-url", broker.url],
-                                   env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.addCleanup(monitor.kill)
+        monitor = process(self, [sys.executable, AGENT_SCRIPT, "monitor", "--broker-url", broker.url],
+                          env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.assertTrue(monitor.stderr.readline().startswith("monitoring "))
         broker.stop()
         self.assertRegex(monitor.stderr.readline(), rf"^lost the connection to broker 127.0.0.1:{broker.port} .*; "

@@ -7,7 +7,7 @@ import sys
 import unittest
 
 from agent2389_lib.ops import message_type, monitor_topics, render
-from support import AGENT_SCRIPT, BrokerTestCase, base_env, free_port, wait_until
+from support import AGENT_SCRIPT, BrokerTestCase, base_env, free_port, process, wait_until
 
 
 def cli(*args, env=None, timeout=60):
@@ -91,11 +91,9 @@ class OperatorTests(BrokerTestCase):
 
     def test_monitor_json_shows_every_kind(self):
         self.start("watched", tools={"echo": "builtin"})
-        monitor = subprocess.Popen([sys.executable, AGENT_SCRIPT, "monitor", "--format", "json", "--count", "12",
-                                    "--agent-id", "watched"], env=base_env(**self.env), stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True)
-        self.addCleanup(monitor.stdout.close)
-        self.addCleanup(monitor.kill)
+        monitor = process(self, [sys.executable, AGENT_SCRIPT, "monitor", "--format", "json", "--count", "12",
+                                 "--agent-id", "watched"], env=base_env(**self.env), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
         first = json.loads(monitor.stdout.readline())  # the retained status arrives once subscribed
         self.assertEqual((first["message_type"], first["payload"]["status"]), ("status", "available"))
         injected = cli("inject", "--agent-id", "watched", "--tool", "echo", "--tool-params", '{"message": "x"}',

@@ -12,7 +12,7 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 
 from fake_llm import FakeAnthropic, FakeGatekeeper, FakeOpenAI, Hang, Reply, Status
-from support import AGENT_SCRIPT, BrokerTestCase, Watcher, base_env, envelope, wait_until
+from support import AGENT_SCRIPT, BrokerTestCase, Watcher, base_env, envelope, process, wait_until
 
 from agent2389_lib.registry import STATUS_FILTER, Registry
 
@@ -158,10 +158,9 @@ class LlmRoutedWorkflowTests(RoutingCase):
         self.start(llm_routing(self.fake))
         before = len(self.fake.completions())
         # three agents, routed by the router's strict-schema answers, watched by `monitor --mode routing`
-        monitor = subprocess.Popen([sys.executable, AGENT_SCRIPT, "monitor", "--broker-url", self.broker.url, "--mode",
-                                    "routing", "--conversation-id", "cid-basic", "--count", "3"], env=base_env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.addCleanup(monitor.kill)
+        monitor = process(self, [sys.executable, AGENT_SCRIPT, "monitor", "--broker-url", self.broker.url, "--mode",
+                                 "routing", "--conversation-id", "cid-basic", "--count", "3"], env=base_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.assertTrue(monitor.stderr.readline().startswith("monitoring /control/agents/+/input, /conversations/cid-basic/# on "))
         result = subprocess.run([sys.executable, AGENT_SCRIPT, "inject", "--broker-url", self.broker.url, "--agent-id",
                                  "researcher", "--v2", "--instruction", "basic", "--message", "MQTT", "--wait", "30",

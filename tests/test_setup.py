@@ -15,7 +15,7 @@ import tempfile
 import threading
 import unittest
 
-from support import ROOT, Mosquitto, Watcher, envelope, free_port, wait_until
+from support import ROOT, Mosquitto, Watcher, envelope, free_port, process, wait_until
 
 from agent2389_lib.config import AgentConfig
 
@@ -64,9 +64,8 @@ class StockDebianTests(unittest.TestCase):
     def test_quickstart_creates_a_venv_and_says_what_next(self):
         clone = project_copy()
         port, health = free_port(), free_port()
-        proc = subprocess.Popen(["./scripts/quickstart.sh"], cwd=clone, env=stock_env(
+        proc = process(self, ["./scripts/quickstart.sh"], cwd=clone, env=stock_env(
             MQTT_PORT=str(port), HEALTH_PORT=str(health)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
         output = Output(proc)
         wait_until(lambda: "agent my-agent is available" in output.text or proc.poll() is not None, 300,
                    "the quick start's agent to be available")
@@ -139,9 +138,8 @@ class StockDebianTests(unittest.TestCase):
             return subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True,
                                   timeout=timeout)
 
-        monitor = subprocess.Popen(["bash", "-c", recipes["monitor"]], cwd=clone, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.addCleanup(lambda: monitor.poll() is None and os.killpg(monitor.pid, signal.SIGTERM))
+        monitor = process(self, ["bash", "-c", recipes["monitor"]], cwd=clone, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, killpg=True)
         watched = Output(monitor)
         wait_until(lambda: "monitoring " in watched.text, 30, "the monitor to subscribe")
         injected = bash(recipes["inject"])
@@ -225,10 +223,9 @@ class SingleFileTests(unittest.TestCase):
                          'schema = { type = "object", properties = { text = { type = "string" } }, required = ["text"] }\n')
         watcher = Watcher(broker.port, "/control/agents/boxed/status", "/conversations/#")
         self.addCleanup(watcher.close)
-        agent = subprocess.Popen([sys.executable, "-I", "-S", out, "run", "--config", config], cwd="/",
-                                 env={"PATH": STOCK_PATH, "HEALTH_PORT": str(free_port())},
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.addCleanup(lambda: agent.poll() is None and agent.kill())
+        agent = process(self, [sys.executable, "-I", "-S", out, "run", "--config", config], cwd="/",
+                        env={"PATH": STOCK_PATH, "HEALTH_PORT": str(free_port())},
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output = Output(agent)
         watcher.wait_for("/control/agents/boxed/status", lambda p: p.get("status") == "available", timeout=30)
         task = envelope("boxed", cid="pyz", input={"tool_request": {"name": "say", "parameters": {"text": "from a zip"}}})

@@ -116,6 +116,7 @@ class StdioChannel:
                 self.session.dispatch(message)
             except Exception:  # the reader must outlive a message it could not handle
                 log.exception("MCP server %s: a message could not be handled", self.server)
+        stdout.close()  # each reader owns its pipe
         self.session.closed(self._exit_reason())
 
     def _drop_long_line(self, stdout: IO[bytes], first: bytes) -> None:
@@ -158,6 +159,7 @@ class StdioChannel:
             text = raw.decode("utf-8", "replace").rstrip()[:_STDERR_LINE]
             if text:
                 log.info("MCP server %s: %s", self.server, redact(text, self.secrets))
+        stderr.close()
 
     # -------------------------------------------------------------- closing
     def close(self, timeout: float) -> None:
