@@ -13,7 +13,6 @@ from . import __version__
 
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
-PRETTY_SUMMARY_CHARS = 2000  # ops.PRETTY_CHARS, without importing the operator commands into every command
 _SESSION_SLACK = 30.0  # seconds the broker keeps a waiting command's session beyond its wait
 
 
@@ -101,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--conversation-id", help="only this conversation")
     monitor.add_argument("--count", type=int, help="exit after this many messages")
     monitor.add_argument("--full", action="store_true",
-                         help=f"pretty and compact: the whole message (default: a summary of at most "
-                              f"{PRETTY_SUMMARY_CHARS} characters; json is always whole)")
+                         help="pretty and compact: the whole message (default: a bounded summary; json is always "
+                              "whole)")
     _add_broker_args(monitor)
 
     pipeline = _command(sub, "pipeline", "send a research -> write -> edit chain through several agents",

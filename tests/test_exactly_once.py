@@ -5,6 +5,7 @@ slow servers and clients, a second process with the same agent id, dying workers
 import collections
 import json
 import os
+import pathlib
 import resource
 import socket
 import sqlite3
@@ -172,7 +173,7 @@ class StateDirTests(BrokerTestCase):
         with sqlite3.connect(legacy) as db:  # the 0.1 schema
             db.execute("CREATE TABLE completed (seq INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT UNIQUE)")
             db.execute("INSERT INTO completed (task_id) VALUES (?)", (done["task_id"],))
-        before = open(legacy, "rb").read()
+        before = pathlib.Path(legacy).read_bytes()
         watcher = self.watcher(STATUS, "/conversations/#")
         agent = self.agent(AGENT, agent={"state_dir": state}).start_and_wait_available(watcher)
         fresh = envelope(AGENT, cid="c-upgrade")
@@ -183,7 +184,7 @@ class StateDirTests(BrokerTestCase):
         agent.wait_log(f"discarding duplicate of completed task {done['task_id']}")
         self.assertIn("read 1 completed task ids from the release 0.1 store", agent.log())
         self.assertEqual(watcher.matching("/conversations/c-upgrade/+"), [reply])
-        self.assertEqual(open(legacy, "rb").read(), before)
+        self.assertEqual(pathlib.Path(legacy).read_bytes(), before)
 
     def test_unusable_state_dirs_fail_with_one_clear_line(self):
         plain = tempfile.mktemp(prefix="state-file-")

@@ -5,6 +5,7 @@ without site-packages."""
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -74,7 +75,7 @@ class StockDebianTests(unittest.TestCase):
                          text, re.M)
         self.assertIsNotNone(stop, text)
         broker_dir = os.path.join(clone, stop.group(1))  # state/mosquitto, or its own directory as root
-        self.addCleanup(lambda: os.kill(int(open(os.path.join(broker_dir, "mosquitto.pid")).read()), signal.SIGTERM))
+        self.addCleanup(lambda: os.kill(int(pathlib.Path(broker_dir, "mosquitto.pid").read_text()), signal.SIGTERM))
         self.assertIn("agent my-agent is available", text)
         self.assertIn(f"creating the virtual environment .venv with {DEBIAN_PYTHON}", text)
         self.assertIn(f"health and metrics on http://127.0.0.1:{health}/", text)

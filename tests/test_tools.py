@@ -364,6 +364,7 @@ class WebSearchTests(unittest.TestCase):
 
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        self.addCleanup(httpd.server_close)
         self.addCleanup(httpd.shutdown)
         spec = ToolSpec(name="web_search", kind="builtin", secret=Secret("serper-key-1"),
                         options={"endpoint": f"http://127.0.0.1:{httpd.server_address[1]}/search"})

@@ -144,9 +144,13 @@ class CommandTool(Tool):
         (a large write would block on the full pipe); killing the program ends the write."""
         try:
             proc.stdin.write(json.dumps(params, ensure_ascii=False).encode("utf-8"))
-            proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass  # the program does not read stdin
+        except OSError:  # BrokenPipeError: the program does not read stdin
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:  # what was buffered cannot be flushed to a program that is gone
+                pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:
