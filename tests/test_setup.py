@@ -3,6 +3,7 @@ copy of the project with Debian's python3 (PEP 668: no system-wide pip) first on
 systemd unit through `systemd-analyze verify`, and the single-file build run by an interpreter
 without site-packages."""
 
+import fcntl
 import json
 import os
 import pathlib
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 from support import ROOT, Mosquitto, Watcher, envelope, free_port, process, wait_until
@@ -59,6 +61,38 @@ class Output:
     @property
     def text(self) -> str:
         return "".join(self.lines)
+
+
+class CiScriptTests(unittest.TestCase):
+    def test_every_line_reaches_a_slow_reader_of_a_non_blocking_pipe(self):
+        """Before: with its output through a pipe, about half of the side-by-side suites' lines
+        were lost (`cat: write error: Resource temporarily unavailable`): a program had left the
+        shared output non-blocking, and a reader that fell behind made the writes fail. Here the
+        pipe is non-blocking and small from the start, read slowly, and a second suite runs side
+        by side (the same interpreter twice, on the fast tests of two modules: more than the pipe holds)."""
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+        os.set_blocking(write_end, False)
+        env = {**os.environ, "VIRTUAL_ENV": sys.prefix, "CI_PYTHONS": "python3 python3", "CI_TESTS": "test_pro*"}
+        proc = process(self, ["bash", ".ci/run"], cwd=ROOT, env=env, stdout=write_end, stderr=subprocess.STDOUT)
+        os.close(write_end)
+        received = bytearray()
+        time.sleep(2)  # the slow reader: behind from the start, then 12 KiB a second
+        while True:
+            chunk = os.read(read_end, 256)
+            if not chunk:
+                break
+            received += chunk
+            time.sleep(0.02)
+        os.close(read_end)
+        text = received.decode(errors="replace")
+        self.assertEqual(proc.wait(60), 0, text[-3000:])
+        self.assertNotIn("Resource temporarily unavailable", text)
+        ran = [int(n) for n in re.findall(r"^Ran (\d+) tests? in", text, re.M)]
+        self.assertEqual(len(ran), 2, text[-3000:])
+        self.assertGreater(ran[0], 20)
+        self.assertEqual(len(re.findall(r"(?:\.\.\. |^)ok$", text, re.M)), 2 * ran[0], "every test's result, twice")
+        self.assertRegex(text, rf"(?m)^{2 * ran[0]} passed, 0 failed, 0 skipped$")
 
 
 class StockDebianTests(unittest.TestCase):
