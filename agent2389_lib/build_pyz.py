@@ -65,7 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         path = build(args.output, args.python_version, args.find_links)
     except subprocess.CalledProcessError as exc:
         sys.exit(f"pip could not fetch the dependencies (exit {exc.returncode}); see its output above")
-    print(f"wrote {path} ({os.path.getsize(path) // 1024} KiB): run it with `python3 {path} run --config agent.toml.example`")
+    print(f"wrote {path} ({os.path.getsize(path) // 1024} KiB): run it with "
+          f"`python3 {path} run --config agent.toml.example`")
 
 
 if __name__ == "__main__":

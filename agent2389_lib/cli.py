@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"agent2389 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_config_arg(_command(sub, "run", "run the agent until SIGTERM/SIGINT", "agent2389 run --config agent.toml.example"))
+    _add_config_arg(_command(sub, "run", "run the agent until SIGTERM/SIGINT",
+                             "agent2389 run --config agent.toml.example"))
     _add_config_arg(_command(sub, "check-config", "validate the configuration and print it with secrets masked",
                              "AGENT_ID=a1 OPENAI_API_KEY=sk-... agent2389 check-config"))
     _command(sub, "version", "print the version", "agent2389 version")

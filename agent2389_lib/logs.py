@@ -82,7 +82,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         span = getattr(record, "span", None) or {}
-        extra = [f"{k}={v}" for k, v in span.items() if k not in _TEXT_OMITTED and v is not None and str(v) not in message]
+        extra = [f"{k}={v}" for k, v in span.items()
+                 if k not in _TEXT_OMITTED and v is not None and str(v) not in message]
         context = tracing.current()
         if context is not None:
             extra.append(f"trace={context.trace_id}")

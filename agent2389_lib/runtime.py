@@ -433,7 +433,8 @@ def _build_tracer(config: AgentConfig, metrics: Metrics) -> tracing.Tracer:
         from .otelexport import OtelTracer
     except ImportError as exc:
         log.warning("traces are not exported to %s: the OpenTelemetry SDK cannot be imported (%s); install the [otel] "
-                    "extra (pip install -e '.[otel]' in the project). Messages still carry trace context and log lines trace ids",
+                    "extra (pip install -e '.[otel]' in the project). Messages still carry trace context and log "
+                    "lines trace ids",
                     public_url(settings.endpoint), exc)
         return tracing.Tracer()
     return OtelTracer(settings, config.agent_id, metrics)
