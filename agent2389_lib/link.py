@@ -4,6 +4,7 @@ acknowledges deliveries of its own session only, and hands messages to its owner
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import socket
@@ -16,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import MqttSettings
 from .errors import PayloadTooLarge
@@ -80,6 +82,7 @@ class Link:
         self._generation = 0
         self._last_read = time.monotonic()
         self._had_session = False  # a connection was accepted since the last attempt
+        self._pubrec_refusals: dict[int, tuple[str, int]] = {}  # QoS 2 packet id: refusal (network thread)
         self._advisory_backlog = 0  # bytes of progress events since paho last wrote all it had (a bound, unlocked)
         self._dropping = False  # closing the socket ourselves: paho's report of it is ours to make
         self._woken = False
@@ -107,6 +110,7 @@ class Link:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
+        client._handle_pubrec = functools.partial(self._read_pubrec, client, client._handle_pubrec)
         client.on_message = self._handle_message
         client.on_subscribe = lambda *args: self.on_subscribe(*args)
         client.on_unsubscribe = lambda *args: self.on_unsubscribe(*args)
@@ -235,9 +239,23 @@ class Link:
                 self.watch.closed_before_connack(self.v5)
         self.on_disconnected()
 
+    def _read_pubrec(self, client: mqtt.Client, handle: Callable[[], int]) -> int:
+        """paho reads a PUBREC and drops its reason code, then sends PUBREL regardless (MQTT 5 ends
+        a refused exchange at PUBREC), and mosquitto completes that with a plain PUBCOMP: without
+        the refusal kept here for `_handle_publish`, a refused QoS 2 outcome counts as delivered.
+        The packet's variable header starts with the packet id, then the reason code (MQTT 5)."""
+        header = client._in_packet["packet"]
+        if len(header) > 2 and header[2] >= 0x80:
+            self._pubrec_refusals[int.from_bytes(header[:2], "big")] = (
+                str(ReasonCode(PacketTypes.PUBREC, identifier=header[2])), header[2])
+        return handle()
+
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        """A PUBACK or PUBCOMP (only `loop_read` runs with this callback set)."""
-        refusal = (str(reason_code), reason_code.value) if reason_code.is_failure else None
+        """A PUBACK or PUBCOMP (only `loop_read` runs with this callback set); a QoS 2 publish's
+        refusal came with its PUBREC."""
+        refusal = self._pubrec_refusals.pop(mid, None)
+        if refusal is None and reason_code.is_failure:
+            refusal = (str(reason_code), reason_code.value)
         self._tickets.reported(mid, refusal)
         self.metrics.published_message(refusal is None)
 

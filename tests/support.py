@@ -292,16 +292,41 @@ class RabbitMQ(_JavaOrErlangBroker):
             self.epmd_port = None
 
 
+def _shut_down(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _packet_size(data: bytes) -> Optional[int]:
+    """The length of the MQTT packet at the start of `data` (fixed header included), or None if
+    it is not all there yet."""
+    remaining, shift = 0, 0
+    for index in range(1, min(len(data), 5)):
+        remaining |= (data[index] & 0x7F) << shift
+        shift += 7
+        if not data[index] & 0x80:
+            size = index + 1 + remaining
+            return size if len(data) >= size else None
+    return None
+
+
 class ClosingProxy:
     """A TCP relay on a free loopback port in front of a broker: it closes the first
     `close_first` connections as soon as it accepts them (a load balancer without a backend yet),
     or with `after_connect` once it read their CONNECT (a broker that refuses MQTT 5 by closing),
-    and relays the rest; `drop_all()` cuts every relayed connection (the balancer restarting)."""
+    and relays the rest; `drop_all()` cuts every relayed connection (the balancer restarting).
+    With `cut_before` (an MQTT packet type, e.g. 7 for PUBCOMP) it cuts the connection instead of
+    relaying the first such packet from the broker: a connection lost just before that packet."""
 
-    def __init__(self, target_port: int, close_first: int, after_connect: bool = False):
+    def __init__(self, target_port: int, close_first: int, after_connect: bool = False,
+                 cut_before: Optional[int] = None):
         self.target_port = target_port
         self.to_close = close_first
         self.after_connect = after_connect
+        self.cut_before = cut_before
         self.closed = 0
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
@@ -329,8 +354,9 @@ class ClosingProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._pairs.append((conn, upstream))
-            for source, target in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+            threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
+            from_broker = self._pump if self.cut_before is None else self._pump_packets
+            threading.Thread(target=from_broker, args=(upstream, conn), daemon=True).start()
 
     @staticmethod
     def _pump(source: socket.socket, target: socket.socket) -> None:
@@ -342,21 +368,33 @@ class ClosingProxy:
                 target.sendall(data)
         except OSError:
             pass
-        for sock in (source, target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shut_down(source, target)
+
+    def _pump_packets(self, source: socket.socket, target: socket.socket) -> None:
+        """Relays whole packets, to cut the connection before the first of type `cut_before`."""
+        buffer = b""
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                buffer += data
+                while (size := _packet_size(buffer)) is not None:
+                    if buffer[0] >> 4 == self.cut_before:
+                        self.cut_before = None  # once
+                        raise OSError("cut")
+                    target.sendall(buffer[:size])
+                    buffer = buffer[size:]
+        except OSError:
+            pass
+        _shut_down(source, target)
 
     def drop_all(self) -> None:
         with self._lock:
             pairs, self._pairs = self._pairs, []
         for pair in pairs:
+            _shut_down(*pair)
             for sock in pair:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
 
     def close(self) -> None:

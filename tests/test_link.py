@@ -1,13 +1,14 @@
 """One link in this process against a real broker: its socket, what its publishes count, and the
 progress events it drops rather than send."""
 
+import os
 import socket
 import unittest
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from support import BrokerTestCase, Mosquitto, wait_until
+from support import BrokerTestCase, ClosingProxy, Mosquitto, Watcher, new_task_id, wait_until
 
 from agent2389_lib.config import MqttSettings
 from agent2389_lib.link import Link
@@ -79,6 +80,52 @@ class ProgressDropTests(BrokerTestCase):
             link.publish_advisory("/control/agents/link-test/progress", b"p")
         wait_until(lambda: self.counts(metrics)[0] == 3, 5, "three written progress events")
         self.assertEqual(link._tickets._early, {}, "a write report is not an early PUBACK")
+
+
+class ExactlyOnceTests(BrokerTestCase):
+    """QoS 2 publishes: the last packet of the exchange lost with the connection, and a refusal."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto(extra_conf="acl_file {dir}/acl")
+        with open(os.path.join(cls.broker.dir, "acl"), "w") as handle:
+            handle.write("topic readwrite #\ntopic deny /conversations/denied/#\n")
+        cls.broker.extra_conf = cls.broker.extra_conf.format(dir=cls.broker.dir)
+        cls.broker.start()
+
+    def link(self, port: int) -> Link:
+        settings = MqttSettings(host="127.0.0.1", port=port, client_id=f"qos2-{new_task_id()[:8]}", protocol="5")
+        link = Link("output", settings, settings.client_id, Metrics("link-test", workers=1), persistent=True,
+                    version=ProtocolVersion("5"))
+        self.addCleanup(link.finish_stop, 0)
+        self.addCleanup(link.begin_stop)
+        link.start()
+        self.assertTrue(link.wait_connected(10))
+        return link
+
+    def test_a_publish_whose_pubcomp_was_lost_is_delivered_once_and_counts_as_accepted(self):
+        """The broker released the message on PUBREL and its PUBCOMP was lost with the connection;
+        the PUBREL resent on the resumed session is answered "packet identifier not found" (0x92).
+        Before: that counted as a refusal, and the agent published the outcome again (a copy)."""
+        proxy = ClosingProxy(self.broker.port, 0, cut_before=7)  # PUBCOMP
+        self.addCleanup(proxy.close)
+        watcher = Watcher(self.broker.port, "/conversations/c/#", qos=2)
+        self.addCleanup(watcher.close)
+        link = self.link(proxy.port)
+        ticket = link.publish("/conversations/c/qos2", b"once", qos=2)
+        self.assertTrue(ticket.wait(30))
+        self.assertEqual((ticket.refusal, ticket.refusal_code), (None, None))
+        self.assertTrue(link.publish("/conversations/c/qos2", b"after", qos=2).wait(30))
+        watcher.wait_for("/conversations/c/qos2", lambda payload: payload == b"after")
+        self.assertEqual([p for p in watcher.matching("/conversations/c/qos2")], [b"once", b"after"])
+
+    def test_a_refused_qos2_publish_reports_the_refusal_of_its_pubrec(self):
+        """paho drops a PUBREC's reason code and sends PUBREL anyway; before, the refusal surfaced as
+        the PUBCOMP's 0x92 (packet identifier not found), which the agent retried until the deadline."""
+        link = self.link(self.broker.port)
+        ticket = link.publish("/conversations/denied/qos2", b"refused", qos=2)
+        self.assertTrue(ticket.wait(30))
+        self.assertEqual((ticket.refusal, ticket.refusal_code), ("Not authorized", 0x87))
 
 
 class UserPropertiesTests(unittest.TestCase):
