@@ -34,9 +34,14 @@ _POLL_SECONDS = 1.0
 _ADVISORY_BACKLOG = 1 << 20  # progress bytes published while paho could not write everything it had
 
 
+class MessageStateError(RuntimeError):
+    """A delivery acknowledged twice: the second PUBACK could acknowledge another message that
+    the broker has since given the same packet id."""
+
+
 @dataclass
 class InboundMessage:
-    """One message as received; `ack()` sends its PUBACK (only if its session still exists).
+    """One message as received; `ack()` sends its PUBACK (only if its session still exists), once.
 
     Two are equal when they are the same broker message (packet id within one session), so a
     redelivery is recognized and acknowledged once.
@@ -50,10 +55,14 @@ class InboundMessage:
     _generation: int = field(repr=False, default=0)
     qos: int = field(compare=False, default=1)
     user_properties: tuple = field(compare=False, default=())  # MQTT 5 (name, value) pairs
+    acknowledged: bool = field(compare=False, default=False, init=False)
 
     def ack(self) -> None:
         """A QoS 0 delivery has nothing to acknowledge (a PUBACK for it is a protocol error that
-        makes the broker drop the connection)."""
+        makes the broker drop the connection). Raises MessageStateError the second time."""
+        if self.acknowledged:
+            raise MessageStateError(f"message {self.mid} on {self.topic} was already acknowledged")
+        self.acknowledged = True
         if self.qos:
             self._link.ack(self.mid, self._generation)
 

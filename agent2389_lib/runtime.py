@@ -51,7 +51,8 @@ class Intake:
     """The hand-off from the network thread to the workers. The queue itself is unbounded, so
     `put` never blocks the network thread; what bounds it is that the network thread reads the
     socket only while `has_room()` (one read may bring a few messages past `capacity`). Taking
-    an item from a full intake calls `on_room` so the network thread resumes at once.
+    an item from a full intake calls `on_room` so the network thread resumes at once, also when
+    the taker was waiting on an empty intake while it filled.
     """
 
     def __init__(self, capacity: int, on_room: Callable[[], None] = lambda: None):
@@ -69,9 +70,8 @@ class Intake:
         self._queue.put_nowait(item)
 
     def get(self) -> Any:
-        was_full = self._queue.qsize() >= self.capacity
         item = self._queue.get()
-        if was_full:
+        if self._queue.qsize() + 1 >= self.capacity:  # it was full before this item left
             self.on_room()
         return item
 

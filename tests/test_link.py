@@ -3,6 +3,7 @@ progress events it drops rather than send."""
 
 import os
 import socket
+import types
 import unittest
 
 from paho.mqtt.packettypes import PacketTypes
@@ -11,7 +12,7 @@ from paho.mqtt.properties import Properties
 from support import BrokerTestCase, ClosingProxy, Mosquitto, Watcher, new_task_id, wait_until
 
 from agent2389_lib.config import MqttSettings
-from agent2389_lib.link import Link
+from agent2389_lib.link import InboundMessage, Link, MessageStateError
 from agent2389_lib.metrics import Metrics
 from agent2389_lib.mqttclient import ProtocolVersion, new_client, user_properties
 from agent2389_lib.wire import close_socket
@@ -126,6 +127,19 @@ class ExactlyOnceTests(BrokerTestCase):
         ticket = link.publish("/conversations/denied/qos2", b"refused", qos=2)
         self.assertTrue(ticket.wait(30))
         self.assertEqual((ticket.refusal, ticket.refusal_code), ("Not authorized", 0x87))
+
+
+class AcknowledgementTests(unittest.TestCase):
+    def test_a_delivery_is_acknowledged_once(self):
+        """Before: a second ack() sent a second PUBACK, which may acknowledge another message the
+        broker has since given the same packet id."""
+        acks = []
+        link = types.SimpleNamespace(ack=lambda mid, generation: acks.append((mid, generation)))
+        message = InboundMessage("/control/agents/a/input", b"{}", False, 7, link, 3)
+        message.ack()
+        with self.assertRaisesRegex(MessageStateError, "message 7 on /control/agents/a/input was already"):
+            message.ack()
+        self.assertEqual(acks, [(7, 3)])
 
 
 class UserPropertiesTests(unittest.TestCase):

@@ -7,7 +7,7 @@ import sys
 import threading
 import unittest
 
-from agent2389_lib.runtime import StopRequest
+from agent2389_lib.runtime import Intake, StopRequest
 from fake_llm import FakeOpenAI, Reply, Status
 from support import AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, new_task_id, wait_until
 
@@ -414,6 +414,30 @@ class BacklogTests(BrokerTestCase):
         print(f"\nbacklog: {self.TASKS} tasks drained, agent peak RSS {peak_mb:.1f} MB")
         self.assertEqual(len({r["task_id"] for r in replies}), self.TASKS)
         self.assertLess(peak_mb, 80)
+
+
+class IntakeTests(unittest.TestCase):
+    def test_a_worker_that_waited_on_an_empty_intake_wakes_the_network_thread_when_it_was_filled(self):
+        """Before: whether to wake was decided before the wait, so the network thread, which had
+        stopped reading at capacity, stalled until its next poll (up to a second)."""
+        woken = threading.Event()
+        intake = Intake(2, on_room=woken.set)
+        taken = []
+        worker = threading.Thread(target=lambda: taken.append(intake.get()))
+        worker.start()
+        wait_until(lambda: intake._queue.not_empty._waiters, 10, "the worker to wait on the empty intake")
+        for item in range(3):  # one read of the socket can bring more than the capacity
+            intake.put(item)
+        worker.join(10)
+        self.assertEqual(taken, [0])
+        self.assertTrue(woken.is_set(), "the network thread was told there is room again")
+
+    def test_taking_from_an_intake_with_room_wakes_nobody(self):
+        woken = threading.Event()
+        intake = Intake(3, on_room=woken.set)
+        intake.put("task")
+        self.assertEqual(intake.get(), "task")
+        self.assertFalse(woken.is_set())
 
 
 class StopRequestTests(unittest.TestCase):
