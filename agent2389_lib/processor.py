@@ -343,10 +343,10 @@ class TaskProcessor:
     def _outcome(self, envelope: TaskEnvelope, deadline: float) -> tuple[str, dict]:
         """What to publish, and where, for a claimed task."""
         reply_topic = protocol.conversation_topic(envelope.conversation_id, self.agent_id)
-        if envelope.depth > self.config.max_pipeline_depth:
+        if envelope.depth > self.config.max_envelope_depth:
             return reply_topic, self._error(envelope, protocol.PIPELINE_DEPTH_EXCEEDED,
                                             f"pipeline depth {envelope.depth} exceeds the maximum of "
-                                            f"{self.config.max_pipeline_depth}")
+                                            f"{self.config.max_envelope_depth} (max_envelope_depth)")
         try:
             if envelope.next is not None:
                 protocol.next_agent_id(envelope.next.topic)

@@ -322,6 +322,26 @@ class ValidationTests(ConfigCase):
                     self.assert_problem(self.problems(layout.format(f"outcome_qos = {bad}")), "[mqtt] outcome_qos=")
         self.assert_problem(self.problems(ours.format(""), MQTT_OUTCOME_QOS="0"), "MQTT_OUTCOME_QOS=0 is out of range")
 
+    def test_max_envelope_depth_is_set_apart_from_the_worker_count(self):
+        """Before: max_pipeline_depth was also the depth limit, so a one-worker agent answered every
+        task with a `next` pipeline_depth_exceeded. The limit defaults to 16, or to the worker count
+        where that is higher (the depth accepted before)."""
+        ours, reference = 'agent_id = "abc"\n{}\n[llm]\nprovider = "echo"\n', \
+            '[agent]\nid = "abc"\n{}\n[mqtt]\nbroker_url = "mqtt://localhost:1883"\n[llm]\nprovider = "echo"\n'
+        for layout in (ours, reference):
+            with self.subTest(layout=layout):
+                depths = lambda text, **env: (self.load(layout.format(text), **env).config.max_pipeline_depth,
+                                              self.load(layout.format(text), **env).config.max_envelope_depth)
+                self.assertEqual(depths(""), (16, 16))
+                self.assertEqual(depths("max_pipeline_depth = 1"), (1, 16))
+                self.assertEqual(depths("max_pipeline_depth = 24"), (24, 24))
+                self.assertEqual(depths("max_pipeline_depth = 1\nmax_envelope_depth = 3"), (1, 3))
+                self.assertEqual(depths("", MAX_ENVELOPE_DEPTH="5"), (16, 5))
+                problems = self.problems(layout.format("max_envelope_depth = 33"))
+                self.assertIn("max_envelope_depth=33 is out of range (1-32)", problems[0])
+        self.assert_problem(self.problems(ours.format(""), MAX_ENVELOPE_DEPTH="0"),
+                            "MAX_ENVELOPE_DEPTH=0 is out of range")
+
     def test_bad_toml(self):
         problems = self.problems("agent_id = \n")
         self.assertTrue(problems[0].startswith("config file ") and "not valid TOML" in problems[0], problems)

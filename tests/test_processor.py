@@ -191,6 +191,15 @@ class ProtocolRowTests(ProcessorTestCase):
         self.assert_answered_then_acked(delivery, f"/conversations/deep/{AGENT}",
                                         self.error_check("pipeline_depth_exceeded", task_id, "17"))
 
+    def test_a_one_worker_agent_forwards_along_a_pipeline(self):
+        """Before: the worker count was also the depth limit, so one worker rejected every `next`."""
+        self.make(max_pipeline_depth=1)
+        task_id = new_task_id()
+        nxt = {"topic": "/control/agents/writer/input", "instruction": "write", "input": None,
+               "next": {"topic": "/control/agents/editor/input", "instruction": "edit", "input": None, "next": None}}
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="c1", instruction="X", next=nxt))
+        self.assert_answered_then_acked(delivery, "/control/agents/writer/input", lambda m: None)
+
     def test_llm_failure(self):
         def failing(envelope, deadline):
             raise LlmError("openai returned HTTP 500 (after 4 attempts)")

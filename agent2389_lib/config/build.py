@@ -48,12 +48,14 @@ def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[Agent
         state_dir = os.path.join(state_dir, instance_id)  # each member keeps its own completed tasks
     run_problems: list[str] = []
     llm = _build_llm(read, env, run_problems)
+    workers = read.integer("max_pipeline_depth", 16, 1, 32)
     config = AgentConfig(
         agent_id=agent_id,
         instance_id=instance_id,
         description=read.string("description", "") or "",
         capabilities=tuple(capabilities),
-        max_pipeline_depth=read.integer("max_pipeline_depth", 16, 1, 32),
+        max_pipeline_depth=workers,
+        max_envelope_depth=read.integer("max_envelope_depth", max(16, workers), 1, 32),
         task_timeout=read.integer("task_timeout", 300, 30, 3600),
         max_output_size=read.integer("max_output_size", 1048576, 1024),
         max_message_size=read.integer("max_message_size", 262144, 1024, 268435455),

@@ -183,7 +183,8 @@ class AgentConfig:
     instance_id: Optional[str] = None  # set: a member of the pool serving agent_id (shared subscription)
     description: str = ""
     capabilities: tuple = ()
-    max_pipeline_depth: int = 16
+    max_pipeline_depth: int = 16  # worker threads: tasks processed at once
+    max_envelope_depth: int = 16  # deeper envelopes (1 + nested `next`) are answered pipeline_depth_exceeded
     task_timeout: int = 300
     max_output_size: int = 1048576
     max_message_size: int = 262144

@@ -26,7 +26,7 @@ _INTERP_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # file key -> canonical name, per section; "" is the top level.
 _COMMON_TOP = {
     "agent_id": "agent_id", "default_model": "llm.model", "max_pipeline_depth": "max_pipeline_depth",
-    "task_timeout": "task_timeout", "max_output_size": "max_output_size", "max_message_size": "max_message_size",
+    "max_envelope_depth": "max_envelope_depth", "task_timeout": "task_timeout", "max_output_size": "max_output_size", "max_message_size": "max_message_size",
     "state_dir": "state_dir", "heartbeat_interval": "heartbeat_interval", "shutdown_grace": "shutdown_grace",
     "progress_events": "progress", "completed_store_size": "completed_store_size", "instance_id": "instance_id",
     "description": "description", "capabilities": "capabilities", "dead_letter_topic": "dead_letter_topic",
@@ -59,6 +59,7 @@ _ROUTING_SUB = {"llm": {"provider", "model", "temperature", "api_key_env", "base
 
 ENV_SIMPLE = {
     "AGENT_ID": "agent_id", "DEFAULT_MODEL": "llm.model", "MAX_PIPELINE_DEPTH": "max_pipeline_depth",
+    "MAX_ENVELOPE_DEPTH": "max_envelope_depth",
     "TASK_TIMEOUT": "task_timeout", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format",
     "LOG_SPANS": "log_spans", "HEALTH_PORT": "health_port", "STATE_DIR": "state_dir",
     "AGENT_INSTANCE_ID": "instance_id", "LLM_PROVIDER": "llm.provider", "HEALTH_BIND": "health_bind",
