@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import urllib.error
@@ -113,6 +114,13 @@ class StdioRealServerTests(unittest.TestCase):
         self.assertEqual(call(tools, "everything__get-sum", {"a": 1, "b": 1})[0], True, "the server is still usable")
 
 
+def forget_session(url: str, session_id: str) -> None:
+    """Makes the server forget a session, as a server restart would."""
+    request = urllib.request.Request(url, method="DELETE", headers={"Mcp-Session-Id": session_id,
+                                                                     "MCP-Protocol-Version": "2025-11-25"})
+    urllib.request.urlopen(request, timeout=5).close()
+
+
 class StreamableHttpTests(unittest.TestCase):
     def sdk_server(self, *options: str) -> str:
         port = free_port()
@@ -147,9 +155,7 @@ class StreamableHttpTests(unittest.TestCase):
         tools = registry(self, McpServerSpec(name="sdk", url=url))
         channel = tools.servers[0]._session.channel
         first = channel._session_id
-        request = urllib.request.Request(url, method="DELETE", headers={"Mcp-Session-Id": first,
-                                                                         "MCP-Protocol-Version": "2025-11-25"})
-        urllib.request.urlopen(request, timeout=5).close()  # the server forgets the session
+        forget_session(url, first)
         self.assertEqual(call(tools, "sdk__add", {"a": 2, "b": 2}), (True, "4"))
         second = tools.servers[0]._session.channel._session_id
         self.assertNotEqual(second, first)
@@ -158,6 +164,32 @@ class StreamableHttpTests(unittest.TestCase):
             urllib.request.urlopen(urllib.request.Request(url, method="DELETE", headers={"Mcp-Session-Id": second}),
                                    timeout=5)
         self.assertEqual(gone.exception.code, 404, "the session was deleted at shutdown")
+
+    def test_an_expired_session_is_reopened_once_for_workers_calling_at_once(self):
+        """Before: each worker whose call found the session expired opened a new one, and the
+        replaced ones were never deleted on the server."""
+        url = self.sdk_server()
+        tools = registry(self, McpServerSpec(name="sdk", url=url))
+        server = tools.servers[0]
+        forget_session(url, server._session.channel._session_id)
+        opened = []
+        new_session = server._new_session
+        server._new_session = lambda: opened.append(new_session()) or opened[-1]
+        start = threading.Barrier(4)
+        results = []
+
+        def worker(a: int) -> None:
+            start.wait(10)
+            results.append(call(tools, "sdk__add", {"a": a, "b": 1}))
+
+        workers = [threading.Thread(target=worker, args=(a,)) for a in range(4)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(30)
+        self.assertEqual(sorted(results), [(True, "1"), (True, "2"), (True, "3"), (True, "4")])
+        self.assertEqual(len(opened), 1, "one new session")
+        self.assertIs(server._session, opened[0])
 
     def test_server_everything_over_streamable_http(self):
         port = free_port()

@@ -52,6 +52,7 @@ class McpServer:
         self.tools: dict[str, McpTool] = {}
         self._session: Optional[McpSession] = None
         self._lock = threading.Lock()
+        self._reopening = threading.Lock()  # one caller opens the session that replaces an expired one
         self._wake = threading.Event()  # lost, or the tool list changed
         self._refresh = False
         self._stop = threading.Event()
@@ -238,16 +239,22 @@ class McpServer:
             if self.transport == "http":
                 session.closed(str(exc))  # the supervisor reconnects
             raise
-        session = self._reopen(timeout - (time.monotonic() - started))
+        session = self._reopen(session, timeout - (time.monotonic() - started))
         return session.call_tool(tool, arguments, max(0.1, timeout - (time.monotonic() - started)))
 
-    def _reopen(self, timeout: float) -> McpSession:
-        """A new HTTP session in place of one the server forgot (on the calling thread: the call waits for it)."""
-        session = self._new_session()
-        session.initialize(max(0.1, timeout))
-        with self._lock:
-            self._session = session
-        return session
+    def _reopen(self, expired: McpSession, timeout: float) -> McpSession:
+        """A new HTTP session in place of one the server forgot, opened once however many workers
+        found it expired: the first opens it on its thread, the others wait for it and use it
+        (each opening its own left sessions on the server that nobody would ever delete)."""
+        with self._reopening:
+            current = self._session
+            if current is not None and current is not expired and not current.is_closed:
+                return current
+            session = self._new_session()
+            session.initialize(max(0.1, timeout))
+            with self._lock:
+                self._session = session
+            return session
 
 
 def _plain(value: object) -> str:
