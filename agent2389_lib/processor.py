@@ -1,4 +1,4 @@
-"""The nine steps of one task (PROTOCOL.md 3): checks, dedupe, depth, think, publish, ack.
+"""The nine steps of one task (docs/protocol.md, How a task is processed): checks, dedupe, depth, think, publish, ack.
 
 Every claimed delivery ends in exactly one acknowledgement, sent only after its outcome
 (response, forward or error) was accepted by the broker (PUBACK reason code checked), so a

@@ -16,7 +16,7 @@ from functools import lru_cache
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-# Error codes (PROTOCOL.md 2.5).
+# Error codes (docs/protocol.md, the Error payload).
 TOOL_EXECUTION_FAILED = "tool_execution_failed"
 LLM_ERROR = "llm_error"
 INVALID_INPUT = "invalid_input"
@@ -64,7 +64,7 @@ class EnvelopeError(ValueError):
 # ---------------------------------------------------------------- topics
 
 def canonicalize_topic(topic: str) -> str:
-    """RFC FR-006: one leading slash, no empty levels, no trailing slash."""
+    """Topics compare in this form: one leading slash, no empty levels, no trailing slash."""
     return "/" + "/".join(part for part in topic.split("/") if part)
 
 
@@ -334,7 +334,7 @@ def _short(value: Any) -> str:
 
 
 def forward_envelope(envelope: TaskEnvelope, final_text: str, self_id: str, now: Optional[datetime] = None) -> tuple[str, dict]:
-    """The envelope for the next agent and the topic to publish it on (PROTOCOL.md 3)."""
+    """The envelope for the next agent and the topic to publish it on (docs/protocol.md, How a task is processed)."""
     nxt = envelope.next
     if nxt is None:
         raise ValueError("envelope has no next step")
@@ -372,7 +372,7 @@ def next_task_to_dict(nxt: Optional[NextTask]) -> Optional[dict]:
 # ---------------------------------------------------------------- builders
 
 def rfc3339(now: Optional[datetime] = None) -> str:
-    """RFC 3339 UTC with millisecond precision and a `Z` suffix (RULE-003)."""
+    """RFC 3339 UTC with millisecond precision and a `Z` suffix, as every timestamp on the wire."""
     if now is None:  # the common case, on every progress event: without datetime objects
         return utc_millis(time.time())
     now = now.astimezone(timezone.utc)
@@ -509,7 +509,8 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def sanitize_error_message(message: str, secrets: Iterable[str] = ()) -> str:
-    """PROTOCOL.md 2.5: no traces, credentials or secret paths; at most 500 UTF-8 bytes."""
+    """What an error message may hold (docs/protocol.md): no traces, credentials or secret paths; at most
+    500 UTF-8 bytes."""
     text = _TRACEBACK_RE.sub("", message).strip()
     text = redact(text, secrets)
     text = _SECRET_PATH_RE.sub("[REDACTED_PATH]", text)
@@ -540,7 +541,7 @@ _MAX_OBJECT_CANDIDATES = 32
 
 
 def extract_response(text: str) -> str:
-    """PROTOCOL.md 2.4: an object's `result` when the text is or contains one, else the text."""
+    """The answer's `response`: an object's `result` when the LLM's text is or contains one, else the text."""
     found = find_json_object(text)
     if isinstance(found, dict) and "result" in found:
         result = found["result"]

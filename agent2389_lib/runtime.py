@@ -1,4 +1,4 @@
-"""Lifecycle of one agent process (PROTOCOL.md 5): startup order, workers, heartbeat, shutdown.
+"""Lifecycle of one agent process (docs/architecture.md): startup order, workers, heartbeat, shutdown.
 
 Data flow: paho intake thread --(enqueue only)--> Intake --> worker pool --> processor. The intake
 is bounded by its reader: the network thread stops reading the socket while the intake is full.

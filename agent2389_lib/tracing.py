@@ -164,7 +164,7 @@ _tracer = Tracer()
 
 
 def install(tracer: Tracer) -> None:
-    """The process's tracer, chosen at startup (`otelexport.build_tracer`)."""
+    """The process's tracer, chosen at startup (`runtime._build_tracer`)."""
     global _tracer
     _tracer = tracer
 

@@ -1,4 +1,4 @@
-"""v2 dynamic routing on the wire (PROTOCOL.md 2.2, rust-v2-study.md): where a routed workflow stands, the envelope
+"""v2 dynamic routing on the wire (docs/protocol.md, Protocol v2): where a routed workflow stands, the envelope
 of its next hop, and its final answer. Pure functions over protocol envelopes."""
 
 from __future__ import annotations

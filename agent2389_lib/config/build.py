@@ -103,7 +103,8 @@ def build_mqtt(read: Reader, env: Mapping[str, str], client_name: str) -> MqttSe
                 password = Secret(env[var])
     qos = read.integer("mqtt.qos", 1, 0, 2)
     if qos != 1:
-        read.bad("mqtt.qos", qos, "is not supported: only QoS 1 is valid (RFC NFR-002)")
+        read.bad("mqtt.qos", qos, "is not supported: tasks are taken at QoS 1 (for answers exactly once on the wire, "
+                                  "set [mqtt] outcome_qos = 2)")
     paths = {}
     for key in ("ca_cert_path", "client_cert_path", "client_key_path"):
         value = read.string(f"mqtt.{key}")
@@ -124,7 +125,7 @@ def build_mqtt(read: Reader, env: Mapping[str, str], client_name: str) -> MqttSe
         broker_url=f"{scheme}://{host}:{port}", host=host, port=port, tls=scheme == "mqtts",
         username=username or None, password=password, client_id=client_id, protocol=protocol,
         session_expiry=read.integer("mqtt.session_expiry", 86400, 0, 4294967295),
-        keep_alive=read.integer("mqtt.keep_alive", 60, 5, 65535), qos=1,
+        keep_alive=read.integer("mqtt.keep_alive", 60, 5, 65535),
         outcome_qos=read.integer("mqtt.outcome_qos", 1, 1, 2),
         ca_cert_path=paths["ca_cert_path"], client_cert_path=paths["client_cert_path"],
         client_key_path=paths["client_key_path"], client_key_password=read.secret("mqtt.client_key_password"),

@@ -82,7 +82,6 @@ class MqttSettings:
     protocol: str = "auto"  # MQTT 5, falling back to 3.1.1 for brokers that do not speak it
     session_expiry: int = 86400
     keep_alive: int = 60
-    qos: int = 1
     outcome_qos: int = 1  # answers, errors and forwards; 2: exactly once on the wire
     ca_cert_path: Optional[str] = None
     client_cert_path: Optional[str] = None

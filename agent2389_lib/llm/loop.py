@@ -1,4 +1,4 @@
-"""The agent loop (PROTOCOL.md 4): messages, tool calls, budget, failover between providers."""
+"""The agent loop (docs/architecture.md, One task, end to end): messages, tool calls, budget, failover between providers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..logs import span
 from ..protocol import TaskEnvelope, rfc3339
 from .base import ChatReply, Message, Provider, ToolCall
 
-# (task_id, conversation_id, category, event_type, message, metadata): see PROTOCOL.md 2.6
+# (task_id, conversation_id, category, event_type, message, metadata): the Progress payload of docs/protocol.md
 Progress = Callable[[str, str, str, str, str, Optional[dict]], None]
 
 log = logging.getLogger("agent2389.llm")
