@@ -1,10 +1,12 @@
+import dataclasses
 import glob
 import os
 import tempfile
 import textwrap
 import unittest
 
-from agent2389_lib.config import ConfigError, Secret, load_config, masked_view
+from agent2389_lib.config import (AgentConfig, BudgetSettings, ConfigError, MqttSettings, Secret, load_config,
+                                  masked_view)
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 OPENAI_KEY = "sk-test-openai-0123456789abcdef"
@@ -321,6 +323,19 @@ class ValidationTests(ConfigCase):
                 for bad in ("0", "3", '"two"', "true"):
                     self.assert_problem(self.problems(layout.format(f"outcome_qos = {bad}")), "[mqtt] outcome_qos=")
         self.assert_problem(self.problems(ours.format(""), MQTT_OUTCOME_QOS="0"), "MQTT_OUTCOME_QOS=0 is out of range")
+
+    def test_a_minimal_file_gets_the_defaults_the_settings_classes_declare(self):
+        """Defaults are written once, in config/model.py: tests that build settings from there and
+        the loader that production uses cannot disagree."""
+        config = self.load('agent_id = "abc"\n[llm]\nprovider = "echo"\n').config
+        derived = {"agent_id", "dead_letter_topic", "mqtt", "llm", "budget", "tools", "mcp_servers", "routing",
+                   "tracing"}
+        for declared, loaded, skip in ((AgentConfig(agent_id="abc"), config, derived),
+                                       (MqttSettings(), config.mqtt, {"client_id"}),
+                                       (BudgetSettings(), config.budget, set())):
+            for name in (f.name for f in dataclasses.fields(declared) if f.name not in skip):
+                with self.subTest(setting=f"{type(declared).__name__}.{name}"):
+                    self.assertEqual(getattr(loaded, name), getattr(declared, name))
 
     def test_max_envelope_depth_is_set_apart_from_the_worker_count(self):
         """Before: max_pipeline_depth was also the depth limit, so a one-worker agent answered every

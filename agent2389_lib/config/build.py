@@ -22,6 +22,13 @@ from .tracing import build_tracing
 _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
 _INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # e.g. a StatefulSet ordinal or pod name
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# The defaults, as model.py declares them once (tests build settings from there too)
+AGENT = AgentConfig(agent_id="")
+MQTT = MqttSettings()
+BUDGET = BudgetSettings()
+ROUTING = RoutingSettings(strategy="")
+GATEKEEPER = GatekeeperSettings(url="")
+TOOL = ToolSpec(name="", kind="")
 
 
 def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[AgentConfig, list]:
@@ -48,28 +55,28 @@ def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[Agent
         state_dir = os.path.join(state_dir, instance_id)  # each member keeps its own completed tasks
     run_problems: list[str] = []
     llm = _build_llm(read, env, run_problems)
-    workers = read.integer("max_pipeline_depth", 16, 1, 32)
+    workers = read.integer("max_pipeline_depth", AGENT.max_pipeline_depth, 1, 32)
     config = AgentConfig(
         agent_id=agent_id,
         instance_id=instance_id,
         description=read.string("description", "") or "",
         capabilities=tuple(capabilities),
         max_pipeline_depth=workers,
-        max_envelope_depth=read.integer("max_envelope_depth", max(16, workers), 1, 32),
-        task_timeout=read.integer("task_timeout", 300, 30, 3600),
-        max_output_size=read.integer("max_output_size", 1048576, 1024),
-        max_message_size=read.integer("max_message_size", 262144, 1024, 268435455),
+        max_envelope_depth=read.integer("max_envelope_depth", max(AGENT.max_envelope_depth, workers), 1, 32),
+        task_timeout=read.integer("task_timeout", AGENT.task_timeout, 30, 3600),
+        max_output_size=read.integer("max_output_size", AGENT.max_output_size, 1024),
+        max_message_size=read.integer("max_message_size", AGENT.max_message_size, 1024, 268435455),
         state_dir=state_dir or None,
-        completed_store_size=read.integer("completed_store_size", 10000, 1),
-        heartbeat_interval=read.integer("heartbeat_interval", 60, 1, 86400),
-        shutdown_grace=read.integer("shutdown_grace", 30, 0, 3600),
-        progress=read.boolean("progress", True),
+        completed_store_size=read.integer("completed_store_size", AGENT.completed_store_size, 1),
+        heartbeat_interval=read.integer("heartbeat_interval", AGENT.heartbeat_interval, 1, 86400),
+        shutdown_grace=read.integer("shutdown_grace", AGENT.shutdown_grace, 0, 3600),
+        progress=read.boolean("progress", AGENT.progress),
         dead_letter_topic=_dead_letter_topic(read, agent_id),
-        log_level=read.choice("log_level", "INFO", LOG_LEVELS + ("WARNING",), str.upper).replace("WARNING", "WARN"),
-        log_format=read.choice("log_format", "auto", ("json", "text", "auto")),
-        log_spans=read.boolean("log_spans", False),
-        health_port=read.integer("health_port", 8080, 1024, 65535),
-        health_bind=read.string("health_bind", "0.0.0.0", allow_empty=False),
+        log_level=read.choice("log_level", AGENT.log_level, LOG_LEVELS + ("WARNING",), str.upper).replace("WARNING", "WARN"),
+        log_format=read.choice("log_format", AGENT.log_format, ("json", "text", "auto")),
+        log_spans=read.boolean("log_spans", AGENT.log_spans),
+        health_port=read.integer("health_port", AGENT.health_port, 1024, 65535),
+        health_bind=read.string("health_bind", AGENT.health_bind, allow_empty=False),
         mqtt=build_mqtt(read, env, agent_id if instance_id is None else f"{agent_id}-{instance_id}"),
         llm=llm,
         budget=_build_budget(read),
@@ -113,7 +120,7 @@ def build_mqtt(read: Reader, env: Mapping[str, str], client_name: str) -> MqttSe
         paths[key] = value or None
     if bool(paths["client_cert_path"]) != bool(paths["client_key_path"]):
         read.out.problem("[mqtt] client_cert_path and client_key_path must be given together")
-    protocol = str(read.raw("mqtt.protocol", "auto")).strip().lower()
+    protocol = str(read.raw("mqtt.protocol", MQTT.protocol)).strip().lower()
     protocol = {"auto": "auto", "5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1", "4": "3.1.1"}.get(protocol)
     if protocol is None:
         read.bad("mqtt.protocol", read.raw("mqtt.protocol"), 'must be "auto", "5" or "3.1.1"')
@@ -124,18 +131,18 @@ def build_mqtt(read: Reader, env: Mapping[str, str], client_name: str) -> MqttSe
     return MqttSettings(
         broker_url=f"{scheme}://{host}:{port}", host=host, port=port, tls=scheme == "mqtts",
         username=username or None, password=password, client_id=client_id, protocol=protocol,
-        session_expiry=read.integer("mqtt.session_expiry", 86400, 0, 4294967295),
-        keep_alive=read.integer("mqtt.keep_alive", 60, 5, 65535),
-        outcome_qos=read.integer("mqtt.outcome_qos", 1, 1, 2),
+        session_expiry=read.integer("mqtt.session_expiry", MQTT.session_expiry, 0, 4294967295),
+        keep_alive=read.integer("mqtt.keep_alive", MQTT.keep_alive, 5, 65535),
+        outcome_qos=read.integer("mqtt.outcome_qos", MQTT.outcome_qos, 1, 2),
         ca_cert_path=paths["ca_cert_path"], client_cert_path=paths["client_cert_path"],
         client_key_path=paths["client_key_path"], client_key_password=read.secret("mqtt.client_key_password"),
-        tls_insecure_skip_verify=read.boolean("mqtt.tls_insecure_skip_verify", False),
+        tls_insecure_skip_verify=read.boolean("mqtt.tls_insecure_skip_verify", MQTT.tls_insecure_skip_verify),
     )
 
 
 def _broker_address(read: Reader) -> tuple[str, str, int, Optional[str], Optional[Secret]]:
     """Scheme, host, port and the URL's credentials (`mqtt://user:pass@host`, percent-decoded)."""
-    url = read.string("mqtt.broker_url", "mqtt://localhost:1883") or "mqtt://localhost:1883"
+    url = read.string("mqtt.broker_url", MQTT.broker_url) or MQTT.broker_url
     scheme, host, port = "mqtt", "localhost", 1883
     user: Optional[str] = None
     password: Optional[Secret] = None
@@ -248,7 +255,7 @@ def _llm_settings(read: Reader, env: Mapping[str, str], run_problems: list, prov
         max_attempts=read.integer(f"{prefix}max_attempts", base.max_attempts, 1, 20),
         request_timeout=read.number(f"{prefix}request_timeout", base.request_timeout, 1.0, 3600.0),
         max_response_bytes=read.integer(f"{prefix}max_response_bytes", base.max_response_bytes, 1024, 1073741824),
-        latency_ms=read.integer(f"{prefix}latency_ms", 0, 0, 600000),
+        latency_ms=read.integer(f"{prefix}latency_ms", base.latency_ms, 0, 600000),
     )
 
 
@@ -267,8 +274,8 @@ def _api_key(read: Reader, env: Mapping[str, str], provider: str, prefix: str) -
 
 
 def _build_budget(read: Reader) -> BudgetSettings:
-    return BudgetSettings(max_tool_calls=read.integer("budget.max_tool_calls", 15, 0, 1000),
-                          max_iterations=read.integer("budget.max_iterations", 8, 1, 1000))
+    return BudgetSettings(max_tool_calls=read.integer("budget.max_tool_calls", BUDGET.max_tool_calls, 0, 1000),
+                          max_iterations=read.integer("budget.max_iterations", BUDGET.max_iterations, 1, 1000))
 
 
 def _build_tools(read: Reader, env: Mapping[str, str]) -> list[ToolSpec]:
@@ -295,7 +302,7 @@ def _build_tool(out: Collector, origin: str, name: Any, table: Any, env: Mapping
         return None
     reader = table_reader(out, origin, table, TOOL_KEYS)
     impl = reader.string("impl", "external" if "command" in table else "builtin")
-    timeout = reader.number("timeout", 30.0, 0.1, 3600.0)
+    timeout = reader.number("timeout", TOOL.timeout, 0.1, 3600.0)
     schema = table.get("schema")
     if schema is not None and not _valid_schema(schema):
         out.problem(f"{origin} schema is not a valid JSON Schema object")
@@ -383,7 +390,7 @@ def _build_routing(read: Reader, env: Mapping[str, str], llm: LlmSettings,
     if "strategy" not in table:
         read.out.problem('[routing] needs strategy = "llm" or "gatekeeper"')
     strategy = reader.choice("routing.strategy", "llm", ("llm", "gatekeeper"))
-    max_iterations = reader.integer("routing.max_iterations", 10, 1, 1000)
+    max_iterations = reader.integer("routing.max_iterations", ROUTING.max_iterations, 1, 1000)
     if not isinstance(table.get(strategy), dict):
         read.out.problem(f'[routing] strategy = "{strategy}" needs a [routing.{strategy}] table')
         return RoutingSettings(strategy, max_iterations)
@@ -392,8 +399,8 @@ def _build_routing(read: Reader, env: Mapping[str, str], llm: LlmSettings,
         if not reader.has("routing.gatekeeper.url"):
             read.out.problem("[routing.gatekeeper] needs url = \"http://...\", e.g. http://gatekeeper:8000/route")
         return RoutingSettings(strategy, max_iterations, gatekeeper=GatekeeperSettings(
-            url or "", reader.integer("routing.gatekeeper.timeout_ms", 5000, 1, 600000),
-            reader.integer("routing.gatekeeper.retry_attempts", 3, 1, 20)))
+            url or "", reader.integer("routing.gatekeeper.timeout_ms", GATEKEEPER.timeout_ms, 1, 600000),
+            reader.integer("routing.gatekeeper.retry_attempts", GATEKEEPER.retry_attempts, 1, 20)))
     if not reader.has("routing.llm.provider"):
         read.out.problem(f"[routing.llm] needs a provider ({', '.join(ROUTER_PROVIDERS)})")
     provider = reader.choice("routing.llm.provider", "openai", ROUTER_PROVIDERS)

@@ -10,6 +10,8 @@ from .model import McpServerSpec, Secret
 from .reader import Reader, table_reader
 from .sources import Collector
 
+_DEFAULTS = McpServerSpec(name="")  # as model.py declares them
+
 MCP_SERVER_KEYS = ("name", "command", "args", "url", "headers", "env", "cwd", "timeout", "startup_timeout",
                    "required", "allowed_tools", "denied_tools")
 _NAME_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
@@ -77,9 +79,9 @@ def _build_server(origin: str, table: Any, out: Collector) -> Optional[McpServer
         env=_pairs(read, "env", _VARIABLE_RE, "an environment variable name"),
         headers=_pairs(read, "headers", _HEADER_RE, "an HTTP header name"),
         cwd=read.string("cwd", None, allow_empty=False),
-        timeout=read.number("timeout", 30.0, 0.1, 3600.0),
-        startup_timeout=read.number("startup_timeout", 30.0, 1.0, 3600.0),
-        required=read.boolean("required", False),
+        timeout=read.number("timeout", _DEFAULTS.timeout, 0.1, 3600.0),
+        startup_timeout=read.number("startup_timeout", _DEFAULTS.startup_timeout, 1.0, 3600.0),
+        required=read.boolean("required", _DEFAULTS.required),
         allowed_tools=tuple(allowed) if allowed is not None else None,
         denied_tools=tuple(denied or ()))
 
