@@ -47,8 +47,8 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_wait_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", nargs="?", type=float, const=120.0, metavar="SECONDS",
-                        help="wait for the answer (default 120 s): exit 0 on a response, 1 on an error, 124 on timeout; "
-                             "the agents' progress events are shown on stderr meanwhile")
+                        help="wait for the answer (default 120 s): exit 0 on a response, 1 on an error, 124 on "
+                             "timeout; the agents' progress events are shown on stderr meanwhile")
     parser.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress on stderr")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-check", action="store_true",
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tools = _command(sub, "tools", "list the tools the agent would offer the LLM, or run one, from a configuration "
                      "(MCP servers are started to ask them; no broker or LLM needed)",
-                     "agent2389 tools call time__get_current_time --args '{\"timezone\": \"UTC\"}' -c agent.toml.example")
+                     "agent2389 tools call time__get_current_time --args '{\"timezone\": \"UTC\"}' "
+                     "-c agent.toml.example")
     tool_commands = tools.add_subparsers(dest="tools_command", metavar="list|call")
     tool_commands.required = True
     tools_list = tool_commands.add_parser("list", help="every tool: name, where it comes from, description")

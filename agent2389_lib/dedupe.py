@@ -88,7 +88,8 @@ class DedupeStore:
         try:
             db = sqlite3.connect(f"{pathlib.Path(path).resolve().as_uri()}?mode=ro", uri=True)
             try:
-                rows = db.execute("SELECT task_id FROM completed ORDER BY seq DESC LIMIT ?", (self.capacity,)).fetchall()
+                rows = db.execute("SELECT task_id FROM completed ORDER BY seq DESC LIMIT ?",
+                                  (self.capacity,)).fetchall()
             finally:
                 db.close()
         except sqlite3.Error as exc:

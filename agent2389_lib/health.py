@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import __version__
 from .metrics import Metrics, prometheus_text
@@ -73,13 +73,15 @@ def _required_down(status: AgentStatus) -> list[dict]:
 def health_report(status: AgentStatus, metrics: Metrics, now: float) -> dict:
     """The deployment guide's /health document."""
     stamp = int(now)
-    mqtt = {"status": "healthy" if status.connected else "unhealthy",
-            "message": "MQTT connection established" if status.connected else "MQTT broker unreachable or not subscribed",
-            "last_check": stamp}
+    mqtt: dict[str, Any] = {
+        "status": "healthy" if status.connected else "unhealthy",
+        "message": "MQTT connection established" if status.connected else "MQTT broker unreachable or not subscribed",
+        "last_check": stamp}
     last = metrics.last_task_activity
     idle = now - (last if last is not None else now - metrics.uptime())
     if status.waiting and idle > STALL_SECONDS:
-        tasks = {"status": "unhealthy", "message": f"{status.waiting} tasks waiting and no progress for {int(idle)} s"}
+        tasks: dict[str, Any] = {"status": "unhealthy",
+                                 "message": f"{status.waiting} tasks waiting and no progress for {int(idle)} s"}
     elif last is not None:
         tasks = {"status": "healthy", "message": "Recent task activity"}
     else:
@@ -87,15 +89,16 @@ def health_report(status: AgentStatus, metrics: Metrics, now: float) -> dict:
     tasks["last_check"] = stamp
     store = {"status": "unhealthy" if status.store_problem else "healthy",
              "message": status.store_problem or "completed tasks are recorded", "last_check": stamp}
-    checks = {"mqtt": mqtt, "task_processing": tasks, "state_store": store}
+    checks: dict[str, dict[str, Any]] = {"mqtt": mqtt, "task_processing": tasks, "state_store": store}
     if status.mcp_servers:
         down = [s["name"] for s in status.mcp_servers if s["state"] != "up"]
         checks["mcp_servers"] = {"status": "unhealthy" if _required_down(status) else "healthy",
                                  "message": f"not up: {', '.join(down)}" if down else "all MCP servers up",
                                  "last_check": stamp}
     healthy = all(check["status"] == "healthy" for check in checks.values())
-    report = {"status": "healthy" if healthy else "degraded", "timestamp": stamp, "agent_id": metrics.agent_id,
-              "uptime_seconds": int(metrics.uptime()), "state": status.state, "checks": checks}
+    report: dict[str, Any] = {"status": "healthy" if healthy else "degraded", "timestamp": stamp,
+                              "agent_id": metrics.agent_id, "uptime_seconds": int(metrics.uptime()),
+                              "state": status.state, "checks": checks}
     if status.mcp_servers:
         report["mcp_servers"] = [{key: s[key] for key in ("name", "transport", "state", "required", "tools",
                                                           "restarts", "last_error")} for s in status.mcp_servers]
@@ -114,12 +117,12 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = _LISTEN_BACKLOG
 
-    def __init__(self, *args: object, **kwargs: object):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._open: dict[socket.socket, float] = {}
         self._open_lock = threading.Lock()
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:
+    def process_request(self, request: Any, client_address: Any) -> None:  # a TCP server's: a socket
         with self._open_lock:
             if len(self._open) >= MAX_CONNECTIONS:
                 self._hang_up(min(self._open, key=self._open.__getitem__))
@@ -147,7 +150,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         except OSError:
             pass
 
-    def shutdown_request(self, request: socket.socket) -> None:
+    def shutdown_request(self, request: Any) -> None:
         with self._open_lock:
             self._open.pop(request, None)
         super().shutdown_request(request)
@@ -210,7 +213,8 @@ class HealthServer:
             return self.reply(handler, 200, {"service": "agent2389", "agent_id": self.metrics.agent_id,
                                              "endpoints": ENDPOINTS}, head)
         if path == "/live":
-            return self.reply(handler, 200, {"alive": True, "status": "alive"}, head)  # the reference answers {"alive": true}
+            # the reference answers {"alive": true}
+            return self.reply(handler, 200, {"alive": True, "status": "alive"}, head)
         status = self.status()
         if path == "/ready":
             reason = readiness(status)

@@ -86,7 +86,8 @@ def public_url(url: str) -> str:
 def causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and what it wraps, outermost first: requests wraps urllib3's errors (in their
     arguments, `reason` or `original_error`), which wrap the socket's (as cause or context)."""
-    queue, seen = [exc], set()
+    queue: list[BaseException] = [exc]
+    seen: set[int] = set()
     while queue and len(seen) < 16:
         current = queue.pop(0)
         if id(current) in seen:

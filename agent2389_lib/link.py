@@ -12,7 +12,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -48,7 +48,7 @@ class InboundMessage:
     """
 
     topic: str = field(compare=False)
-    payload: bytes = field(compare=False, repr=False)
+    payload: bytes | bytearray = field(compare=False, repr=False)
     retain: bool = field(compare=False)
     mid: int
     _link: "Link" = field(repr=False, compare=False)
@@ -119,7 +119,8 @@ class Link:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
-        client._handle_pubrec = functools.partial(self._read_pubrec, client, client._handle_pubrec)
+        client._handle_pubrec = functools.partial(  # type: ignore[method-assign, assignment]
+            self._read_pubrec, client, client._handle_pubrec)
         client.on_message = self._handle_message
         client.on_subscribe = lambda *args: self.on_subscribe(*args)
         client.on_unsubscribe = lambda *args: self.on_unsubscribe(*args)
@@ -334,6 +335,8 @@ class Link:
             self._stop.wait(self.watch.next_delay())
             return
         read = self._may_read() or time.monotonic() - self._last_read >= self.settings.keep_alive / 2
+        readable: list[Any]
+        writable: list[Any]
         if read and isinstance(sock, ssl.SSLSocket) and sock.pending():  # a TLS record already read off the wire
             readable, writable = [sock], []
         else:
@@ -346,7 +349,7 @@ class Link:
         if sock in writable or self.client.want_write():
             rc = self._write()
         if rc == mqtt.MQTT_ERR_SUCCESS and sock in readable:
-            if not self.watch.answered:  # a close now: did anyone read our CONNECT?
+            if not self.watch.answered and isinstance(sock, socket.socket):  # a close now: did anyone read our CONNECT?
                 self.watch.reset_unread = reset_unread(sock)
             rc = self.client.loop_read()
             self._last_read = time.monotonic()
@@ -356,7 +359,7 @@ class Link:
             self._drop_socket()
             self._stop.wait(self.watch.delay_after_close())
 
-    def _write(self) -> int:
+    def _write(self) -> mqtt.MQTTErrorCode:
         """paho's loop_write without on_publish: paho reports each QoS 0 packet it writes to that
         callback, building a reason code and properties for it, and QoS 0 needs no report. Without
         the callback here, only PUBACKs (read by `loop_read`) reach it, and a QoS 0 packet id can

@@ -59,7 +59,8 @@ class JsonFormatter(logging.Formatter):
         fields = {"message": record.getMessage()}
         if record.exc_text:
             fields["exception"] = record.exc_text
-        line = {"timestamp": utc_millis(record.created), "level": _level(record), "target": _target(record)}
+        line: dict[str, Any] = {"timestamp": utc_millis(record.created), "level": _level(record),
+                                "target": _target(record)}
         context = tracing.current()
         if context is not None:
             line["trace_id"], line["span_id"] = context.trace_id, context.span_id

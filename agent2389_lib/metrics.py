@@ -13,7 +13,7 @@ import resource
 import threading
 import time
 from collections import defaultdict, deque
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 _WINDOW = 1000
 
@@ -234,10 +234,12 @@ class Metrics:
             now = self._clock()
             recent = list(self.recent)
             uptime = round(now - self._started, 3)
+            tools: dict[str, dict[str, Any]]
             tools = {name: {"executions": s.executions, "failures": s.failures, "timeouts": s.timeouts,
                             "avg_execution_time_ms": _avg(s.seconds * 1000, s.executions),
                             "last_execution": s.last_execution,
-                            "success_rate": round((s.executions - s.failures) / s.executions, 4) if s.executions else 1.0}
+                            "success_rate": round((s.executions - s.failures) / s.executions, 4)
+                            if s.executions else 1.0}
                      for name, s in sorted(self.tools.items())}
             llm = {name: {"requests": s.requests, "errors": s.errors, "errors_by_kind": dict(s.errors_by_kind),
                           "retries": s.retries, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
@@ -313,9 +315,12 @@ def prometheus_text(snapshot: dict, version: str) -> str:
         for suffix, labels, value in samples:
             lines.append(f"{name}{suffix}{_labels(**labels)} {_number(value)}")
 
-    tasks, mqtt, tools, llm = snapshot["tasks"], snapshot["mqtt"], snapshot["tools"]["tool_stats"], snapshot["llm"]["providers"]
-    family("agent2389_info", "gauge", "Agent identity.", [("", {"agent_id": snapshot["agent_id"], "version": version}, 1)])
-    family("agent2389_uptime_seconds", "gauge", "Seconds since the agent started.", [("", {}, snapshot["uptime_seconds"])])
+    tasks, mqtt = snapshot["tasks"], snapshot["mqtt"]
+    tools, llm = snapshot["tools"]["tool_stats"], snapshot["llm"]["providers"]
+    family("agent2389_info", "gauge", "Agent identity.",
+           [("", {"agent_id": snapshot["agent_id"], "version": version}, 1)])
+    family("agent2389_uptime_seconds", "gauge", "Seconds since the agent started.",
+           [("", {}, snapshot["uptime_seconds"])])
     for key, help_text in (("received", "Task messages received."), ("completed", "Tasks answered or forwarded."),
                            ("failed", "Tasks that ended with an error."),
                            ("rejected", "Task messages rejected as invalid."),
@@ -332,16 +337,20 @@ def prometheus_text(snapshot: dict, version: str) -> str:
     family("agent2389_state_store_degraded", "gauge", "1 while the completed-task store cannot be written.",
            [("", {}, int(tasks["state_store_degraded"]))])
     family("agent2389_task_duration_seconds", "summary", "Task processing time (quantiles over the last 1000).",
-           [("", {"quantile": q}, tasks[f"processing_time_p{p}_ms"] / 1000) for q, p in (("0.5", 50), ("0.95", 95), ("0.99", 99))]
+           [("", {"quantile": q}, tasks[f"processing_time_p{p}_ms"] / 1000)
+            for q, p in (("0.5", 50), ("0.95", 95), ("0.99", 99))]
            + [("_sum", {}, tasks["processing_time_sum_seconds"]), ("_count", {}, tasks["tasks_finished"])])
     family("agent2389_mqtt_connected", "gauge", "1 while connected and subscribed.", [("", {}, int(mqtt["connected"]))])
     for key, name, help_text in (("connection_attempts", "connection_attempts", "Connection attempts."),
                                  ("connections_established", "connections", "Connections established."),
                                  ("connection_failures", "connection_failures", "Failed or refused connections."),
-                                 ("messages_published", "messages_published", "Messages published: acknowledged by the broker (QoS 1), or written (progress events, QoS 0)."),
+                                 ("messages_published", "messages_published",
+                                  "Messages published: acknowledged by the broker (QoS 1), or written (progress "
+                                  "events, QoS 0)."),
                                  ("publish_failures", "publish_failures", "QoS 1 publishes refused by the broker."),
                                  ("progress_events_dropped", "progress_events_dropped",
-                                  "Progress events (QoS 0) dropped: no connection, too large, or the broker not reading."),
+                                  "Progress events (QoS 0) dropped: no connection, too large, or the broker not "
+                                  "reading."),
                                  ("messages_received", "messages_received", "Messages received.")):
         family(f"agent2389_mqtt_{name}_total", "counter", help_text, [("", {}, mqtt[key])])
     family("agent2389_outcomes_undeliverable_total", "counter", "Task outcomes the broker refused for good "
@@ -373,7 +382,8 @@ def prometheus_text(snapshot: dict, version: str) -> str:
     family("agent2389_llm_requests_total", "counter", "LLM requests (each with its retries).",
            [("", {"provider": n}, s["requests"]) for n, s in llm.items()])
     family("agent2389_llm_errors_total", "counter", "LLM requests that failed, by kind.",
-           [("", {"provider": n, "kind": k}, c) for n, s in llm.items() for k, c in sorted(s["errors_by_kind"].items())])
+           [("", {"provider": n, "kind": k}, c)
+            for n, s in llm.items() for k, c in sorted(s["errors_by_kind"].items())])
     family("agent2389_llm_retries_total", "counter", "LLM request retries.",
            [("", {"provider": n}, s["retries"]) for n, s in llm.items()])
     family("agent2389_llm_tokens_total", "counter", "LLM tokens.",

@@ -7,8 +7,7 @@ import functools
 import logging
 import ssl
 import threading
-
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -37,6 +36,8 @@ class _PackedOnce(Properties):
     send, and every message of a task carries the same ones (its trace context). Made without
     paho's constructor and packer, which build and walk a table of every property name (16 us a
     task, against 1.2 us here): the table is shared and read-only."""
+
+    _packed: bytes
 
     def __init__(self, headers: tuple):
         body = b"".join([_property_name(name) + writeUTF(value) for name, value in headers])
@@ -162,7 +163,7 @@ class ProtocolVersion:
                         "or receive maximum", where, cause)
 
 
-def new_client(settings: MqttSettings, client_id: str, version: str = "", **options: object) -> mqtt.Client:
+def new_client(settings: MqttSettings, client_id: str, version: str = "", **options: Any) -> mqtt.Client:
     """A paho client with the protocol version (default: the settings' choice, MQTT 5 for
     "auto"), credentials, TLS and TCP_NODELAY."""
     version = version or ("3.1.1" if settings.protocol == "3.1.1" else "5")

@@ -146,7 +146,9 @@ def describe_reply(reply: Optional[dict], task: dict, wait: Optional[float]) -> 
 
 def describe_workflow(reply: Optional[dict]) -> Optional[str]:
     """The route a v2 workflow took, one hop per line, and how it ended; None for other answers."""
-    workflow = reply["payload"].get("workflow") if reply else None
+    if reply is None:
+        return None
+    workflow = reply["payload"].get("workflow")
     if not isinstance(workflow, dict):
         return None
     lines = [f"{step.get('step_number')}. {step.get('from_agent')} -> {step.get('to_agent')}: {step.get('reason')}"
@@ -216,7 +218,7 @@ def in_conversation(topic: str, data: bytes, conversation_id: Optional[str]) -> 
     return payload_conversation(payload) == conversation_id
 
 
-def _json_or_text(data: bytes) -> Any:
+def _json_or_text(data: bytes | bytearray) -> Any:
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -274,7 +276,9 @@ def _summary(kind: str, payload: Any, body: str) -> str:
     if kind == "response":
         return present(task, payload.get("response"))
     if kind == "error":
-        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+        error = payload.get("error")
+        if not isinstance(error, dict):
+            error = {}
         return present(task, f"{error.get('code')}:" if error.get("code") else None, error.get("message"))
     if kind == "progress":
         return present(payload.get("agent_id"), task, payload.get("event_type"), payload.get("message"))
@@ -306,7 +310,8 @@ def probe(host: str, port: int, endpoint: str, timeout: float = 5.0) -> tuple[bo
     url = f"http://{host}:{port}/{endpoint}"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status == 200, f"{url}: HTTP {response.status} {response.read(2000).decode(errors='replace')}"
+            body = response.read(2000).decode(errors="replace")
+            return response.status == 200, f"{url}: HTTP {response.status} {body}"
     except urllib.error.HTTPError as exc:
         return False, f"{url}: HTTP {exc.code} {exc.read(2000).decode(errors='replace')}"
     except (urllib.error.URLError, OSError) as exc:

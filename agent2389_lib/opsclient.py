@@ -122,7 +122,8 @@ class OperatorClient:
         self.client.subscribe([(topic, SUBSCRIBE_QOS) for topic in topics])
         self._wait(self._subscribed, timeout, "subscribe")
 
-    def publish(self, topic: str, payload: bytes, timeout: float = 10.0, headers: Sequence[tuple[str, str]] = ()) -> None:
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0,
+                headers: Sequence[tuple[str, str]] = ()) -> None:
         """`headers` go as MQTT 5 user properties (3.1.1 has none)."""
         info = self.client.publish(topic, payload, qos=1, properties=user_properties(headers, self.version == "5"))
         try:
@@ -130,7 +131,8 @@ class OperatorClient:
         except (RuntimeError, ValueError) as exc:
             raise OperatorError(f"could not publish to {topic}: {exc}") from None
         if not info.is_published():
-            raise OperatorError(f"broker {self.where} did not acknowledge the publish to {topic} within {timeout:.0f} s")
+            raise OperatorError(f"broker {self.where} did not acknowledge the publish to {topic} "
+                                f"within {timeout:.0f} s")
 
     def _wait(self, event: threading.Event, timeout: float, what: str) -> None:
         waited = 0.0

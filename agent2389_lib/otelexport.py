@@ -39,8 +39,8 @@ _UNSET, _SAMPLED = trace.Status(trace.StatusCode.UNSET), 1
 
 
 def sampler_of(settings: TracingSettings) -> Sampler:
-    root = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}.get(settings.sampler.replace("parentbased_", ""))
-    root = root or TraceIdRatioBased(settings.sampler_ratio)
+    root: Sampler = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}.get(
+        settings.sampler.replace("parentbased_", "")) or TraceIdRatioBased(settings.sampler_ratio)
     return ParentBased(root) if settings.sampler.startswith("parentbased_") else root
 
 
@@ -69,6 +69,8 @@ class _AgentResource(Resource):
 
 class RecordedSpan(tracing.Span):
     __slots__ = ("name", "kind", "parent", "attributes", "error", "started", "ended", "_batches")
+
+    context: tracing.TraceContext  # a recorded span always has one
 
     def __init__(self, name: str, kind: str, context: tracing.TraceContext, parent: Optional[tracing.TraceContext],
                  attributes: dict, batches: "BatchExport"):
@@ -106,7 +108,8 @@ class OtelTracer(tracing.Tracer):
         self._sampler = sampler_of(settings)
         # our defaults under the environment's: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
         resource = _AgentResource(Resource.create({"service.name": "agent2389", "service.instance.id": agent_id,
-                                                   "service.version": __version__}).merge(OTELResourceDetector().detect()))
+                                                   "service.version": __version__})
+                                  .merge(OTELResourceDetector().detect()))
         exporter = OTLPSpanExporter(endpoint=settings.endpoint, session=endpoint_session(settings.endpoint))
         self._batches = BatchExport(exporter, resource, settings, metrics)
         # the exporter logs every failed batch; BatchExport says it once a minute, with the count

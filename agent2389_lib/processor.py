@@ -254,7 +254,8 @@ class TaskProcessor:
                 error = message.get("error")
                 if error is not None or claim.undeliverable:
                     task_span.fail(error["code"] if error else "outcome_undeliverable")
-                outcome = "completed" if error is None else ("rejected" if error["code"] in _REJECTION_CODES else "failed")
+                outcome = ("completed" if error is None
+                           else "rejected" if error["code"] in _REJECTION_CODES else "failed")
                 kind = "error " + error["code"] if error else ("response" if "response" in message else "forward")
                 if claim.undeliverable:
                     outcome, kind = "failed", f"{kind} refused by the broker"
@@ -291,8 +292,9 @@ class TaskProcessor:
     def _publish_and_wait(self, claim: Claim, topic: str, payload: bytes) -> None:
         """Publish until the broker accepts; a refusal that may pass later is retried with
         backoff until the task's deadline. Raises OutcomeUndeliverable."""
-        attributes = {"messaging.system": "mqtt", "messaging.operation.type": "send", "messaging.operation.name": "send",
-                      "messaging.destination.name": topic, "messaging.message.id": claim.task_id}
+        attributes = {"messaging.system": "mqtt", "messaging.operation.type": "send",
+                      "messaging.operation.name": "send", "messaging.destination.name": topic,
+                      "messaging.message.id": claim.task_id}
         with tracing.span(f"send {tracing.destination_template(topic)}", tracing.PRODUCER, attributes):
             self._publish_until_accepted(claim, topic, payload)
 

@@ -180,7 +180,8 @@ def parse_envelope(payload: bytes | str) -> TaskEnvelope:
     raw_cid = data.get("conversation_id")
     cid = raw_cid if _usable_conversation_id(raw_cid) else None
     try:
-        if _SURROGATE_ESCAPE_RE.search(payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload):
+        raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+        if _SURROGATE_ESCAPE_RE.search(raw):
             _reject_lone_surrogates(data)
         return _parse_envelope_object(data, task_id, raw_task_id, raw_cid)
     except EnvelopeError as exc:  # a task id that is no UUID is echoed as given: the requester knows it so
@@ -312,7 +313,8 @@ def _valid_context(context: Any) -> bool:
     if not isinstance(steps, list):
         return False
     for step in steps:
-        if not isinstance(step, dict) or not all(isinstance(step.get(k), str) for k in ("agent_id", "action", "timestamp")):
+        if not isinstance(step, dict) or not all(isinstance(step.get(k), str)
+                                                 for k in ("agent_id", "action", "timestamp")):
             return False
     return "iteration_count" not in context or _is_count(context["iteration_count"])
 
@@ -333,8 +335,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def forward_envelope(envelope: TaskEnvelope, final_text: str, self_id: str, now: Optional[datetime] = None) -> tuple[str, dict]:
-    """The envelope for the next agent and the topic to publish it on (docs/protocol.md, How a task is processed)."""
+def forward_envelope(envelope: TaskEnvelope, final_text: str, self_id: str,
+                     now: Optional[datetime] = None) -> tuple[str, dict]:
+    """The envelope for the next agent and the topic to publish it on (docs/protocol.md, How a task
+    is processed)."""
     nxt = envelope.next
     if nxt is None:
         raise ValueError("envelope has no next step")
@@ -466,7 +470,8 @@ def progress_message(agent_id: str, task_id: str, conversation_id: str, category
 _SECRET_ASSIGNMENT_RE = re.compile(
     r"""(?i)\b([\w-]*(?:password|passwd|token|key|secret|authorization))(["']?\s*[=:]\s*)("[^"]*"|'[^']*'|[^\s,;&"'}]+)""")
 _BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
-_SECRET_PATH_RE = re.compile(r"""(?:[A-Za-z]:)?(?:[/\\][^\s/\\'"]+)*[/\\](?:secrets|\.ssh|\.aws|\.config)(?:[/\\][^\s'"]*)?""")
+_SECRET_PATH_RE = re.compile(r"""(?:[A-Za-z]:)?(?:[/\\][^\s/\\'"]+)*[/\\](?:secrets|\.ssh|\.aws|\.config)"""
+                             r"""(?:[/\\][^\s'"]*)?""")
 _TRACEBACK_RE = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 REDACTED = "[REDACTED]"
 URL_PASSWORD_MASK = "********"
@@ -474,7 +479,8 @@ URL_PASSWORD_MASK = "********"
 # mqtt:/), at the start of a value (u:pw@host:1883) or after a delimiter. A user name may hold '@'
 # (me@corp:pw@host), a password ':', '/' and '@' (the last '@' of the token ends it): better a path
 # masked than a password shown.
-_URL_USERINFO_RE = re.compile(r"""(?<![^\s=,;'"(<\[/])((?:[A-Za-z][\w+.-]*:/{1,2})?[^\s:/'"=,;(<\[]*):(?!//)[^\s'"]*@""")
+_URL_USERINFO_RE = re.compile(r"""(?<![^\s=,;'"(<\[/])((?:[A-Za-z][\w+.-]*:/{1,2})?[^\s:/'"=,;(<\[]*)"""
+                              r""":(?!//)[^\s'"]*@""")
 
 
 _CREDENTIAL_WORDS = ("password", "passwd", "token", "key", "secret", "authorization")

@@ -221,7 +221,8 @@ class AgentRuntime:
         """The retained status, on the topics the pool membership names."""
         return self._publish_status(self.pool.status_topics(status), status, wait_seconds, heartbeat)
 
-    def _publish_status(self, topics: list, status: str, wait_seconds: Optional[float], heartbeat: bool = False) -> bool:
+    def _publish_status(self, topics: list, status: str, wait_seconds: Optional[float],
+                        heartbeat: bool = False) -> bool:
         payload = self._status_payload(status)
         with span(log, "publish_status", topic=self.pool.pool_topic, agent_id=self.config.agent_id) as extra:
             tickets = [self.transport.publish(topic, payload, retain=True) for topic in topics]

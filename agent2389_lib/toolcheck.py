@@ -32,7 +32,7 @@ def list_tools(config: AgentConfig, as_json: bool) -> int:
     else:
         width = max([len(row["name"]) for row in rows] + [4])
         for row in rows:
-            first_line = (row["description"].strip().splitlines() or [""])[0][:_DESCRIPTION_SHOWN]
+            first_line = (str(row["description"]).strip().splitlines() or [""])[0][:_DESCRIPTION_SHOWN]
             print(f"{row['name']:<{width}}  {row['source']:<20}  {first_line}")
     for server in servers:
         if server["state"] != "up":

@@ -70,7 +70,7 @@ class MqttTransport:
         self.intake.on_disconnected = self._intake_disconnected
         self.output.on_connected = self._output_connected
         self.output.on_disconnected = self._connection_changed
-        self.output.on_message = lambda message: self.on_watched(message.topic, message.payload)
+        self.output.on_message = lambda message: self.on_watched(message.topic, bytes(message.payload))
         self.output.on_subscribe = self._handle_watch_suback
         self.intake.on_subscribe = self._handle_suback
         self._unsubscribed = threading.Event()

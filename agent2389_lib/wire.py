@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -24,15 +25,15 @@ def set_nodelay(sock: socket.socket) -> None:
         pass
 
 
-def open_socket(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
-    """paho's on_socket_open."""
+def open_socket(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's on_socket_open (a TCP socket, or TLS over one)."""
     set_nodelay(sock)
 
 
 def close_socket(client: mqtt.Client) -> None:
     """Close the connection without DISCONNECT: what was already received is read first."""
     sock = client.socket()
-    if sock is None:
+    if not isinstance(sock, socket.socket):  # none, or (never here) a websocket
         return
     try:
         sock.shutdown(socket.SHUT_RDWR)

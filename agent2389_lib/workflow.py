@@ -9,8 +9,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Optional
 
-from .protocol import (MAX_ACTION_CHARS, MAX_WORKFLOW_ENTRIES, TaskEnvelope, input_topic, parse_json_or_none,
-                       response_message, rfc3339)
+from .protocol import (
+    MAX_ACTION_CHARS,
+    MAX_WORKFLOW_ENTRIES,
+    TaskEnvelope,
+    input_topic,
+    parse_json_or_none,
+    response_message,
+    rfc3339,
+)
 
 
 def is_routable(envelope: TaskEnvelope) -> bool:
@@ -67,7 +74,8 @@ def routed_envelope(envelope: TaskEnvelope, output: str, self_id: str, next_agen
         "task_id": str(uuid.uuid4()), "conversation_id": envelope.conversation_id, "topic": topic,
         "instruction": instruction, "input": parsed if isinstance(parsed, (dict, list)) else output, "next": None,
         "version": "2.0",
-        "context": {"original_query": flow.original_query, "steps_completed": _with_this_step(envelope, flow, self_id, stamp),
+        "context": {"original_query": flow.original_query,
+                    "steps_completed": _with_this_step(envelope, flow, self_id, stamp),
                     "iteration_count": flow.iteration_count + 1},
         "routing_trace": _newest(flow.trace + [step]),
     }

@@ -12,7 +12,8 @@ from typing import Mapping, Optional
 
 from .build import build, build_mqtt
 from .model import (BUILTIN_OPTIONS, OFFICIAL_BASE_URL, AgentConfig, BudgetSettings, ConfigError,
-                    GatekeeperSettings, LlmSettings, LoadedConfig, McpServerSpec, MqttSettings, RoutingSettings, Secret, ToolSpec, TracingSettings, masked_view)
+                    GatekeeperSettings, LlmSettings, LoadedConfig, McpServerSpec, MqttSettings, RoutingSettings,
+                    Secret, ToolSpec, TracingSettings, masked_view)
 from .reader import Reader
 from .sources import Collector, Value, apply_environment, interpolate, merged_environment, normalize, read_toml
 
@@ -58,6 +59,5 @@ def load_mqtt_settings(path: Optional[str] = None, environ: Optional[Mapping[str
 
 
 __all__ = ["BUILTIN_OPTIONS", "OFFICIAL_BASE_URL", "AgentConfig", "BudgetSettings", "ConfigError", "GatekeeperSettings",
-           "LlmSettings", "LoadedConfig",
-           "McpServerSpec", "MqttSettings", "RoutingSettings", "Secret", "ToolSpec", "TracingSettings", "load_config", "load_mqtt_settings", "masked_view",
-           "merged_environment"]
+           "LlmSettings", "LoadedConfig", "McpServerSpec", "MqttSettings", "RoutingSettings", "Secret", "ToolSpec",
+           "TracingSettings", "load_config", "load_mqtt_settings", "masked_view", "merged_environment"]

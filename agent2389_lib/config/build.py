@@ -10,11 +10,11 @@ from dataclasses import replace
 from typing import Any, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
+from .mcp_servers import build_mcp_servers
 from .model import (AgentConfig, BASE_URL_ENV, BUILTIN_OPTIONS, BUILTIN_TOOLS, BudgetSettings, DEFAULT_MODELS,
                     GatekeeperSettings, KEY_ENV, LOG_LEVELS, LlmSettings, MASK, MqttSettings,
                     OFFICIAL_KEY_PREFIX, PROVIDERS, ROUTER_MAX_TOKENS, ROUTER_PROVIDERS, ROUTER_TEMPERATURE,
                     ROUTER_TIMEOUT, RoutingSettings, Secret, ToolSpec)
-from .mcp_servers import build_mcp_servers
 from .reader import Reader, is_http_url, table_reader
 from .sources import FALLBACK_KEYS, TOOL_KEYS, Collector, Value, warn_unknown
 from .tracing import build_tracing
@@ -72,7 +72,8 @@ def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[Agent
         shutdown_grace=read.integer("shutdown_grace", AGENT.shutdown_grace, 0, 3600),
         progress=read.boolean("progress", AGENT.progress),
         dead_letter_topic=_dead_letter_topic(read, agent_id),
-        log_level=read.choice("log_level", AGENT.log_level, LOG_LEVELS + ("WARNING",), str.upper).replace("WARNING", "WARN"),
+        log_level=read.choice("log_level", AGENT.log_level, LOG_LEVELS + ("WARNING",),
+                              str.upper).replace("WARNING", "WARN"),
         log_format=read.choice("log_format", AGENT.log_format, ("json", "text", "auto")),
         log_spans=read.boolean("log_spans", AGENT.log_spans),
         health_port=read.integer("health_port", AGENT.health_port, 1024, 65535),
@@ -120,8 +121,8 @@ def build_mqtt(read: Reader, env: Mapping[str, str], client_name: str) -> MqttSe
         paths[key] = value or None
     if bool(paths["client_cert_path"]) != bool(paths["client_key_path"]):
         read.out.problem("[mqtt] client_cert_path and client_key_path must be given together")
-    protocol = str(read.raw("mqtt.protocol", MQTT.protocol)).strip().lower()
-    protocol = {"auto": "auto", "5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1", "4": "3.1.1"}.get(protocol)
+    given = str(read.raw("mqtt.protocol", MQTT.protocol)).strip().lower()
+    protocol = {"auto": "auto", "5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1", "4": "3.1.1"}.get(given)
     if protocol is None:
         read.bad("mqtt.protocol", read.raw("mqtt.protocol"), 'must be "auto", "5" or "3.1.1"')
         protocol = "auto"
@@ -315,7 +316,7 @@ def _build_tool(out: Collector, origin: str, name: Any, table: Any, env: Mapping
     if not isinstance(env_names, list) or not all(isinstance(e, str) for e in env_names):
         out.problem(f"{origin} env must be an array of variable names")
         env_names = []
-    common = dict(timeout=timeout, schema=schema, description=reader.string("description", "") or "",
+    common: dict[str, Any] = dict(timeout=timeout, schema=schema, description=reader.string("description", "") or "",
                   env=tuple(env_names), options=options)
     if impl == "builtin":
         if name not in BUILTIN_TOOLS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, overload
 from urllib.parse import urlsplit
 
 from .model import Secret
@@ -31,6 +31,12 @@ class Reader:
     def bad(self, key: str, shown: Any, rule: str) -> None:
         self.out.problem(f"{self.origin(key)}={shown} {rule}")
 
+    # A default that is not None makes the result not None: the overloads tell the type checker.
+    @overload
+    def string(self, key: str, default: str, allow_empty: bool = True) -> str: ...
+    @overload
+    def string(self, key: str, default: None = None, allow_empty: bool = True) -> Optional[str]: ...
+
     def string(self, key: str, default: Optional[str] = None, allow_empty: bool = True) -> Optional[str]:
         value = self.raw(key, default)
         if value is None:
@@ -46,8 +52,18 @@ class Reader:
             return default
         return value
 
+    @overload
+    def integer(self, key: str, default: int, lo: int, hi: Optional[int] = None) -> int: ...
+    @overload
+    def integer(self, key: str, default: Optional[int], lo: int, hi: Optional[int] = None) -> Optional[int]: ...
+
     def integer(self, key: str, default: Optional[int], lo: int, hi: Optional[int] = None) -> Optional[int]:
         return self._numeric(key, default, lo, hi, int, (int,), "a whole number")
+
+    @overload
+    def number(self, key: str, default: float, lo: float, hi: Optional[float] = None) -> float: ...
+    @overload
+    def number(self, key: str, default: Optional[float], lo: float, hi: Optional[float] = None) -> Optional[float]: ...
 
     def number(self, key: str, default: Optional[float], lo: float, hi: Optional[float] = None) -> Optional[float]:
         value = self._numeric(key, default, lo, hi, float, (int, float), "a number")

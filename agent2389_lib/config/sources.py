@@ -26,7 +26,8 @@ _INTERP_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # file key -> canonical name, per section; "" is the top level.
 _COMMON_TOP = {
     "agent_id": "agent_id", "default_model": "llm.model", "max_pipeline_depth": "max_pipeline_depth",
-    "max_envelope_depth": "max_envelope_depth", "task_timeout": "task_timeout", "max_output_size": "max_output_size", "max_message_size": "max_message_size",
+    "max_envelope_depth": "max_envelope_depth", "task_timeout": "task_timeout", "max_output_size": "max_output_size",
+    "max_message_size": "max_message_size",
     "state_dir": "state_dir", "heartbeat_interval": "heartbeat_interval", "shutdown_grace": "shutdown_grace",
     "progress_events": "progress", "completed_store_size": "completed_store_size", "instance_id": "instance_id",
     "description": "description", "capabilities": "capabilities", "dead_letter_topic": "dead_letter_topic",

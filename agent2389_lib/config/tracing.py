@@ -3,7 +3,7 @@ is a config error naming the variable, not a warning from deep inside the SDK at
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 from .model import TracingSettings
 from .reader import is_http_url
@@ -32,7 +32,7 @@ def build_tracing(env: Mapping[str, str], out: Collector) -> TracingSettings:
             out.problem(f"{name}={wire!r} is not supported: agent2389 sends OTLP over HTTP with protobuf "
                         f"(http/protobuf); point it at the collector's HTTP port (4318)")
     sampler, ratio = _sampler(env, out)
-    batch = {}
+    batch: dict[str, Any] = {}
     for name, attr, default, scale in _BATCH:
         text = env.get(name, "").strip()
         value = int(text) if text.isdigit() else None

@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 from ..config import OFFICIAL_BASE_URL, LlmSettings
 from ..errors import LlmError
+from ..metrics import Metrics
 from ..protocol import truncate_utf8
 from ..tools.base import ToolDef
 from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
-from ..metrics import Metrics
 from .http import JsonHttpClient
 
 API_VERSION = "2023-06-01"
@@ -35,7 +35,7 @@ def _blocks(message: Message) -> list[dict]:
     if message.role == "tool":
         return [{"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content,
                  "is_error": message.is_error}]
-    blocks = [{"type": "text", "text": message.content}] if message.content else []
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
     for call in message.tool_calls:
         arguments = call.arguments if isinstance(call.arguments, dict) else {"_raw_arguments": call.arguments}
         blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": arguments})

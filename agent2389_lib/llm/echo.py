@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..errors import TaskTimeout
 from ..metrics import Metrics
-from .base import ChatReply, Message, ToolCall, remaining, traced_chat
+from .base import ChatReply, Message, OutputSchema, ToolCall, remaining, traced_chat
 
 _INPUT_PREFIX = "Input data: "
 
@@ -29,7 +29,9 @@ class EchoProvider:
     def verify(self) -> None:
         return None
 
-    def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
+    def chat(self, system: str, messages: list, tools: list, deadline: float,
+             output: Optional[OutputSchema] = None) -> ChatReply:
+        """`output` is never given: echo cannot be a router's provider (ROUTER_PROVIDERS)."""
         started = time.monotonic()
         try:
             reply = traced_chat(self.name, self.name, lambda: self._answer(messages, tools, deadline))

@@ -1,4 +1,5 @@
-"""The agent loop (docs/architecture.md, One task, end to end): messages, tool calls, budget, failover between providers."""
+"""The agent loop (docs/architecture.md, One task, end to end): messages, tool calls, budget, failover
+between providers."""
 
 from __future__ import annotations
 
@@ -109,13 +110,15 @@ class AgentLoop:
                 log.debug("LLM request %d failed: %s", iteration, exc, extra=extra)
                 raise
         self.progress(*ids, "LLM", "LlmResponse",
-                      f"LLM response {iteration}: {len(reply.tool_calls)} tool calls, finish {reply.finish_reason}", None)
+                      f"LLM response {iteration}: {len(reply.tool_calls)} tool calls, finish {reply.finish_reason}",
+                      None)
         return reply
 
     def _run_tool(self, envelope: TaskEnvelope, call: ToolCall, deadline: float) -> tuple[bool, str]:
         ids = (envelope.task_id, envelope.conversation_id)
         metadata = {"tool_name": call.name}
         self.progress(*ids, "Tool", "ToolCall", f"calling {call.name}", metadata)
+        assert self.tools is not None  # tools are offered only when there are some
         with span(log, "tool_execution", task_id=envelope.task_id, tool=call.name):
             ok, content = self.tools.execute(call.name, call.arguments, deadline)
         self.progress(*ids, "Tool", "ToolComplete" if ok else "ToolError",

@@ -59,7 +59,8 @@ def from_wire(data: Any) -> ChatReply:
         usage = data.get("usage") or {}
         return ChatReply(text=_text(message.get("content")), tool_calls=calls,
                          finish_reason=choice.get("finish_reason") or "stop",
-                         tokens_in=int(usage.get("prompt_tokens") or 0), tokens_out=int(usage.get("completion_tokens") or 0))
+                         tokens_in=int(usage.get("prompt_tokens") or 0),
+                         tokens_out=int(usage.get("completion_tokens") or 0))
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise LlmError("openai answered with an unexpected response shape (no choices[0].message)",
                        "bad_response") from None

@@ -96,6 +96,7 @@ class CommandTool(Tool):
     def __init__(self, spec: ToolSpec, max_output_size: int):
         self.spec = spec
         self.name = spec.name
+        assert spec.command, "a command tool has a command (the loader checks it)"
         self.description = spec.description or f"Runs the {spec.command.split()[0]} command."
         self.schema = spec.schema or {"type": "object"}
         self.max_output_size = max_output_size
@@ -117,8 +118,10 @@ class CommandTool(Tool):
                                     env=self.child_environment(), start_new_session=True, close_fds=True)
         except OSError as exc:
             raise ToolError(f"could not start {argv[0]}: {exc.strerror}") from None
-        out = _CappedReader(proc.stdout, self.max_output_size)
-        err = _CappedReader(proc.stderr, _STDERR_TAIL, keep_tail=True)
+        stdout, stderr_pipe = proc.stdout, proc.stderr
+        assert stdout is not None and stderr_pipe is not None  # PIPE asked for
+        out = _CappedReader(stdout, self.max_output_size)
+        err = _CappedReader(stderr_pipe, _STDERR_TAIL, keep_tail=True)
         out.start()
         err.start()
         threading.Thread(target=self._feed, args=(proc, params), name=f"stdin-{self.name}", daemon=True).start()
@@ -130,8 +133,8 @@ class CommandTool(Tool):
         finally:
             out.join(_KILL_GRACE)
             err.join(_KILL_GRACE)
-            proc.stdout.close()
-            proc.stderr.close()
+            stdout.close()
+            stderr_pipe.close()
         stderr = redact(err.data.decode("utf-8", "replace").strip())
         if code != 0:
             raise ToolError(f"{self.name} exited with status {code}" + (f": {stderr}" if stderr else ""))
@@ -142,13 +145,15 @@ class CommandTool(Tool):
     def _feed(proc: subprocess.Popen, params: dict) -> None:
         """On its own thread, so the timeout also covers a program that never reads its stdin
         (a large write would block on the full pipe); killing the program ends the write."""
+        stdin = proc.stdin
+        assert stdin is not None  # PIPE asked for
         try:
-            proc.stdin.write(json.dumps(params, ensure_ascii=False).encode("utf-8"))
+            stdin.write(json.dumps(params, ensure_ascii=False).encode("utf-8"))
         except OSError:  # BrokenPipeError: the program does not read stdin
             pass
         finally:
             try:
-                proc.stdin.close()
+                stdin.close()
             except OSError:  # what was buffered cannot be flushed to a program that is gone
                 pass
 

@@ -50,8 +50,8 @@ def _guarded_connection(base: type, policy: NetworkPolicy) -> type:
             except socket.gaierror as exc:
                 raise NewConnectionError(self, f"cannot resolve {host}: {exc.strerror}") from None
             last: Optional[Exception] = None
-            for family, _, _, _, sockaddr in infos:
-                address = sockaddr[0]
+            for _, _, _, _, sockaddr in infos:
+                address = str(sockaddr[0])
                 if not policy.permits(self.host, address):
                     raise RefusedAddress(self, f"refused: {self.host} resolves to {address}, a private, loopback "
                                                f"or link-local address (allow it with allowed_hosts)")

@@ -28,7 +28,9 @@ def _describe(item: dict) -> str:
     if kind == "resource_link":
         return f"[resource link: {_text(item.get('uri'))}{_named(item)}]"
     if kind == "resource":
-        resource = item.get("resource") if isinstance(item.get("resource"), dict) else {}
+        resource = item.get("resource")
+        if not isinstance(resource, dict):
+            resource = {}
         header = f"[resource: {_text(resource.get('uri'))}, {_mime(resource)}"
         if isinstance(resource.get("text"), str):
             return f"{header}]\n{resource['text']}"

@@ -118,7 +118,8 @@ class McpSession:
             raise McpError(f"MCP server {self.server} speaks protocol version {str(version)[:40]!r}; agent2389 "
                            f"speaks {', '.join(SUPPORTED_VERSIONS)}")
         self.protocol_version = self.channel.protocol_version = version
-        self.server_info = result.get("serverInfo") if isinstance(result.get("serverInfo"), dict) else {}
+        info = result.get("serverInfo")
+        self.server_info = info if isinstance(info, dict) else {}
         self.notify("notifications/initialized", timeout=max(0.1, deadline - time.monotonic()))
 
     def list_tools(self, timeout: float) -> list[dict]:

@@ -137,7 +137,7 @@ class StdioChannel:
     def _exit_reason(self) -> str:
         code = None
         try:
-            code = self.proc.wait(5.0)
+            code = self.proc.wait(5.0) if self.proc is not None else None
         except subprocess.TimeoutExpired:
             pass
         if code is None:
