@@ -16,7 +16,7 @@ import requests
 import urllib3
 
 from . import __version__
-from .protocol import mask_url_credentials
+from .redaction import mask_url_credentials
 
 USER_AGENT = f"agent2389/{__version__}"
 

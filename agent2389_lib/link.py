@@ -4,7 +4,6 @@ acknowledges deliveries of its own session only, and hands messages to its owner
 
 from __future__ import annotations
 
-import functools
 import logging
 import select
 import socket
@@ -26,7 +25,7 @@ from .metrics import Metrics
 from .mqttclient import (UNSUPPORTED_PROTOCOL, ProtocolVersion, describe_refusal, new_client, publish_packet_size,
                          user_properties)
 from .tickets import PublishTicket, Tickets
-from .wire import close_socket, reset_unread
+from .wire import close_socket, on_pubrec_refusal, reset_unread
 
 log = logging.getLogger("agent2389.transport.mqtt")
 
@@ -119,8 +118,7 @@ class Link:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
-        client._handle_pubrec = functools.partial(  # type: ignore[method-assign, assignment]
-            self._read_pubrec, client, client._handle_pubrec)
+        on_pubrec_refusal(client, self._pubrec_refused)
         client.on_message = self._handle_message
         client.on_subscribe = lambda *args: self.on_subscribe(*args)
         client.on_unsubscribe = lambda *args: self.on_unsubscribe(*args)
@@ -249,16 +247,9 @@ class Link:
                 self.watch.closed_before_connack(self.v5)
         self.on_disconnected()
 
-    def _read_pubrec(self, client: mqtt.Client, handle: Callable[[], int]) -> int:
-        """paho reads a PUBREC and drops its reason code, then sends PUBREL regardless (MQTT 5 ends
-        a refused exchange at PUBREC), and mosquitto completes that with a plain PUBCOMP: without
-        the refusal kept here for `_handle_publish`, a refused QoS 2 outcome counts as delivered.
-        The packet's variable header starts with the packet id, then the reason code (MQTT 5)."""
-        header = client._in_packet["packet"]
-        if len(header) > 2 and header[2] >= 0x80:
-            self._pubrec_refusals[int.from_bytes(header[:2], "big")] = (
-                str(ReasonCode(PacketTypes.PUBREC, identifier=header[2])), header[2])
-        return handle()
+    def _pubrec_refused(self, mid: int, code: int) -> None:
+        """Kept for the PUBCOMP that ends the exchange (`wire.on_pubrec_refusal` says why)."""
+        self._pubrec_refusals[mid] = (str(ReasonCode(PacketTypes.PUBREC, identifier=code)), code)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         """A PUBACK or PUBCOMP (only `loop_read` runs with this callback set); a QoS 2 publish's

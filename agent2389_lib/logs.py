@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Optional, TextIO
 
 from . import tracing
-from .protocol import redact, utc_millis
+from .protocol import utc_millis
+from .redaction import redact
 
 _LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
 _PY_LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG}

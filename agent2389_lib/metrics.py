@@ -15,7 +15,11 @@ import time
 from collections import defaultdict, deque
 from typing import Any, Callable, Optional
 
+from .outcome import TaskResult
+
 _WINDOW = 1000
+_COUNTERS = {TaskResult.COMPLETED: "completed", TaskResult.FAILED: "failed", TaskResult.REJECTED: "rejected",
+             TaskResult.DUPLICATE: "duplicates", TaskResult.IGNORED: "ignored"}  # the attribute each one counts in
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -104,33 +108,25 @@ class Metrics:
             self.processing += 1
             self.max_processing = max(self.max_processing, self.processing)
 
-    def task_finished(self, outcome: str, seconds: float) -> None:
-        """outcome: completed | failed | rejected (after task_started)."""
+    def task_finished(self, result: TaskResult, seconds: float) -> None:
+        """completed, failed or rejected (after task_started)."""
         with self._lock:
             self.processing -= 1
-            self._count_outcome(outcome)
+            self._count(result)
             self.finished += 1
             self.total_seconds += seconds
             self.recent.append(seconds)
             self.last_task_activity = self._clock()
 
-    def task_dropped(self, outcome: str) -> None:
-        """A message handled without processing: rejected | duplicate | ignored."""
+    def task_dropped(self, result: TaskResult) -> None:
+        """A message handled without processing: rejected, duplicate or ignored."""
         with self._lock:
-            self._count_outcome(outcome)
+            self._count(result)
             self.last_task_activity = self._clock()
 
-    def _count_outcome(self, outcome: str) -> None:
-        if outcome == "completed":
-            self.completed += 1
-        elif outcome == "failed":
-            self.failed += 1
-        elif outcome == "rejected":
-            self.rejected += 1
-        elif outcome == "duplicate":
-            self.duplicates += 1
-        else:
-            self.ignored += 1
+    def _count(self, result: TaskResult) -> None:
+        counter = _COUNTERS[result]
+        setattr(self, counter, getattr(self, counter) + 1)
 
     def mqtt_connecting(self) -> None:
         with self._lock:

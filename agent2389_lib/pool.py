@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 from . import protocol
 from .logs import Throttle
+from .redaction import truncate_utf8
 from .registry import parse_timestamp
 
 _CLOCK_SKEW = 2.0  # seconds between two hosts' clocks that a twin's timestamp may show
@@ -122,7 +123,7 @@ class Membership:
                 or stamped is None or stamped < self.started - _CLOCK_SKEW):
             return
         who = f"agent id {self.agent_id}" + (f" instance {self.instance_id}" if self.member else "")
-        self._on_twin(f"another process (incarnation {protocol.truncate_utf8(other, 64)}) serves {who} with the same "
+        self._on_twin(f"another process (incarnation {truncate_utf8(other, 64)}) serves {who} with the same "
                       f"client id: its `available` came on {self.own_topic} at {status.get('timestamp')}")
 
     def _conflict(self, other: object) -> Optional[str]:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, Sequence
 
 from . import protocol, tracing, workflow
+from .answers import extract_response
 from .backoff import jittered
 from .config import AgentConfig
 from .dedupe import COMPLETED, NEW, DedupeStore
@@ -25,6 +26,7 @@ from .errors import PayloadTooLarge, TaskFailure, TaskTimeout
 from .llm.loop import Progress
 from .logs import Throttle, span
 from .metrics import Metrics
+from .outcome import Kind, Outcome, TaskResult
 from .protocol import EnvelopeError, TaskEnvelope
 
 log = logging.getLogger("agent2389.processor")
@@ -42,8 +44,8 @@ _REJECTION_CODES = (protocol.INVALID_INPUT, protocol.PIPELINE_DEPTH_EXCEEDED)
 _INTERNAL_ERROR_TEXT = "internal error while processing the task (details are in the agent log)"
 
 Think = Callable[[TaskEnvelope, float], str]
-# a v2 hop's output and the task's deadline -> (topic, forward or final answer)
-Route = Callable[[TaskEnvelope, str, float], "tuple[str, dict]"]
+# a v2 hop's output and the task's deadline -> a forward or the workflow's final answer
+Route = Callable[[TaskEnvelope, str, float], Outcome]
 
 
 class Delivery(Protocol):
@@ -144,7 +146,7 @@ class TaskProcessor:
                 log.warning("ignoring %d retained message(s) on %s since the last report: tasks must not be "
                             "published with the retain flag (some brokers also wrongly mark tasks queued for an "
                             "offline agent as retained)", ignored, delivery.topic)
-            self.metrics.task_dropped("ignored")
+            self.metrics.task_dropped(TaskResult.IGNORED)
             delivery.ack()
             return
         size = len(delivery.payload)
@@ -161,7 +163,7 @@ class TaskProcessor:
         if protocol.canonicalize_topic(envelope.topic) != self.input_topic:
             log.warning("discarding task %s: its topic %r is not this agent's input topic %s (it arrived on %s)",
                         envelope.task_id, envelope.topic, self.input_topic, delivery.topic, extra=self._span(envelope))
-            self.metrics.task_dropped("rejected")
+            self.metrics.task_dropped(TaskResult.REJECTED)
             delivery.ack()
             return
         key = protocol.task_key(self.agent_id, envelope)
@@ -191,7 +193,7 @@ class TaskProcessor:
         unacknowledged (the broker redelivers it)."""
         state = self.dedupe.begin(key, delivery, task_id)
         if state != NEW:
-            self.metrics.task_dropped("duplicate")
+            self.metrics.task_dropped(TaskResult.DUPLICATE)
             if state == COMPLETED:
                 log.info("discarding duplicate of completed task %s", task_id)
                 delivery.ack()
@@ -208,8 +210,8 @@ class TaskProcessor:
         except BaseException as exc:  # a bug, or one that ends the worker (SystemExit): answered all the same
             log.exception("internal error in task %s", task_id)
             if not claim.published:
-                self._publish(claim, claim.reply_topic, protocol.error_message(
-                    protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT, task_id, self.secrets))
+                self._publish(claim, Outcome(Kind.ERROR, claim.reply_topic, protocol.error_message(
+                    protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT, task_id, self.secrets)))
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -221,7 +223,7 @@ class TaskProcessor:
         if not (task_id and cid):
             log.warning("discarding message on %s: %s (no task_id/conversation_id to reply to)",
                         delivery.topic, reason)
-            self.metrics.task_dropped("rejected")
+            self.metrics.task_dropped(TaskResult.REJECTED)
             delivery.ack()
             return
         key = f"{self.agent_id}/{task_id}/{hashlib.sha256(delivery.payload).hexdigest()[:32]}"
@@ -233,61 +235,63 @@ class TaskProcessor:
                 if claim is None:
                     return
                 self.progress(task_id, cid, "General", "ValidationError", "the task envelope is invalid", None)
-                self._publish(claim, claim.reply_topic,
-                              protocol.error_message(protocol.INVALID_INPUT, reason, task_id, self.secrets))
-                self.metrics.task_dropped("rejected")
+                self._publish(claim, Outcome(Kind.ERROR, claim.reply_topic,
+                                             protocol.error_message(protocol.INVALID_INPUT, reason, task_id,
+                                                                    self.secrets)))
+                self.metrics.task_dropped(TaskResult.REJECTED)
 
     # -------------------------------------------------------------- one task
     def _run_claimed(self, claim: Claim, envelope: TaskEnvelope, task_span: tracing.Span) -> None:
         started = time.monotonic()
         ids = (envelope.task_id, envelope.conversation_id)
-        outcome = "failed"
+        result = TaskResult.FAILED
         self.metrics.task_started()
         try:
             with span(log, "task_processing", **self._ids(*ids)) as extra:
                 log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=extra)
                 self.progress(*ids, "General", "TaskStart", "task accepted", None)
-                topic, message = self._outcome(envelope, claim.deadline)
-                if "response" not in message and "error" not in message and task_span.context is not None:
-                    message = {**message, **task_span.context.fields()}  # a forward: for 3.1.1 brokers too
-                message = self._publish(claim, topic, message)
-                error = message.get("error")
-                if error is not None or claim.undeliverable:
-                    task_span.fail(error["code"] if error else "outcome_undeliverable")
-                outcome = ("completed" if error is None
-                           else "rejected" if error["code"] in _REJECTION_CODES else "failed")
-                kind = "error " + error["code"] if error else ("response" if "response" in message else "forward")
+                outcome = self._outcome(envelope, claim.deadline)
+                if outcome.kind is Kind.FORWARD and task_span.context is not None:  # for 3.1.1 brokers too
+                    outcome = outcome.with_message({**outcome.message, **task_span.context.fields()})
+                outcome = self._publish(claim, outcome)
+                code = outcome.error_code
+                if code is not None or claim.undeliverable:
+                    task_span.fail(code or "outcome_undeliverable")
+                result = (TaskResult.COMPLETED if code is None
+                          else TaskResult.REJECTED if code in _REJECTION_CODES else TaskResult.FAILED)
+                kind = outcome.describe()
                 if claim.undeliverable:
-                    outcome, kind = "failed", f"{kind} refused by the broker"
-                self.progress(*ids, "General", "TaskError" if error else "TaskComplete", f"task finished: {kind}", None)
+                    result, kind = TaskResult.FAILED, f"{kind} refused by the broker"
+                self.progress(*ids, "General", "TaskError" if code else "TaskComplete", f"task finished: {kind}",
+                              None)
                 log.info("task %s finished: %s in %.0f ms", envelope.task_id, kind,
                          (time.monotonic() - started) * 1000, extra=extra)
         finally:
-            self.metrics.task_finished(outcome, time.monotonic() - started)
+            self.metrics.task_finished(result, time.monotonic() - started)
 
-    def _publish(self, claim: Claim, topic: str, message: dict) -> dict:
+    def _publish(self, claim: Claim, outcome: Outcome) -> Outcome:
         """Publish a claim's outcome, then acknowledge its deliveries. An outcome that the broker
         or the next agent would refuse is replaced by an `internal_error` saying so. Returns
         what was published."""
-        payload = protocol.to_payload(message)
+        payload = protocol.to_payload(outcome.message)
         try:
             try:
                 if len(payload) > self.config.max_message_size:
                     raise PayloadTooLarge(len(payload), self.config.max_message_size, "max_message_size")
-                self._publish_and_wait(claim, topic, payload)
+                self._publish_and_wait(claim, outcome.topic, payload)
             except PayloadTooLarge as exc:
-                what = "the answer" if topic == claim.reply_topic else f"the task forwarded to {topic}"
-                message = protocol.error_message(protocol.INTERNAL_ERROR, f"{what} was {exc}", claim.task_id,
-                                                 self.secrets)
+                what = "the answer" if outcome.kind is not Kind.FORWARD else f"the task forwarded to {outcome.topic}"
+                outcome = Outcome(Kind.ERROR, claim.reply_topic, protocol.error_message(
+                    protocol.INTERNAL_ERROR, f"{what} was {exc}", claim.task_id, self.secrets))
                 log.error("task %s: %s was %s; publishing an error instead", claim.task_id, what, exc)
-                payload = protocol.to_payload(message)
+                payload = protocol.to_payload(outcome.message)
                 self._publish_and_wait(claim, claim.reply_topic, payload)
         except OutcomeUndeliverable as exc:
-            self._dead_letter(claim, exc, message, len(payload))
+            self._dead_letter(claim, exc, outcome.message, len(payload))
         claim.published = True
         for handle in self.dedupe.finish(claim.key, completed=True):
             handle.ack()
-        return message
+        return outcome
 
     def _publish_and_wait(self, claim: Claim, topic: str, payload: bytes) -> None:
         """Publish until the broker accepts; a refusal that may pass later is retried with
@@ -342,13 +346,12 @@ class TaskProcessor:
             log.error("task %s: the broker refused the dead-letter topic %s too: %s", claim.task_id, where,
                       ticket.refusal)
 
-    def _outcome(self, envelope: TaskEnvelope, deadline: float) -> tuple[str, dict]:
+    def _outcome(self, envelope: TaskEnvelope, deadline: float) -> Outcome:
         """What to publish, and where, for a claimed task."""
-        reply_topic = protocol.conversation_topic(envelope.conversation_id, self.agent_id)
         if envelope.depth > self.config.max_envelope_depth:
-            return reply_topic, self._error(envelope, protocol.PIPELINE_DEPTH_EXCEEDED,
-                                            f"pipeline depth {envelope.depth} exceeds the maximum of "
-                                            f"{self.config.max_envelope_depth} (max_envelope_depth)")
+            return self._error(envelope, protocol.PIPELINE_DEPTH_EXCEEDED,
+                               f"pipeline depth {envelope.depth} exceeds the maximum of "
+                               f"{self.config.max_envelope_depth} (max_envelope_depth)")
         try:
             if envelope.next is not None:
                 protocol.next_agent_id(envelope.next.topic)
@@ -356,25 +359,26 @@ class TaskProcessor:
             if time.monotonic() > deadline:
                 raise TaskTimeout()
             if envelope.next is not None:
-                return protocol.forward_envelope(envelope, text, self.agent_id)
+                return Outcome(Kind.FORWARD, *protocol.forward_envelope(envelope, text, self.agent_id))
             if self.route is not None and workflow.is_routable(envelope):
                 return self.route(envelope, text, deadline)
-            return reply_topic, protocol.response_message(protocol.extract_response(text), envelope.task_id)
+            return Outcome(Kind.ANSWER, protocol.conversation_topic(envelope.conversation_id, self.agent_id),
+                           protocol.response_message(extract_response(text), envelope.task_id))
         except EnvelopeError as exc:
-            return reply_topic, self._error(envelope, protocol.INVALID_INPUT, str(exc))
+            return self._error(envelope, protocol.INVALID_INPUT, str(exc))
         except TaskTimeout:
-            return reply_topic, self._error(envelope, protocol.INTERNAL_ERROR,
-                                            f"task exceeded {self.config.task_timeout} s")
+            return self._error(envelope, protocol.INTERNAL_ERROR, f"task exceeded {self.config.task_timeout} s")
         except TaskFailure as exc:
-            return reply_topic, self._error(envelope, exc.code, str(exc))
+            return self._error(envelope, exc.code, str(exc))
         except Exception:
             log.exception("internal error in task %s", envelope.task_id, extra=self._span(envelope))
-            return reply_topic, self._error(envelope, protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT)
+            return self._error(envelope, protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT)
 
-    def _error(self, envelope: TaskEnvelope, code: str, message: str) -> dict:
+    def _error(self, envelope: TaskEnvelope, code: str, message: str) -> Outcome:
         level = logging.WARNING if code in _REJECTION_CODES else logging.ERROR  # failures need attention
         log.log(level, "task %s failed: %s: %s", envelope.task_id, code, message, extra=self._span(envelope))
-        return protocol.error_message(code, message, envelope.task_id, self.secrets)
+        return Outcome(Kind.ERROR, protocol.conversation_topic(envelope.conversation_id, self.agent_id),
+                       protocol.error_message(code, message, envelope.task_id, self.secrets))
 
     # -------------------------------------------------------------- logging
     def _ids(self, task_id: str, cid: Any) -> dict:

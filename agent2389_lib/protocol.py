@@ -1,4 +1,4 @@
-"""The 2389 wire contract: topics, envelopes, message builders, error sanitizing.
+"""The 2389 wire contract: topics, envelopes, message builders.
 
 Pure functions only: nothing here touches sockets, threads or configuration.
 Parsing raises only `EnvelopeError`, whatever bytes it is given.
@@ -12,9 +12,10 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from .redaction import sanitize_error_message
 
 # Error codes (docs/protocol.md, the Error payload).
 TOOL_EXECUTION_FAILED = "tool_execution_failed"
@@ -43,9 +44,7 @@ _UUID_RE = re.compile(
 )
 _TOPIC_UNSAFE = ("+", "#", "\0", "/")
 MAX_TOPIC_BYTES = 65535
-MAX_ERROR_MESSAGE_BYTES = 500
 MAX_NEXT_LEVELS = 1000
-_TRUNCATED = "...[truncated]"
 
 
 class EnvelopeError(ValueError):
@@ -463,144 +462,3 @@ def progress_message(agent_id: str, task_id: str, conversation_id: str, category
     return {"agent_id": agent_id, "task_id": task_id, "conversation_id": conversation_id,
             "timestamp": rfc3339(now), "category": category, "event_type": event_type, "message": message,
             "metadata": metadata}
-
-
-# ---------------------------------------------------------------- sanitizing
-
-_SECRET_ASSIGNMENT_RE = re.compile(
-    r"""(?i)\b([\w-]*(?:password|passwd|token|key|secret|authorization))(["']?\s*[=:]\s*)("[^"]*"|'[^']*'|[^\s,;&"'}]+)""")
-_BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
-_SECRET_PATH_RE = re.compile(r"""(?:[A-Za-z]:)?(?:[/\\][^\s/\\'"]+)*[/\\](?:secrets|\.ssh|\.aws|\.config)"""
-                             r"""(?:[/\\][^\s'"]*)?""")
-_TRACEBACK_RE = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
-REDACTED = "[REDACTED]"
-URL_PASSWORD_MASK = "********"
-# user:password@ in anything URL-like, whatever its shape: after a scheme (mqtt://, ftp://, a broken
-# mqtt:/), at the start of a value (u:pw@host:1883) or after a delimiter. A user name may hold '@'
-# (me@corp:pw@host), a password ':', '/' and '@' (the last '@' of the token ends it): better a path
-# masked than a password shown.
-_URL_USERINFO_RE = re.compile(r"""(?<![^\s=,;'"(<\[/])((?:[A-Za-z][\w+.-]*:/{1,2})?[^\s:/'"=,;(<\[]*)"""
-                              r""":(?!//)[^\s'"]*@""")
-
-
-_CREDENTIAL_WORDS = ("password", "passwd", "token", "key", "secret", "authorization")
-
-
-@lru_cache(maxsize=16)
-def _longest_first(secrets: tuple) -> tuple:
-    return tuple(sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True))
-
-
-def mask_url_credentials(text: str) -> str:
-    """`text` with the password of every URL-like value in it masked (the user name stays, to
-    tell accounts apart); never raises, however broken the URL."""
-    if "@" not in text:
-        return text
-    return _URL_USERINFO_RE.sub(lambda m: f"{m.group(1)}:{URL_PASSWORD_MASK}@", text)
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Mask configured secret values, URL passwords and credential-looking assignments anywhere
-    in `text`."""
-    text = mask_url_credentials(text)
-    for secret in _longest_first(tuple(secrets)):
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    lowered = text.lower()  # the regexes are slow; most text contains none of their words
-    if "bearer" in lowered or "basic" in lowered:
-        text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    if any(word in lowered for word in _CREDENTIAL_WORDS):
-        text = _SECRET_ASSIGNMENT_RE.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
-    return text
-
-
-def sanitize_error_message(message: str, secrets: Iterable[str] = ()) -> str:
-    """What an error message may hold (docs/protocol.md): no traces, credentials or secret paths; at most
-    500 UTF-8 bytes."""
-    text = _TRACEBACK_RE.sub("", message).strip()
-    text = redact(text, secrets)
-    text = _SECRET_PATH_RE.sub("[REDACTED_PATH]", text)
-    return truncate_utf8(text, MAX_ERROR_MESSAGE_BYTES)
-
-
-def truncate_utf8(text: str, limit: int, marker: str = _TRUNCATED) -> str:
-    """Cut to at most `limit` bytes on a character boundary, ending with `marker` when cut."""
-    data = text.encode("utf-8")
-    if len(data) <= limit:
-        return text
-    room = limit - len(marker.encode("utf-8"))
-    return data[:room].decode("utf-8", errors="ignore") + marker
-
-
-# ---------------------------------------------------------------- response extraction
-
-def parse_json_or_none(text: str) -> Any:
-    """Any JSON value, or None for text that is not JSON (or nests too deep to parse)."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-
-
-_FENCE_RE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
-_MAX_OBJECT_CANDIDATES = 32
-
-
-def extract_response(text: str) -> str:
-    """The answer's `response`: an object's `result` when the LLM's text is or contains one, else the text."""
-    found = find_json_object(text)
-    if isinstance(found, dict) and "result" in found:
-        result = found["result"]
-        return result if isinstance(result, str) else json.dumps(result, separators=(",", ":"), ensure_ascii=False)
-    return text
-
-
-def _loads_object(text: str) -> Optional[dict]:
-    value = parse_json_or_none(text)
-    return value if isinstance(value, dict) else None
-
-
-def find_json_object(text: str) -> Optional[dict]:
-    whole = _loads_object(text.strip())
-    if whole is not None:
-        return whole
-    for fence in _FENCE_RE.finditer(text):
-        fenced = _loads_object(fence.group(1).strip())
-        if fenced is not None:
-            return fenced
-    start = text.find("{")
-    for _ in range(_MAX_OBJECT_CANDIDATES):
-        if start < 0:
-            return None
-        end = _balanced_end(text, start)
-        if end is None:
-            return None
-        candidate = _loads_object(text[start:end])
-        if candidate is not None:
-            return candidate
-        start = text.find("{", start + 1)
-    return None
-
-
-def _balanced_end(text: str, start: int) -> Optional[int]:
-    """Index just past the `}` that closes the `{` at `start`, honouring JSON strings."""
-    depth = 0
-    in_string = escaped = False
-    for index in range(start, len(text)):
-        char = text[index]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return index + 1
-    return None

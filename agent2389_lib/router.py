@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 from . import protocol, workflow
+from .answers import extract_response, find_json_object
 from .config import GatekeeperSettings, LlmSettings, RoutingSettings
 from .errors import TaskFailure, TaskTimeout
 from .llm import build_provider
@@ -22,7 +23,9 @@ from .llm.base import Message, OutputSchema, remaining
 from .llm.http import Attempted, JsonHttpClient
 from .llm.loop import Progress
 from .metrics import Metrics
+from .outcome import Kind, Outcome
 from .protocol import TaskEnvelope
+from .redaction import truncate_utf8
 from .registry import AgentInfo, Registry
 
 log = logging.getLogger("agent2389.router")
@@ -105,7 +108,7 @@ def routing_prompt(request: RoutingRequest, feedback: Optional[str]) -> str:
         f"- {a.agent_id}{' (the current agent)' if a.agent_id == request.agent_id else ''}: "
         f"{a.description or 'no description'}; capabilities: {', '.join(a.capabilities) or 'none'}; "
         f"load: {a.load:.2f}" for a in request.agents) or "(none)"
-    output = protocol.truncate_utf8(request.current_output, _OUTPUT_CHARS, "\n...[cut]")
+    output = truncate_utf8(request.current_output, _OUTPUT_CHARS, "\n...[cut]")
     left = request.max_iterations - request.iteration
     text = (f"ORIGINAL USER REQUEST:\n{flow.original_query}\n\n"
             f"WORKFLOW HISTORY (iteration {request.iteration} of at most {request.max_iterations}):\n{history}\n\n"
@@ -148,7 +151,7 @@ class LlmRouter:
             self.structured = False
             reply = self.provider.chat(_SYSTEM, messages, [], deadline)
         calls = [c for c in reply.tool_calls if c.name == ROUTING_DECISION.name]
-        data = calls[0].arguments if calls else protocol.find_json_object(reply.text)
+        data = calls[0].arguments if calls else find_json_object(reply.text)
         if data is None:
             raise RouterError(f"the routing model answered without a JSON object: {reply.text[:200]!r}")
         return parse_decision(data)
@@ -164,7 +167,7 @@ class GatekeeperRouter:
         self.settings = settings
         self.http = JsonHttpClient("gatekeeper", settings.url, {},
                                    settings.retry_attempts, settings.timeout_ms / 1000.0,
-                                   lambda body: protocol.truncate_utf8(body.decode("utf-8", "replace"), 200))
+                                   lambda body: truncate_utf8(body.decode("utf-8", "replace"), 200))
 
     def budget(self) -> float:
         return self.settings.timeout_ms / 1000.0 * self.settings.retry_attempts + _DEADLINE_SLACK
@@ -198,14 +201,13 @@ class WorkflowRouter:
         self.metrics = metrics
         self.progress: Progress = progress or (lambda *args: None)
 
-    def next_step(self, envelope: TaskEnvelope, output: str, deadline: float) -> tuple[str, dict]:
-        """The forward to the chosen agent, or the workflow's final answer, and its topic. Routing
+    def next_step(self, envelope: TaskEnvelope, output: str, deadline: float) -> Outcome:
+        """The forward to the chosen agent, or the workflow's final answer. Routing
         runs within the task's deadline (the router gets what is left, its corrective retry too);
         past it, TaskTimeout."""
         flow = workflow.workflow_of(envelope)
-        reply_topic = protocol.conversation_topic(envelope.conversation_id, self.agent_id)
         if flow.iteration_count + 1 >= self.max_iterations:
-            return reply_topic, self._final(envelope, output, "max_iterations")
+            return self._final(envelope, output, "max_iterations")
         request = RoutingRequest(self.agent_id, flow, output, tuple(self.registry.routable()), self.max_iterations)
         try:
             decision, target = self._decide(request, deadline)
@@ -214,21 +216,22 @@ class WorkflowRouter:
         except (RouterError, TaskFailure) as exc:
             log.warning("task %s: routing failed (%s); the workflow ends with this agent's answer",
                         envelope.task_id, exc)
-            return reply_topic, self._final(envelope, output, "router_error")
+            return self._final(envelope, output, "router_error")
         if target is None:
-            return reply_topic, self._final(envelope, output, "router")
+            return self._final(envelope, output, "router")
         self.metrics.routing_decision("forward")
         log.info("task %s: routing to %s (iteration %d): %s", envelope.task_id, target, request.iteration,
                  decision.reasoning)
         self.progress(envelope.task_id, envelope.conversation_id, "General", "Custom", f"routing to {target}",
                       {"kind": "routing", "next_agent": target, "reasoning": decision.reasoning,
                        "iteration": request.iteration})
-        return workflow.routed_envelope(envelope, output, self.agent_id, target, decision.next_instruction,
-                                        decision.reasoning)
+        return Outcome(Kind.FORWARD, *workflow.routed_envelope(envelope, output, self.agent_id, target,
+                                                               decision.next_instruction, decision.reasoning))
 
-    def _final(self, envelope: TaskEnvelope, output: str, reason: str) -> dict:
+    def _final(self, envelope: TaskEnvelope, output: str, reason: str) -> Outcome:
         self.metrics.routing_decision(reason)
-        return workflow.workflow_response(envelope, protocol.extract_response(output), self.agent_id, reason)
+        return Outcome(Kind.WORKFLOW_END, protocol.conversation_topic(envelope.conversation_id, self.agent_id),
+                       workflow.workflow_response(envelope, extract_response(output), self.agent_id, reason))
 
     def _decide(self, request: RoutingRequest, deadline: float) -> tuple[Decision, Optional[str]]:
         """A usable decision and its agent (None: complete), after at most one corrective retry.

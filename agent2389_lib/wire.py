@@ -1,16 +1,17 @@
-"""The socket under paho, through paho's public API only: TCP_NODELAY on every connection, and
-closing one without DISCONNECT (so the broker publishes the Last Will, as for a crash).
+"""The socket under paho: TCP_NODELAY on every connection, closing one without DISCONNECT (so
+the broker publishes the Last Will, as for a crash), and the reason code of a PUBREC.
 
 paho has no call for the second; shutting the socket down makes paho's next read find the end
-and close it itself, reporting it to on_disconnect like any connection the broker dropped. No
-module of agent2389 touches paho's private attributes; should one ever have to, it goes here."""
+and close it itself, reporting it to on_disconnect like any connection the broker dropped. The
+third is the one place agent2389 touches paho's private attributes (`on_pubrec_refusal`)."""
 
 from __future__ import annotations
 
 import errno
 import socket
 import ssl
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
@@ -59,3 +60,20 @@ def reset_unread(sock: socket.socket) -> bool:
     except OSError:  # nothing to read after all, or no socket
         return False
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) in (errno.ECONNRESET, errno.EPIPE)
+
+
+def on_pubrec_refusal(client: mqtt.Client, refused: Callable[[int, int], None]) -> None:
+    """Calls `refused(packet_id, reason_code)` for every PUBREC that refuses a QoS 2 publish
+    (MQTT 5, code 0x80 or more). paho reads a PUBREC, drops its reason code and sends PUBREL
+    regardless (MQTT 5 ends a refused exchange at PUBREC), and mosquitto completes that with a
+    plain PUBCOMP: without this, a refused QoS 2 publish looks delivered. It wraps paho's
+    handler of the packet, whose variable header (paho 2.1 and 2.2 alike) is the packet id,
+    then the reason code."""
+    def read_pubrec(handle: Callable[[], mqtt.MQTTErrorCode]) -> mqtt.MQTTErrorCode:
+        header = client._in_packet["packet"]
+        if len(header) > 2 and header[2] >= 0x80:
+            refused(int.from_bytes(header[:2], "big"), header[2])
+        return handle()
+
+    client._handle_pubrec = functools.partial(  # type: ignore[method-assign]
+        read_pubrec, client._handle_pubrec)

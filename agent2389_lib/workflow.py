@@ -9,15 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Optional
 
-from .protocol import (
-    MAX_ACTION_CHARS,
-    MAX_WORKFLOW_ENTRIES,
-    TaskEnvelope,
-    input_topic,
-    parse_json_or_none,
-    response_message,
-    rfc3339,
-)
+from .answers import parse_json_or_none
+from .protocol import MAX_ACTION_CHARS, MAX_WORKFLOW_ENTRIES, TaskEnvelope, input_topic, response_message, rfc3339
 
 
 def is_routable(envelope: TaskEnvelope) -> bool:

@@ -17,7 +17,7 @@ LAYERS = {
     3: ["transport", "link", "linkwatch", "tickets", "mqttclient", "wire"],
     2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "registry", "httpsessions", "otelexport"],  # tools.mcp.* too
     1: ["health", "logs", "errors", "tracing"],
-    0: ["", "config", "config.*", "protocol", "workflow", "metrics", "backoff"],
+    0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome"],
 }
 MAX_LINES = 600
 PAHO_PRIVATE_HOME = "wire"

@@ -10,6 +10,7 @@ from fake_llm import FakeOpenAI, Reply, Status
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent2389_lib.metrics import Metrics, percentile, prometheus_text
+from agent2389_lib.outcome import TaskResult
 from support import BrokerTestCase, Mosquitto, envelope, wait_until
 
 AGENT = "agent-obs"
@@ -45,7 +46,7 @@ class MetricsUnitTests(unittest.TestCase):
         metrics = Metrics("a1", 4)
         for value in reversed(values):
             metrics.task_started()
-            metrics.task_finished("completed", value)
+            metrics.task_finished(TaskResult.COMPLETED, value)
         tasks = metrics.snapshot()["tasks"]
         self.assertEqual((tasks["processing_time_p50_ms"], tasks["processing_time_p95_ms"],
                           tasks["processing_time_p99_ms"], tasks["avg_processing_time_ms"]), (50.0, 95.0, 99.0, 50.5))
@@ -55,7 +56,7 @@ class MetricsUnitTests(unittest.TestCase):
         metrics = Metrics("a1", 1)
         for value in [10.0] * 500 + [0.001] * 1000:
             metrics.task_started()
-            metrics.task_finished("completed", value)
+            metrics.task_finished(TaskResult.COMPLETED, value)
         self.assertEqual(metrics.snapshot()["tasks"]["processing_time_p99_ms"], 1.0)
 
     def test_prometheus_text_parses_strictly(self):

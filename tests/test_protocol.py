@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent2389_lib import logs, protocol
+from agent2389_lib import answers, logs, protocol, redaction
 from agent2389_lib.protocol import EnvelopeError
 
 TASK = "123e4567-e89b-12d3-a456-426614174000"
@@ -252,7 +252,7 @@ class SanitizerTests(unittest.TestCase):
         ]
         for text, secret in cases:
             with self.subTest(text=text):
-                cleaned = protocol.sanitize_error_message(text)
+                cleaned = redaction.sanitize_error_message(text)
                 self.assertNotIn(secret, cleaned)
 
     def test_url_passwords_masked_in_every_shape(self):
@@ -261,12 +261,12 @@ class SanitizerTests(unittest.TestCase):
                     "http://u:pw-123/x@h", "https://:pw-123@h"):
             for text in (url, f"model 'm' is not among the models at {url} lists", f"url={url}", f"({url})"):
                 with self.subTest(text=text):
-                    masked = protocol.mask_url_credentials(text)
+                    masked = redaction.mask_url_credentials(text)
                     self.assertNotIn("pw-123", masked)
                     self.assertIn(":********@", masked)
-                    self.assertNotIn("pw-123", protocol.sanitize_error_message(text))
+                    self.assertNotIn("pw-123", redaction.sanitize_error_message(text))
         for text in ("http://host/a@b", "user@host", "no at all", "10:03:13 a@b"):
-            self.assertEqual(protocol.mask_url_credentials(text), text)
+            self.assertEqual(redaction.mask_url_credentials(text), text)
 
     def test_log_lines_mask_url_passwords(self):
         """Every log line passes the redacting filter: the gatekeeper's and the model check's too."""
@@ -280,24 +280,24 @@ class SanitizerTests(unittest.TestCase):
         self.assertNotIn("pw-123", stream.getvalue())
 
     def test_configured_secret_anywhere(self):
-        cleaned = protocol.sanitize_error_message("upstream said: invalid key sk-XYZ123456 for org", ["sk-XYZ123456"])
+        cleaned = redaction.sanitize_error_message("upstream said: invalid key sk-XYZ123456 for org", ["sk-XYZ123456"])
         self.assertNotIn("sk-XYZ123456", cleaned)
         self.assertIn("[REDACTED]", cleaned)
 
     def test_traceback_removed(self):
         text = "boom\nTraceback (most recent call last):\n  File \"/app/x.py\", line 1\nValueError: x"
-        self.assertEqual(protocol.sanitize_error_message(text), "boom")
+        self.assertEqual(redaction.sanitize_error_message(text), "boom")
 
     def test_cut_to_500_bytes_on_char_boundary(self):
         for text in ("é" * 400, "a" * 1000, "€" * 300 + "x"):
             with self.subTest(first=text[0]):
-                cleaned = protocol.sanitize_error_message(text)
+                cleaned = redaction.sanitize_error_message(text)
                 self.assertLessEqual(len(cleaned.encode("utf-8")), 500)
                 self.assertTrue(cleaned.endswith("...[truncated]"))
                 cleaned.encode("utf-8").decode("utf-8")  # whole characters only
-        self.assertEqual(protocol.sanitize_error_message("short"), "short")
+        self.assertEqual(redaction.sanitize_error_message("short"), "short")
         exact = "b" * 500
-        self.assertEqual(protocol.sanitize_error_message(exact), exact)
+        self.assertEqual(redaction.sanitize_error_message(exact), exact)
 
 
 class ExtractionTests(unittest.TestCase):
@@ -317,7 +317,7 @@ class ExtractionTests(unittest.TestCase):
         ]
         for text, expected in cases:
             with self.subTest(text=text):
-                self.assertEqual(protocol.extract_response(text), expected)
+                self.assertEqual(answers.extract_response(text), expected)
 
 
 class PropertyTests(unittest.TestCase):

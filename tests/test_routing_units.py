@@ -295,7 +295,8 @@ class WorkflowRouterTests(unittest.TestCase):
     def hop(self, router, envelope=None, max_iterations=10):
         workflow = WorkflowRouter("writer", RoutingSettings("llm", max_iterations), self.registry, router, self.metrics,
                                   lambda *event: self.events.append(event))
-        return workflow.next_step(envelope or v2_task(), "the draft", time.monotonic() + 60)
+        outcome = workflow.next_step(envelope or v2_task(), "the draft", time.monotonic() + 60)
+        return outcome.topic, outcome.message
 
     def test_forward_emits_routing_progress(self):
         topic, message = self.hop(ScriptedRouter({"workflow_complete": False, "reasoning": "check it",

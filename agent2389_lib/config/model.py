@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
-from ..protocol import mask_url_credentials
+from ..redaction import mask_url_credentials
 
 PROVIDERS = ("openai", "anthropic", "echo")
 _MIB = 1 << 20

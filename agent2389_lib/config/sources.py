@@ -19,7 +19,7 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
 
 from dotenv import dotenv_values
 
-from ..protocol import mask_url_credentials
+from ..redaction import mask_url_credentials
 
 _INTERP_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

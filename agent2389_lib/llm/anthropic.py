@@ -8,7 +8,7 @@ from typing import Any, Optional
 from ..config import OFFICIAL_BASE_URL, LlmSettings
 from ..errors import LlmError
 from ..metrics import Metrics
-from ..protocol import truncate_utf8
+from ..redaction import truncate_utf8
 from ..tools.base import ToolDef
 from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
 from .http import JsonHttpClient

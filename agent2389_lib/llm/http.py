@@ -28,7 +28,7 @@ from ..errors import LlmError, TaskFailure
 from ..httpsessions import (ProxyUnusable, ThreadSessions, causes, check_proxy, describe_failure, endpoint_session,
                             public_url)
 from ..metrics import Metrics
-from ..protocol import truncate_utf8
+from ..redaction import truncate_utf8
 from .base import ChatReply, remaining, traced_chat
 
 log = logging.getLogger("agent2389.llm.http")

@@ -22,7 +22,7 @@ import threading
 from typing import IO
 
 from ..config import ToolSpec
-from ..protocol import redact
+from ..redaction import redact
 from .base import Tool, ToolError, ToolTimeout, as_text, seconds_left
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

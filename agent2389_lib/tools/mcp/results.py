@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...protocol import truncate_utf8
+from ...redaction import truncate_utf8
 
 
 def result_text(result: dict, limit: int) -> str:

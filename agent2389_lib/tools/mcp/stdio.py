@@ -14,7 +14,7 @@ import time
 from typing import IO, Optional
 
 from ...logs import Throttle
-from ...protocol import redact
+from ...redaction import redact
 from ..command import kill_group
 from . import jsonrpc
 from .session import McpError, McpSession
