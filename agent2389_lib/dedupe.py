@@ -25,6 +25,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Optional
 
+from .errors import StartupError
 from .logs import Throttle
 
 log = logging.getLogger("agent2389.dedupe")
@@ -36,7 +37,7 @@ _PRUNE_EVERY = 256
 LEGACY_STORE = "completed_tasks.sqlite3"  # release 0.1's
 
 
-class StoreError(Exception):
+class StoreError(StartupError):
     """The completed-task store cannot be opened; the message names `state_dir` and what to do."""
 
 

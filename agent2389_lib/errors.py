@@ -1,4 +1,5 @@
-"""Failures of one task, each carrying the protocol error code it is published with."""
+"""Failures of one task, each carrying the protocol error code it is published with; and the one
+kind of failure that stops the agent from starting."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class TaskTimeout(TaskFailure):
 
 class InvalidTask(TaskFailure):
     code = protocol.INVALID_INPUT
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says what to fix (exit code 1)."""
 
 
 class PayloadTooLarge(ValueError):

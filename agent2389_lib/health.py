@@ -203,8 +203,10 @@ class HealthServer:
         log.info("health and metrics on http://%s:%d/ (/health, /ready, /live, /metrics)",
                  self.httpd.server_address[0], self.port)
 
-    def stop(self) -> None:
-        self.httpd.shutdown()
+    def close(self) -> None:
+        """Stop serving (if it started) and release the port."""
+        if self._thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()
 
     def route(self, handler: BaseHTTPRequestHandler, head: bool) -> None:

@@ -15,22 +15,23 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from typing import Any, Callable, Optional
 
 from . import __version__, protocol, tracing
 from .config import OFFICIAL_BASE_URL, AgentConfig
-from .dedupe import DedupeStore, StoreError
-from .errors import LlmError
+from .dedupe import DedupeStore
+from .errors import LlmError, StartupError
 from .health import AgentStatus, HealthServer
 from .httpsessions import public_url
 from .llm import build_agent_loop
+from .llm.loop import AgentLoop
 from .logs import Throttle, span
 from .metrics import Metrics
 from .pool import Membership
-from .processor import TaskProcessor
+from .processor import Route, TaskProcessor
 from .registry import STATUS_FILTER, Registry
 from .tools import build_registry
-from .tools.registry import ToolStartupError
 from .transport import MqttTransport, SubscriptionRefused
 
 log = logging.getLogger("agent2389.runtime")
@@ -41,10 +42,6 @@ _STATUS_WAIT = 5.0
 _SESSION_QUIET = 1.0  # seconds without a delivery after which a leaving member's session is taken as empty
 _DRAIN_POLL = 0.05
 _MAX_PACKET_SLACK = 2
-
-
-class StartupError(Exception):
-    pass
 
 
 class Intake:
@@ -101,10 +98,17 @@ class StopRequest:
         if self.signal_name is not None:
             os._exit(128 + signum)  # the second signal: at once
         self.signal_name = signal.Signals(signum).name
-        os.write(self._writable, b"!")  # one byte ever: the pipe cannot be full
+        try:
+            os.write(self._writable, b"!")  # one byte ever: the pipe cannot be full
+        except OSError:  # closed: the agent has stopped already
+            pass
 
     def is_set(self) -> bool:
         return self.signal_name is not None
+
+    def close(self) -> None:
+        os.close(self._readable)
+        os.close(self._writable)
 
     def wait(self, timeout: float) -> bool:
         """True once a stop was asked for; a signal arriving after the check still ends the select."""
@@ -114,12 +118,15 @@ class StopRequest:
 
 
 class AgentRuntime:
+    """The composition root: makes every part, each with its cleanup registered as it is made, so
+    a part that fails leaves nothing of the others behind (threads, sockets, the store's lock)."""
+
     def __init__(self, config: AgentConfig):
+        """Raises StartupError, saying what to fix."""
         self.config = config
         self.workers = config.max_pipeline_depth
         self.metrics = Metrics(config.agent_id, self.workers)
         self._state = "starting"
-        tracing.install(_build_tracer(config, self.metrics))
         self.stop_requested = StopRequest()
         self._hard_stop = threading.Event()
         self._accepting = True
@@ -131,55 +138,55 @@ class AgentRuntime:
         self.pool = Membership(config.agent_id, config.instance_id, on_twin=self._on_twin)
         self._probe_topic = f"/control/agents/{config.agent_id}/probe/{config.mqtt.client_id}"
         self._probe_seen = threading.Event()
-        self.intake = Intake(capacity=2 * self.workers)
+        self.intake = Intake(capacity=2 * self.workers, on_room=lambda: self.transport.wake_intake())
         self.metrics.intake_depth = self.intake.depth
         unavailable = self._status_payload(protocol.UNAVAILABLE)
         own_will, pool_will = self.pool.wills()
-        self.transport = MqttTransport(
-            config.mqtt, self.metrics, may_read=self._may_read, receive_maximum=self.workers,
-            max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536,
-            input_topic=self.pool.input_filter(), will=(own_will, unavailable),
-            output_will=(pool_will, unavailable) if pool_will else None)
-        self.intake.on_room = self.transport.wake_intake
-        self.transport.on_delivery = self._on_delivery
-        self.transport.on_subscribed = self._on_subscribed
-        self.transport.on_watched = self._on_status_seen
-        try:
+        with ExitStack() as parts:
+            parts.callback(self.stop_requested.close)
+            self.transport = MqttTransport(
+                config.mqtt, self.metrics, may_read=self._may_read, receive_maximum=self.workers,
+                max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536,
+                input_topic=self.pool.input_filter(), will=(own_will, unavailable),
+                output_will=(pool_will, unavailable) if pool_will else None,
+                on_delivery=self._on_delivery, on_subscribed=self._on_subscribed, on_watched=self._on_status_seen)
+            parts.callback(self.transport.stop, 0.0)
             self.dedupe = DedupeStore(config.completed_store_size, config.state_dir, config.agent_id)
-        except StoreError as exc:
-            raise StartupError(str(exc)) from None
-        self.metrics.store_degraded = lambda: self.dedupe.degraded is not None
-        try:
+            parts.callback(self.dedupe.close)
+            self.metrics.store_degraded = lambda: self.dedupe.degraded is not None
             self.tools = build_registry(config)
-        except ToolStartupError as exc:
-            self.dedupe.close()
-            raise StartupError(str(exc)) from None
-        self.tools.on_execution = self.metrics.tool_execution
-        self.metrics.mcp_servers = self.tools.server_statuses
-        self.registry: Optional[Registry] = None
-        route = None
+            self.tools.on_execution = self.metrics.tool_execution
+            self.metrics.mcp_servers = self.tools.server_statuses
+            self.registry: Optional[Registry] = None
+            self.agent_loop, route = self._build_thinking()
+            self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.metrics,
+                                           self.publish_progress, should_abandon=self._hard_stop.is_set, route=route)
+            self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
+            parts.callback(self.executor.shutdown, wait=False)
+            try:
+                self.health = HealthServer(self.metrics, self.status, config.health_port, config.health_bind)
+            except OSError as exc:
+                raise StartupError(f"cannot serve health checks on {config.health_bind}:{config.health_port}: "
+                                   f"{exc.strerror} (set HEALTH_PORT to a free port)") from None
+            parts.callback(self.health.close)
+            self._parts = parts.pop_all()  # closed by shutdown(), after its orderly steps
+
+    def _build_thinking(self) -> tuple[AgentLoop, Optional[Route]]:
+        """The LLM loop, and for v2 routing the router that discovery feeds."""
+        config = self.config
         try:  # an HTTP endpoint the environment's proxy settings make unusable
             offered = self.tools if config.tools or config.mcp_servers else None
-            self.agent_loop = build_agent_loop(config, offered, self.metrics, self.publish_progress)
-            if config.routing is not None:  # v2: discovery feeds the router
-                from .router import WorkflowRouter, build_router  # imports an HTTP client
-                self.registry = registry = Registry()
-                self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
-                route = WorkflowRouter(config.agent_id, config.routing, registry,
-                                       build_router(config.routing, self.metrics), self.metrics,
-                                       self.publish_progress).next_step
+            agent_loop = build_agent_loop(config, offered, self.metrics, self.publish_progress)
+            if config.routing is None:
+                return agent_loop, None
+            from .router import WorkflowRouter, build_router  # imports an HTTP client
+            self.registry = registry = Registry()
+            self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
+            return agent_loop, WorkflowRouter(config.agent_id, config.routing, registry,
+                                              build_router(config.routing, self.metrics), self.metrics,
+                                              self.publish_progress).next_step
         except LlmError as exc:
-            self.dedupe.close()
             raise StartupError(str(exc)) from None
-        self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.metrics,
-                                       self.publish_progress, should_abandon=self._hard_stop.is_set, route=route)
-        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
-        try:
-            self.health = HealthServer(self.metrics, self.status, config.health_port, config.health_bind)
-        except OSError as exc:
-            self.dedupe.close()
-            raise StartupError(f"cannot serve health checks on {config.health_bind}:{config.health_port}: "
-                               f"{exc.strerror} (set HEALTH_PORT to a free port)") from None
 
     @property
     def state(self) -> str:
@@ -345,6 +352,7 @@ class AgentRuntime:
         if mqtt.tls_insecure_skip_verify:
             log.warning("TLS certificate and host name verification is OFF (tls_insecure_skip_verify = true): "
                         "anyone on the network path can impersonate the broker")
+        tracing.install(_build_tracer(self.config, self.metrics))
         self.health.start()
         self.transport.start_output()
         self._wait_for(self.transport.output.wait_connected)
@@ -354,10 +362,7 @@ class AgentRuntime:
             self._wait_for(self.transport.wait_subscribed)
         except SubscriptionRefused as exc:
             raise StartupError(str(exc)) from None
-        try:
-            self.tools.initialize()
-        except ToolStartupError as exc:
-            raise StartupError(str(exc)) from None
+        self.tools.initialize()
         try:
             self.agent_loop.chain.verify()
         except LlmError as exc:
@@ -415,10 +420,9 @@ class AgentRuntime:
         self.transport.stop()
         self.tools.shutdown(max(1.0, grace_ends - time.monotonic()))
         tracing.shutdown(max(1.0, grace_ends - time.monotonic()))
-        self.executor.shutdown(wait=False)
-        self.dedupe.close()
+        tracing.install(tracing.Tracer())  # the process's again: nothing of this agent's export is left
         self.state = "stopped"
-        self.health.stop()
+        self._parts.close()  # health server, workers' pool, completed-task store, the links' sockets
         log.info("agent %s stopped", self.config.agent_id)
         return not pending
 

@@ -42,20 +42,23 @@ class MqttTransport:
 
     def __init__(self, settings: MqttSettings, metrics: Metrics, *, input_topic: str, will: tuple[str, bytes],
                  may_read: Callable[[], bool], receive_maximum: int, max_packet_size: int,
-                 output_will: Optional[tuple[str, bytes]] = None):
+                 on_delivery: Callable[[InboundMessage], None], on_subscribed: Callable[[], None],
+                 on_watched: Callable[[str, bytes], None], output_will: Optional[tuple[str, bytes]] = None):
         """`input_topic` is the subscription filter (a shared subscription for a pool member);
-        `will` goes with the intake link, `output_will` (if any) with the output link."""
+        `will` goes with the intake link, `output_will` (if any) with the output link. Tasks go
+        to `on_delivery`, `on_subscribed` follows every granted input subscription, and the
+        messages of `watch` go to `on_watched` (all on the links' network threads)."""
         self.settings = settings
         self.metrics = metrics
         self.input_topic = input_topic
         self._watched: list[str] = []
         self._watching = threading.Event()
         self.watch_refusal: Optional[str] = None
-        self.on_watched: Callable[[str, bytes], None] = lambda topic, payload: None
+        self.on_watched = on_watched
         self._subscribed = threading.Event()
         self._refusal: Optional[str] = None
-        self.on_subscribed: Callable[[], None] = lambda: None
-        self.on_delivery: Callable[[InboundMessage], None] = lambda message: None
+        self.on_subscribed = on_subscribed
+        self.on_delivery = on_delivery
         self.version = ProtocolVersion(settings.protocol)
         self.intake = Link("intake", settings, settings.client_id, metrics, persistent=True, version=self.version,
                             will=will,

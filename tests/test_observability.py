@@ -59,6 +59,16 @@ class MetricsUnitTests(unittest.TestCase):
             metrics.task_finished(TaskResult.COMPLETED, value)
         self.assertEqual(metrics.snapshot()["tasks"]["processing_time_p99_ms"], 1.0)
 
+    def test_each_task_result_has_a_counter_of_its_own(self):
+        """Before: results were strings, and one metrics did not know was counted as "ignored"."""
+        metrics = Metrics("a1", 1)
+        for count, result in enumerate(TaskResult, start=1):
+            for _ in range(count):
+                metrics.task_dropped(result)
+        tasks = metrics.snapshot()["tasks"]
+        self.assertEqual([tasks[f"tasks_{name}"] for name in ("completed", "failed", "rejected", "duplicate", "ignored")],
+                         [1, 2, 3, 4, 5])
+
     def test_prometheus_text_parses_strictly(self):
         metrics = Metrics("a1", 2)
         metrics.tool_execution('we"ird\\tool', False, True, 0.5)

@@ -1,15 +1,20 @@
 """The agent process against a real mosquitto: lifecycle, every processing rule, faults."""
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import unittest
 
-from agent2389_lib.runtime import Intake, StopRequest
+from agent2389_lib.config import AgentConfig, LlmSettings, MqttSettings, Secret, ToolSpec, TracingSettings
+from agent2389_lib.errors import StartupError
+from agent2389_lib.runtime import AgentRuntime, Intake, StopRequest
 from fake_llm import FakeOpenAI, Reply, Status
-from support import AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, new_task_id, wait_until
+from support import AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, free_port, new_task_id, wait_until
 
 AGENT = "agent-one"
 INPUT = f"/control/agents/{AGENT}/input"
@@ -414,6 +419,50 @@ class BacklogTests(BrokerTestCase):
         print(f"\nbacklog: {self.TASKS} tasks drained, agent peak RSS {peak_mb:.1f} MB")
         self.assertEqual(len({r["task_id"] for r in replies}), self.TASKS)
         self.assertLess(peak_mb, 80)
+
+
+def open_descriptors() -> set:
+    return set(os.listdir("/proc/self/fd"))
+
+
+class StartupCleanupTests(BrokerTestCase):
+    """In this process: whichever part fails, at construction or at start, nothing of the others is
+    left behind. Before: the completed-task store, the links' socket pairs, the health server's
+    socket, the trace exporter's thread and the workers' pool were not all released on every path,
+    and the trace exporter was installed before anything could fail."""
+
+    def config(self, **changes) -> AgentConfig:
+        settings = dict(agent_id="cleanup-agent", health_port=free_port(), progress=False, llm=LlmSettings(),
+                        mqtt=MqttSettings(host="127.0.0.1", port=self.broker.port, broker_url=self.broker.url,
+                                          client_id="agent2389-cleanup-agent"),
+                        tracing=TracingSettings(endpoint=f"http://127.0.0.1:{free_port()}/v1/traces"))
+        return AgentConfig(**{**settings, **changes})
+
+    def test_a_part_that_fails_leaves_no_thread_socket_or_descriptor_behind(self):
+        taken = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(taken.close)
+        not_a_directory = tempfile.NamedTemporaryFile(prefix="state-")
+        self.addCleanup(not_a_directory.close)
+        failing = {  # at construction
+                   "the completed-task store": dict(state_dir=not_a_directory.name),
+                   "the health server's port": dict(health_port=taken.getsockname()[1]),
+                   # at start, connected to the broker, with every thread running
+                   "a tool": dict(tools=(ToolSpec(name="file_read", kind="builtin"),)),
+                   "the LLM check": dict(llm=LlmSettings(provider="openai", model="gpt-4o", api_key=Secret("sk-x"),
+                                                          base_url=f"http://127.0.0.1:{free_port()}/v1",
+                                                          max_attempts=1))}
+        for part, changes in failing.items():
+            with self.subTest(part=part):
+                threads, descriptors = set(threading.enumerate()), open_descriptors()
+                with self.assertRaises(StartupError):
+                    runtime = AgentRuntime(self.config(**changes))
+                    try:
+                        runtime.start()
+                    finally:
+                        runtime.shutdown()
+                wait_until(lambda: set(threading.enumerate()) <= threads, 10, f"the threads started to end: "
+                           f"{set(threading.enumerate()) - threads}")
+                self.assertEqual(open_descriptors() - descriptors, set())
 
 
 class IntakeTests(unittest.TestCase):

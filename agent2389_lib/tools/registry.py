@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from .. import tracing
 from ..config import AgentConfig, ToolSpec
+from ..errors import StartupError
 from .base import Tool, ToolDef, ToolError, ToolTimeout
 from .mcp.server import McpServer, McpTool
 
@@ -21,7 +22,7 @@ log = logging.getLogger("agent2389.tools")
 _ATTEMPT_SLACK = 1.0  # seconds beyond startup_timeout for a failed first attempt to be told
 
 
-class ToolStartupError(Exception):
+class ToolStartupError(StartupError):
     pass
 
 
