@@ -229,7 +229,7 @@ class HealthServer:
         if path == "/metrics" and not wants_prometheus(handler.headers.get("Accept", "")):
             return self.reply(handler, 200, self.metrics.snapshot(), head)
         if path in ("/metrics", "/metrics/prometheus"):
-            text = prometheus_text(self.metrics.snapshot(), __version__)
+            text = prometheus_text(self.metrics.read())
             return self.send(handler, 200, text.encode(), PROMETHEUS_TYPE, head)
         self.reply(handler, 404, {"error": f"no endpoint {path}", "endpoints": sorted(ENDPOINTS)}, head)
 

@@ -1,8 +1,8 @@
-"""Counters for tasks, MQTT, tools, LLM providers and the lifecycle, behind one lock.
-
-`snapshot()` has the shape the deployment guide's tools read (`$.tasks.tasks_processing`,
-`$.mqtt.connected`, `$.tasks.avg_processing_time_ms`, `$.uptime_seconds`, ...);
-`prometheus_text()` renders the same numbers in the Prometheus text format 0.0.4.
+"""Counters for tasks, MQTT, tools, LLM providers and the lifecycle, behind one lock, and the
+figures made of them, each declared once (`FAMILIES`): from one `read()`, `json_document` builds
+the JSON shape the deployment guide's tools read (`$.tasks.tasks_processing`, `$.mqtt.connected`,
+`$.tasks.avg_processing_time_ms`, `$.uptime_seconds`, ...) and `prometheus_text` the Prometheus
+text format 0.0.4.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import resource
 import threading
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from . import __version__
 from .outcome import TaskResult
 
 _WINDOW = 1000
@@ -68,7 +70,7 @@ class Metrics:
         self._clock = clock
         self._lock = threading.Lock()
         self._started = clock()
-        self._cpu_mark = (time.monotonic(), time.process_time())
+        self.version = __version__
         self.intake_depth: Callable[[], int] = lambda: 0
         self.store_degraded: Callable[[], bool] = lambda: False
         self.registry_size: Callable[[], tuple[int, int]] = lambda: (0, 0)  # routable agents, statuses ignored
@@ -213,86 +215,284 @@ class Metrics:
     def uptime(self) -> float:
         return self._clock() - self._started
 
-    def _system(self) -> dict:
-        now, cpu = time.monotonic(), time.process_time()
-        wall, used = now - self._cpu_mark[0], cpu - self._cpu_mark[1]
-        self._cpu_mark = (now, cpu)
-        return {"memory_used_bytes": _process_memory_bytes(),
-                "cpu_usage_percent": round(100.0 * used / wall, 2) if wall > 0 else 0.0,
-                "active_threads": threading.active_count()}
-
-    def snapshot(self) -> dict:
-        depth = self.intake_depth()
-        store_degraded = self.store_degraded()
+    def read(self) -> Reading:
+        """One consistent copy of every figure (the hooks are asked before the lock is taken)."""
+        depth, store_degraded = self.intake_depth(), self.store_degraded()
         registry_agents, registry_ignored = self.registry_size()
         mcp_servers = self.mcp_servers()
         with self._lock:
             now = self._clock()
-            recent = list(self.recent)
-            uptime = round(now - self._started, 3)
-            tools: dict[str, dict[str, Any]]
-            tools = {name: {"executions": s.executions, "failures": s.failures, "timeouts": s.timeouts,
-                            "avg_execution_time_ms": _avg(s.seconds * 1000, s.executions),
-                            "last_execution": s.last_execution,
-                            "success_rate": round((s.executions - s.failures) / s.executions, 4)
-                            if s.executions else 1.0}
-                     for name, s in sorted(self.tools.items())}
-            llm = {name: {"requests": s.requests, "errors": s.errors, "errors_by_kind": dict(s.errors_by_kind),
-                          "retries": s.retries, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
-                          "avg_latency_ms": _avg(s.seconds * 1000, s.requests)}
-                   for name, s in sorted(self.llm.items())}
-            snapshot = {
-                "agent_id": self.agent_id,
-                "timestamp": int(now),
-                "uptime_seconds": uptime,
-                "tasks": {
-                    "tasks_received": self.received, "tasks_processing": self.processing,
-                    "tasks_completed": self.completed, "tasks_failed": self.failed, "tasks_rejected": self.rejected,
-                    "tasks_duplicate": self.duplicates, "tasks_ignored": self.ignored,
-                    "avg_processing_time_ms": _avg(self.total_seconds * 1000, self.finished),
-                    "processing_time_p50_ms": round(percentile(recent, 0.50) * 1000, 3),
-                    "processing_time_p95_ms": round(percentile(recent, 0.95) * 1000, 3),
-                    "processing_time_p99_ms": round(percentile(recent, 0.99) * 1000, 3),
-                    "current_pipeline_depth": self.processing, "max_pipeline_depth_reached": self.max_processing,
-                    "max_pipeline_depth": self.workers, "intake_queue_depth": depth,
-                    "busy_ratio": round(self.processing / self.workers, 4), "state_store_degraded": store_degraded,
-                    "processing_time_sum_seconds": round(self.total_seconds, 6), "tasks_finished": self.finished,
-                },
-                "mqtt": {
-                    "connected": self.connected, "connection_attempts": self.connection_attempts,
-                    "connections_established": self.connections_established,
-                    "connection_failures": self.connection_failures, "messages_published": self.published,
-                    "publish_failures": self.publish_failures, "messages_received": self.messages_received,
-                    "outcomes_undeliverable": self.outcomes_undeliverable,
-                    "progress_events_dropped": self.progress_events_dropped,
-                    "last_heartbeat": self.last_heartbeat,
-                    "connection_duration_seconds": round(now - self.connected_since, 3) if self.connected_since else 0,
-                },
-                "mcp": {"servers": mcp_servers},
-                "tracing": {"spans_exported": self.spans_exported_count, "spans_dropped": self.spans_dropped_count},
-                "tools": {"tool_stats": tools,
-                          "total_executions": sum(t["executions"] for t in tools.values()),
-                          "total_failures": sum(t["failures"] for t in tools.values()),
-                          "total_timeouts": sum(t["timeouts"] for t in tools.values())},
-                "llm": {"providers": llm},
-                "routing": {"decisions": dict(self.routing), "registry_agents": registry_agents,
-                            "registry_statuses_ignored": registry_ignored},
-                "lifecycle": {"current_state": self.state, "uptime_seconds": uptime,
-                              "state_transitions": self.state_transitions, "restarts": self.restarts,
-                              "healthy": self.connected and self.state == "running",
-                              "last_health_check": self.last_health_check},
-            }
-        snapshot["system"] = self._system()
-        return snapshot
+            return Reading(
+                metrics=self, now=now, uptime=round(now - self._started, 3), recent=list(self.recent),
+                tools={name: vars_of(stats) for name, stats in sorted(self.tools.items())},
+                llm={name: {**vars_of(stats), "errors_by_kind": dict(stats.errors_by_kind)}
+                     for name, stats in sorted(self.llm.items())},
+                counts={name: getattr(self, name) for name in _COPIED}, routing=dict(self.routing),
+                depth=depth, store_degraded=store_degraded, registry_agents=registry_agents,
+                registry_ignored=registry_ignored, mcp_servers=mcp_servers, cpu_seconds=time.process_time(),
+                memory=_process_memory_bytes(), threads=threading.active_count())
+
+    def snapshot(self) -> dict:
+        """The JSON document of /metrics."""
+        return json_document(self.read())
+
+
+def vars_of(stats: Any) -> dict:
+    return {name: getattr(stats, name) for name in stats.__slots__}
+
+
+# What `read` copies under the lock, by attribute name
+_COPIED = ("received", "completed", "failed", "rejected", "duplicates", "ignored", "processing", "max_processing",
+           "total_seconds", "finished", "connected", "connection_attempts", "connections_established",
+           "connection_failures", "published", "publish_failures", "messages_received", "outcomes_undeliverable",
+           "progress_events_dropped", "spans_exported_count", "spans_dropped_count", "last_heartbeat",
+           "connected_since", "state", "state_transitions", "restarts", "last_health_check", "workers", "agent_id")
+
+
+@dataclass
+class Reading:
+    metrics: Metrics
+    now: float
+    uptime: float
+    recent: list  # the last task durations, seconds
+    tools: dict  # name: its counters
+    llm: dict  # provider: its counters
+    counts: dict  # _COPIED
+    routing: dict
+    depth: int
+    store_degraded: bool
+    registry_agents: int
+    registry_ignored: int
+    mcp_servers: list
+    cpu_seconds: float
+    memory: int
+    threads: int
+
+
+# ---------------------------------------------------------------- the figures, declared once
+
+@dataclass(frozen=True)
+class Family:
+    """One figure: where the JSON document has it, and (with a name) the Prometheus family it also
+    is. `read` gives its value from a Reading; with labels, a dict by the first label's value (of
+    dicts by the second's). A "*" in `path` stands for the first label's value. Adding a figure
+    is adding one of these, and what records it."""
+
+    path: str  # "tasks.tasks_completed"; "" for a Prometheus family only
+    read: Callable[[Reading], Any]
+    name: str = ""  # "" for the JSON document only
+    kind: str = "gauge"
+    help: str = ""
+    labels: tuple = ()
+
+
+def _counted(name: str) -> Callable[[Reading], Any]:
+    return lambda r: r.counts[name]
+
+
+def _per_tool(key: str) -> Callable[[Reading], dict]:
+    return lambda r: {name: stats[key] for name, stats in r.tools.items()}
+
+
+def _per_provider(key: str) -> Callable[[Reading], dict]:
+    return lambda r: {name: stats[key] for name, stats in r.llm.items()}
+
+
+def _per_server(read: Callable[[dict], Any]) -> Callable[[Reading], dict]:
+    return lambda r: {server["name"]: read(server) for server in r.mcp_servers}
+
+
+def _task_counter(key: str, attribute: str, help_text: str) -> Family:
+    return Family(f"tasks.tasks_{key}", _counted(attribute), f"agent2389_tasks_{key}_total", "counter", help_text)
+
+
+def _mqtt_counter(key: str, attribute: str, name: str, help_text: str) -> Family:
+    return Family(f"mqtt.{key}", _counted(attribute), f"agent2389_mqtt_{name}_total", "counter", help_text)
+
+
+def _tool_totals(key: str) -> Callable[[Reading], int]:
+    return lambda r: sum(stats[key] for stats in r.tools.values())
+
+
+def _quantile_ms(fraction: float) -> Callable[[Reading], float]:
+    return lambda r: round(percentile(r.recent, fraction) * 1000, 3)
+
+
+def _duration_samples(r: Reading) -> list:
+    quantiles = [("", {"quantile": q}, percentile(r.recent, fraction)) for q, fraction, _ in _QUANTILES]
+    return quantiles + [("_sum", {}, r.counts["total_seconds"]), ("_count", {}, r.counts["finished"])]
+
+
+_QUANTILES = (("0.5", 0.50, "p50"), ("0.95", 0.95, "p95"), ("0.99", 0.99, "p99"))  # label, fraction, JSON key
+SUMMARY = "summary"  # its `read` gives the samples: (suffix, labels, value)
+
+FAMILIES: tuple[Family, ...] = (
+    Family("", lambda r: {r.counts["agent_id"]: {r.metrics.version: 1}}, "agent2389_info", help="Agent identity.",
+           labels=("agent_id", "version")),
+    Family("agent_id", _counted("agent_id")),
+    Family("timestamp", lambda r: int(r.now)),
+    Family("uptime_seconds", lambda r: r.uptime, "agent2389_uptime_seconds", help="Seconds since the agent started."),
+    _task_counter("received", "received", "Task messages received."),
+    Family("tasks.tasks_processing", _counted("processing"), "agent2389_tasks_processing",
+           help="Tasks in progress."),
+    _task_counter("completed", "completed", "Tasks answered or forwarded."),
+    _task_counter("failed", "failed", "Tasks that ended with an error."),
+    _task_counter("rejected", "rejected", "Task messages rejected as invalid."),
+    _task_counter("duplicate", "duplicates", "Duplicate task messages discarded."),
+    _task_counter("ignored", "ignored", "Retained task messages ignored."),
+    Family("tasks.avg_processing_time_ms", lambda r: _avg(r.counts["total_seconds"] * 1000, r.counts["finished"])),
+    *(Family(f"tasks.processing_time_{key}_ms", _quantile_ms(fraction)) for _, fraction, key in _QUANTILES),
+    Family("tasks.current_pipeline_depth", _counted("processing")),
+    Family("tasks.max_pipeline_depth_reached", _counted("max_processing"), "agent2389_tasks_processing_max",
+           help="Most tasks in progress at once."),
+    Family("tasks.max_pipeline_depth", _counted("workers")),
+    Family("tasks.intake_queue_depth", lambda r: r.depth, "agent2389_intake_queue_depth",
+           help="Task messages received and waiting for a worker."),
+    Family("tasks.busy_ratio", lambda r: round(r.counts["processing"] / r.counts["workers"], 4),
+           "agent2389_busy_ratio", help="Tasks in progress / workers (max_pipeline_depth): what to scale on."),
+    Family("tasks.state_store_degraded", lambda r: r.store_degraded, "agent2389_state_store_degraded",
+           help="1 while the completed-task store cannot be written."),
+    Family("tasks.processing_time_sum_seconds", lambda r: round(r.counts["total_seconds"], 6)),
+    Family("tasks.tasks_finished", _counted("finished")),
+    Family("", _duration_samples, "agent2389_task_duration_seconds", SUMMARY,
+           "Task processing time (quantiles over the last 1000)."),
+    Family("mqtt.connected", _counted("connected"), "agent2389_mqtt_connected",
+           help="1 while connected and subscribed."),
+    _mqtt_counter("connection_attempts", "connection_attempts", "connection_attempts", "Connection attempts."),
+    _mqtt_counter("connections_established", "connections_established", "connections", "Connections established."),
+    _mqtt_counter("connection_failures", "connection_failures", "connection_failures",
+                  "Failed or refused connections."),
+    _mqtt_counter("messages_published", "published", "messages_published",
+                  "Messages published: acknowledged by the broker (QoS 1 and 2), or written (progress events, QoS 0)."),
+    _mqtt_counter("publish_failures", "publish_failures", "publish_failures", "Publishes refused by the broker."),
+    _mqtt_counter("messages_received", "messages_received", "messages_received", "Messages received."),
+    Family("mqtt.outcomes_undeliverable", _counted("outcomes_undeliverable"), "agent2389_outcomes_undeliverable_total",
+           "counter", "Task outcomes the broker refused for good (not authorized, invalid topic, too large): final "
+           "for their task, sent to the dead-letter topic."),
+    _mqtt_counter("progress_events_dropped", "progress_events_dropped", "progress_events_dropped",
+                  "Progress events (QoS 0) dropped: no connection, too large, or the broker not reading."),
+    Family("mqtt.last_heartbeat", _counted("last_heartbeat")),
+    Family("mqtt.connection_duration_seconds",
+           lambda r: round(r.now - r.counts["connected_since"], 3) if r.counts["connected_since"] else 0),
+    Family("mcp.servers", lambda r: r.mcp_servers),
+    Family("", _per_server(lambda s: s["state"] == "up"), "agent2389_mcp_server_up",
+           help="1 while the MCP server is connected and its tools listed.", labels=("server",)),
+    Family("", _per_server(lambda s: s["tools"]), "agent2389_mcp_server_tools",
+           help="Tools the MCP server offers the LLM now.", labels=("server",)),
+    Family("", _per_server(lambda s: s["restarts"]), "agent2389_mcp_server_restarts_total", "counter",
+           "Attempts to start (stdio) or reach (HTTP) the MCP server again after it was lost or failed to start.",
+           ("server",)),
+    Family("", _per_server(lambda s: s["calls"]), "agent2389_mcp_calls_total", "counter",
+           "tools/call requests to the MCP server.", ("server",)),
+    Family("", _per_server(lambda s: s["call_errors"]), "agent2389_mcp_call_errors_total", "counter",
+           "tools/call requests that failed, timed out or returned isError.", ("server",)),
+    Family("tracing.spans_exported", _counted("spans_exported_count"), "agent2389_tracing_spans_exported_total",
+           "counter", "Spans the OTLP collector accepted."),
+    Family("tracing.spans_dropped", _counted("spans_dropped_count"), "agent2389_tracing_spans_dropped_total",
+           "counter", "Spans dropped: the export queue was full (OTEL_BSP_MAX_QUEUE_SIZE) or the collector refused "
+           "them or could not be reached."),
+    Family("tools.tool_stats.*.executions", _per_tool("executions"), "agent2389_tool_executions_total", "counter",
+           "Tool executions.", ("tool",)),
+    Family("tools.tool_stats.*.failures", _per_tool("failures"), "agent2389_tool_failures_total", "counter",
+           "Failed tool executions.", ("tool",)),
+    Family("tools.tool_stats.*.timeouts", _per_tool("timeouts"), "agent2389_tool_timeouts_total", "counter",
+           "Tool executions killed at their timeout.", ("tool",)),
+    Family("tools.tool_stats.*.avg_execution_time_ms",
+           lambda r: {n: _avg(s["seconds"] * 1000, s["executions"]) for n, s in r.tools.items()}),
+    Family("tools.tool_stats.*.last_execution", _per_tool("last_execution")),
+    Family("tools.tool_stats.*.success_rate",
+           lambda r: {n: round((s["executions"] - s["failures"]) / s["executions"], 4) if s["executions"] else 1.0
+                      for n, s in r.tools.items()}),
+    Family("tools.total_executions", _tool_totals("executions")),
+    Family("tools.total_failures", _tool_totals("failures")),
+    Family("tools.total_timeouts", _tool_totals("timeouts")),
+    Family("llm.providers.*.requests", _per_provider("requests"), "agent2389_llm_requests_total", "counter",
+           "LLM requests (each with its retries).", ("provider",)),
+    Family("llm.providers.*.errors", _per_provider("errors")),
+    Family("llm.providers.*.errors_by_kind", _per_provider("errors_by_kind"), "agent2389_llm_errors_total", "counter",
+           "LLM requests that failed, by kind.", ("provider", "kind")),
+    Family("llm.providers.*.retries", _per_provider("retries"), "agent2389_llm_retries_total", "counter",
+           "LLM request retries.", ("provider",)),
+    Family("llm.providers.*.tokens_in", _per_provider("tokens_in")),
+    Family("llm.providers.*.tokens_out", _per_provider("tokens_out")),
+    Family("", lambda r: {n: {"in": s["tokens_in"], "out": s["tokens_out"]} for n, s in r.llm.items()},
+           "agent2389_llm_tokens_total", "counter", "LLM tokens.", ("provider", "direction")),
+    Family("llm.providers.*.avg_latency_ms",
+           lambda r: {n: _avg(s["seconds"] * 1000, s["requests"]) for n, s in r.llm.items()}),
+    Family("routing.decisions.*", lambda r: r.routing, "agent2389_routing_decisions_total", "counter",
+           "Routed hops (v2): forward, or the end of a workflow (router, max_iterations, router_error).",
+           ("outcome",)),
+    Family("routing.registry_agents", lambda r: r.registry_agents, "agent2389_registry_agents",
+           help="Agents the router may choose now (v2 discovery)."),
+    Family("routing.registry_statuses_ignored", lambda r: r.registry_ignored,
+           "agent2389_registry_statuses_ignored_total", "counter", "Malformed status messages ignored by discovery."),
+    Family("lifecycle.current_state", _counted("state")),
+    Family("lifecycle.uptime_seconds", lambda r: r.uptime),
+    Family("lifecycle.state_transitions", _counted("state_transitions")),
+    Family("lifecycle.restarts", _counted("restarts")),
+    Family("lifecycle.healthy", lambda r: r.counts["connected"] and r.counts["state"] == "running"),
+    Family("lifecycle.last_health_check", _counted("last_health_check")),
+    Family("system.memory_used_bytes", lambda r: r.memory, "agent2389_process_resident_memory_bytes",
+           help="Resident memory."),
+    Family("system.cpu_seconds_total", lambda r: r.cpu_seconds, "agent2389_process_cpu_seconds_total", "counter",
+           "CPU time the process used, user and system, in seconds."),
+    Family("system.active_threads", lambda r: r.threads, "agent2389_threads", help="Active threads."),
+)
+
+
+def json_document(reading: Reading) -> dict:
+    """The /metrics JSON document: every family with a path, nested as the path says."""
+    document: dict = {}
+    for family in FAMILIES:
+        if not family.path:
+            continue
+        value = family.read(reading)
+        head, star, tail = family.path.partition("*")
+        if not star:
+            _place(document, head.split("."), value)
+        elif not tail:  # the whole table, by label value: "routing.decisions.*"
+            _place(document, head.rstrip(".").split("."), dict(value))
+        else:  # an entry in each label value's table: "tools.tool_stats.*.executions"
+            for label, each in value.items():
+                _place(document, [*head.rstrip(".").split("."), label, *tail.lstrip(".").split(".")], each)
+    return document
+
+
+def _place(document: dict, keys: list, value: Any) -> None:
+    *parents, leaf = keys
+    for key in parents:
+        document = document.setdefault(key, {})
+    document[leaf] = value
 
 
 # ---------------------------------------------------------------- Prometheus text format 0.0.4
+
+def prometheus_text(reading: Reading) -> str:
+    """Every family with a name, from the same reading as the JSON document."""
+    lines: list[str] = []
+    for family in FAMILIES:
+        if not family.name:
+            continue
+        lines.append(f"# HELP {family.name} {family.help}")
+        lines.append(f"# TYPE {family.name} {family.kind}")
+        value = family.read(reading)
+        for suffix, labels, number in value if family.kind == SUMMARY else _samples(value, family.labels):
+            lines.append(f"{family.name}{suffix}{_labels(labels)} {_number(number)}")
+    return "\n".join(lines) + "\n"
+
+
+def _samples(value: Any, names: tuple) -> list:
+    if not names:
+        return [("", {}, value)]
+    return [(suffix, {names[0]: key, **labels}, number)
+            for key, inner in sorted(value.items()) for suffix, labels, number in _samples(inner, names[1:])]
+
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(**labels: str) -> str:
+def _labels(labels: dict) -> str:
     if not labels:
         return ""
     return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
@@ -300,99 +500,3 @@ def _labels(**labels: str) -> str:
 
 def _number(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(int(value))
-
-
-def prometheus_text(snapshot: dict, version: str) -> str:
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str, samples: list) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for suffix, labels, value in samples:
-            lines.append(f"{name}{suffix}{_labels(**labels)} {_number(value)}")
-
-    tasks, mqtt = snapshot["tasks"], snapshot["mqtt"]
-    tools, llm = snapshot["tools"]["tool_stats"], snapshot["llm"]["providers"]
-    family("agent2389_info", "gauge", "Agent identity.",
-           [("", {"agent_id": snapshot["agent_id"], "version": version}, 1)])
-    family("agent2389_uptime_seconds", "gauge", "Seconds since the agent started.",
-           [("", {}, snapshot["uptime_seconds"])])
-    for key, help_text in (("received", "Task messages received."), ("completed", "Tasks answered or forwarded."),
-                           ("failed", "Tasks that ended with an error."),
-                           ("rejected", "Task messages rejected as invalid."),
-                           ("duplicate", "Duplicate task messages discarded."),
-                           ("ignored", "Retained task messages ignored.")):
-        family(f"agent2389_tasks_{key}_total", "counter", help_text, [("", {}, tasks[f"tasks_{key}"])])
-    family("agent2389_tasks_processing", "gauge", "Tasks in progress.", [("", {}, tasks["tasks_processing"])])
-    family("agent2389_tasks_processing_max", "gauge", "Most tasks in progress at once.",
-           [("", {}, tasks["max_pipeline_depth_reached"])])
-    family("agent2389_intake_queue_depth", "gauge", "Task messages received and waiting for a worker.",
-           [("", {}, tasks["intake_queue_depth"])])
-    family("agent2389_busy_ratio", "gauge", "Tasks in progress / workers (max_pipeline_depth): what to scale on.",
-           [("", {}, tasks["busy_ratio"])])
-    family("agent2389_state_store_degraded", "gauge", "1 while the completed-task store cannot be written.",
-           [("", {}, int(tasks["state_store_degraded"]))])
-    family("agent2389_task_duration_seconds", "summary", "Task processing time (quantiles over the last 1000).",
-           [("", {"quantile": q}, tasks[f"processing_time_p{p}_ms"] / 1000)
-            for q, p in (("0.5", 50), ("0.95", 95), ("0.99", 99))]
-           + [("_sum", {}, tasks["processing_time_sum_seconds"]), ("_count", {}, tasks["tasks_finished"])])
-    family("agent2389_mqtt_connected", "gauge", "1 while connected and subscribed.", [("", {}, int(mqtt["connected"]))])
-    for key, name, help_text in (("connection_attempts", "connection_attempts", "Connection attempts."),
-                                 ("connections_established", "connections", "Connections established."),
-                                 ("connection_failures", "connection_failures", "Failed or refused connections."),
-                                 ("messages_published", "messages_published",
-                                  "Messages published: acknowledged by the broker (QoS 1), or written (progress "
-                                  "events, QoS 0)."),
-                                 ("publish_failures", "publish_failures", "QoS 1 publishes refused by the broker."),
-                                 ("progress_events_dropped", "progress_events_dropped",
-                                  "Progress events (QoS 0) dropped: no connection, too large, or the broker not "
-                                  "reading."),
-                                 ("messages_received", "messages_received", "Messages received.")):
-        family(f"agent2389_mqtt_{name}_total", "counter", help_text, [("", {}, mqtt[key])])
-    family("agent2389_outcomes_undeliverable_total", "counter", "Task outcomes the broker refused for good "
-           "(not authorized, invalid topic, too large): final for their task, sent to the dead-letter topic.",
-           [("", {}, mqtt["outcomes_undeliverable"])])
-    family("agent2389_tracing_spans_exported_total", "counter", "Spans the OTLP collector accepted.",
-           [("", {}, snapshot["tracing"]["spans_exported"])])
-    family("agent2389_tracing_spans_dropped_total", "counter", "Spans dropped: the export queue was full "
-           "(OTEL_BSP_MAX_QUEUE_SIZE) or the collector refused them or could not be reached.",
-           [("", {}, snapshot["tracing"]["spans_dropped"])])
-    family("agent2389_tool_executions_total", "counter", "Tool executions.",
-           [("", {"tool": n}, s["executions"]) for n, s in tools.items()])
-    family("agent2389_tool_failures_total", "counter", "Failed tool executions.",
-           [("", {"tool": n}, s["failures"]) for n, s in tools.items()])
-    family("agent2389_tool_timeouts_total", "counter", "Tool executions killed at their timeout.",
-           [("", {"tool": n}, s["timeouts"]) for n, s in tools.items()])
-    servers = snapshot["mcp"]["servers"]
-    family("agent2389_mcp_server_up", "gauge", "1 while the MCP server is connected and its tools listed.",
-           [("", {"server": s["name"]}, int(s["state"] == "up")) for s in servers])
-    family("agent2389_mcp_server_tools", "gauge", "Tools the MCP server offers the LLM now.",
-           [("", {"server": s["name"]}, s["tools"]) for s in servers])
-    family("agent2389_mcp_server_restarts_total", "counter", "Attempts to start (stdio) or reach (HTTP) the "
-           "MCP server again after it was lost or failed to start.",
-           [("", {"server": s["name"]}, s["restarts"]) for s in servers])
-    family("agent2389_mcp_calls_total", "counter", "tools/call requests to the MCP server.",
-           [("", {"server": s["name"]}, s["calls"]) for s in servers])
-    family("agent2389_mcp_call_errors_total", "counter", "tools/call requests that failed, timed out or "
-           "returned isError.", [("", {"server": s["name"]}, s["call_errors"]) for s in servers])
-    family("agent2389_llm_requests_total", "counter", "LLM requests (each with its retries).",
-           [("", {"provider": n}, s["requests"]) for n, s in llm.items()])
-    family("agent2389_llm_errors_total", "counter", "LLM requests that failed, by kind.",
-           [("", {"provider": n, "kind": k}, c)
-            for n, s in llm.items() for k, c in sorted(s["errors_by_kind"].items())])
-    family("agent2389_llm_retries_total", "counter", "LLM request retries.",
-           [("", {"provider": n}, s["retries"]) for n, s in llm.items()])
-    family("agent2389_llm_tokens_total", "counter", "LLM tokens.",
-           [("", {"provider": n, "direction": d}, s[f"tokens_{d}"]) for n, s in llm.items() for d in ("in", "out")])
-    routing = snapshot["routing"]
-    family("agent2389_routing_decisions_total", "counter",
-           "Routed hops (v2): forward, or the end of a workflow (router, max_iterations, router_error).",
-           [("", {"outcome": k}, v) for k, v in sorted(routing["decisions"].items())])
-    family("agent2389_registry_agents", "gauge", "Agents the router may choose now (v2 discovery).",
-           [("", {}, routing["registry_agents"])])
-    family("agent2389_registry_statuses_ignored_total", "counter", "Malformed status messages ignored by discovery.",
-           [("", {}, routing["registry_statuses_ignored"])])
-    family("agent2389_process_resident_memory_bytes", "gauge", "Resident memory.",
-           [("", {}, snapshot["system"]["memory_used_bytes"])])
-    family("agent2389_threads", "gauge", "Active threads.", [("", {}, snapshot["system"]["active_threads"])])
-    return "\n".join(lines) + "\n"

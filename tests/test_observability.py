@@ -73,7 +73,7 @@ class MetricsUnitTests(unittest.TestCase):
         metrics = Metrics("a1", 2)
         metrics.tool_execution('we"ird\\tool', False, True, 0.5)
         metrics.llm_request("openai", seconds=0.2, retries=1, error_kind="rate_limited", tokens_in=3, tokens_out=4)
-        text = prometheus_text(metrics.snapshot(), "0.1.0")
+        text = prometheus_text(metrics.read())
         families = {f.name: f for f in text_string_to_metric_families(text)}
         self.assertIn("agent2389_tasks_completed", families)  # the parser strips _total from counters
         self.assertEqual(families["agent2389_tasks_completed"].type, "counter")
@@ -157,7 +157,7 @@ class ScriptedRunTests(BrokerTestCase):
         self.assertEqual(len({p["span"]["task_id"] for p in processing}), 6)
         self.assertTrue(all(p["span"]["agent_id"] == AGENT and p["span"]["conversation_id"] for p in processing))
         mqtt_lines = self._jq(logs, 'select(.target | contains("mqtt"))')
-        self.assertTrue(mqtt_lines and all("mqtt" in line["target"] for line in mqtt_lines))
+        self.assertEqual({line["target"] for line in mqtt_lines}, {"agent2389::transport::mqtt"})
         self.assertTrue(any("subscribed to" in line["fields"]["message"] for line in mqtt_lines))
 
         progress = watcher.matching(f"/control/agents/{AGENT}/progress/#")

@@ -78,6 +78,20 @@ class RoutingCase(BrokerTestCase):
     def answers(self, cid):
         return self.watch.matching(f"/conversations/{cid}/+")
 
+    def settled(self, agents, tasks: int) -> int:
+        """Waits until the agents have finished `tasks` tasks between them and none is busy, then
+        for a message through the broker after their last outcome: what they published has
+        reached the watcher, so a count of answers can see a second one. The tasks they finished."""
+        def finished() -> int:
+            counts = [json.loads(urllib.request.urlopen(f"http://127.0.0.1:{agent.env['HEALTH_PORT']}/metrics",
+                                                        timeout=5).read())["tasks"] for agent in agents]
+            busy = any(c["tasks_processing"] or c["intake_queue_depth"] for c in counts)
+            return -1 if busy else sum(c["tasks_finished"] for c in counts)
+        wait_until(lambda: finished() >= tasks, 30, f"{tasks} tasks to be finished")
+        self.watch.publish("/conversations/settled/marker", {"after": "every outcome"})
+        self.watch.wait_for("/conversations/settled/marker")
+        return finished()
+
 
 def llm_routing(fake, provider="openai", max_iterations=5):
     return {"strategy": "llm", "max_iterations": max_iterations,
@@ -155,7 +169,7 @@ class LlmRoutedWorkflowTests(RoutingCase):
 
     def test_workflows(self):
         """One set of agents, one router, every way a workflow ends."""
-        self.start(llm_routing(self.fake))
+        agents = self.start(llm_routing(self.fake))
         before = len(self.fake.completions())
         # three agents, routed by the router's strict-schema answers, watched by `monitor --mode routing`
         monitor = process(self, [sys.executable, AGENT_SCRIPT, "monitor", "--broker-url", self.broker.url, "--mode",
@@ -212,7 +226,10 @@ class LlmRoutedWorkflowTests(RoutingCase):
                                              and p["conversation_id"] == "cid-loop")
         self.assertEqual([(e["agent_id"], e["metadata"]["next_agent"], e["metadata"]["iteration"]) for e in routing_events],
                          [("writer", "judge", 1), ("judge", "writer", 2), ("writer", "judge", 3)])
-        for name in ("basic", "loop", "endless", "ghost"):  # exactly one answer per workflow
+        per_workflow = {"basic": 3, **{name: iterations for name, (_, _, iterations) in runs.items()}}
+        every_hop = sum(per_workflow.values())
+        self.assertEqual(self.settled(agents, every_hop), every_hop, "every hop ran once")
+        for name in per_workflow:  # exactly one answer per workflow
             self.assertEqual(len(self.answers(f"cid-{name}")), 1)
 
     def test_v1_is_not_routed_and_static_next_wins(self):
