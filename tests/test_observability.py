@@ -1,5 +1,6 @@
 """Metrics, health endpoints, logs and progress events, checked against a running agent process."""
 
+import functools
 import json
 import subprocess
 import unittest
@@ -9,7 +10,7 @@ import urllib.request
 from fake_llm import FakeOpenAI, Reply, Status
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent2389_lib.metrics import Metrics, percentile, prometheus_text
+from agent2389_lib.metrics import FAMILIES, Metrics, json_document, percentile, prometheus_text
 from agent2389_lib.outcome import TaskResult
 from support import BrokerTestCase, Mosquitto, envelope, wait_until
 
@@ -68,6 +69,23 @@ class MetricsUnitTests(unittest.TestCase):
         tasks = metrics.snapshot()["tasks"]
         self.assertEqual([tasks[f"tasks_{name}"] for name in ("completed", "failed", "rejected", "duplicate", "ignored")],
                          [1, 2, 3, 4, 5])
+
+    def test_prometheus_and_json_render_the_same_declared_figures(self):
+        """Each figure is declared once: where both have it, Prometheus and the JSON document agree."""
+        metrics = Metrics("a1", 2)
+        metrics.tool_execution("echo", False, False, 0.5)
+        metrics.task_received()
+        reading = metrics.read()
+        document = json_document(reading)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(prometheus_text(reading)) for s in f.samples}
+        compared = 0
+        for family in FAMILIES:
+            if family.name and family.path and not family.labels:
+                json_value = functools.reduce(lambda node, key: node[key], family.path.split("."), document)
+                self.assertEqual(samples[(family.name, ())], float(json_value), family.name)
+                compared += 1
+        self.assertGreater(compared, 20)
 
     def test_prometheus_text_parses_strictly(self):
         metrics = Metrics("a1", 2)
