@@ -3,6 +3,8 @@ kind of failure that stops the agent from starting."""
 
 from __future__ import annotations
 
+import time
+
 from . import protocol
 
 
@@ -22,6 +24,15 @@ class LlmError(TaskFailure):
 
 class TaskTimeout(TaskFailure):
     code = protocol.INTERNAL_ERROR
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left before the task deadline (a `time.monotonic()` value); raises TaskTimeout
+    when none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TaskTimeout("task deadline passed")
+    return left
 
 
 class InvalidTask(TaskFailure):

@@ -6,9 +6,12 @@ and endpoint (keep-alive, and requests' own rules for the environment: `HTTP(S)_
 
 from __future__ import annotations
 
+import http.client
 import os
+import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from typing import Callable, Iterator, Optional
 
@@ -124,3 +127,87 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, requests.exceptions.SSLError):
         return "TLS handshake failed"
     return type(exc).__name__
+
+
+class BodyError(Exception):
+    """The body could not be read whole."""
+
+
+class BodyDeadline(BodyError):
+    pass
+
+
+def read_body(response: requests.Response, deadline: float, limit: int, read_timeout: float) -> bytes:
+    """The decoded body, chunk by chunk: each read may wait at most the time left before the
+    deadline (BodyDeadline past it). Reading stops once more than `limit` bytes arrived: a
+    longer result says the body was larger, and the caller decides whether that is an error
+    (the connection is then closed, not reused). A body shorter than its Content-Length (or a
+    broken chunked body) raises BodyError."""
+    raw = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    read = getattr(raw, "read1", None)
+    cutoff = None
+    if read is None:
+        # urllib3 1.x has no read1: its read(amt) waits for amt bytes however long each one takes,
+        # so the socket is shut at the deadline instead
+        read, cutoff = raw.read, _cutoff(sock, deadline)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BodyDeadline()
+            if sock is not None:
+                sock.settimeout(min(read_timeout, max(left, 0.01)))
+            try:
+                chunk = read(_CHUNK_BYTES, decode_content=True)
+            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    raise BodyDeadline() from None
+                raise BodyError(problem(exc)) from None
+            if not chunk:
+                if time.monotonic() >= deadline:
+                    raise BodyDeadline()
+                if raw.length_remaining:  # urllib3 1.x does not say when a Content-Length body was cut short
+                    raise BodyError(_CUT_SHORT)
+                return b"".join(chunks)
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > limit:
+                response.close()
+                return b"".join(chunks)
+    finally:
+        if cutoff is not None:
+            cutoff.cancel()
+
+
+def _cutoff(sock: Optional[socket.socket], deadline: float) -> Optional[threading.Timer]:
+    """Shuts `sock` at the deadline. Should it fire just after the body was read whole, the
+    connection pool finds the connection dropped and replaces it."""
+    if sock is None:
+        return None
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, (sock,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+_CUT_SHORT = "the connection closed before the whole body arrived"
+_CHUNK_BYTES = 65536
+
+
+def problem(exc: BaseException) -> str:
+    """What went wrong with a request, in a few words."""
+    if isinstance(exc, BodyError) and str(exc):
+        return str(exc)
+    if any(isinstance(cause, http.client.IncompleteRead) for cause in causes(exc)):  # urllib3's too
+        return _CUT_SHORT
+    return describe_failure(exc)

@@ -17,10 +17,10 @@ from typing import Any, Optional, Protocol
 from . import protocol, workflow
 from .answers import extract_response, find_json_object
 from .config import GatekeeperSettings, LlmSettings, RoutingSettings
-from .errors import TaskFailure, TaskTimeout
+from .errors import StartupError, TaskFailure, TaskTimeout, remaining
+from .jsonhttp import Attempted, HttpFailure, JsonHttpClient
 from .llm import build_provider
-from .llm.base import Message, OutputSchema, remaining
-from .llm.http import Attempted, JsonHttpClient
+from .llm.base import Message, OutputSchema
 from .llm.loop import Progress
 from .metrics import Metrics
 from .outcome import Kind, Outcome
@@ -165,9 +165,12 @@ class GatekeeperRouter:
 
     def __init__(self, settings: GatekeeperSettings):
         self.settings = settings
-        self.http = JsonHttpClient("gatekeeper", settings.url, {},
-                                   settings.retry_attempts, settings.timeout_ms / 1000.0,
-                                   lambda body: truncate_utf8(body.decode("utf-8", "replace"), 200))
+        try:
+            self.http = JsonHttpClient("gatekeeper", settings.url, {}, settings.retry_attempts,
+                                       settings.timeout_ms / 1000.0,
+                                       lambda body: truncate_utf8(body.decode("utf-8", "replace"), 200))
+        except HttpFailure as exc:
+            raise StartupError(str(exc)) from None
 
     def budget(self) -> float:
         return self.settings.timeout_ms / 1000.0 * self.settings.retry_attempts + _DEADLINE_SLACK
@@ -179,7 +182,10 @@ class GatekeeperRouter:
                 "iteration_count": request.workflow.iteration_count}
         if feedback:
             body["previous_decision_rejected"] = feedback  # additive: a gatekeeper may ignore it
-        return parse_decision(self.http.post("", body, deadline, Attempted()))
+        try:
+            return parse_decision(self.http.post("", body, deadline, Attempted()))
+        except HttpFailure as exc:  # the router's failure, not the task's LLM's
+            raise RouterError(str(exc)) from None
 
 
 def build_router(settings: RoutingSettings, metrics: Optional[Metrics] = None) -> Router:

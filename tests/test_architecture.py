@@ -15,7 +15,7 @@ LAYERS = {
     5: ["runtime"],
     4: ["processor", "router", "ops", "opsclient", "toolcheck"],
     3: ["transport", "link", "linkwatch", "tickets", "mqttclient", "wire"],
-    2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "registry", "httpsessions", "otelexport"],  # tools.mcp.* too
+    2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "registry", "httpsessions", "jsonhttp", "otelexport"],  # tools.mcp.* too
     1: ["health", "logs", "errors", "tracing"],
     0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome"],
 }

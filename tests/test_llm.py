@@ -15,7 +15,7 @@ from support import free_port
 from agent2389_lib.config import AgentConfig, BudgetSettings, LlmSettings, Secret, ToolSpec
 from agent2389_lib.errors import LlmError, TaskTimeout
 from agent2389_lib.llm import build_agent_loop
-from agent2389_lib.llm.http import retry_after_seconds
+from agent2389_lib.jsonhttp import retry_after_seconds
 from agent2389_lib.logs import configure_logging
 from agent2389_lib.protocol import parse_envelope
 from agent2389_lib.tools import build_registry

@@ -11,7 +11,7 @@ from ..metrics import Metrics
 from ..redaction import truncate_utf8
 from ..tools.base import ToolDef
 from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
-from .http import JsonHttpClient
+from .http import ProviderHttp
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -82,9 +82,9 @@ class AnthropicProvider:
         headers = {"anthropic-version": API_VERSION}
         if settings.api_key:
             headers["x-api-key"] = settings.api_key.reveal()
-        self.http = JsonHttpClient("anthropic", settings.base_url or OFFICIAL_BASE_URL["anthropic"], headers,
-                                   settings.max_attempts, settings.request_timeout, describe_error, metrics,
-                                   max_body=settings.max_response_bytes)
+        self.http = ProviderHttp("anthropic", settings.base_url or OFFICIAL_BASE_URL["anthropic"], headers,
+                                 settings.max_attempts, settings.request_timeout, describe_error, metrics,
+                                 settings.max_response_bytes)
 
     def verify(self) -> None:
         warn_if_unlisted(self.name, self.settings.model, self.http.get("/v1/models", _VERIFY_TIMEOUT))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 from .. import tracing
-from ..errors import TaskTimeout
 
 log = logging.getLogger("agent2389.llm")
 
@@ -72,14 +70,6 @@ def traced_chat(provider: str, model: str, chat: Callable[[], ChatReply]) -> Cha
         span.set("gen_ai.usage.output_tokens", reply.tokens_out)
         span.set("gen_ai.response.finish_reasons", [reply.finish_reason])
         return reply
-
-
-def remaining(deadline: float) -> float:
-    """Seconds left before the task deadline; raises TaskTimeout when none are."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TaskTimeout("task deadline passed")
-    return left
 
 
 def warn_if_unlisted(provider: str, model: str, listing: Any) -> None:

@@ -14,7 +14,8 @@ from typing import Optional
 
 from ..errors import TaskTimeout
 from ..metrics import Metrics
-from .base import ChatReply, Message, OutputSchema, ToolCall, remaining, traced_chat
+from ..errors import remaining
+from .base import ChatReply, Message, OutputSchema, ToolCall, traced_chat
 
 _INPUT_PREFIX = "Input data: "
 

@@ -11,7 +11,7 @@ from ..redaction import truncate_utf8
 from ..tools.base import ToolDef
 from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
 from ..metrics import Metrics
-from .http import JsonHttpClient
+from .http import ProviderHttp
 
 _VERIFY_TIMEOUT = 15.0
 
@@ -91,9 +91,9 @@ class OpenAIProvider:
         self.settings = settings
         self.name = "openai" if not settings.base_url else f"openai-compatible({settings.base_url})"
         headers = {"Authorization": f"Bearer {settings.api_key.reveal()}"} if settings.api_key else {}
-        self.http = JsonHttpClient("openai", settings.base_url or OFFICIAL_BASE_URL["openai"], headers,
-                                   settings.max_attempts, settings.request_timeout, describe_error, metrics, self.name,
-                                   settings.max_response_bytes)
+        self.http = ProviderHttp("openai", settings.base_url or OFFICIAL_BASE_URL["openai"], headers,
+                                 settings.max_attempts, settings.request_timeout, describe_error, metrics,
+                                 settings.max_response_bytes, self.name)
 
     def verify(self) -> None:
         warn_if_unlisted(self.name, self.settings.model, self.http.get("/models", _VERIFY_TIMEOUT))

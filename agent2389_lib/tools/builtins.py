@@ -6,14 +6,14 @@ import json
 import os
 import re
 import tempfile
-import time
 from html.parser import HTMLParser
 from typing import Any, Callable
 
 import requests
 
 from ..config import BUILTIN_OPTIONS, AgentConfig, ToolSpec
-from ..httpsessions import ThreadSessions, causes, describe_failure, endpoint_session
+from ..httpsessions import (BodyDeadline, BodyError, ThreadSessions, causes, describe_failure, endpoint_session,
+                            read_body)
 from .base import Tool, ToolError, ToolTimeout, seconds_left
 from .netguard import NetworkPolicy, guarded_session
 
@@ -109,35 +109,28 @@ class HttpRequestTool(Tool):
         timeout = seconds_left(deadline, float(params.get("timeout", self.default_timeout)))
         try:
             with self._sessions.get().request(method, params["url"], headers=params.get("headers"),
-                                         data=params.get("body", "").encode("utf-8") or None,
-                                         timeout=timeout, stream=True) as response:
-                body, truncated = self._read_capped(response, deadline)
+                                              data=params.get("body", "").encode("utf-8") or None,
+                                              timeout=timeout, stream=True) as response:
+                body = read_body(response, deadline, self.max_bytes, timeout)  # past the cap: truncated
                 content_type = response.headers.get("Content-Type", "")
                 status, final_url = response.status_code, response.url
+        except BodyDeadline:
+            raise ToolTimeout("the task deadline passed while reading the response") from None
+        except BodyError as exc:
+            raise ToolError(f"request failed: {exc}") from None
         except requests.TooManyRedirects:
             raise ToolError(f"more than {self.max_redirects} redirects") from None
         except requests.Timeout:
             raise ToolTimeout(f"no response within {timeout:.1f} s") from None
         except requests.RequestException as exc:
             raise ToolError(_request_failure(exc)) from None
-        text = body.decode(response.encoding or "utf-8", "replace")
+        text = body[:self.max_bytes].decode(response.encoding or "utf-8", "replace")
         if params.get("extract_content") and "html" in content_type.lower():
             text = html_to_text(text)
         result = {"status": status, "url": final_url, "content_type": content_type, "body": text}
-        if truncated:
+        if len(body) > self.max_bytes:
             result["truncated_at_bytes"] = self.max_bytes
         return json.dumps(result, ensure_ascii=False)
-
-    def _read_capped(self, response: requests.Response, deadline: float) -> tuple[bytes, bool]:
-        """Stream the body, stopping (and closing) as soon as it passes the cap."""
-        data = bytearray()
-        for chunk in response.iter_content(65536):
-            data += chunk
-            if len(data) > self.max_bytes:
-                return bytes(data[: self.max_bytes]), True
-            if time.monotonic() > deadline:
-                raise ToolTimeout("the task deadline passed while reading the response")
-        return bytes(data), False
 
 
 def _request_failure(exc: requests.RequestException) -> str:

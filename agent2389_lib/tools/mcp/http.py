@@ -13,7 +13,8 @@ from typing import Iterator, Optional
 import requests
 import urllib3
 
-from ...httpsessions import ThreadSessions, describe_failure, endpoint_session, public_url, timed_out
+from ...httpsessions import (BodyDeadline, BodyError, ThreadSessions, describe_failure, endpoint_session,
+                             public_url, read_body, timed_out)
 from . import jsonrpc
 from .session import McpError, McpSession, McpTimeout
 
@@ -89,7 +90,12 @@ class HttpChannel:
         if kind != "application/json":
             raise McpError(f"MCP server {self.server} answered with Content-Type {kind or 'none'!r}, not JSON "
                            f"or an event stream")
-        body = response.raw.read(MAX_EVENT + 1, decode_content=True)
+        try:
+            body = read_body(response, deadline, MAX_EVENT, max(0.1, deadline - time.monotonic()))
+        except BodyDeadline:
+            raise McpTimeout(f"MCP server {self.server} did not finish its answer in time") from None
+        except BodyError as exc:
+            raise McpError(f"MCP server {self.server}: the answer broke off: {exc}") from None
         if len(body) > MAX_EVENT:
             raise McpError(f"MCP server {self.server} answered with more than {MAX_EVENT >> 20} MiB")
         try:
