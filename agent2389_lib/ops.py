@@ -68,7 +68,7 @@ def answers(task: dict, payload: Any) -> bool:
     return "version" in task and ("workflow" in payload or "error" in payload)
 
 
-PROGRESS_TOPIC = "/control/agents/+/progress/#"
+PROGRESS_TOPIC = protocol.progress_filter()
 
 
 def check_agent(client: OperatorClient, input_topic: str, timeout: float = 10.0) -> None:
@@ -77,7 +77,7 @@ def check_agent(client: OperatorClient, input_topic: str, timeout: float = 10.0)
     sends retained messages on subscribing, before a probe published after it comes back."""
     agent_id = protocol.next_agent_id(input_topic)
     status_topic = protocol.status_topic(agent_id)
-    probe = f"/control/agents/{agent_id}/probe/{client.client_id}"
+    probe = protocol.probe_topic(agent_id, client.client_id)
     client.subscribe([status_topic, probe])
     client.publish(probe, b"probe")
     status: Any = None
@@ -101,7 +101,7 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float],
               on_progress: Optional[Callable[[str], None]] = None) -> tuple[int, Optional[dict]]:
     """Publish a task; with `wait`, subscribe to its conversation first (and, with
     `on_progress`, to the agents' progress events) and return the answer."""
-    answer_topic = f"/conversations/{task['conversation_id']}/+"
+    answer_topic = protocol.conversation_topic(task["conversation_id"], "+")
     if wait is not None:
         client.subscribe([answer_topic] + ([PROGRESS_TOPIC] if on_progress else []))
     context = _trace(task)
@@ -163,10 +163,10 @@ def describe_workflow(reply: Optional[dict]) -> Optional[str]:
 def monitor_topics(mode: str, agent_id: Optional[str], conversation_id: Optional[str]) -> list[str]:
     agent = agent_id or "+"
     topics = {
-        "availability": [f"/control/agents/{agent}/status", f"/control/agents/{agent}/instances/+/status"],
-        "conversations": [f"/conversations/{conversation_id or '+'}/#" if conversation_id else "/conversations/#"],
-        "inputs": [f"/control/agents/{agent}/input"],
-        "progress": [f"/control/agents/{agent}/progress/#"],  # `#` also matches the parent level
+        "availability": [protocol.status_topic(agent), protocol.instance_status_topic(agent, "+")],
+        "conversations": [protocol.conversation_filter(conversation_id or "+")],
+        "inputs": [protocol.input_topic(agent)],
+        "progress": [protocol.progress_filter(agent)],
     }
     topics["routing"] = topics["inputs"] + topics["conversations"]  # forwarded tasks carry the trace
     if mode == "all":

@@ -299,7 +299,7 @@ class TaskProcessor:
         attributes = {"messaging.system": "mqtt", "messaging.operation.type": "send",
                       "messaging.operation.name": "send", "messaging.destination.name": topic,
                       "messaging.message.id": claim.task_id}
-        with tracing.span(f"send {tracing.destination_template(topic)}", tracing.PRODUCER, attributes):
+        with tracing.span(f"send {protocol.destination_template(topic)}", tracing.PRODUCER, attributes):
             self._publish_until_accepted(claim, topic, payload)
 
     def _publish_until_accepted(self, claim: Claim, topic: str, payload: bytes) -> None:

@@ -72,6 +72,7 @@ def input_topic(agent_id: str) -> str:
 
 
 def status_topic(agent_id: str) -> str:
+    """The agent's retained status (`+` for every agent's, a filter)."""
     return f"/control/agents/{agent_id}/status"
 
 
@@ -91,7 +92,35 @@ def progress_topic(agent_id: str, category: str) -> str:
 
 
 def conversation_topic(conversation_id: str, agent_id: str) -> str:
+    """Where `agent_id` answers in a conversation (`+` for any agent, a filter)."""
     return f"/conversations/{conversation_id}/{agent_id}"
+
+
+def conversation_filter(conversation_id: str = "+") -> str:
+    """Every message of a conversation (`+`: of every conversation)."""
+    return f"/conversations/{conversation_id}/#"
+
+
+def progress_filter(agent_id: str = "+") -> str:
+    """Every progress event of an agent (`+`: of every agent); `#` also matches the parent level."""
+    return f"/control/agents/{agent_id}/progress/#"
+
+
+def probe_topic(agent_id: str, client_id: str) -> str:
+    """A client's own probe: published after subscribing, it comes back after the retained statuses."""
+    return f"/control/agents/{agent_id}/probe/{client_id}"
+
+
+def dead_letter_topic(agent_id: str) -> str:
+    return f"/control/agents/{agent_id}/dead-letter"
+
+
+def destination_template(topic: str) -> str:
+    """A topic fit for a span name: conversation ids make names of one use each."""
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[1] == "conversations":
+        return conversation_topic("{conversation_id}", parts[3])
+    return topic
 
 
 def next_agent_id(next_topic: str) -> str:

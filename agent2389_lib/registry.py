@@ -22,7 +22,7 @@ from . import protocol
 
 log = logging.getLogger("agent2389.registry")
 
-STATUS_FILTER = "/control/agents/+/status"
+STATUS_FILTER = protocol.status_topic("+")
 _STALE_HEARTBEATS = 3
 REFERENCE_HEARTBEAT = 900.0  # seconds: the reference implementation's default, which it does not publish
 _ROUTABLE_HEALTH = (protocol.HEALTH_OK, protocol.HEALTH_DEGRADED)

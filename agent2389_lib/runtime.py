@@ -136,7 +136,7 @@ class AgentRuntime:
         self._futures: list[Future] = []
         self._twins = Throttle()
         self.pool = Membership(config.agent_id, config.instance_id, on_twin=self._on_twin)
-        self._probe_topic = f"/control/agents/{config.agent_id}/probe/{config.mqtt.client_id}"
+        self._probe_topic = protocol.probe_topic(config.agent_id, config.mqtt.client_id)
         self._probe_seen = threading.Event()
         self.intake = Intake(capacity=2 * self.workers, on_room=lambda: self.transport.wake_intake())
         self.metrics.intake_depth = self.intake.depth

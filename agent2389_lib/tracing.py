@@ -178,10 +178,3 @@ def span(name: str, kind: str = INTERNAL, attributes: Optional[dict] = None,
 def shutdown(timeout: float) -> None:
     _tracer.shutdown(timeout)
 
-
-def destination_template(topic: str) -> str:
-    """A topic fit for a span name: conversation ids make names of one use each."""
-    parts = topic.split("/")
-    if len(parts) == 4 and parts[1] == "conversations":
-        return f"/conversations/{{conversation_id}}/{parts[3]}"
-    return topic

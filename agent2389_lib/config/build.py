@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
+from ..protocol import dead_letter_topic
 from .mcp_servers import build_mcp_servers
 from .model import (AgentConfig, BASE_URL_ENV, BUILTIN_OPTIONS, BUILTIN_TOOLS, BudgetSettings, DEFAULT_MODELS,
                     GatekeeperSettings, KEY_ENV, LOG_LEVELS, LlmSettings, MASK, MqttSettings,
@@ -91,10 +92,10 @@ def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[Agent
 
 def _dead_letter_topic(read: Reader, agent_id: str) -> str:
     """Default `/control/agents/{agent_id}/dead-letter`; set empty to turn it off."""
-    topic = read.string("dead_letter_topic", f"/control/agents/{agent_id}/dead-letter")
+    topic = read.string("dead_letter_topic", dead_letter_topic(agent_id))
     if topic and (any(c in topic for c in "+#") or len(topic.encode("utf-8", "replace")) > 65535):
         read.out.problem(f"{read.origin('dead_letter_topic')} must be an MQTT topic name without wildcards (+, #), "
-                         f"e.g. /control/agents/{agent_id}/dead-letter; or empty to turn it off")
+                         f"e.g. {dead_letter_topic(agent_id)}; or empty to turn it off")
     return topic or ""
 
 
