@@ -23,7 +23,7 @@ from typing import Callable, Optional
 from . import protocol
 from .logs import Throttle
 from .redaction import truncate_utf8
-from .registry import parse_timestamp
+from .discovery import parse_timestamp
 
 _CLOCK_SKEW = 2.0  # seconds between two hosts' clocks that a twin's timestamp may show
 log = logging.getLogger("agent2389.pool")

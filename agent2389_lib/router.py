@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .outcome import Kind, Outcome
 from .protocol import TaskEnvelope
 from .redaction import truncate_utf8
-from .registry import AgentInfo, Registry
+from .discovery import AgentInfo, Registry
 
 log = logging.getLogger("agent2389.router")
 

@@ -30,9 +30,9 @@ from .logs import Throttle, span
 from .metrics import Metrics
 from .pool import Membership
 from .processor import Route, TaskProcessor
-from .registry import STATUS_FILTER, Registry
+from .discovery import STATUS_FILTER, Registry
 from .tools import build_registry
-from .transport import MqttTransport, SubscriptionRefused
+from .mqtt.transport import MqttTransport, SubscriptionRefused
 
 log = logging.getLogger("agent2389.runtime")
 

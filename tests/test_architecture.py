@@ -11,16 +11,16 @@ PACKAGE = "agent2389_lib"
 
 # Each module's layer, top (6) to bottom (0); a module imports only from its own layer or below.
 LAYERS = {
-    6: ["cli", "__main__", "build_pyz"],
+    6: ["cli", "cli.*", "__main__", "build_pyz"],
     5: ["runtime"],
-    4: ["processor", "router", "ops", "opsclient", "toolcheck"],
-    3: ["transport", "link", "linkwatch", "tickets", "mqttclient", "wire"],
-    2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "registry", "httpsessions", "jsonhttp", "otelexport"],  # tools.mcp.* too
+    4: ["processor", "router"],
+    3: ["mqtt", "mqtt.*"],
+    2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "discovery", "httpsessions", "jsonhttp", "otelexport"],  # tools.mcp.* too
     1: ["health", "logs", "errors", "tracing"],
     0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome"],
 }
 MAX_LINES = 600
-PAHO_PRIVATE_HOME = "wire"
+PAHO_PRIVATE_HOME = "mqtt.wire"
 
 
 def modules() -> dict[str, str]:

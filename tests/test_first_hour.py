@@ -19,7 +19,7 @@ from fake_llm import FakeOpenAI
 from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, Mosquitto, Watcher, base_env, envelope, free_port,
                      process, wait_until)
 
-from agent2389_lib import ops
+from agent2389_lib.cli import ops
 from agent2389_lib.config import load_config
 from agent2389_lib.llm.openai import OpenAIProvider
 from agent2389_lib.config import LlmSettings, Secret

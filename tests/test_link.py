@@ -12,10 +12,10 @@ from paho.mqtt.properties import Properties
 from support import BrokerTestCase, ClosingProxy, Mosquitto, Watcher, new_task_id, wait_until
 
 from agent2389_lib.config import MqttSettings
-from agent2389_lib.link import InboundMessage, Link, MessageStateError
+from agent2389_lib.mqtt.link import InboundMessage, Link, MessageStateError
 from agent2389_lib.metrics import Metrics
-from agent2389_lib.mqttclient import ProtocolVersion, new_client, user_properties
-from agent2389_lib.wire import close_socket
+from agent2389_lib.mqtt.clients import ProtocolVersion, new_client, user_properties
+from agent2389_lib.mqtt.wire import close_socket
 
 LIMIT = 20000  # the broker's max_packet_size
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import unittest
 
-from agent2389_lib.ops import message_type, monitor_topics, render
+from agent2389_lib.cli.ops import message_type, monitor_topics, render
 from support import AGENT_SCRIPT, BrokerTestCase, base_env, free_port, process, wait_until
 
 

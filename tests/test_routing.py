@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from fake_llm import FakeAnthropic, FakeGatekeeper, FakeOpenAI, Hang, Reply, Status
 from support import AGENT_SCRIPT, BrokerTestCase, Watcher, base_env, envelope, process, wait_until
 
-from agent2389_lib.registry import STATUS_FILTER, Registry
+from agent2389_lib.discovery import STATUS_FILTER, Registry
 
 ROUTER_KEY = "sk-router-key-0123456789"
 CAPABILITIES = {"researcher": ["research"], "writer": ["writing"], "judge": ["review", "judging"]}

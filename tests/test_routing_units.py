@@ -15,7 +15,7 @@ from fake_llm import FakeAnthropic, FakeGatekeeper, FakeOpenAI, Hang, Reply, Sta
 from agent2389_lib import protocol, workflow  # noqa: E402
 from agent2389_lib.config import GatekeeperSettings, LlmSettings, RoutingSettings, Secret  # noqa: E402
 from agent2389_lib.metrics import Metrics, prometheus_text  # noqa: E402
-from agent2389_lib.registry import Registry, parse_timestamp  # noqa: E402
+from agent2389_lib.discovery import Registry, parse_timestamp  # noqa: E402
 from agent2389_lib.router import (GatekeeperRouter, LlmRouter, RouterError, RoutingRequest,  # noqa: E402
                                   WorkflowRouter, parse_decision)
 
@@ -240,7 +240,7 @@ class GatekeeperTests(unittest.TestCase):
         return GatekeeperRouter(GatekeeperSettings(self.fake.url, timeout_ms, attempts))
 
     def test_request_shape_and_5xx_retry(self):
-        from agent2389_lib.registry import AgentInfo
+        from agent2389_lib.discovery import AgentInfo
         self.fake.script += [Status(503), {"workflow_complete": False, "next_agent": "judge", "next_instruction": "go"}]
         judge = AgentInfo("judge", ("review",), "reviews", "ok", 0.25, 0.0, 60)
         decision = self.router().decide(request_for([judge]), None, time.monotonic() + 30)

@@ -192,7 +192,7 @@ class NetworkLoopFaultTests(LoggingBrokerCase):
     def test_a_fault_in_the_loop_reconnects_with_backoff_and_is_logged_once(self):
         agent_id = "faulty-loop"
         flag = os.path.join(tempfile.mkdtemp(prefix="fault-"), "raise")
-        prelude = ("import os\nimport agent2389_lib.link as link\n"
+        prelude = ("import os\nimport agent2389_lib.mqtt.link as link\n"
                    "service = link.Link._service\n"
                    "def faulty(self):\n"
                    f"    if self.name == 'intake' and os.path.exists({flag!r}):\n"

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers, writeUTF
 
-from .config import MqttSettings
+from ..config import MqttSettings
 from .wire import open_socket
 
 log = logging.getLogger("agent2389.transport.mqtt")

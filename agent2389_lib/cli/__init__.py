@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
+from .. import __version__
 
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- agent commands
 
 def _load_or_exit(path: Optional[str]):
-    from .config import ConfigError, load_config
+    from ..config import ConfigError, load_config
     try:
         return load_config(config_path(path))
     except ConfigError as exc:
@@ -156,7 +156,7 @@ def _load_or_exit(path: Optional[str]):
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .config import masked_view
+    from ..config import masked_view
     loaded = _load_or_exit(args.config)
     for warning in loaded.warnings:
         print(f"config warning: {warning}", file=sys.stderr)
@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     """Logging is configured before anything is said, so every line (config warnings too) has
     the configured format."""
     import logging
-    from .logs import configure_logging
+    from ..logs import configure_logging
     loaded = _load_or_exit(args.config)
     config = loaded.config
     configure_logging(config.log_level, config.log_format, config.secrets(), spans=config.log_spans)
@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         log.error("config error: %s", problem)
     if loaded.run_problems:
         return EXIT_CONFIG
-    from .runtime import run_agent
+    from ..runtime import run_agent
     return run_agent(config)
 
 
@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace, session_seconds: Optional[float] = None):
     """Connected, or exit 3 saying why; every lost and regained connection is said on stderr."""
-    from .config import ConfigError, load_mqtt_settings
+    from ..config import ConfigError, load_mqtt_settings
     from .opsclient import OperatorClient, OperatorError
     try:
         settings = load_mqtt_settings(config_path(args.config), broker_url=args.broker_url)
@@ -217,7 +217,8 @@ def _json_arg(parser_name: str, value: Optional[str]):
 
 def _deliver(args: argparse.Namespace, task: dict) -> int:
     """Publish `task` as the first span of a trace (or of the one `--traceparent` names)."""
-    from . import ops, tracing
+    from .. import tracing
+    from . import ops
     from .opsclient import OperatorError
     given = getattr(args, "traceparent", None)
     parent = tracing.parse(given)
@@ -251,7 +252,7 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
 
 def _agent_ids(option: str, values: list[str]) -> list[str]:
     """The ids, or exit 2 naming the first that breaks the agent id rule."""
-    from .protocol import is_valid_agent_id
+    from ..protocol import is_valid_agent_id
     for value in values:
         if not is_valid_agent_id(value):
             print(f"error: {option} {value!r} is not a valid agent id (3-64 characters of letters, digits, '.', '_' "
@@ -289,7 +290,8 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    from . import ops, protocol
+    from .. import protocol
+    from . import ops
     client = _client(args)
     colour = args.format == "pretty" and sys.stdout.isatty()
     seen = 0
@@ -319,7 +321,7 @@ def _monitor(args: argparse.Namespace) -> int:
 
 
 def _tools(args: argparse.Namespace) -> int:
-    from .logs import configure_logging
+    from ..logs import configure_logging
     from .toolcheck import call_tool, list_tools
     config = _load_or_exit(args.config).config
     configure_logging("WARN", "text", config.secrets())

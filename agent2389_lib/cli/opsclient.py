@@ -13,8 +13,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import MqttSettings
-from .mqttclient import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client, user_properties
+from ..config import MqttSettings
+from ..mqtt.clients import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client, user_properties
 
 
 class OperatorError(Exception):

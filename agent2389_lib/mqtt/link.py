@@ -18,12 +18,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .config import MqttSettings
-from .errors import PayloadTooLarge
+from ..config import MqttSettings
+from ..errors import PayloadTooLarge
+from ..metrics import Metrics
+from .clients import (UNSUPPORTED_PROTOCOL, ProtocolVersion, describe_refusal, new_client, publish_packet_size,
+                      user_properties)
 from .linkwatch import LinkWatch
-from .metrics import Metrics
-from .mqttclient import (UNSUPPORTED_PROTOCOL, ProtocolVersion, describe_refusal, new_client, publish_packet_size,
-                         user_properties)
 from .tickets import PublishTicket, Tickets
 from .wire import close_socket, on_pubrec_refusal, reset_unread
 

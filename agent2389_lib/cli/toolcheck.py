@@ -8,9 +8,9 @@ import sys
 import time
 from typing import Any
 
-from .config import AgentConfig
-from .tools import build_registry
-from .tools.registry import ToolRegistry, ToolStartupError
+from ..config import AgentConfig
+from ..tools import build_registry
+from ..tools.registry import ToolRegistry, ToolStartupError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _DESCRIPTION_SHOWN = 100

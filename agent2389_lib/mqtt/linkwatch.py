@@ -11,11 +11,11 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from .backoff import Backoff
-from .config import MqttSettings
-from .logs import Throttle
-from .metrics import Metrics
-from .mqttclient import ProtocolVersion, describe_tls_error
+from ..backoff import Backoff
+from ..config import MqttSettings
+from ..logs import Throttle
+from ..metrics import Metrics
+from .clients import ProtocolVersion, describe_tls_error
 
 log = logging.getLogger("agent2389.transport.mqtt")
 

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Callable, Optional, Sequence
 
-from . import protocol, tracing
+from .. import protocol, tracing
 from .opsclient import OperatorClient, OperatorError
 
 EXIT_RESPONSE, EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 3, 124

@@ -24,10 +24,10 @@ from typing import Callable, Optional, Sequence
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .config import MqttSettings
+from ..config import MqttSettings
+from ..metrics import Metrics
+from .clients import ProtocolVersion
 from .link import InboundMessage, Link
-from .metrics import Metrics
-from .mqttclient import ProtocolVersion
 from .tickets import PublishTicket
 
 log = logging.getLogger("agent2389.transport.mqtt")
