@@ -21,9 +21,9 @@ import uuid
 from typing import Callable, Optional
 
 from . import protocol
+from .discovery import parse_timestamp
 from .logs import Throttle
 from .redaction import truncate_utf8
-from .discovery import parse_timestamp
 
 _CLOCK_SKEW = 2.0  # seconds between two hosts' clocks that a twin's timestamp may show
 log = logging.getLogger("agent2389.pool")

@@ -216,7 +216,7 @@ class MonitoringTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         from agent2389_lib.metrics import Metrics, prometheus_text
-        cls.exported = set(re.findall(r"^# TYPE (\S+)", prometheus_text(Metrics("a", 4).snapshot(), "0"), re.M))
+        cls.exported = set(re.findall(r"^# TYPE (\S+)", prometheus_text(Metrics("a", 4).read()), re.M))
 
     def names_in(self, expression):
         return {n for n in re.findall(r"\bagent2389_[a-z_]+", expression)}

@@ -13,6 +13,7 @@ from support import BrokerTestCase, ClosingProxy, Mosquitto, Watcher, new_task_i
 
 from agent2389_lib.config import MqttSettings
 from agent2389_lib.mqtt.link import InboundMessage, Link, MessageStateError
+from agent2389_lib.mqtt.tickets import PublishTicket, Tickets
 from agent2389_lib.metrics import Metrics
 from agent2389_lib.mqtt.clients import ProtocolVersion, new_client, user_properties
 from agent2389_lib.mqtt.wire import close_socket
@@ -127,6 +128,28 @@ class ExactlyOnceTests(BrokerTestCase):
         ticket = link.publish("/conversations/denied/qos2", b"refused", qos=2)
         self.assertTrue(ticket.wait(30))
         self.assertEqual((ticket.refusal, ticket.refusal_code), ("Not authorized", 0x87))
+
+
+class TicketsTests(unittest.TestCase):
+    """Packet ids matched with their acknowledgements, whichever of the two comes first."""
+
+    def test_an_acknowledgement_before_its_id_was_handed_over_settles_the_ticket(self):
+        tickets, early, late = Tickets(), PublishTicket(), PublishTicket()
+        tickets.reported(5, None)  # paho's network thread may report before publish() returned the id
+        tickets.track(5, early, ("/t", b"", False, (), 1))
+        tickets.track(6, late, ("/t", b"", False, (), 1))
+        self.assertTrue(early.wait(0))
+        self.assertFalse(late.wait(0))
+        tickets.reported(6, ("Not authorized", 0x87))
+        self.assertEqual((late.wait(0), late.refusal, late.refusal_code), (True, "Not authorized", 0x87))
+
+    def test_what_is_unsettled_goes_to_a_new_client_and_nothing_early_is_kept(self):
+        tickets, waiting = Tickets(), PublishTicket()
+        tickets.track(1, waiting, ("/t", b"x", True, (("traceparent", "tp"),), 2))
+        tickets.reported(9, None)  # an early report of an id never handed over
+        self.assertEqual(tickets.take_unsettled(), [(waiting, ("/t", b"x", True, (("traceparent", "tp"),), 2))])
+        tickets.track(9, PublishTicket(), ("/t", b"", False, (), 1))
+        self.assertEqual(tickets.take_unsettled()[0][1][0], "/t", "the early report was forgotten: still waiting")
 
 
 class AcknowledgementTests(unittest.TestCase):

@@ -3,6 +3,7 @@
 import functools
 import json
 import subprocess
+import sys
 import unittest
 import urllib.error
 import urllib.request
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent2389_lib.metrics import FAMILIES, Metrics, json_document, percentile, prometheus_text
 from agent2389_lib.outcome import TaskResult
-from support import BrokerTestCase, Mosquitto, envelope, wait_until
+from support import AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, test_failed, wait_until
 
 AGENT = "agent-obs"
 INPUT = f"/control/agents/{AGENT}/input"
@@ -106,27 +107,45 @@ class MetricsUnitTests(unittest.TestCase):
 
 
 class ScriptedRunTests(BrokerTestCase):
-    """Six tasks, each with one tool call, two failing: every counter is exactly right."""
+    """Six tasks, each with one tool call, two failing, run once for the class; then what each
+    observer sees: the counters, the deployment guide's commands, the log lines, the progress events."""
 
     PUBLISHED = 1 + 1 + 6 + 6 * 8  # the startup probe, available, 6 outcomes, 8 progress events per task
 
-    def test_counters_logs_and_guide_commands(self):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Mosquitto().start()
+        cls.addClassCleanup(cls.broker.cleanup)  # the class's cleanups run last first: the broker goes last
         fake = FakeOpenAI(api_key=OPENAI_KEY)
-        self.addCleanup(fake.close)
-        watcher = self.watcher(STATUS, "/conversations/#", f"/control/agents/{AGENT}/progress/#")
-        agent = self.agent(AGENT, llm={"provider": "openai", "base_url": fake.base_url},
-                           tools={"echo": "builtin"},
-                           env={"OPENAI_API_KEY": OPENAI_KEY, "MAX_PIPELINE_DEPTH": "1", "LOG_LEVEL": "INFO"})
-        agent.start_and_wait_available(watcher)
+        cls.addClassCleanup(fake.close)
+        cls.watch = Watcher(cls.broker.port, STATUS, "/conversations/#", f"/control/agents/{AGENT}/progress/#")
+        cls.addClassCleanup(cls.watch.close)
+        cls.run_agent = AgentProcess(cls.broker, AGENT, llm={"provider": "openai", "base_url": fake.base_url},
+                                     tools={"echo": "builtin"},
+                                     env={"OPENAI_API_KEY": OPENAI_KEY, "MAX_PIPELINE_DEPTH": "1", "LOG_LEVEL": "INFO"})
+        cls.addClassCleanup(cls.run_agent.stop)
+        cls.run_agent.start_and_wait_available(cls.watch)
         for index in range(6):
             fake.script += [Reply(tool_calls=[("echo", {"message": f"m{index}"})]),
                             Status(400) if index in (1, 4) else Reply(f"done {index}")]
         for index in range(6):
-            watcher.publish(INPUT, envelope(AGENT, cid=f"c-obs{index}"))
-        watcher.wait_for("/conversations/+/+", count=6, timeout=30)
-        provider = f"openai-compatible({fake.base_url})"
-        port = agent.env["HEALTH_PORT"]
-        snapshot = wait_until(lambda: self._settled(port), 15, "all publishes acknowledged and tasks finished")
+            cls.watch.publish(INPUT, envelope(AGENT, cid=f"c-obs{index}"))
+        cls.watch.wait_for("/conversations/+/+", count=6, timeout=30)
+        cls.provider = f"openai-compatible({fake.base_url})"
+        cls.port = cls.run_agent.env["HEALTH_PORT"]
+        cls.snapshot = wait_until(lambda: cls._settled(cls.port), 15, "all publishes acknowledged and tasks finished")
+
+    @classmethod
+    def tearDownClass(cls):
+        pass  # the class cleanups do it, in order
+
+    def tearDown(self):
+        super().tearDown()
+        if test_failed(self):
+            print(f"\n--- log of {AGENT} ---\n{self.run_agent.log()[-3000:]}", file=sys.stderr)
+
+    def test_counters(self):
+        snapshot = self.snapshot
         tasks, mqtt, tools, llm = snapshot["tasks"], snapshot["mqtt"], snapshot["tools"], snapshot["llm"]["providers"]
         self.assertEqual({k: tasks[k] for k in ("tasks_received", "tasks_processing", "tasks_completed", "tasks_failed",
                                                 "tasks_rejected", "tasks_duplicate", "current_pipeline_depth",
@@ -144,8 +163,8 @@ class ScriptedRunTests(BrokerTestCase):
         self.assertEqual({k: echo[k] for k in ("executions", "failures", "timeouts", "success_rate")},
                          {"executions": 6, "failures": 0, "timeouts": 0, "success_rate": 1.0})
         self.assertEqual((tools["total_executions"], tools["total_failures"]), (6, 0))
-        self.assertEqual({k: llm[provider][k] for k in ("requests", "errors", "errors_by_kind", "retries",
-                                                         "tokens_in", "tokens_out")},
+        self.assertEqual({k: llm[self.provider][k] for k in ("requests", "errors", "errors_by_kind", "retries",
+                                                              "tokens_in", "tokens_out")},
                          {"requests": 12, "errors": 2, "errors_by_kind": {"bad_request": 2}, "retries": 0,
                           "tokens_in": 110, "tokens_out": 70})
         self.assertEqual((snapshot["lifecycle"]["current_state"], snapshot["lifecycle"]["healthy"],
@@ -153,8 +172,8 @@ class ScriptedRunTests(BrokerTestCase):
         self.assertEqual(snapshot["agent_id"], AGENT)
         self.assertGreater(snapshot["system"]["memory_used_bytes"], 1_000_000)
 
-        # the deployment guide's commands, verbatim but for the port
-        url = f"http://localhost:{port}/metrics"
+    def test_the_deployment_guides_commands_verbatim_but_for_the_port(self):
+        url = f"http://localhost:{self.port}/metrics"
         self.assertEqual(pipe(["curl", "-s", url], ["jq", ".tasks.current_pipeline_depth"]).strip(), "0")
         for path, expected in ((".tasks.tasks_processing", "0"), (".mqtt.connected", "true")):
             self.assertEqual(pipe(["curl", "-s", url], ["jq", path]).strip(), expected)
@@ -164,10 +183,11 @@ class ScriptedRunTests(BrokerTestCase):
                                                                "mqtt_connected: .mqtt.connected, "
                                                                "avg_processing_time: .tasks.avg_processing_time_ms}"]))
         self.assertEqual(set(summary), {"tasks_processing", "mqtt_connected", "avg_processing_time"})
-        self.assertEqual(pipe(["curl", "-s", f"http://localhost:{port}/health"], ["jq", ".status"]).strip(),
+        self.assertEqual(pipe(["curl", "-s", f"http://localhost:{self.port}/health"], ["jq", ".status"]).strip(),
                          '"healthy"')
 
-        logs = agent.log()
+    def test_log_lines(self):
+        logs = self.run_agent.log()
         errors = self._jq(logs, 'select(.level=="ERROR")')
         self.assertEqual(len(errors), 2)
         self.assertTrue(all("llm_error" in e["fields"]["message"] for e in errors))
@@ -178,12 +198,13 @@ class ScriptedRunTests(BrokerTestCase):
         self.assertEqual({line["target"] for line in mqtt_lines}, {"agent2389::transport::mqtt"})
         self.assertTrue(any("subscribed to" in line["fields"]["message"] for line in mqtt_lines))
 
-        progress = watcher.matching(f"/control/agents/{AGENT}/progress/#")
+    def test_progress_events(self):
+        progress = self.watch.matching(f"/control/agents/{AGENT}/progress/#")
         self.assertEqual(len(progress), 48)
         for event in progress:
             self.assertEqual(list(event), ["agent_id", "task_id", "conversation_id", "timestamp", "category",
                                            "event_type", "message", "metadata"])
-        by_topic = {suffix: watcher.matching(f"/control/agents/{AGENT}/progress{suffix}")
+        by_topic = {suffix: self.watch.matching(f"/control/agents/{AGENT}/progress{suffix}")
                     for suffix in ("", "/llm", "/tools")}
         self.assertEqual({e["event_type"] for e in by_topic[""]}, {"TaskStart", "TaskComplete", "TaskError"})
         self.assertEqual({e["event_type"] for e in by_topic["/llm"]}, {"LlmRequest", "LlmResponse", "LlmError"})

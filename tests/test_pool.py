@@ -175,6 +175,58 @@ class PoolTests(BrokerTestCase):
         self.assertNotIn("took over", first.log())
 
 
+def status(state: str, **fields) -> bytes:
+    return json.dumps({"agent_id": "pool", "status": state, "timestamp": "2026-12-07T12:00:00.000Z",
+                       **fields}).encode()
+
+
+class MembershipRuleTests(unittest.TestCase):
+    """The pool's rules, without a broker: where statuses go, who is alive, who marks the pool
+    unavailable, and what a plain agent and a pool member with the same id say of each other."""
+
+    def test_a_member_takes_a_share_and_speaks_for_the_pool_while_available(self):
+        member = Membership("pool", "m1")
+        self.assertEqual(member.input_filter(), "$share/pool//control/agents/pool/input")
+        self.assertEqual(member.status_topics("available"),
+                         ["/control/agents/pool/instances/m1/status", "/control/agents/pool/status"])
+        self.assertEqual(member.status_topics("unavailable"), ["/control/agents/pool/instances/m1/status"])
+        self.assertEqual(member.wills(), ("/control/agents/pool/instances/m1/status", "/control/agents/pool/status"))
+        alone = Membership("pool", None)
+        self.assertEqual((alone.input_filter(), alone.status_topics("available"), alone.wills()),
+                         ("/control/agents/pool/input", ["/control/agents/pool/status"],
+                          ("/control/agents/pool/status", None)))
+
+    def test_the_last_member_to_leave_marks_the_pool_unavailable(self):
+        first, last = Membership("pool", "m1"), Membership("pool", "m2")
+        for membership in (first, last):
+            for member in ("m1", "m2"):
+                membership.observe(f"/control/agents/pool/instances/{member}/status", status("available"), "running")
+        self.assertEqual((first.size_hint(), last.size_hint()), (2, 2))
+        first.observe("/control/agents/pool/instances/m1/status", status("unavailable"), "stopping")
+        self.assertEqual(first.leaving_topics(0.0), [], "m2 is still alive")
+        last.observe("/control/agents/pool/instances/m1/status", status("unavailable"), "stopping")
+        last.observe("/control/agents/pool/instances/m2/status", status("unavailable"), "stopping")
+        self.assertEqual(last.leaving_topics(0.0), ["/control/agents/pool/status"])
+        self.assertEqual(Membership("pool", None).leaving_topics(0.0), [], "a plain agent's Last Will says it all")
+
+    def test_a_running_member_marks_the_pool_available_again(self):
+        member = Membership("pool", "m1")
+        self.assertTrue(member.observe("/control/agents/pool/status", status("unavailable"), "running"))
+        self.assertFalse(member.observe("/control/agents/pool/status", status("unavailable"), "stopping"))
+        self.assertFalse(Membership("pool", None).observe("/control/agents/pool/status", status("unavailable"),
+                                                          "running"))
+
+    def test_a_plain_agent_and_a_pool_member_with_one_id_are_a_conflict(self):
+        member = Membership("pool", "m1")
+        member.observe("/control/agents/pool/status", status("available"), "starting")
+        self.assertIn("also served by an agent that is not a pool member", member.startup_conflict)
+        plain = Membership("pool", None)
+        plain.observe("/control/agents/pool/status", status("available", instance_id="m7"), "starting")
+        self.assertIn("also served by pool member m7", plain.startup_conflict)
+        for payload in (b"not json", b"[]", b""):
+            self.assertFalse(plain.observe("/control/agents/pool/status", payload, "running"))
+
+
 class TwinRuleTests(unittest.TestCase):
     """Only a live process's status on this process's own topic is a twin's."""
 

@@ -167,11 +167,28 @@ class LlmRoutedWorkflowTests(RoutingCase):
         cls.fake.close()
         super().tearDownClass()
 
-    def test_workflows(self):
-        """One set of agents, one router, every way a workflow ends."""
+    def routed(self, name: str, first: str, reason: str, iterations: int) -> dict:
+        """Runs the workflow `name` from agent `first` with three routed agents; checks how it ended,
+        its steps and trace, that every hop was a new task run once, and that it was answered once.
+        Its final answer."""
+        agents = self.start(llm_routing(self.fake))
+        task = self.workflow(first, name, f"cid-{name}")
+        workflow = self.final(f"cid-{name}")["workflow"]
+        self.assertEqual((workflow["complete"], workflow["reason"], workflow["iterations"]), (True, reason, iterations))
+        steps = [s["agent_id"] for s in workflow["steps_completed"]]
+        trace = [(t["from_agent"], t["to_agent"], t["step_number"]) for t in workflow["routing_trace"]]
+        self.assertEqual(len(steps), iterations)
+        self.assertEqual(trace, [(a, b, n + 1) for n, (a, b) in enumerate(zip(steps, steps[1:]))])
+        hops = self.watch.matching("/control/agents/+/input", lambda p: p.get("conversation_id") == f"cid-{name}")
+        self.assertEqual(len({h["task_id"] for h in hops}), iterations)  # every hop a new task id
+        self.assertEqual(hops[0]["task_id"], task["task_id"])
+        self.assertEqual(self.settled(agents, iterations), iterations, "every hop ran once")
+        self.assertEqual(len(self.answers(f"cid-{name}")), 1, "answered once")
+        return workflow
+
+    def test_three_agents_routed_by_strict_schema_answers_seen_by_inject_and_monitor(self):
         agents = self.start(llm_routing(self.fake))
         before = len(self.fake.completions())
-        # three agents, routed by the router's strict-schema answers, watched by `monitor --mode routing`
         monitor = process(self, [sys.executable, AGENT_SCRIPT, "monitor", "--broker-url", self.broker.url, "--mode",
                                  "routing", "--conversation-id", "cid-basic", "--count", "3"], env=base_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -195,42 +212,28 @@ class LlmRoutedWorkflowTests(RoutingCase):
         catalog = bodies[0]["messages"][-1]["content"].split("AVAILABLE AGENTS:\n")[1]
         self.assertIn("- judge: the judge; capabilities: review, judging; load: 0.00", catalog)
         self.assertIn("- researcher (the current agent): the researcher", catalog)
+        self.assertEqual(self.settled(agents, 3), 3, "every hop ran once")
+        self.assertEqual(len(self.answers("cid-basic")), 1, "answered once")
 
-        # a judge -> writer -> judge loop revisits both agents; max_iterations stops a router that
-        # never completes; a router naming an unknown agent ends after one corrective retry
-        runs = {"loop": ("writer", "router", 4), "endless": ("writer", "max_iterations", 5),
-                "ghost": ("writer", "router_error", 1)}
-        tasks = {name: self.workflow(first, name, f"cid-{name}") for name, (first, _, _) in runs.items()}
-        for name, (first, reason, iterations) in runs.items():
-            with self.subTest(name):
-                answer = self.final(f"cid-{name}")
-                workflow = answer["workflow"]
-                self.assertEqual((workflow["complete"], workflow["reason"], workflow["iterations"]),
-                                 (True, reason, iterations))
-                steps = [s["agent_id"] for s in workflow["steps_completed"]]
-                trace = [(t["from_agent"], t["to_agent"], t["step_number"]) for t in workflow["routing_trace"]]
-                self.assertEqual(len(steps), iterations)
-                self.assertEqual(trace, [(a, b, n + 1) for n, (a, b) in enumerate(zip(steps, steps[1:]))])
-                hops = self.watch.matching("/control/agents/+/input", lambda p: p.get("conversation_id") == f"cid-{name}")
-                self.assertEqual(len({h["task_id"] for h in hops}), iterations)  # every hop a new task id
-                self.assertEqual(hops[0]["task_id"], tasks[name]["task_id"])
-        loop = self.final("cid-loop")["workflow"]
+    def test_a_loop_revisits_both_agents(self):
+        loop = self.routed("loop", "writer", "router", 4)
         self.assertEqual([s["agent_id"] for s in loop["steps_completed"]], ["writer", "judge", "writer", "judge"])
         self.assertEqual(loop["steps_completed"][1]["action"], "Review")
-        ghost_prompts = [r["body"] for r in self.fake.completions() if "\nghost" in r["body"]["messages"][-1]["content"]]
-        self.assertEqual(len(ghost_prompts), 2)
-        self.assertIn("YOUR PREVIOUS ANSWER WAS REJECTED: next_agent 'ghost-agent' is not an available agent",
-                      ghost_prompts[1]["messages"][-1]["content"])
         routing_events = self.watch.matching("/control/agents/+/progress",
                                              lambda p: (p.get("metadata") or {}).get("kind") == "routing"
                                              and p["conversation_id"] == "cid-loop")
         self.assertEqual([(e["agent_id"], e["metadata"]["next_agent"], e["metadata"]["iteration"]) for e in routing_events],
                          [("writer", "judge", 1), ("judge", "writer", 2), ("writer", "judge", 3)])
-        per_workflow = {"basic": 3, **{name: iterations for name, (_, _, iterations) in runs.items()}}
-        every_hop = sum(per_workflow.values())
-        self.assertEqual(self.settled(agents, every_hop), every_hop, "every hop ran once")
-        for name in per_workflow:  # exactly one answer per workflow
-            self.assertEqual(len(self.answers(f"cid-{name}")), 1)
+
+    def test_max_iterations_stops_a_router_that_never_completes(self):
+        self.routed("endless", "writer", "max_iterations", 5)
+
+    def test_a_router_naming_an_unknown_agent_ends_after_one_corrective_retry(self):
+        self.routed("ghost", "writer", "router_error", 1)
+        ghost_prompts = [r["body"] for r in self.fake.completions() if "\nghost" in r["body"]["messages"][-1]["content"]]
+        self.assertEqual(len(ghost_prompts), 2)
+        self.assertIn("YOUR PREVIOUS ANSWER WAS REJECTED: next_agent 'ghost-agent' is not an available agent",
+                      ghost_prompts[1]["messages"][-1]["content"])
 
     def test_v1_is_not_routed_and_static_next_wins(self):
         self.start(llm_routing(self.fake), names=("writer", "judge"))
