@@ -16,8 +16,7 @@ import logging
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional, TextIO
+from typing import Any, Iterable, Optional, TextIO
 
 from . import tracing
 from .protocol import utc_millis
@@ -25,7 +24,6 @@ from .redaction import redact
 
 _LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
 _PY_LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG}
-_spans_enabled = False
 
 
 def _target(record: logging.LogRecord) -> str:
@@ -49,7 +47,7 @@ class RedactingFilter(logging.Filter):
         if record.exc_info:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info), self.secrets)
             record.exc_info = None
-        span = getattr(record, "span", None)
+        span = getattr(record, "span", None) or tracing.current_log_fields()  # the step the line was logged in
         if isinstance(span, dict):
             record.span = {k: redact(v, self.secrets) if isinstance(v, str) else v for k, v in span.items()}
         return True
@@ -97,29 +95,20 @@ class TextFormatter(logging.Formatter):
         return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-@contextmanager
-def span(logger: logging.Logger, operation: str, **fields: Any) -> Iterator[dict]:
-    """Fields for `extra=` that tie log lines to one operation; with LOG_SPANS=true also a
-    `span start` and a `span end` event carrying `duration_ms`."""
-    context = {"operation": operation, **fields}
-    if not _spans_enabled:
-        yield {"span": context}
-        return
-    started = time.monotonic()
-    logger.info("span start", extra={"span": {**context, "event": "start"}})
-    try:
-        yield {"span": context}
-    finally:
-        duration = round((time.monotonic() - started) * 1000, 3)
-        logger.info("span end", extra={"span": {**context, "event": "end", "duration_ms": duration}})
+_span_log = logging.getLogger("agent2389.spans")
+
+
+def _log_span_event(event: str, fields: dict, duration_ms: Optional[float]) -> None:
+    """LOG_SPANS: a `span start` and a `span end` line (with `duration_ms`) for every step."""
+    extra = {"event": event} if duration_ms is None else {"event": event, "duration_ms": duration_ms}
+    _span_log.info("span %s", event, extra={"span": {**fields, **extra}})
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = (),
                       stream: Optional[TextIO] = None, spans: bool = False) -> logging.Handler:
     """Install one handler on the root logger (replacing earlier ones) and return it. `auto`:
     text for a person at a terminal, JSON for a log collector."""
-    global _spans_enabled
-    _spans_enabled = spans
+    tracing.on_log_span = _log_span_event if spans else None
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "text" if stream.isatty() else "json"

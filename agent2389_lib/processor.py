@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, Sequence
+from typing import Callable, ContextManager, Iterator, Optional, Protocol, Sequence
 
 from . import protocol, tracing, workflow
 from .answers import extract_response
@@ -23,9 +23,9 @@ from .backoff import jittered
 from .config import AgentConfig
 from .dedupe import COMPLETED, NEW, DedupeStore
 from .errors import PayloadTooLarge, TaskFailure, TaskTimeout
-from .llm.loop import Progress
-from .logs import Throttle, span
-from .metrics import Metrics
+from .events import (Events, OutcomeRefused, TaskDropped, TaskFinished, TaskReceived, TaskRejected,
+                     TaskStarted)
+from .logs import Throttle
 from .outcome import Kind, Outcome, TaskResult
 from .protocol import EnvelopeError, TaskEnvelope
 
@@ -108,11 +108,10 @@ def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
 
 class TaskProcessor:
     def __init__(self, config: AgentConfig, think: Think, publisher: Publisher, dedupe: DedupeStore,
-                 metrics: Metrics, progress: Optional[Progress] = None,
-                 should_abandon: Callable[[], bool] = lambda: False, route: Optional[Route] = None):
+                 events: Events, should_abandon: Callable[[], bool] = lambda: False, route: Optional[Route] = None):
+        """What happens to each task is told to `events` (the metrics and progress subscribe)."""
         self.config = config
-        self.metrics = metrics
-        self.progress: Progress = progress or (lambda *args: None)
+        self.events = events
         self.agent_id = config.agent_id
         # compared with the envelope's topic rather than the delivered name, which a broker may
         # rewrite (RabbitMQ swaps '.' and '/')
@@ -139,14 +138,14 @@ class TaskProcessor:
                           delivery.topic)
 
     def _handle(self, delivery: Delivery) -> None:
-        self.metrics.task_received()
+        self.events.emit(TaskReceived())
         if delivery.retain:
             ignored = self._retained.occurred()
             if ignored:
                 log.warning("ignoring %d retained message(s) on %s since the last report: tasks must not be "
                             "published with the retain flag (some brokers also wrongly mark tasks queued for an "
                             "offline agent as retained)", ignored, delivery.topic)
-            self.metrics.task_dropped(TaskResult.IGNORED)
+            self.events.emit(TaskDropped(TaskResult.IGNORED))
             delivery.ack()
             return
         size = len(delivery.payload)
@@ -162,8 +161,8 @@ class TaskProcessor:
             return
         if protocol.canonicalize_topic(envelope.topic) != self.input_topic:
             log.warning("discarding task %s: its topic %r is not this agent's input topic %s (it arrived on %s)",
-                        envelope.task_id, envelope.topic, self.input_topic, delivery.topic, extra=self._span(envelope))
-            self.metrics.task_dropped(TaskResult.REJECTED)
+                        envelope.task_id, envelope.topic, self.input_topic, delivery.topic)
+            self.events.emit(TaskDropped(TaskResult.REJECTED))
             delivery.ack()
             return
         key = protocol.task_key(self.agent_id, envelope)
@@ -183,7 +182,9 @@ class TaskProcessor:
             attributes["messaging.message.id"] = task_id
         if cid:
             attributes["messaging.message.conversation_id"] = cid
-        return tracing.span(self._span_name, tracing.CONSUMER, attributes, parent, task=True)
+        return tracing.span(self._span_name, tracing.CONSUMER, attributes, parent, task=True,
+                            log={"operation": "task_processing", "task_id": task_id, "conversation_id": cid,
+                                 "agent_id": self.agent_id})
 
     # -------------------------------------------------------------- claims
     @contextmanager
@@ -193,7 +194,7 @@ class TaskProcessor:
         unacknowledged (the broker redelivers it)."""
         state = self.dedupe.begin(key, delivery, task_id)
         if state != NEW:
-            self.metrics.task_dropped(TaskResult.DUPLICATE)
+            self.events.emit(TaskDropped(TaskResult.DUPLICATE))
             if state == COMPLETED:
                 log.info("discarding duplicate of completed task %s", task_id)
                 delivery.ack()
@@ -223,51 +224,45 @@ class TaskProcessor:
         if not (task_id and cid):
             log.warning("discarding message on %s: %s (no task_id/conversation_id to reply to)",
                         delivery.topic, reason)
-            self.metrics.task_dropped(TaskResult.REJECTED)
+            self.events.emit(TaskDropped(TaskResult.REJECTED))
             delivery.ack()
             return
         key = f"{self.agent_id}/{task_id}/{hashlib.sha256(delivery.payload).hexdigest()[:32]}"
         with self._task_span(delivery, tracing.extract(delivery.user_properties), task_id, cid) as task_span:
-            log.warning("rejecting task %s: %s", task_id, reason,
-                        extra={"span": {"operation": "task_processing", **self._ids(task_id, cid)}})
+            log.warning("rejecting task %s: %s", task_id, reason)
             task_span.fail(protocol.INVALID_INPUT)
             with self._claimed(key, task_id, cid, delivery) as claim:
                 if claim is None:
                     return
-                self.progress(task_id, cid, "General", "ValidationError", "the task envelope is invalid", None)
+                self.events.emit(TaskRejected(task_id, cid))
                 self._publish(claim, Outcome(Kind.ERROR, claim.reply_topic,
                                              protocol.error_message(protocol.INVALID_INPUT, reason, task_id,
                                                                     self.secrets)))
-                self.metrics.task_dropped(TaskResult.REJECTED)
+                self.events.emit(TaskDropped(TaskResult.REJECTED))
 
     # -------------------------------------------------------------- one task
     def _run_claimed(self, claim: Claim, envelope: TaskEnvelope, task_span: tracing.Span) -> None:
         started = time.monotonic()
         ids = (envelope.task_id, envelope.conversation_id)
-        result = TaskResult.FAILED
-        self.metrics.task_started()
+        result, kind, code = TaskResult.FAILED, None, None
+        self.events.emit(TaskStarted(*ids))
         try:
-            with span(log, "task_processing", **self._ids(*ids)) as extra:
-                log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth, extra=extra)
-                self.progress(*ids, "General", "TaskStart", "task accepted", None)
-                outcome = self._outcome(envelope, claim.deadline)
-                if outcome.kind is Kind.FORWARD and task_span.context is not None:  # for 3.1.1 brokers too
-                    outcome = outcome.with_message({**outcome.message, **task_span.context.fields()})
-                outcome = self._publish(claim, outcome)
-                code = outcome.error_code
-                if code is not None or claim.undeliverable:
-                    task_span.fail(code or "outcome_undeliverable")
-                result = (TaskResult.COMPLETED if code is None
-                          else TaskResult.REJECTED if code in _REJECTION_CODES else TaskResult.FAILED)
-                kind = outcome.describe()
-                if claim.undeliverable:
-                    result, kind = TaskResult.FAILED, f"{kind} refused by the broker"
-                self.progress(*ids, "General", "TaskError" if code else "TaskComplete", f"task finished: {kind}",
-                              None)
-                log.info("task %s finished: %s in %.0f ms", envelope.task_id, kind,
-                         (time.monotonic() - started) * 1000, extra=extra)
+            log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth)
+            outcome = self._outcome(envelope, claim.deadline)
+            if outcome.kind is Kind.FORWARD and task_span.context is not None:  # for 3.1.1 brokers too
+                outcome = outcome.with_message({**outcome.message, **task_span.context.fields()})
+            outcome = self._publish(claim, outcome)
+            code = outcome.error_code
+            if code is not None or claim.undeliverable:
+                task_span.fail(code or "outcome_undeliverable")
+            result = (TaskResult.COMPLETED if code is None
+                      else TaskResult.REJECTED if code in _REJECTION_CODES else TaskResult.FAILED)
+            kind = outcome.describe()
+            if claim.undeliverable:
+                result, kind = TaskResult.FAILED, f"{kind} refused by the broker"
+            log.info("task %s finished: %s in %.0f ms", envelope.task_id, kind, (time.monotonic() - started) * 1000)
         finally:
-            self.metrics.task_finished(result, time.monotonic() - started)
+            self.events.emit(TaskFinished(*ids, result, time.monotonic() - started, kind, code is not None))
 
     def _publish(self, claim: Claim, outcome: Outcome) -> Outcome:
         """Publish a claim's outcome, then acknowledge its deliveries. An outcome that the broker
@@ -325,7 +320,7 @@ class TaskProcessor:
     def _dead_letter(self, claim: Claim, refused: OutcomeUndeliverable, outcome: dict, size: int) -> None:
         """A refused outcome is final for its task (holding the delivery would hold one of the
         broker's Receive Maximum slots forever); it goes to the dead-letter topic, if any."""
-        self.metrics.outcome_undeliverable()
+        self.events.emit(OutcomeRefused())
         claim.undeliverable = True
         where = self.config.dead_letter_topic
         log.error("task %s: the broker refused its outcome on %s: %s; the task is final (acknowledged, not retried)%s; "
@@ -371,18 +366,12 @@ class TaskProcessor:
         except TaskFailure as exc:
             return self._error(envelope, exc.code, str(exc))
         except Exception:
-            log.exception("internal error in task %s", envelope.task_id, extra=self._span(envelope))
+            log.exception("internal error in task %s", envelope.task_id)
             return self._error(envelope, protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT)
 
     def _error(self, envelope: TaskEnvelope, code: str, message: str) -> Outcome:
         level = logging.WARNING if code in _REJECTION_CODES else logging.ERROR  # failures need attention
-        log.log(level, "task %s failed: %s: %s", envelope.task_id, code, message, extra=self._span(envelope))
+        log.log(level, "task %s failed: %s: %s", envelope.task_id, code, message)
         return Outcome(Kind.ERROR, protocol.conversation_topic(envelope.conversation_id, self.agent_id),
                        protocol.error_message(code, message, envelope.task_id, self.secrets))
 
-    # -------------------------------------------------------------- logging
-    def _ids(self, task_id: str, cid: Any) -> dict:
-        return {"task_id": task_id, "conversation_id": cid, "agent_id": self.agent_id}
-
-    def _span(self, envelope: TaskEnvelope) -> dict:
-        return {"span": {"operation": "task_processing", **self._ids(envelope.task_id, envelope.conversation_id)}}

@@ -17,16 +17,15 @@ from typing import Any, Optional, Protocol
 from . import protocol, workflow
 from .answers import extract_response, find_json_object
 from .config import GatekeeperSettings, LlmSettings, RoutingSettings
-from .errors import StartupError, TaskFailure, TaskTimeout, remaining
+from .discovery import AgentInfo, Registry
+from .errors import LlmError, StartupError, TaskFailure, TaskTimeout, remaining
+from .events import Events, Routed, WorkflowEnded
 from .jsonhttp import Attempted, HttpFailure, JsonHttpClient
 from .llm import build_provider
 from .llm.base import Message, OutputSchema
-from .llm.loop import Progress
-from .metrics import Metrics
 from .outcome import Kind, Outcome
 from .protocol import TaskEnvelope
 from .redaction import truncate_utf8
-from .discovery import AgentInfo, Registry
 
 log = logging.getLogger("agent2389.router")
 
@@ -131,9 +130,9 @@ class LlmRouter:
     OpenAI-compatible server that refuses `response_format` is asked for JSON in the prompt
     and its answer extracted tolerantly from then on."""
 
-    def __init__(self, settings: LlmSettings, metrics: Optional[Metrics] = None):
+    def __init__(self, settings: LlmSettings, events: Optional[Events] = None):
         self.settings = settings
-        self.provider = build_provider(settings, metrics)
+        self.provider = build_provider(settings, events)
         self.structured = True
 
     def budget(self) -> float:
@@ -143,8 +142,8 @@ class LlmRouter:
         messages = [Message("user", routing_prompt(request, feedback))]
         try:
             reply = self.provider.chat(_SYSTEM, messages, [], deadline, ROUTING_DECISION if self.structured else None)
-        except TaskFailure as exc:
-            if not (self.structured and self.settings.base_url and getattr(exc, "kind", "") == "bad_request"):
+        except LlmError as exc:
+            if not (self.structured and self.settings.base_url and exc.kind == "bad_request"):
                 raise
             log.warning("the routing server at %s refused structured output (%s); asking for JSON in the prompt "
                         "from now on", self.settings.base_url, exc)
@@ -188,24 +187,23 @@ class GatekeeperRouter:
             raise RouterError(str(exc)) from None
 
 
-def build_router(settings: RoutingSettings, metrics: Optional[Metrics] = None) -> Router:
+def build_router(settings: RoutingSettings, events: Optional[Events] = None) -> Router:
     if settings.gatekeeper is not None:
         return GatekeeperRouter(settings.gatekeeper)
     assert settings.llm is not None
-    return LlmRouter(settings.llm, metrics)
+    return LlmRouter(settings.llm, events)
 
 
 # ---------------------------------------------------------------- one routed hop
 
 class WorkflowRouter:
     def __init__(self, agent_id: str, settings: RoutingSettings, registry: Registry, router: Router,
-                 metrics: Metrics, progress: Optional[Progress] = None):
+                 events: Events):
         self.agent_id = agent_id
         self.max_iterations = settings.max_iterations
         self.registry = registry
         self.router = router
-        self.metrics = metrics
-        self.progress: Progress = progress or (lambda *args: None)
+        self.events = events
 
     def next_step(self, envelope: TaskEnvelope, output: str, deadline: float) -> Outcome:
         """The forward to the chosen agent, or the workflow's final answer. Routing
@@ -225,17 +223,15 @@ class WorkflowRouter:
             return self._final(envelope, output, "router_error")
         if target is None:
             return self._final(envelope, output, "router")
-        self.metrics.routing_decision("forward")
         log.info("task %s: routing to %s (iteration %d): %s", envelope.task_id, target, request.iteration,
                  decision.reasoning)
-        self.progress(envelope.task_id, envelope.conversation_id, "General", "Custom", f"routing to {target}",
-                      {"kind": "routing", "next_agent": target, "reasoning": decision.reasoning,
-                       "iteration": request.iteration})
+        self.events.emit(Routed(envelope.task_id, envelope.conversation_id, target, decision.reasoning,
+                                request.iteration))
         return Outcome(Kind.FORWARD, *workflow.routed_envelope(envelope, output, self.agent_id, target,
                                                                decision.next_instruction, decision.reasoning))
 
     def _final(self, envelope: TaskEnvelope, output: str, reason: str) -> Outcome:
-        self.metrics.routing_decision(reason)
+        self.events.emit(WorkflowEnded(reason))
         return Outcome(Kind.WORKFLOW_END, protocol.conversation_topic(envelope.conversation_id, self.agent_id),
                        workflow.workflow_response(envelope, extract_response(output), self.agent_id, reason))
 

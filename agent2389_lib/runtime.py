@@ -22,11 +22,12 @@ from . import __version__, protocol, tracing
 from .config import OFFICIAL_BASE_URL, AgentConfig
 from .dedupe import DedupeStore
 from .errors import LlmError, StartupError
+from .events import Event, Events, counted_in
 from .health import AgentStatus, HealthServer
 from .httpsessions import public_url
 from .llm import build_agent_loop
 from .llm.loop import AgentLoop
-from .logs import Throttle, span
+from .logs import Throttle
 from .metrics import Metrics
 from .pool import Membership
 from .processor import Route, TaskProcessor
@@ -126,6 +127,8 @@ class AgentRuntime:
         self.config = config
         self.workers = config.max_pipeline_depth
         self.metrics = Metrics(config.agent_id, self.workers)
+        # what the steps report: as progress events first (a task is counted finished after its last one)
+        self.events = Events(self._publish_progress, counted_in(self.metrics))
         self._state = "starting"
         self.stop_requested = StopRequest()
         self._hard_stop = threading.Event()
@@ -154,13 +157,12 @@ class AgentRuntime:
             self.dedupe = DedupeStore(config.completed_store_size, config.state_dir, config.agent_id)
             parts.callback(self.dedupe.close)
             self.metrics.store_degraded = lambda: self.dedupe.degraded is not None
-            self.tools = build_registry(config)
-            self.tools.on_execution = self.metrics.tool_execution
+            self.tools = build_registry(config, self.events)
             self.metrics.mcp_servers = self.tools.server_statuses
             self.registry: Optional[Registry] = None
             self.agent_loop, route = self._build_thinking()
-            self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.metrics,
-                                           self.publish_progress, should_abandon=self._hard_stop.is_set, route=route)
+            self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.events,
+                                           should_abandon=self._hard_stop.is_set, route=route)
             self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
             parts.callback(self.executor.shutdown, wait=False)
             try:
@@ -176,15 +178,14 @@ class AgentRuntime:
         config = self.config
         try:  # an HTTP endpoint the environment's proxy settings make unusable
             offered = self.tools if config.tools or config.mcp_servers else None
-            agent_loop = build_agent_loop(config, offered, self.metrics, self.publish_progress)
+            agent_loop = build_agent_loop(config, offered, self.events)
             if config.routing is None:
                 return agent_loop, None
             from .router import WorkflowRouter, build_router  # imports an HTTP client
             self.registry = registry = Registry()
             self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
             return agent_loop, WorkflowRouter(config.agent_id, config.routing, registry,
-                                              build_router(config.routing, self.metrics), self.metrics,
-                                              self.publish_progress).next_step
+                                              build_router(config.routing, self.events), self.events).next_step
         except LlmError as exc:
             raise StartupError(str(exc)) from None
 
@@ -201,11 +202,12 @@ class AgentRuntime:
         return AgentStatus(self.state, self.transport.connected, self.saturated(), self.intake.depth(),
                            self.dedupe.degraded, tuple(self.tools.server_statuses()))
 
-    def publish_progress(self, task_id: str, conversation_id: str, category: str, event_type: str, message: str,
-                         metadata: Optional[dict]) -> None:
-        """Fire and forget at QoS 0 (advisory, as the reference implementation): progress never
-        delays a task and is off when `progress_events = false`."""
-        if self.config.progress:
+    def _publish_progress(self, event: Event) -> None:
+        """The progress event an event is, fire and forget at QoS 0 (advisory, as the reference
+        implementation): progress never delays a task and is off when `progress_events = false`."""
+        progress = event.progress() if self.config.progress else None
+        if progress is not None:
+            task_id, conversation_id, category, event_type, message, metadata = progress
             payload = protocol.to_payload(protocol.progress_message(
                 self.config.agent_id, task_id, conversation_id, category, event_type, message, metadata))
             self.transport.publish_advisory(protocol.progress_topic(self.config.agent_id, category), payload,
@@ -231,10 +233,12 @@ class AgentRuntime:
     def _publish_status(self, topics: list, status: str, wait_seconds: Optional[float],
                         heartbeat: bool = False) -> bool:
         payload = self._status_payload(status)
-        with span(log, "publish_status", topic=self.pool.pool_topic, agent_id=self.config.agent_id) as extra:
+        with tracing.span("publish_status", record=False, log={"operation": "publish_status",
+                                                                "topic": self.pool.pool_topic,
+                                                                "agent_id": self.config.agent_id}):
             tickets = [self.transport.publish(topic, payload, retain=True) for topic in topics]
             log.log(logging.DEBUG if heartbeat else logging.INFO, "Published agent status (%s) on %s", status,
-                    ", ".join(topics), extra=extra)
+                    ", ".join(topics))
         self.metrics.heartbeat()
         return all(ticket.wait(wait_seconds) for ticket in tickets) if wait_seconds is not None else True
 

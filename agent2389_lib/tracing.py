@@ -6,15 +6,21 @@ its task span's context the same ways, so a pipeline is one trace on every broke
 needs the stdlib only: it mints ids, keeps the current span for log lines, and records nothing.
 With the `[otel]` extra and an OTLP endpoint, `otelexport.OtelTracer` records the same spans and
 exports them.
+
+`span` is the one way to observe a step. Its `log` fields (the operation and its ids) are what
+every log line inside it carries as `span`, the enclosing span's fields included; a step that
+is no trace span of its own (`record=False`) still names its operation for the log. With
+LOG_SPANS, `logs` sets `on_log_span` to hear where such spans start and end.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Optional, Sequence
 
 TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
 INTERNAL, CLIENT, PRODUCER, CONSUMER = "INTERNAL", "CLIENT", "PRODUCER", "CONSUMER"
@@ -91,6 +97,14 @@ def child_of(parent: Optional[TraceContext]) -> TraceContext:
 
 _current: ContextVar[Optional[TraceContext]] = ContextVar("agent2389_span", default=None)
 _task_headers: ContextVar[tuple] = ContextVar("agent2389_task_headers", default=())
+_log_fields: ContextVar[Optional[dict]] = ContextVar("agent2389_log_span", default=None)
+# (event, fields, duration in ms): "start" with None, "end" with the span's duration
+on_log_span: Optional[Callable[[str, dict, Optional[float]], None]] = None
+
+
+def current_log_fields() -> Optional[dict]:
+    """The operation and ids of the innermost span with log fields: a log line's `span`."""
+    return _log_fields.get()
 
 
 def current() -> Optional[TraceContext]:
@@ -139,22 +153,35 @@ class Tracer:
 
     @contextmanager
     def span(self, name: str, kind: str = INTERNAL, attributes: Optional[dict] = None,
-             parent: Optional[TraceContext] = _FROM_CURRENT, task: bool = False) -> Iterator[Span]:
+             parent: Optional[TraceContext] = _FROM_CURRENT, task: bool = False, log: Optional[dict] = None,
+             record: bool = True) -> Iterator[Span]:
         """A span for the body, current while it runs; `parent=None` starts a new trace, and a
-        `task` span is also what the task's messages carry."""
-        span = self.start(name, kind, _current.get() if parent is _FROM_CURRENT else parent, attributes or {}, task)
+        `task` span is also what the task's messages carry. `log`: the fields its log lines carry
+        (with `operation`); `record=False`: a step named for the log only, no span of the trace."""
+        context = _current.get() if parent is _FROM_CURRENT else parent
+        span = self.start(name, kind, context, attributes or {}, task) if record else Span(context)
         token = _current.set(span.context)
         task_token = _task_headers.set(span.context.headers() if span.context else ()) if task else None
+        fields = {**(_log_fields.get() or {}), **log} if log else None
+        log_token = _log_fields.set(fields) if fields else None
+        started = time.monotonic()
+        if fields and on_log_span is not None:
+            on_log_span("start", fields, None)
         try:
             yield span
         except BaseException as exc:
             span.fail(type(exc).__name__)
             raise
         finally:
+            if fields and on_log_span is not None:
+                on_log_span("end", fields, round((time.monotonic() - started) * 1000, 3))
+            if log_token is not None:
+                _log_fields.reset(log_token)
             if task_token is not None:
                 _task_headers.reset(task_token)
             _current.reset(token)
-            span.end()
+            if record:
+                span.end()
 
     def shutdown(self, timeout: float) -> None:
         pass
@@ -170,9 +197,10 @@ def install(tracer: Tracer) -> None:
 
 
 def span(name: str, kind: str = INTERNAL, attributes: Optional[dict] = None,
-         parent: Optional[TraceContext] = _FROM_CURRENT, task: bool = False):
+         parent: Optional[TraceContext] = _FROM_CURRENT, task: bool = False, log: Optional[dict] = None,
+         record: bool = True) -> ContextManager[Span]:
     """`Tracer.span` of the installed tracer."""
-    return _tracer.span(name, kind, attributes, parent, task)
+    return _tracer.span(name, kind, attributes, parent, task, log, record)
 
 
 def shutdown(timeout: float) -> None:

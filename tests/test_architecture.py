@@ -17,7 +17,7 @@ LAYERS = {
     3: ["mqtt", "mqtt.*"],
     2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "discovery", "httpsessions", "jsonhttp", "otelexport"],  # tools.mcp.* too
     1: ["health", "logs", "errors", "tracing"],
-    0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome"],
+    0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome", "events"],
 }
 MAX_LINES = 600
 PAHO_PRIVATE_HOME = "mqtt.wire"

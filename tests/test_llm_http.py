@@ -27,6 +27,7 @@ from agent2389_lib.config import AgentConfig
 from agent2389_lib.errors import LlmError
 from agent2389_lib.llm import build_agent_loop
 from agent2389_lib.llm.http import ProviderHttp
+from agent2389_lib.events import Events, counted_in
 from agent2389_lib.metrics import Metrics
 
 CONNECTION_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
@@ -145,7 +146,7 @@ class ConnectionTests(HttpCase):
         fake.close_after_response = True
         metrics = Metrics("tester", 1)
         loop = build_agent_loop(AgentConfig(agent_id="tester", llm=llm_settings(fake, "openai", OPENAI_KEY)),
-                                metrics=metrics)
+                                events=Events(counted_in(metrics)))
         for count in range(1, 4):
             self.assertEqual(loop.think(task(), time.monotonic() + 20), "fake answer")
             wait_until(lambda: fake.connections_closed >= count, 10, "the server closed the connection")

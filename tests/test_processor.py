@@ -10,6 +10,7 @@ from typing import Optional
 from agent2389_lib.config import AgentConfig
 from agent2389_lib.dedupe import DedupeStore
 from agent2389_lib.errors import LlmError, PayloadTooLarge
+from agent2389_lib.events import Events, counted_in
 from agent2389_lib.metrics import Metrics
 from agent2389_lib.processor import TaskProcessor
 from support import envelope, new_task_id
@@ -75,8 +76,9 @@ class ProcessorTestCase(unittest.TestCase):
         self.store = store or DedupeStore(100)
         settings = {"agent_id": AGENT, "task_timeout": 5, "dead_letter_topic": f"/control/agents/{AGENT}/dead-letter",
                     **config}
+        self.metrics = Metrics(AGENT, 4)
         self.processor = TaskProcessor(AgentConfig(**settings), think, self.publisher, self.store,
-                                       Metrics(AGENT, 4))
+                                       Events(counted_in(self.metrics)))
         return self.processor
 
     def deliver(self, payload, **kwargs) -> Delivery:
@@ -293,7 +295,7 @@ class ExactlyOnceTests(ProcessorTestCase):
         self.assertEqual({k: letter[1][k] for k in ("task_id", "topic", "reason_code", "reason", "outcome")},
                          {"task_id": task["task_id"], "topic": refused[0], "reason_code": 0x87,
                           "reason": "Not authorized", "outcome": refused[1]})
-        self.assertEqual(self.processor.metrics.snapshot()["mqtt"]["outcomes_undeliverable"], 1)
+        self.assertEqual(self.metrics.snapshot()["mqtt"]["outcomes_undeliverable"], 1)
         again = self.deliver(task)  # a redelivery is a duplicate of a completed task
         self.assertEqual((again.acks, len(self.publisher.published())), (1, 2))
 
@@ -303,7 +305,7 @@ class ExactlyOnceTests(ProcessorTestCase):
         delivery = self.deliver(envelope(AGENT, cid="busy"))
         self.assertEqual((delivery.acks, [t for t, _ in self.publisher.published()]),
                          (1, [f"/conversations/busy/{AGENT}"] * 3))
-        self.assertEqual(self.processor.metrics.snapshot()["mqtt"]["outcomes_undeliverable"], 0)
+        self.assertEqual(self.metrics.snapshot()["mqtt"]["outcomes_undeliverable"], 0)
 
     def test_an_outcome_too_large_for_the_broker_is_dead_lettered_by_its_size(self):
         self.make()

@@ -14,6 +14,7 @@ from fake_llm import FakeAnthropic, FakeGatekeeper, FakeOpenAI, Hang, Reply, Sta
 
 from agent2389_lib import protocol, workflow  # noqa: E402
 from agent2389_lib.config import GatekeeperSettings, LlmSettings, RoutingSettings, Secret  # noqa: E402
+from agent2389_lib.events import Events, counted_in  # noqa: E402
 from agent2389_lib.metrics import Metrics, prometheus_text  # noqa: E402
 from agent2389_lib.discovery import Registry, parse_timestamp  # noqa: E402
 from agent2389_lib.router import (GatekeeperRouter, LlmRouter, RouterError, RoutingRequest,  # noqa: E402
@@ -294,8 +295,8 @@ class WorkflowRouterTests(unittest.TestCase):
         self.events = []
 
     def hop(self, router, envelope=None, max_iterations=10):
-        workflow = WorkflowRouter("writer", RoutingSettings("llm", max_iterations), self.registry, router, self.metrics,
-                                  lambda *event: self.events.append(event))
+        events = Events(counted_in(self.metrics), lambda event: self.events.extend(filter(None, [event.progress()])))
+        workflow = WorkflowRouter("writer", RoutingSettings("llm", max_iterations), self.registry, router, events)
         outcome = workflow.next_step(envelope or v2_task(), "the draft", time.monotonic() + 60)
         return outcome.topic, outcome.message
 

@@ -387,7 +387,7 @@ class RegistryTests(unittest.TestCase):
     def test_counters_hook(self):
         reg = registry(ToolSpec(name="echo", kind="builtin"))
         seen = []
-        reg.on_execution = lambda *args: seen.append(args[:3])
+        reg.events.subscribe(lambda event: seen.append((event.tool, event.ok, event.timed_out)))
         run(reg, "echo", {"message": "a"})
         run(reg, "echo", {"bad": 1})
         self.assertEqual(seen, [("echo", True, False)])  # a refused call never ran

@@ -5,26 +5,27 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import AgentConfig, LlmSettings
-from ..metrics import Metrics
+from ..events import Events
 from .base import Provider
 from .echo import EchoProvider
-from .loop import AgentLoop, Progress, ProviderChain
+from .loop import AgentLoop, ProviderChain
 
 
-def build_provider(settings: LlmSettings, metrics: Optional[Metrics] = None) -> Provider:
+def build_provider(settings: LlmSettings, events: Optional[Events] = None) -> Provider:
     """HTTP providers are imported only when configured: `requests` costs memory an offline
-    (echo) agent on a small box does not need."""
+    (echo) agent on a small box does not need. Their requests are told to `events`."""
+    events = events or Events()
     if settings.provider == "openai":
         from .openai import OpenAIProvider
-        return OpenAIProvider(settings, metrics)
+        return OpenAIProvider(settings, events)
     if settings.provider == "anthropic":
         from .anthropic import AnthropicProvider
-        return AnthropicProvider(settings, metrics)
-    return EchoProvider(settings.latency_ms, metrics)
+        return AnthropicProvider(settings, events)
+    return EchoProvider(settings.latency_ms, events)
 
 
-def build_agent_loop(config: AgentConfig, tools=None, metrics: Optional[Metrics] = None,
-                     progress: Optional[Progress] = None) -> AgentLoop:
+def build_agent_loop(config: AgentConfig, tools=None, events: Optional[Events] = None) -> AgentLoop:
     settings = config.llm
-    chain = ProviderChain([build_provider(s, metrics) for s in (settings, *settings.fallback)])
-    return AgentLoop(chain, tools, config.budget, settings.system_prompt, progress)
+    events = events or Events()
+    chain = ProviderChain([build_provider(s, events) for s in (settings, *settings.fallback)])
+    return AgentLoop(chain, tools, config.budget, settings.system_prompt, events)

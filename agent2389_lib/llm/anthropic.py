@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ..config import OFFICIAL_BASE_URL, LlmSettings
 from ..errors import LlmError
-from ..metrics import Metrics
+from ..events import Events
 from ..redaction import truncate_utf8
 from ..tools.base import ToolDef
 from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
@@ -77,13 +77,13 @@ def from_wire(data: Any) -> ChatReply:
 class AnthropicProvider:
     name = "anthropic"
 
-    def __init__(self, settings: LlmSettings, metrics: Optional[Metrics] = None):
+    def __init__(self, settings: LlmSettings, events: Optional[Events] = None):
         self.settings = settings
         headers = {"anthropic-version": API_VERSION}
         if settings.api_key:
             headers["x-api-key"] = settings.api_key.reveal()
         self.http = ProviderHttp("anthropic", settings.base_url or OFFICIAL_BASE_URL["anthropic"], headers,
-                                 settings.max_attempts, settings.request_timeout, describe_error, metrics,
+                                 settings.max_attempts, settings.request_timeout, describe_error, events,
                                  settings.max_response_bytes)
 
     def verify(self) -> None:

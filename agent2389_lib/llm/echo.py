@@ -13,7 +13,7 @@ import time
 from typing import Optional
 
 from ..errors import TaskTimeout
-from ..metrics import Metrics
+from ..events import Events, LlmCalled
 from ..errors import remaining
 from .base import ChatReply, Message, OutputSchema, ToolCall, traced_chat
 
@@ -23,9 +23,9 @@ _INPUT_PREFIX = "Input data: "
 class EchoProvider:
     name = "echo"
 
-    def __init__(self, latency_ms: int = 0, metrics: Optional[Metrics] = None):
+    def __init__(self, latency_ms: int = 0, events: Optional[Events] = None):
         self.latency = latency_ms / 1000.0
-        self.metrics = metrics
+        self.events = events or Events()
 
     def verify(self) -> None:
         return None
@@ -37,14 +37,10 @@ class EchoProvider:
         try:
             reply = traced_chat(self.name, self.name, lambda: self._answer(messages, tools, deadline))
         except TaskTimeout:
-            self._record(started, "deadline")
+            self.events.emit(LlmCalled(self.name, time.monotonic() - started, 0, "deadline"))
             raise
-        self._record(started, None)
+        self.events.emit(LlmCalled(self.name, time.monotonic() - started, 0))
         return reply
-
-    def _record(self, started: float, kind: Optional[str]) -> None:
-        if self.metrics is not None:
-            self.metrics.llm_request(self.name, seconds=time.monotonic() - started, retries=0, error_kind=kind)
 
     def _answer(self, messages: list, tools: list, deadline: float) -> ChatReply:
         if self.latency:

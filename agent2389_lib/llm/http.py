@@ -7,18 +7,18 @@ from typing import Any, Callable, NoReturn, Optional
 
 from ..errors import LlmError, TaskTimeout
 from ..jsonhttp import Attempted, HttpFailure, JsonHttpClient
-from ..metrics import Metrics
+from ..events import Events, LlmCalled
 from .base import ChatReply, traced_chat
 
 
 class ProviderHttp:
     def __init__(self, provider: str, base_url: str, headers: dict, max_attempts: int, request_timeout: float,
-                 describe_error: Callable[[bytes], str], metrics: Optional[Metrics], max_body: int, label: str = ""):
+                 describe_error: Callable[[bytes], str], events: Optional[Events], max_body: int, label: str = ""):
         """`label` is the provider's name in the counters (default: `provider`); raises LlmError
         (kind config) when the environment's proxy for `base_url` cannot be used."""
         self.provider = provider
         self.label = label or provider
-        self.metrics = metrics
+        self.events = events or Events()
         try:
             self.client = JsonHttpClient(provider, base_url, headers, max_attempts, request_timeout, describe_error,
                                          max_body, max_body_setting="max_response_bytes")
@@ -33,19 +33,19 @@ class ProviderHttp:
             _as_llm_error(exc)
 
     def complete(self, path: str, body: dict, deadline: float, parse: Callable[[Any], ChatReply]) -> ChatReply:
-        """One chat completion with its retries, recorded in the per-provider counters (a
-        failure under its kind; a task deadline that passed as "deadline")."""
+        """One chat completion with its retries, told to the events for the per-provider counters
+        (a failure under its kind; a task deadline that passed as "deadline")."""
         spent = Attempted()
         try:
             reply = traced_chat(self.provider, str(body.get("model")),
                                 lambda: parse(self._post(path, body, deadline, spent)))
         except LlmError as exc:
-            self._record(spent, exc.kind)
+            self.events.emit(LlmCalled(self.label, spent.seconds, spent.retries, exc.kind))
             raise
         except TaskTimeout:
-            self._record(spent, "deadline")
+            self.events.emit(LlmCalled(self.label, spent.seconds, spent.retries, "deadline"))
             raise
-        self._record(spent, None, reply.tokens_in, reply.tokens_out)
+        self.events.emit(LlmCalled(self.label, spent.seconds, spent.retries, None, reply.tokens_in, reply.tokens_out))
         return reply
 
     def _post(self, path: str, body: dict, deadline: float, spent: Attempted) -> Any:
@@ -53,11 +53,6 @@ class ProviderHttp:
             return self.client.post(path, body, deadline, spent)
         except HttpFailure as exc:
             _as_llm_error(exc)
-
-    def _record(self, spent: Attempted, kind: Optional[str], tokens_in: int = 0, tokens_out: int = 0) -> None:
-        if self.metrics is not None:
-            self.metrics.llm_request(self.label, seconds=spent.seconds, retries=spent.retries, error_kind=kind,
-                                     tokens_in=tokens_in, tokens_out=tokens_out)
 
 
 def _as_llm_error(failure: HttpFailure) -> NoReturn:

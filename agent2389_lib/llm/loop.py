@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
+from .. import tracing
 from ..config import BudgetSettings
 from ..errors import LlmError
-from ..logs import span
+from ..events import Events, LlmAnswered, LlmFailed, LlmRequested, ToolCalled, ToolReturned
 from ..protocol import TaskEnvelope, rfc3339
 from .base import ChatReply, Message, Provider, ToolCall
-
-# (task_id, conversation_id, category, event_type, message, metadata): the Progress payload of docs/protocol.md
-Progress = Callable[[str, str, str, str, str, Optional[dict]], None]
 
 log = logging.getLogger("agent2389.llm")
 
@@ -68,12 +66,12 @@ class ProviderChain:
 
 class AgentLoop:
     def __init__(self, chain: ProviderChain, tools: Optional[ToolBox], budget: BudgetSettings, system_prompt: str,
-                 progress: Optional[Progress] = None):
+                 events: Events):
         self.chain = chain
         self.tools = tools
         self.budget = budget
         self.system_prompt = system_prompt
-        self.progress: Progress = progress or (lambda *args: None)
+        self.events = events
 
     def think(self, envelope: TaskEnvelope, deadline: float) -> str:
         system = f"{self.system_prompt}\n\nCurrent UTC time: {rfc3339()}"
@@ -100,27 +98,23 @@ class AgentLoop:
 
     def _ask(self, envelope: TaskEnvelope, iteration: int, system: str, messages: list, tools: list,
              deadline: float) -> ChatReply:
-        ids = (envelope.task_id, envelope.conversation_id)
-        self.progress(*ids, "LLM", "LlmRequest", f"LLM request {iteration}", None)
-        with span(log, "llm_request", task_id=envelope.task_id, iteration=iteration) as extra:
+        ids = (envelope.task_id, envelope.conversation_id, iteration)
+        self.events.emit(LlmRequested(*ids))
+        with tracing.span("llm_request", log={"operation": "llm_request", "iteration": iteration}, record=False):
             try:
                 reply = self.chain.chat(system, messages, tools, deadline)
             except LlmError as exc:
-                self.progress(*ids, "LLM", "LlmError", f"LLM request {iteration} failed", None)
-                log.debug("LLM request %d failed: %s", iteration, exc, extra=extra)
+                self.events.emit(LlmFailed(*ids))
+                log.debug("LLM request %d failed: %s", iteration, exc)
                 raise
-        self.progress(*ids, "LLM", "LlmResponse",
-                      f"LLM response {iteration}: {len(reply.tool_calls)} tool calls, finish {reply.finish_reason}",
-                      None)
+        self.events.emit(LlmAnswered(*ids, len(reply.tool_calls), reply.finish_reason))
         return reply
 
     def _run_tool(self, envelope: TaskEnvelope, call: ToolCall, deadline: float) -> tuple[bool, str]:
-        ids = (envelope.task_id, envelope.conversation_id)
-        metadata = {"tool_name": call.name}
-        self.progress(*ids, "Tool", "ToolCall", f"calling {call.name}", metadata)
+        ids = (envelope.task_id, envelope.conversation_id, call.name)
+        self.events.emit(ToolCalled(*ids))
         assert self.tools is not None  # tools are offered only when there are some
-        with span(log, "tool_execution", task_id=envelope.task_id, tool=call.name):
+        with tracing.span("tool_execution", log={"operation": "tool_execution", "tool": call.name}, record=False):
             ok, content = self.tools.execute(call.name, call.arguments, deadline)
-        self.progress(*ids, "Tool", "ToolComplete" if ok else "ToolError",
-                      f"{call.name} {'completed' if ok else 'failed'}", metadata)
+        self.events.emit(ToolReturned(*ids, ok))
         return ok, content

@@ -10,7 +10,7 @@ from ..errors import LlmError
 from ..redaction import truncate_utf8
 from ..tools.base import ToolDef
 from .base import ChatReply, Message, OutputSchema, ToolCall, warn_if_unlisted
-from ..metrics import Metrics
+from ..events import Events
 from .http import ProviderHttp
 
 _VERIFY_TIMEOUT = 15.0
@@ -87,12 +87,12 @@ def _tool_call(call: dict) -> ToolCall:
 
 
 class OpenAIProvider:
-    def __init__(self, settings: LlmSettings, metrics: Optional[Metrics] = None):
+    def __init__(self, settings: LlmSettings, events: Optional[Events] = None):
         self.settings = settings
         self.name = "openai" if not settings.base_url else f"openai-compatible({settings.base_url})"
         headers = {"Authorization": f"Bearer {settings.api_key.reveal()}"} if settings.api_key else {}
         self.http = ProviderHttp("openai", settings.base_url or OFFICIAL_BASE_URL["openai"], headers,
-                                 settings.max_attempts, settings.request_timeout, describe_error, metrics,
+                                 settings.max_attempts, settings.request_timeout, describe_error, events,
                                  settings.max_response_bytes, self.name)
 
     def verify(self) -> None:

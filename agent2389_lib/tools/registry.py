@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .. import tracing
 from ..config import AgentConfig, ToolSpec
 from ..errors import StartupError
+from ..events import Events, ToolExecuted
 from .base import Tool, ToolDef, ToolError, ToolTimeout
 from .mcp.server import McpServer, McpTool
 
@@ -36,11 +37,12 @@ def schema_problems(validator: "Draft202012Validator", params: Any) -> list[str]
 
 
 class ToolRegistry:
-    def __init__(self, tools: list[Tool], servers: Sequence[McpServer] = ()):
+    def __init__(self, tools: list[Tool], servers: Sequence[McpServer] = (), events: Optional[Events] = None):
+        """Every execution is told to `events`."""
         self.fixed = {tool.name: tool for tool in tools}
         self.servers = list(servers)
         self._validators: dict[str, tuple[Tool, "Draft202012Validator"]] = {}  # made on first use
-        self.on_execution: Callable[[str, bool, bool, float], None] = lambda name, ok, timed_out, seconds: None
+        self.events = events or Events()
 
     @property
     def tools(self) -> dict[str, Tool]:
@@ -140,7 +142,7 @@ class ToolRegistry:
                 span.fail(type(exc).__name__)
                 return False, f"tool {name} failed unexpectedly: {type(exc).__name__}"
             finally:
-                self.on_execution(name, ok, timed_out, time.monotonic() - started)
+                self.events.emit(ToolExecuted(name, ok, timed_out, time.monotonic() - started))
 
 
 def build_tool(spec: ToolSpec, config: AgentConfig) -> Tool:
@@ -151,7 +153,7 @@ def build_tool(spec: ToolSpec, config: AgentConfig) -> Tool:
     return BUILTINS[spec.name](spec, config)
 
 
-def build_registry(config: AgentConfig) -> ToolRegistry:
+def build_registry(config: AgentConfig, events: Optional[Events] = None) -> ToolRegistry:
     """The configured tools; raises ToolStartupError naming the tool whose options are wrong."""
     tools = []
     for spec in config.tools:
@@ -159,4 +161,4 @@ def build_registry(config: AgentConfig) -> ToolRegistry:
             tools.append(build_tool(spec, config))
         except ToolError as exc:
             raise ToolStartupError(f"tool {spec.name}: {exc}") from None
-    return ToolRegistry(tools, [McpServer(spec, config.max_output_size) for spec in config.mcp_servers])
+    return ToolRegistry(tools, [McpServer(spec, config.max_output_size) for spec in config.mcp_servers], events)

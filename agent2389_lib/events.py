@@ -1,0 +1,227 @@
+"""What the steps of a task report, as events (huey's signals are the model): the processor, the
+agent loop, the router and the LLM and tool clients emit; the subscribers (the metrics, the
+progress publisher) hear every event. Each kind of event says itself what it counts for and
+which progress event it is, so a new kind is one class here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+from .outcome import TaskResult
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+# a progress event (docs/protocol.md, Progress): task, conversation, category, type, message, metadata
+Progress = tuple[str, str, str, str, str, Optional[dict]]
+
+
+class Event:
+    def record(self, metrics: Metrics) -> None:
+        """What it counts for in the metrics."""
+
+    def progress(self) -> Optional[Progress]:
+        """The progress event it is, if any."""
+        return None
+
+
+@dataclass(frozen=True)
+class TaskReceived(Event):
+    def record(self, metrics: Metrics) -> None:
+        metrics.task_received()
+
+
+@dataclass(frozen=True)
+class TaskDropped(Event):
+    """A message handled without processing it (retained, invalid, a duplicate)."""
+
+    result: TaskResult
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.task_dropped(self.result)
+
+
+@dataclass(frozen=True)
+class TaskRejected(Event):
+    """An invalid envelope whose conversation is known: it is answered invalid_input."""
+
+    task_id: str
+    conversation_id: str
+
+    def progress(self) -> Optional[Progress]:
+        return self.task_id, self.conversation_id, "General", "ValidationError", "the task envelope is invalid", None
+
+
+@dataclass(frozen=True)
+class TaskStarted(Event):
+    task_id: str
+    conversation_id: str
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.task_started()
+
+    def progress(self) -> Optional[Progress]:
+        return self.task_id, self.conversation_id, "General", "TaskStart", "task accepted", None
+
+
+@dataclass(frozen=True)
+class TaskFinished(Event):
+    """`description` says how ("response", "error llm_error", ...); None when the task ended in a
+    way no progress event tells (an internal error already answered, a shutdown)."""
+
+    task_id: str
+    conversation_id: str
+    result: TaskResult
+    seconds: float
+    description: Optional[str] = None
+    error: bool = False
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.task_finished(self.result, self.seconds)
+
+    def progress(self) -> Optional[Progress]:
+        if self.description is None:
+            return None
+        return (self.task_id, self.conversation_id, "General", "TaskError" if self.error else "TaskComplete",
+                f"task finished: {self.description}", None)
+
+
+@dataclass(frozen=True)
+class OutcomeRefused(Event):
+    """The broker refused a task's outcome for good."""
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.outcome_undeliverable()
+
+
+@dataclass(frozen=True)
+class LlmRequested(Event):
+    task_id: str
+    conversation_id: str
+    iteration: int
+
+    def progress(self) -> Optional[Progress]:
+        return self.task_id, self.conversation_id, "LLM", "LlmRequest", f"LLM request {self.iteration}", None
+
+
+@dataclass(frozen=True)
+class LlmAnswered(Event):
+    task_id: str
+    conversation_id: str
+    iteration: int
+    tool_calls: int
+    finish_reason: str
+
+    def progress(self) -> Optional[Progress]:
+        return (self.task_id, self.conversation_id, "LLM", "LlmResponse",
+                f"LLM response {self.iteration}: {self.tool_calls} tool calls, finish {self.finish_reason}", None)
+
+
+@dataclass(frozen=True)
+class LlmFailed(Event):
+    task_id: str
+    conversation_id: str
+    iteration: int
+
+    def progress(self) -> Optional[Progress]:
+        return self.task_id, self.conversation_id, "LLM", "LlmError", f"LLM request {self.iteration} failed", None
+
+
+@dataclass(frozen=True)
+class LlmCalled(Event):
+    """One provider request with its retries, as the provider's counters see it."""
+
+    provider: str
+    seconds: float
+    retries: int
+    error_kind: Optional[str] = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.llm_request(self.provider, seconds=self.seconds, retries=self.retries, error_kind=self.error_kind,
+                            tokens_in=self.tokens_in, tokens_out=self.tokens_out)
+
+
+@dataclass(frozen=True)
+class ToolCalled(Event):
+    task_id: str
+    conversation_id: str
+    tool: str
+
+    def progress(self) -> Optional[Progress]:
+        return self.task_id, self.conversation_id, "Tool", "ToolCall", f"calling {self.tool}", {"tool_name": self.tool}
+
+
+@dataclass(frozen=True)
+class ToolReturned(Event):
+    task_id: str
+    conversation_id: str
+    tool: str
+    ok: bool
+
+    def progress(self) -> Optional[Progress]:
+        return (self.task_id, self.conversation_id, "Tool", "ToolComplete" if self.ok else "ToolError",
+                f"{self.tool} {'completed' if self.ok else 'failed'}", {"tool_name": self.tool})
+
+
+@dataclass(frozen=True)
+class ToolExecuted(Event):
+    """One execution as the tool registry measured it."""
+
+    tool: str
+    ok: bool
+    timed_out: bool
+    seconds: float
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.tool_execution(self.tool, self.ok, self.timed_out, self.seconds)
+
+
+@dataclass(frozen=True)
+class Routed(Event):
+    """A v2 hop forwarded to the agent the router chose."""
+
+    task_id: str
+    conversation_id: str
+    target: str
+    reasoning: str
+    iteration: int
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.routing_decision("forward")
+
+    def progress(self) -> Optional[Progress]:
+        return (self.task_id, self.conversation_id, "General", "Custom", f"routing to {self.target}",
+                {"kind": "routing", "next_agent": self.target, "reasoning": self.reasoning,
+                 "iteration": self.iteration})
+
+
+@dataclass(frozen=True)
+class WorkflowEnded(Event):
+    """How a routed workflow ended: router, max_iterations or router_error."""
+
+    reason: str
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.routing_decision(self.reason)
+
+
+class Events:
+    """The subscribers, called in the order they subscribed, on the emitting thread."""
+
+    def __init__(self, *subscribers: Callable[[Event], None]) -> None:
+        self._subscribers = list(subscribers)
+
+    def subscribe(self, subscriber: Callable[[Event], None]) -> None:
+        self._subscribers.append(subscriber)
+
+    def emit(self, event: Event) -> None:
+        for subscriber in self._subscribers:
+            subscriber(event)
+
+
+def counted_in(metrics: Metrics) -> Callable[[Event], None]:
+    """The metrics' subscription."""
+    return lambda event: event.record(metrics)
