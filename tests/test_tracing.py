@@ -77,6 +77,37 @@ class TraceContextTests(unittest.TestCase):
         self.assertNotEqual(span.context.span_id, PARENT)
         self.assertNotIn("trace_id", outside)
 
+    def test_a_line_logged_inside_a_step_carries_the_step_whoever_logged_it(self):
+        """One span API: a span's log fields are every inner line's `span`, an inner step's merged
+        with the outer one's; a step named for the log only passes the trace context through; with
+        LOG_SPANS the hook hears where each step starts and ends."""
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(JsonFormatter())
+        handler.addFilter(RedactingFilter(["s3cret"]))
+        logger = logging.getLogger("agent2389.test_tracing.steps")
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        logger.setLevel(logging.INFO)
+        heard = []
+        tracing.on_log_span = lambda event, fields, duration: heard.append((event, fields["operation"]))
+        self.addCleanup(setattr, tracing, "on_log_span", None)
+        tracer = tracing.Tracer()
+        with tracer.span("process x", task=True, log={"operation": "task_processing", "task_id": "t1",
+                                                      "conversation_id": "c-s3cret"}) as task:
+            with tracer.span("llm_request", log={"operation": "llm_request", "iteration": 1}, record=False) as step:
+                logger.info("asking")
+            logger.info("answered")
+        logger.info("idle")
+        asking, answered, idle = [json.loads(line) for line in stream.getvalue().splitlines()]
+        self.assertEqual(asking["span"], {"operation": "llm_request", "task_id": "t1",
+                                          "conversation_id": "c-[REDACTED]", "iteration": 1})
+        self.assertEqual(step.context, task.context, "no span of the trace of its own")
+        self.assertEqual(answered["span"]["operation"], "task_processing")
+        self.assertNotIn("span", idle)
+        self.assertEqual(heard, [("start", "task_processing"), ("start", "llm_request"), ("end", "llm_request"),
+                                 ("end", "task_processing")])
+
     def test_otel_variables_are_checked_like_any_setting(self):
         cases = {"OTEL_TRACES_SAMPLER": "sometimes", "OTEL_TRACES_SAMPLER_ARG": "1.5",
                  "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_MAX_QUEUE_SIZE": "0",
