@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 from . import __version__, protocol, tracing
 from .config import OFFICIAL_BASE_URL, AgentConfig
 from .dedupe import DedupeStore
+from .discovery import STATUS_FILTER, Registry
 from .errors import LlmError, StartupError
 from .events import Event, Events, counted_in
 from .health import AgentStatus, HealthServer
@@ -29,11 +30,10 @@ from .llm import build_agent_loop
 from .llm.loop import AgentLoop
 from .logs import Throttle
 from .metrics import Metrics
+from .mqtt.transport import MqttTransport, SubscriptionRefused
 from .pool import Membership
 from .processor import Route, TaskProcessor
-from .discovery import STATUS_FILTER, Registry
 from .tools import build_registry
-from .mqtt.transport import MqttTransport, SubscriptionRefused
 
 log = logging.getLogger("agent2389.runtime")
 
