@@ -16,7 +16,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, Callable, Iterable, Optional, TextIO
 
 from . import tracing
 from .protocol import utc_millis
@@ -128,8 +128,9 @@ class Throttle:
     """For conditions that can repeat on every message: at most one log line per interval,
     saying how often the condition occurred since the last line."""
 
-    def __init__(self, interval: float = 60.0):
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.interval = interval
+        self._clock = clock
         self._count = 0
         self._last = float("-inf")
         self._lock = threading.Lock()
@@ -138,7 +139,7 @@ class Throttle:
         """Count one occurrence; returns how many to report now, or 0 when a line is not due."""
         with self._lock:
             self._count += 1
-            now = time.monotonic()
+            now = self._clock()
             if now - self._last < self.interval:
                 return 0
             count, self._count, self._last = self._count, 0, now

@@ -1,6 +1,7 @@
 """One link in this process against a real broker: its socket, what its publishes count, and the
 progress events it drops rather than send."""
 
+import logging
 import os
 import socket
 import types
@@ -8,11 +9,13 @@ import unittest
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from support import BrokerTestCase, ClosingProxy, Mosquitto, Watcher, new_task_id, wait_until
 
 from agent2389_lib.config import MqttSettings
 from agent2389_lib.mqtt.link import InboundMessage, Link, MessageStateError
+from agent2389_lib.mqtt.linkwatch import LinkWatch
 from agent2389_lib.mqtt.tickets import PublishTicket, Tickets
 from agent2389_lib.metrics import Metrics
 from agent2389_lib.mqtt.clients import ProtocolVersion, new_client, user_properties
@@ -128,6 +131,85 @@ class ExactlyOnceTests(BrokerTestCase):
         ticket = link.publish("/conversations/denied/qos2", b"refused", qos=2)
         self.assertTrue(ticket.wait(30))
         self.assertEqual((ticket.refusal, ticket.refusal_code), ("Not authorized", 0x87))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LinkWatchTests(unittest.TestCase):
+    """A link's connection history judged with the test's clock: what the end-to-end tests with
+    brokers killed, twin agents and closing proxies show, without their waits."""
+
+    def watch(self, protocol: str = "5") -> tuple[LinkWatch, FakeClock, ProtocolVersion]:
+        clock, version = FakeClock(), ProtocolVersion(protocol)
+        settings = MqttSettings(host="broker", port=1883, protocol=protocol)
+        return LinkWatch("intake", "agent2389-a", settings, version, Metrics("a", 1), clock), clock, version
+
+    def test_a_broker_in_a_crash_loop_is_rejoined_at_once_each_time(self):
+        watch, _, _ = self.watch()
+        for _ in range(5):
+            watch.failed_attempt(logging.WARNING, "cannot connect to broker broker:1883: refused")
+            watch.next_delay()
+        self.assertGreaterEqual(watch.next_delay(), 8.0, "attempts that fail wait longer and longer")
+        watch.accepted()  # the broker took a connection: it is back
+        watch.closed(None)  # and died again
+        self.assertLessEqual(watch.delay_after_close(), 0.5, "a connection that was made: no backoff")
+
+    def test_a_close_is_a_takeover_only_with_evidence_of_a_twin(self):
+        watch, clock, _ = self.watch()
+        watch.closed(None)
+        self.assertEqual(watch.takeover, "", "a close alone proves nothing (a crash loop closes links too)")
+        watch.twin_seen("another process serves agent id a")
+        clock.now += 119
+        watch.closed(None)
+        self.assertIn("another process serves agent id a: stop it, or give each process its own agent id",
+                      watch.takeover)
+        with self.assertLogs("agent2389.transport.mqtt", "ERROR"):
+            self.assertGreaterEqual(watch.delay_after_close(), 20.0)
+        clock.now += 2  # the evidence is over 120 s old
+        watch.closed(None)
+        self.assertEqual(watch.takeover, "")
+        watch.closed(ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E))
+        self.assertIn("reason 0x8E, session taken over", watch.takeover)
+
+    def test_a_failure_is_said_at_once_then_once_a_minute_with_its_count(self):
+        watch, clock, _ = self.watch()
+        with self.assertLogs("agent2389.transport.mqtt", "WARNING") as logs:
+            for _ in range(3):
+                watch.failed_attempt(logging.WARNING, "broker broker:1883 refused the intake connection: bad id")
+            clock.now += 61
+            watch.failed_attempt(logging.WARNING, "broker broker:1883 refused the intake connection: bad id")
+        self.assertEqual([line.split("; ", 1)[1] for line in logs.output],
+                         ["retrying with backoff", "retrying with backoff (3 failed attempts since the last report)"])
+
+    def test_two_connections_closed_before_connack_make_an_auto_link_try_mqtt_311(self):
+        watch, _, version = self.watch("auto")
+        with self.assertLogs("agent2389.transport.mqtt", "WARNING"):
+            watch.closed_before_connack(True)
+        self.assertEqual(version.current, "5", "one close is no reason")
+        watch.closed_before_connack(True)
+        self.assertEqual(version.current, "3.1.1")
+        watch, _, version = self.watch("auto")
+        watch.reset_unread = True  # nobody read the CONNECT: nothing said about MQTT 5
+        with self.assertLogs("agent2389.transport.mqtt", "WARNING"):
+            watch.closed_before_connack(True)
+            watch.closed_before_connack(True)
+        self.assertEqual(version.current, "5")
+
+    def test_a_broker_that_takes_the_connection_but_never_answers_connect_is_given_up(self):
+        watch, clock, _ = self.watch()
+        watch.attempt_started()
+        clock.now += 9.9
+        self.assertFalse(watch.connack_overdue())
+        clock.now += 0.2
+        with self.assertLogs("agent2389.transport.mqtt", "WARNING") as logs:
+            self.assertTrue(watch.connack_overdue())
+        self.assertIn("did not answer CONNECT within 10 s; is it an MQTT broker's port?", logs.output[0])
 
 
 class TicketsTests(unittest.TestCase):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from typing import Callable
 
 import paho.mqtt.client as mqtt
 
@@ -30,11 +31,13 @@ NOT_A_BROKER_HINT = "is it an MQTT broker's port? (MQTT_HOST/MQTT_PORT, [mqtt] b
 
 
 class LinkWatch:
-    """One link's connection history."""
+    """One link's connection history; its decisions read `clock` (time.monotonic), so they can be
+    unit-tested with a clock of the test's own."""
 
     def __init__(self, name: str, client_id: str, settings: MqttSettings, version: ProtocolVersion,
-                 metrics: Metrics):
+                 metrics: Metrics, clock: Callable[[], float] = time.monotonic):
         self.name = name
+        self._clock = clock
         self.client_id = client_id
         self.settings = settings
         self.version = version
@@ -47,13 +50,13 @@ class LinkWatch:
         self._attempt_started = 0.0
         self._last_error = ""
         self._failures: dict[str, Throttle] = {}  # by cause
-        self._loop_faults = Throttle()
+        self._loop_faults = Throttle(clock=clock)
         self._twin = (float("-inf"), "")  # when another process's status was last seen, and what it said
 
     # -------------------------------------------------------------- attempts
     def attempt_started(self) -> None:
         self.answered = self.reset_unread = False
-        self._attempt_started = time.monotonic()
+        self._attempt_started = self._clock()
 
     def remember_error(self, client, userdata, level: int, text: str) -> None:
         """paho's on_log until CONNACK: paho only logs why a TLS connection failed."""
@@ -62,7 +65,7 @@ class LinkWatch:
 
     def connack_overdue(self) -> bool:
         """The broker took the TCP connection but has not answered CONNECT in time (said here)."""
-        if self.answered or time.monotonic() - self._attempt_started <= CONNACK_TIMEOUT:
+        if self.answered or self._clock() - self._attempt_started <= CONNACK_TIMEOUT:
             return False
         self.failed_attempt(logging.WARNING, f"broker {self.where} accepted the TCP connection ({self.name} link) "
                                              f"but did not answer CONNECT within {CONNACK_TIMEOUT:.0f} s; "
@@ -76,7 +79,7 @@ class LinkWatch:
         self.broker_away()
         if len(self._failures) > _FAILURE_CAUSES_KEPT:
             self._failures.clear()
-        count = self._failures.setdefault(text, Throttle()).occurred()
+        count = self._failures.setdefault(text, Throttle(clock=self._clock)).occurred()
         if count:
             since = f" ({count} failed attempts since the last report)" if count > 1 else ""
             log.log(level, "%s; retrying with backoff%s", text, since)
@@ -127,7 +130,7 @@ class LinkWatch:
     def twin_seen(self, text: str) -> None:
         """Another live process has this link's client id (its status said so): for a while, a
         close of the link is its takeover."""
-        self._twin = (time.monotonic(), text)
+        self._twin = (self._clock(), text)
 
     def closed(self, reason_code: object) -> None:
         """The broker closed an established connection. Two processes with one client id take
@@ -141,7 +144,7 @@ class LinkWatch:
             self.takeover = (f"the broker closed the {self.name} link because another connection took over client "
                              f"id {self.client_id} (reason 0x8E, session taken over); another process is probably "
                              f"running with the same agent id")
-        elif time.monotonic() - seen < _TWIN_EVIDENCE_SECONDS:
+        elif self._clock() - seen < _TWIN_EVIDENCE_SECONDS:
             self.takeover = f"the broker closed the {self.name} link of client id {self.client_id}: {twin}"
         if self.takeover:
             self.takeover += ": stop it, or give each process its own agent id (or [mqtt] client_id)"
