@@ -223,9 +223,9 @@ class Metrics:
         with self._lock:
             now = self._clock()
             return Reading(
-                metrics=self, now=now, uptime=round(now - self._started, 3), recent=list(self.recent),
-                tools={name: vars_of(stats) for name, stats in sorted(self.tools.items())},
-                llm={name: {**vars_of(stats), "errors_by_kind": dict(stats.errors_by_kind)}
+                now=now, uptime=round(now - self._started, 3), recent=list(self.recent),
+                tools={name: _vars_of(stats) for name, stats in sorted(self.tools.items())},
+                llm={name: {**_vars_of(stats), "errors_by_kind": dict(stats.errors_by_kind)}
                      for name, stats in sorted(self.llm.items())},
                 counts={name: getattr(self, name) for name in _COPIED}, routing=dict(self.routing),
                 depth=depth, store_degraded=store_degraded, registry_agents=registry_agents,
@@ -237,7 +237,7 @@ class Metrics:
         return json_document(self.read())
 
 
-def vars_of(stats: Any) -> dict:
+def _vars_of(stats: Any) -> dict:
     return {name: getattr(stats, name) for name in stats.__slots__}
 
 
@@ -246,12 +246,12 @@ _COPIED = ("received", "completed", "failed", "rejected", "duplicates", "ignored
            "total_seconds", "finished", "connected", "connection_attempts", "connections_established",
            "connection_failures", "published", "publish_failures", "messages_received", "outcomes_undeliverable",
            "progress_events_dropped", "spans_exported_count", "spans_dropped_count", "last_heartbeat",
-           "connected_since", "state", "state_transitions", "restarts", "last_health_check", "workers", "agent_id")
+           "connected_since", "state", "state_transitions", "restarts", "last_health_check", "workers", "agent_id",
+           "version")
 
 
 @dataclass
 class Reading:
-    metrics: Metrics
     now: float
     uptime: float
     recent: list  # the last task durations, seconds
@@ -327,7 +327,7 @@ _QUANTILES = (("0.5", 0.50, "p50"), ("0.95", 0.95, "p95"), ("0.99", 0.99, "p99")
 SUMMARY = "summary"  # its `read` gives the samples: (suffix, labels, value)
 
 FAMILIES: tuple[Family, ...] = (
-    Family("", lambda r: {r.counts["agent_id"]: {r.metrics.version: 1}}, "agent2389_info", help="Agent identity.",
+    Family("", lambda r: {r.counts["agent_id"]: {r.counts["version"]: 1}}, "agent2389_info", help="Agent identity.",
            labels=("agent_id", "version")),
     Family("agent_id", _counted("agent_id")),
     Family("timestamp", lambda r: int(r.now)),

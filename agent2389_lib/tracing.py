@@ -164,17 +164,18 @@ class Tracer:
         task_token = _task_headers.set(span.context.headers() if span.context else ()) if task else None
         fields = {**(_log_fields.get() or {}), **log} if log else None
         log_token = _log_fields.set(fields) if fields else None
-        started = time.monotonic()
-        if fields and on_log_span is not None:
-            on_log_span("start", fields, None)
+        hook = on_log_span if fields else None  # set with LOG_SPANS
+        started = time.monotonic() if hook else 0.0  # the clock is read for the hook only
+        if hook and fields:
+            hook("start", fields, None)
         try:
             yield span
         except BaseException as exc:
             span.fail(type(exc).__name__)
             raise
         finally:
-            if fields and on_log_span is not None:
-                on_log_span("end", fields, round((time.monotonic() - started) * 1000, 3))
+            if hook and fields:
+                hook("end", fields, round((time.monotonic() - started) * 1000, 3))
             if log_token is not None:
                 _log_fields.reset(log_token)
             if task_token is not None:
