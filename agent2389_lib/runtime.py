@@ -257,7 +257,7 @@ class AgentRuntime:
         """Said at once and then once a minute; the links wait 20-30 s when it takes them over."""
         if self._twins.occurred():
             log.error("%s; stop one of them, or give each process its own agent id (or [mqtt] client_id)", text)
-        self.transport.twin_seen(text)
+        self.transport.history.twin_seen(text)
 
     def _survey(self) -> None:
         """Before `available`: see the retained statuses of this agent id (a probe published after

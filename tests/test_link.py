@@ -15,13 +15,19 @@ from support import BrokerTestCase, ClosingProxy, Mosquitto, Watcher, new_task_i
 
 from agent2389_lib.config import MqttSettings
 from agent2389_lib.mqtt.link import InboundMessage, Link, MessageStateError
-from agent2389_lib.mqtt.linkwatch import LinkWatch
+from agent2389_lib.mqtt.history import ConnectionHistory, LinkHistory
+from agent2389_lib.mqtt.state import ConnectionState, LinkState
 from agent2389_lib.mqtt.tickets import PublishTicket, Tickets
 from agent2389_lib.metrics import Metrics
 from agent2389_lib.mqtt.clients import ProtocolVersion, new_client, user_properties
 from agent2389_lib.mqtt.wire import close_socket
 
 LIMIT = 20000  # the broker's max_packet_size
+
+
+def output_link(settings: MqttSettings, metrics: Metrics, persistent: bool) -> Link:
+    history = ConnectionHistory(settings, ProtocolVersion(settings.protocol), metrics)
+    return Link(history.link("output", settings.client_id), metrics, persistent=persistent)
 
 
 class ProgressDropTests(BrokerTestCase):
@@ -32,8 +38,7 @@ class ProgressDropTests(BrokerTestCase):
     def link(self, protocol: str = "5") -> tuple[Link, Metrics]:
         metrics = Metrics("link-test", workers=1)
         settings = MqttSettings(host="127.0.0.1", port=self.broker.port, client_id="link-test", protocol=protocol)
-        link = Link("output", settings, settings.client_id, metrics, persistent=False,
-                    version=ProtocolVersion(protocol))
+        link = output_link(settings, metrics, persistent=False)
         self.addCleanup(link.finish_stop, 0)
         self.addCleanup(link.begin_stop)
         return link, metrics
@@ -100,8 +105,7 @@ class ExactlyOnceTests(BrokerTestCase):
 
     def link(self, port: int) -> Link:
         settings = MqttSettings(host="127.0.0.1", port=port, client_id=f"qos2-{new_task_id()[:8]}", protocol="5")
-        link = Link("output", settings, settings.client_id, Metrics("link-test", workers=1), persistent=True,
-                    version=ProtocolVersion("5"))
+        link = output_link(settings, Metrics("link-test", workers=1), persistent=True)
         self.addCleanup(link.finish_stop, 0)
         self.addCleanup(link.begin_stop)
         link.start()
@@ -141,14 +145,18 @@ class FakeClock:
         return self.now
 
 
-class LinkWatchTests(unittest.TestCase):
-    """A link's connection history judged with the test's clock: what the end-to-end tests with
-    brokers killed, twin agents and closing proxies show, without their waits."""
+class ConnectionHistoryTests(unittest.TestCase):
+    """The broker connection's history judged with the test's clock: what the end-to-end tests
+    with brokers killed, twin agents and closing proxies show, without their waits."""
 
-    def watch(self, protocol: str = "5") -> tuple[LinkWatch, FakeClock, ProtocolVersion]:
+    def history(self, protocol: str = "5") -> tuple[ConnectionHistory, FakeClock, ProtocolVersion]:
         clock, version = FakeClock(), ProtocolVersion(protocol)
         settings = MqttSettings(host="broker", port=1883, protocol=protocol)
-        return LinkWatch("intake", "agent2389-a", settings, version, Metrics("a", 1), clock), clock, version
+        return ConnectionHistory(settings, version, Metrics("a", 1), clock), clock, version
+
+    def watch(self, protocol: str = "5") -> tuple[LinkHistory, FakeClock, ProtocolVersion]:
+        history, clock, version = self.history(protocol)
+        return history.link("intake", "agent2389-a"), clock, version
 
     def test_a_broker_in_a_crash_loop_is_rejoined_at_once_each_time(self):
         watch, _, _ = self.watch()
@@ -161,14 +169,18 @@ class LinkWatchTests(unittest.TestCase):
         self.assertLessEqual(watch.delay_after_close(), 0.5, "a connection that was made: no backoff")
 
     def test_a_close_is_a_takeover_only_with_evidence_of_a_twin(self):
-        watch, clock, _ = self.watch()
+        history, clock, _ = self.history()
+        watch, output = history.link("intake", "agent2389-a"), history.link("output", "agent2389-a-out")
         watch.closed(None)
         self.assertEqual(watch.takeover, "", "a close alone proves nothing (a crash loop closes links too)")
-        watch.twin_seen("another process serves agent id a")
+        history.twin_seen("another process serves agent id a")
         clock.now += 119
         watch.closed(None)
         self.assertIn("another process serves agent id a: stop it, or give each process its own agent id",
                       watch.takeover)
+        output.closed(None)
+        self.assertIn("closed the output link of client id agent2389-a-out: another process serves agent id a",
+                      output.takeover, "one sighting names the closes of both links")
         with self.assertLogs("agent2389.transport.mqtt", "ERROR"):
             self.assertGreaterEqual(watch.delay_after_close(), 20.0)
         clock.now += 2  # the evidence is over 120 s old
@@ -210,6 +222,20 @@ class LinkWatchTests(unittest.TestCase):
         with self.assertLogs("agent2389.transport.mqtt", "WARNING") as logs:
             self.assertTrue(watch.connack_overdue())
         self.assertIn("did not answer CONNECT within 10 s; is it an MQTT broker's port?", logs.output[0])
+
+
+class ConnectionStateTests(unittest.TestCase):
+    def test_once_closing_a_report_of_the_connection_ending_is_no_loss(self):
+        state = ConnectionState()
+        self.assertIs(state.become(LinkState.CONNECTED), LinkState.NEW)
+        self.assertTrue(state.wait_connected(0))
+        self.assertIs(state.become(LinkState.CLOSING), LinkState.CONNECTED)
+        self.assertFalse(state.connected, "a link being closed is no longer of use")
+        self.assertIs(state.become(LinkState.DISCONNECTED), LinkState.CLOSING, "not a loss to recover from")
+        self.assertIs(state.become(LinkState.CONNECTED), LinkState.CLOSING)
+        self.assertEqual((state.value, state.closing), (LinkState.CLOSING, True), "closing does not go back")
+        state.become(LinkState.CLOSED)
+        self.assertEqual((state.value, state.wait_connected(0)), (LinkState.CLOSED, False))
 
 
 class TicketsTests(unittest.TestCase):

@@ -15,6 +15,7 @@ from paho.mqtt.properties import Properties
 
 from ..config import MqttSettings
 from ..mqtt.clients import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client, user_properties
+from ..mqtt.state import ConnectionState, LinkState
 
 
 class OperatorError(Exception):
@@ -38,11 +39,10 @@ class OperatorClient:
         self.version = "3.1.1" if settings.protocol == "3.1.1" else "5"
         self.messages: "queue.Queue[mqtt.MQTTMessage]" = queue.Queue()
         self.topics: list[str] = []
-        self._connected = threading.Event()
+        self.state = ConnectionState()  # paho reconnects on its own; this says whether it has
         self._subscribed = threading.Event()
         self._refusal: Optional[str] = None
         self._not_v5 = False  # the broker closed an MQTT 5 CONNECT or refused its version
-        self._lost = self._closing = False
         self.on_connection_change: Callable[[str], None] = lambda text: None  # lost / back, for long-running commands
         self.client = self._new_client()
 
@@ -65,18 +65,16 @@ class OperatorClient:
             self._refusal = (f"broker {self.where} refused the connection: "
                              f"{describe_refusal(reason_code.value, str(reason_code), self.settings, self.client_id)}")
             return
-        self._connected.set()
-        if self._lost:
-            self._lost = False
+        if self.state.become(LinkState.CONNECTED) is LinkState.DISCONNECTED:
             self.on_connection_change(f"reconnected to broker {self.where}")
         if self.topics:  # after a reconnect too
             client.subscribe([(topic, SUBSCRIBE_QOS) for topic in self.topics])
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._connected.is_set() and not self._closing:
-            self._lost = True
+        if self.state.connected:
+            self.state.become(LinkState.DISCONNECTED)
             self.on_connection_change(f"lost the connection to broker {self.where} ({reason_code}); reconnecting")
-        if not self._connected.is_set() and self.version == "5":
+        elif self.state.value is LinkState.NEW and self.version == "5":
             self._not_v5 = True
             self._refusal = self._refusal or (f"broker {self.where} closed the connection before accepting it; it "
                                               f'may not speak MQTT 5: set [mqtt] protocol = "3.1.1" (or "auto")')
@@ -114,13 +112,13 @@ class OperatorClient:
             raise OperatorError(f"cannot reach broker {self.where}: {exc.strerror or exc} "
                                 f"(check MQTT_HOST/MQTT_PORT or --broker-url)") from None
         self.client.loop_start()
-        self._wait(self._connected, timeout, "connect")
+        self._wait(self.state.wait_connected, timeout, "connect")
 
     def subscribe(self, topics: list[str], timeout: float = 10.0) -> None:
         """Subscribe (again after every reconnect) and wait for the SUBACK."""
         self.topics = list(topics)
         self.client.subscribe([(topic, SUBSCRIBE_QOS) for topic in topics])
-        self._wait(self._subscribed, timeout, "subscribe")
+        self._wait(self._subscribed.wait, timeout, "subscribe")
 
     def publish(self, topic: str, payload: bytes, timeout: float = 10.0,
                 headers: Sequence[tuple[str, str]] = ()) -> None:
@@ -134,9 +132,9 @@ class OperatorClient:
             raise OperatorError(f"broker {self.where} did not acknowledge the publish to {topic} "
                                 f"within {timeout:.0f} s")
 
-    def _wait(self, event: threading.Event, timeout: float, what: str) -> None:
+    def _wait(self, wait: Callable[[float], bool], timeout: float, what: str) -> None:
         waited = 0.0
-        while not event.wait(0.05):
+        while not wait(0.05):
             waited += 0.05
             if self._refusal:
                 raise OperatorError(self._refusal)
@@ -151,10 +149,11 @@ class OperatorClient:
 
     def close(self) -> None:
         """Disconnect; a kept session ends with it (MQTT 5: session expiry 0 in the DISCONNECT)."""
-        self._closing = True
+        self.state.become(LinkState.CLOSING)
         properties = None
         if self.session_seconds and self.version == "5":
             properties = Properties(PacketTypes.DISCONNECT)
             properties.SessionExpiryInterval = 0
         self.client.disconnect(properties=properties)
         self.client.loop_stop()
+        self.state.become(LinkState.CLOSED)

@@ -1,5 +1,5 @@
 """One connection to the broker: a paho client driven by our own select loop on a dedicated
-thread. It connects and reconnects (waiting as `LinkWatch` judges), publishes with tickets,
+thread. It connects and reconnects (waiting as its `LinkHistory` judges), publishes with tickets,
 acknowledges deliveries of its own session only, and hands messages to its owner."""
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ..config import MqttSettings
 from ..errors import PayloadTooLarge
 from ..metrics import Metrics
-from .clients import (UNSUPPORTED_PROTOCOL, ProtocolVersion, describe_refusal, new_client, publish_packet_size,
-                      user_properties)
-from .linkwatch import LinkWatch
+from .clients import UNSUPPORTED_PROTOCOL, describe_refusal, new_client, publish_packet_size, user_properties
+from .history import LinkHistory
+from .state import ConnectionState, LinkState
 from .tickets import PublishTicket, Tickets
 from .wire import close_socket, on_pubrec_refusal, reset_unread
 
@@ -67,23 +66,23 @@ class InboundMessage:
 
 
 class Link:
-    """One paho client, its network thread and its connection history."""
+    """One paho client, its network thread and its state; `history` (the transport's) judges
+    what happens to it."""
 
-    def __init__(self, name: str, settings: MqttSettings, client_id: str, metrics: Metrics, *, persistent: bool,
-                 version: ProtocolVersion, will: Optional[tuple[str, bytes]] = None,
+    def __init__(self, history: LinkHistory, metrics: Metrics, *, persistent: bool,
+                 will: Optional[tuple[str, bytes]] = None,
                  may_read: Callable[[], bool] = lambda: True, receive_maximum: Optional[int] = None,
                  max_packet_size: Optional[int] = None):
-        self.name = name
-        self.settings = settings
-        self.version = version
-        self.client_id = client_id
+        self.name = history.name
+        self.settings = history.settings
+        self.version = history.version
+        self.client_id = history.client_id
         self.metrics = metrics
-        self.watch = LinkWatch(name, client_id, settings, version, metrics)
+        self.watch = history
+        self.state = ConnectionState()
         self._client_options = (persistent, will, receive_maximum, max_packet_size)
         self._may_read = may_read
-        self._stop = threading.Event()
-        self._closing = threading.Event()
-        self._connected = threading.Event()
+        self._stop = threading.Event()  # ends the network thread's waits
         self._tickets = Tickets()
         self._client_lock = threading.Lock()  # publishing vs. replacing the client
         self.max_packet_size: Optional[int] = None  # from the broker's CONNACK
@@ -141,10 +140,10 @@ class Link:
     # -------------------------------------------------------------- state
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self.state.connected
 
     def wait_connected(self, timeout: Optional[float]) -> bool:
-        return self._connected.wait(timeout)
+        return self.state.wait_connected(timeout)
 
     def wake(self) -> None:
         """One byte per round of the network loop, however many packets were queued meanwhile."""
@@ -230,17 +229,16 @@ class Link:
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         log.info("connected to broker %s (%s link, session %s)", self.watch.where, self.name,
                  "resumed" if flags.session_present else "new")
-        self._connected.set()
+        self.state.become(LinkState.CONNECTED)
         self.on_connected(flags.session_present)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._dropping:
             return  # `_drop_socket` says what happened
-        was_connected = self._connected.is_set()
-        self._connected.clear()
-        if was_connected and not self._closing.is_set():
+        was_connected = self.state.become(LinkState.DISCONNECTED) is LinkState.CONNECTED
+        if was_connected:
             self.watch.closed(reason_code)
-        if not (self._closing.is_set() or self.watch.takeover):  # a takeover is logged with its delay, later
+        if not (self.state.closing or self.watch.takeover):  # a takeover is logged with its delay, later
             if was_connected:
                 log.warning("lost connection to broker %s (%s link): %s", self.watch.where, self.name, reason_code)
             elif not self.watch.answered:
@@ -268,7 +266,7 @@ class Link:
     # -------------------------------------------------------------- network loop
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.client.socket() is None and self._closing.is_set():
+            if self.client.socket() is None and self.state.closing:
                 break  # DISCONNECT sent: connecting again would only leave a Last Will behind
             if self.client.socket() is None and not self._connect_once():
                 self._stop.wait(self.watch.next_delay())
@@ -300,6 +298,7 @@ class Link:
         if self.v5 != self.version.v5:  # the other version, for the reasons ProtocolVersion gives
             self._replace_client()
         self.watch.attempt_started()
+        self.state.become(LinkState.CONNECTING)
         self.client.on_log = self.watch.remember_error  # until CONNACK: why a connection failed
         try:
             self.client.reconnect()
@@ -310,6 +309,7 @@ class Link:
         except (OSError, ValueError) as exc:
             self.watch.failed_attempt(logging.WARNING, f"cannot connect to broker {self.watch.where} ({self.name} "
                                       f"link): {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+        self.state.become(LinkState.DISCONNECTED)
         return False
 
     def _tls_failed(self, exc: ssl.SSLError) -> None:
@@ -379,15 +379,14 @@ class Link:
             close_socket(self.client)
         finally:
             self._dropping = False
-        if self._connected.is_set():
-            self._connected.clear()
+        if self.state.become(LinkState.DISCONNECTED) is LinkState.CONNECTED:
             self.on_disconnected()
 
     # -------------------------------------------------------------- shutdown
     def begin_stop(self) -> None:
         """Send DISCONNECT (so the broker does not publish the Last Will); `finish_stop` waits."""
-        self._closing.set()
-        if self.connected:
+        if self.state.become(LinkState.CLOSING) is LinkState.CONNECTED:
+            self.on_disconnected()  # no longer of use to the owner, whenever the broker hears the DISCONNECT
             self.client.disconnect()
             self.wake()
 
@@ -404,5 +403,6 @@ class Link:
             if self._thread.is_alive():
                 log.warning("the %s link's thread did not end within the shutdown deadline", self.name)
                 return
+        self.state.become(LinkState.CLOSED)
         self._wake_r.close()
         self._wake_w.close()

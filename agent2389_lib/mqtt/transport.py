@@ -27,6 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ..config import MqttSettings
 from ..metrics import Metrics
 from .clients import ProtocolVersion
+from .history import ConnectionHistory
 from .link import InboundMessage, Link
 from .tickets import PublishTicket
 
@@ -60,14 +61,13 @@ class MqttTransport:
         self.on_subscribed = on_subscribed
         self.on_delivery = on_delivery
         self.version = ProtocolVersion(settings.protocol)
-        self.intake = Link("intake", settings, settings.client_id, metrics, persistent=True, version=self.version,
-                            will=will,
+        self.history = ConnectionHistory(settings, self.version, metrics)
+        self.intake = Link(self.history.link("intake", settings.client_id), metrics, persistent=True, will=will,
                             may_read=lambda: not self._subscribed.is_set() or may_read(),
                             receive_maximum=receive_maximum, max_packet_size=max_packet_size)
         # QoS 2 is exactly once across a reconnect only if the broker keeps the packet ids' state
-        self.output = Link("output", settings, f"{settings.client_id}-out", metrics,
-                            persistent=settings.outcome_qos == 2,
-                            version=self.version, will=output_will)
+        self.output = Link(self.history.link("output", f"{settings.client_id}-out"), metrics,
+                            persistent=settings.outcome_qos == 2, will=output_will)
         self.intake.on_connected = self._intake_connected
         self.intake.on_message = lambda message: self.on_delivery(message)
         self.intake.on_disconnected = self._intake_disconnected
@@ -153,11 +153,6 @@ class MqttTransport:
     def _intake_disconnected(self) -> None:
         self._subscribed.clear()
         self._connection_changed()
-
-    def twin_seen(self, text: str) -> None:
-        """Another process has these client ids: a close of either link is its takeover."""
-        for link in (self.intake, self.output):
-            link.watch.twin_seen(text)
 
     def _connection_changed(self) -> None:
         self.metrics.mqtt_connection(self.connected)

@@ -1,7 +1,7 @@
-"""Why a link's connection attempts fail and its connections end, told to the operator once per
-cause, and how long the link waits before its next attempt. The link reports what happened; this
-judges it: a broker that is away, one that does not speak MQTT 5, or another process with the
-same client id taking the session over."""
+"""The broker connection's history, owned by the transport for both its links: why attempts fail
+and connections end, told to the operator once per cause, and how long a link waits before its
+next attempt. The links report what happened; this judges it: a broker that is away, one that
+does not speak MQTT 5, or another process with the same client ids taking the sessions over."""
 
 from __future__ import annotations
 
@@ -30,19 +30,44 @@ CONNACK_TIMEOUT = 10.0  # paho alone waits 1.5 keep-alives for a port that is no
 NOT_A_BROKER_HINT = "is it an MQTT broker's port? (MQTT_HOST/MQTT_PORT, [mqtt] broker_url)"
 
 
-class LinkWatch:
-    """One link's connection history; its decisions read `clock` (time.monotonic), so they can be
-    unit-tested with a clock of the test's own."""
+class ConnectionHistory:
+    """What both links share: the broker, the protocol version they speak, the clock every
+    decision reads (time.monotonic; a test's own in unit tests) and the evidence of a twin."""
 
-    def __init__(self, name: str, client_id: str, settings: MqttSettings, version: ProtocolVersion,
-                 metrics: Metrics, clock: Callable[[], float] = time.monotonic):
-        self.name = name
-        self._clock = clock
-        self.client_id = client_id
+    def __init__(self, settings: MqttSettings, version: ProtocolVersion, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.version = version
         self.metrics = metrics
+        self.clock = clock
         self.where = f"{settings.host}:{settings.port}"
+        self._twin = (float("-inf"), "")  # when another process's status was last seen, and what it said
+
+    def link(self, name: str, client_id: str) -> "LinkHistory":
+        return LinkHistory(self, name, client_id)
+
+    def twin_seen(self, text: str) -> None:
+        """Another live process has our client ids (its status said so): for a while, a close of
+        either link is its takeover."""
+        self._twin = (self.clock(), text)
+
+    def twin_evidence(self) -> str:
+        """What the twin's status said, if it was seen lately enough to name a close."""
+        seen, text = self._twin
+        return text if self.clock() - seen < _TWIN_EVIDENCE_SECONDS else ""
+
+
+class LinkHistory:
+    """One link's part of the history: its attempts, its backoff and the causes it reported."""
+
+    def __init__(self, history: ConnectionHistory, name: str, client_id: str):
+        self.history = history
+        self.name = name
+        self.client_id = client_id
+        self._clock = history.clock
+        self.settings = history.settings
+        self.version = history.version
+        self.where = history.where
         self.takeover = ""  # what the last close proved, when it proved a takeover
         self.answered = False  # the broker answered the current attempt's CONNECT
         self.reset_unread = False  # the current attempt was reset before anyone read its CONNECT
@@ -50,8 +75,7 @@ class LinkWatch:
         self._attempt_started = 0.0
         self._last_error = ""
         self._failures: dict[str, Throttle] = {}  # by cause
-        self._loop_faults = Throttle(clock=clock)
-        self._twin = (float("-inf"), "")  # when another process's status was last seen, and what it said
+        self._loop_faults = Throttle(clock=self._clock)
 
     # -------------------------------------------------------------- attempts
     def attempt_started(self) -> None:
@@ -90,7 +114,7 @@ class LinkWatch:
 
     def broker_away(self) -> None:
         """An attempt failed (the broker away, or not answering as one)."""
-        self.metrics.mqtt_connection(False, failed=True)
+        self.history.metrics.mqtt_connection(False, failed=True)
 
     def closed_before_connack(self, v5: bool) -> None:
         """The broker dropped the connection without answering CONNECT: TLS trouble (paho only
@@ -127,24 +151,19 @@ class LinkWatch:
         self._failures.clear()  # the next outage is reported at once
         self._last_error = ""
 
-    def twin_seen(self, text: str) -> None:
-        """Another live process has this link's client id (its status said so): for a while, a
-        close of the link is its takeover."""
-        self._twin = (self._clock(), text)
-
     def closed(self, reason_code: object) -> None:
         """The broker closed an established connection. Two processes with one client id take
         the session from each other in a loop; only evidence names that, never a broker that
         went away (a crash loop closes young links too): the broker's reason 0x8E (MQTT 5), or,
-        since mosquitto closes without it, the other process's status seen lately (`twin_seen`).
-        A named takeover waits 20-30 s (`delay_after_close`)."""
+        since mosquitto closes without it, the other process's status seen lately
+        (`ConnectionHistory.twin_seen`). A named takeover waits 20-30 s (`delay_after_close`)."""
         self.takeover = ""
-        seen, twin = self._twin
+        twin = self.history.twin_evidence()
         if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
             self.takeover = (f"the broker closed the {self.name} link because another connection took over client "
                              f"id {self.client_id} (reason 0x8E, session taken over); another process is probably "
                              f"running with the same agent id")
-        elif self._clock() - seen < _TWIN_EVIDENCE_SECONDS:
+        elif twin:
             self.takeover = f"the broker closed the {self.name} link of client id {self.client_id}: {twin}"
         if self.takeover:
             self.takeover += ": stop it, or give each process its own agent id (or [mqtt] client_id)"
