@@ -630,14 +630,22 @@ class AgentProcess:
     def wait_log(self, text: str, timeout: float = 15) -> None:
         wait_until(lambda: text in self.log(), timeout, f"{text!r} in the log of {self.agent_id}")
 
-    def connection_failures(self) -> int:
-        """Failed connection attempts so far, from the agent's metrics (0 before it serves them)."""
+    def metric(self, path: str, default: Any = 0) -> Any:
+        """One figure of the agent's JSON metrics ("tasks.tasks_completed"): what it did, as it
+        counts it. `default` before it serves them."""
         import urllib.request
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.env['HEALTH_PORT']}/metrics", timeout=5) as response:
-                return json.loads(response.read())["mqtt"]["connection_failures"]
+                document = json.loads(response.read())
         except OSError:
-            return 0
+            return default
+        for key in path.split("."):
+            document = document[key]
+        return document
+
+    def wait_metric(self, path: str, expected: Any, timeout: float = 15) -> None:
+        wait_until(lambda: self.metric(path, None) == expected, timeout,
+                   f"{path} = {expected!r} in the metrics of {self.agent_id}")
 
     def peak_rss_kb(self) -> int:
         assert self.proc is not None

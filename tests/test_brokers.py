@@ -181,7 +181,7 @@ class BrokerScenarios:
             self.assertIn("the broker d", member.log())  # does not deliver / did not grant
             self.assertIn("shared subscription", member.log())
             return
-        member.wait_log(f"agent {agent_id} is available")
+        member.wait_metric("lifecycle.current_state", "running", timeout=30)  # subscribed
         watcher = self.watcher("/conversations/#")
         task = envelope(agent_id, cid="c-pool-member")
         watcher.publish(f"/control/agents/{agent_id}/input", task)
@@ -193,7 +193,7 @@ class BrokerScenarios:
         agent_id = "team.writer"
         watcher = self.watcher("/conversations/#")
         agent = self.agent(agent_id).start()
-        agent.wait_log(f"agent {agent_id} is available")
+        agent.wait_metric("lifecycle.current_state", "running", timeout=30)  # subscribed
         task = envelope(agent_id, cid="c-dot", instruction="Dotted")
         watcher.publish(f"/control/agents/{agent_id}/input", task)
         (reply,) = watcher.wait_for(None, lambda p: isinstance(p, dict) and p.get("task_id") == task["task_id"])

@@ -181,7 +181,7 @@ class StateDirTests(BrokerTestCase):
             watcher.publish(INPUT, task)
         (reply,) = watcher.wait_for("/conversations/c-upgrade/+")
         self.assertEqual(reply["task_id"], fresh["task_id"])
-        agent.wait_log(f"discarding duplicate of completed task {done['task_id']}")
+        agent.wait_metric("tasks.tasks_duplicate", 1)
         self.assertIn("read 1 completed task ids from the release 0.1 store", agent.log())
         self.assertEqual(watcher.matching("/conversations/c-upgrade/+"), [reply])
         self.assertEqual(pathlib.Path(legacy).read_bytes(), before)
@@ -225,8 +225,9 @@ class StoreFailureTests(BrokerTestCase):
         code, ready = http_get(port, "/ready")
         self.assertEqual(code, 503)
         self.assertIn("state store degraded", ready["reason"])
+        duplicates = agent.metric("tasks.tasks_duplicate")
         watcher.publish(INPUT, tasks[0])  # remembered in memory: still a duplicate
-        agent.wait_log(f"discarding duplicate of completed task {tasks[0]['task_id']}")
+        agent.wait_metric("tasks.tasks_duplicate", duplicates + 1)
 
 
 class HealthAbuseTests(BrokerTestCase):

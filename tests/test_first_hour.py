@@ -213,7 +213,7 @@ class RunFeedbackTests(unittest.TestCase):
 
     def test_refused_port_reported_once_then_rate_limited(self):
         agent = self.agent(free_port())
-        wait_until(lambda: agent.connection_failures() >= 4, 30, "four failed connection attempts")
+        wait_until(lambda: agent.metric("mqtt.connection_failures") >= 4, 30, "four failed connection attempts")
         lines = [l for l in agent.log().splitlines() if "cannot connect to broker" in l]
         self.assertEqual(len(lines), 1, lines)
         self.assertEqual(json.loads(lines[0])["level"], "WARN")

@@ -2,7 +2,6 @@
 real mosquitto with agent processes."""
 
 import json
-import re
 import signal
 import sys
 import time
@@ -11,8 +10,6 @@ import unittest
 from support import AgentProcess, BrokerTestCase, envelope, wait_until
 
 from agent2389_lib.pool import Membership
-
-FINISHED = re.compile(r"task ([0-9a-f-]{36}) finished")
 
 
 def status_is(value):
@@ -66,11 +63,11 @@ class PoolTests(BrokerTestCase):
         self.assertEqual(sorted(set(ids)), sorted(t["task_id"] for t in tasks))
         self.assertEqual(len(ids), len(set(ids)), "each task answered once")
 
-        def member_counts():  # each member's log line of a task follows the answer's PUBACK
-            counts = [len(set(FINISHED.findall(m.log())) & set(ids)) for m in members]
+        def member_counts():  # a member counts a task once the answer's PUBACK is back
+            counts = [m.metric("tasks.tasks_completed") for m in members]
             return counts if sum(counts) == 2000 else None
 
-        spread = wait_until(member_counts, 15, "every member's log of its tasks")
+        spread = wait_until(member_counts, 15, "every member's count of its tasks")
         print(f"\npool: 2000 tasks over 4 members {spread}; {pool_rate:.1f} tasks/s vs 1 member {single_rate:.1f} "
               f"({pool_rate / single_rate:.2f}x)", file=sys.stderr)
         self.assertTrue(all(spread), f"every member did work: {spread}")
@@ -135,7 +132,7 @@ class PoolTests(BrokerTestCase):
         for task in tasks:
             watcher.publish(self.input, task, wait=False)
         for member in (leaving, staying):  # both busy
-            wait_until(lambda: FINISHED.search(member.log()), 30, "the member's first answer")
+            wait_until(lambda: member.metric("tasks.tasks_completed"), 30, "the member's first answer")
         leaving.signal(signal.SIGTERM)
         self.assertEqual(leaving.wait(60), 0)
         replies = watcher.wait_for("/conversations/c-leave/+", count=60, timeout=90)

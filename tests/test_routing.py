@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime, timedelta, timezone
 
 from fake_llm import FakeAnthropic, FakeGatekeeper, FakeOpenAI, Hang, Reply, Status
@@ -83,8 +82,7 @@ class RoutingCase(BrokerTestCase):
         for a message through the broker after their last outcome: what they published has
         reached the watcher, so a count of answers can see a second one. The tasks they finished."""
         def finished() -> int:
-            counts = [json.loads(urllib.request.urlopen(f"http://127.0.0.1:{agent.env['HEALTH_PORT']}/metrics",
-                                                        timeout=5).read())["tasks"] for agent in agents]
+            counts = [agent.metric("tasks") for agent in agents]
             busy = any(c["tasks_processing"] or c["intake_queue_depth"] for c in counts)
             return -1 if busy else sum(c["tasks_finished"] for c in counts)
         wait_until(lambda: finished() >= tasks, 30, f"{tasks} tasks to be finished")
@@ -99,12 +97,6 @@ def llm_routing(fake, provider="openai", max_iterations=5):
                     "api_key_env": "ROUTER_KEY"}}
 
 
-def agents_known_to(agent):
-    """The agent's own registry, through its metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{agent.env['HEALTH_PORT']}/metrics", timeout=5) as response:
-        return json.loads(response.read())["routing"]
-
-
 class DiscoveryTests(RoutingCase):
     def test_a_reference_agent_between_its_heartbeats_is_routable(self):
         """The reference republishes its status every 900 s and does not say so: judged against
@@ -113,13 +105,13 @@ class DiscoveryTests(RoutingCase):
         self.addCleanup(gatekeeper.close)
         (researcher,) = self.start({"strategy": "gatekeeper", "gatekeeper": {"url": gatekeeper.url}},
                                    names=("researcher",))
-        wait_until(lambda: agents_known_to(researcher)["registry_agents"] == 1, 10, "the agent itself")
+        wait_until(lambda: researcher.metric("routing")["registry_agents"] == 1, 10, "the agent itself")
         five_minutes_ago = (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()
         rust = {"agent_id": "rusty-between", "status": "available", "timestamp": five_minutes_ago,
                 "capabilities": ["research"], "description": "a reference agent"}
         self.watch.publish("/control/agents/rusty-between/status", rust, retain=True)
         self.addCleanup(self.watch.publish, "/control/agents/rusty-between/status", b"", retain=True)
-        wait_until(lambda: agents_known_to(researcher)["registry_agents"] == 2, 10, "the reference agent routable")
+        wait_until(lambda: researcher.metric("routing")["registry_agents"] == 2, 10, "the reference agent routable")
 
     def test_registry_follows_agents(self):
         gatekeeper = FakeGatekeeper()
@@ -145,14 +137,14 @@ class DiscoveryTests(RoutingCase):
         self.watch.publish("/control/agents/rusty/status", rust, retain=True)
         self.addCleanup(self.watch.publish, "/control/agents/rusty/status", b"", retain=True)
         wait_until(lambda: seen() == (["judge", "researcher", "rusty", "writer"], 1), 10, "rusty in, broken ignored")
-        wait_until(lambda: agents_known_to(researcher) == {"decisions": {}, "registry_agents": 4,
+        wait_until(lambda: researcher.metric("routing") == {"decisions": {}, "registry_agents": 4,
                                                            "registry_statuses_ignored": 1}, 10, "the agent's registry")
         writer.proc.kill()  # the Last Will
         wait_until(lambda: seen()[0] == ["judge", "researcher", "rusty"], 15, "writer dropped at SIGKILL")
         judge.signal(signal.SIGTERM)
         self.assertEqual(judge.wait(), 0)
         wait_until(lambda: seen()[0] == ["researcher", "rusty"], 10, "judge dropped at SIGTERM")
-        wait_until(lambda: agents_known_to(researcher)["registry_agents"] == 2, 10, "the agent saw both leave")
+        wait_until(lambda: researcher.metric("routing")["registry_agents"] == 2, 10, "the agent saw both leave")
 
 
 class LlmRoutedWorkflowTests(RoutingCase):

@@ -121,7 +121,7 @@ class TlsTests(unittest.TestCase):
             with self.subTest(expected):
                 agent = self.agent(broker, **mqtt).start()
                 agent.wait_log(expected, timeout=20)
-                wait_until(lambda: agent.connection_failures() >= 4, 30, "retries")
+                wait_until(lambda: agent.metric("mqtt.connection_failures") >= 4, 30, "retries")
                 # a cause is logged when it changes, the same one again once a minute
                 self.assertLess(agent.log().count("TLS with broker"), 3)
                 self.assertNotIn("Traceback", agent.log())
@@ -163,7 +163,7 @@ class PasswordTests(unittest.TestCase):
         self.addCleanup(bad.stop)
         bad.start()
         refusal = "refused the output connection: Not authorized: the broker does not allow this client to connect"
-        wait_until(lambda: bad.connection_failures() >= 2, 20, "the refusal and a retry")
+        wait_until(lambda: bad.metric("mqtt.connection_failures") >= 2, 20, "the refusal and a retry")
         self.assertEqual(bad.log().count(refusal), 1)  # then one line a minute, with a count
         self.assertEqual(http_get(bad.env["HEALTH_PORT"], "/ready")[0], 503)
         self.assertNotIn("wrong-password-99", bad.log())

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import unittest
-import urllib.request
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -302,8 +301,7 @@ class CollectorAwayTests(BrokerTestCase):
                    "every task answered")
 
         def dropped():
-            with urllib.request.urlopen(f"http://127.0.0.1:{agent.env['HEALTH_PORT']}/metrics", timeout=5) as response:
-                counts = json.loads(response.read())["tracing"]
+            counts = agent.metric("tracing")
             return counts if counts["spans_dropped"] >= 8 else None
 
         counts = wait_until(dropped, 20, "spans counted as dropped")

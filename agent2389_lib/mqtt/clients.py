@@ -88,7 +88,7 @@ class ProtocolVersion:
     broker shows that it does not speak it. A CONNACK "unsupported protocol version" (0x84, which
     paho also makes of 3.1.1's code 1) is proof, for the rest of the process. A connection closed
     right after CONNECT is only a hint (a broker still starting), and one reset before anybody read
-    the CONNECT (a proxy without a backend yet) not even that (`LinkWatch`):
+    the CONNECT (a proxy without a backend yet) not even that (`LinkHistory`):
     after two in a row, one 3.1.1 attempt, and only a broker that accepts it makes the link speak
     3.1.1; every later connection tries 5 first again (one close away from 3.1.1 again). A broker
     that ever accepted MQTT 5 is not doubted."""
