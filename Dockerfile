@@ -1,5 +1,6 @@
 # agent2389: multi-stage build onto distroless Python 3 (Debian 12).
 #   docker build -t agent2389:latest .
+#   docker build --build-arg EXTRAS=otel -t agent2389:otel .   (with the OpenTelemetry SDK: traces exported)
 #   docker run -e AGENT_ID=prod-agent-001 -e MQTT_HOST=mqtt.example.com -e OPENAI_API_KEY=sk-... -p 8080:8080 agent2389:latest
 
 FROM debian:12-slim AS build
@@ -10,7 +11,9 @@ RUN apt-get update \
 COPY pyproject.toml README.md agent2389.py /src/
 COPY agent2389_lib /src/agent2389_lib
 COPY deploy/build-venv.sh /src/deploy/build-venv.sh
-RUN sh /src/deploy/build-venv.sh /opt/agent2389 /src
+# optional extras of the project, comma-separated: "otel" exports traces (OTEL_EXPORTER_OTLP_ENDPOINT)
+ARG EXTRAS=""
+RUN sh /src/deploy/build-venv.sh /opt/agent2389 /src "$EXTRAS"
 
 FROM gcr.io/distroless/python3-debian12:nonroot
 COPY --from=build /opt/agent2389 /opt/agent2389

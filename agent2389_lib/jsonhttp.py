@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import requests
 
+from . import tracing
 from .backoff import jittered
 from .errors import remaining
 from .httpsessions import (BodyDeadline, BodyError, ProxyUnusable, ThreadSessions, check_proxy, endpoint_session,
@@ -172,7 +173,7 @@ class JsonHttpClient:
                  timeout: float) -> tuple[int, bytes, Any]:
         """Status, whole body and headers of one request, the body read within the deadline."""
         response = self._sessions.get().request(method, self.base_url + path, json=body, timeout=timeout,
-                                                stream=True)
+                                                stream=True, headers=tracing.http_headers())
         try:
             data = read_body(response, deadline, self.max_body, timeout)
         except BaseException:

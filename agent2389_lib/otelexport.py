@@ -103,8 +103,10 @@ class OtelTracer(tracing.Tracer):
     """Where a trace enters this process (a root, or a parent from a message), the sampler
     decides; the spans under it follow that decision, as ParentBased samplers would."""
 
+    records = True
+
     def __init__(self, settings: TracingSettings, agent_id: str, metrics: Metrics):
-        super().__init__()
+        super().__init__(True, settings.propagate_http)
         self._sampler = sampler_of(settings)
         # our defaults under the environment's: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
         resource = _AgentResource(Resource.create({"service.name": "agent2389", "service.instance.id": agent_id,

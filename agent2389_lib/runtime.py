@@ -34,6 +34,7 @@ from .mqtt.transport import MqttTransport, SubscriptionRefused
 from .pool import Membership
 from .processor import Route, TaskProcessor
 from .tools import build_registry
+from .tracers import build_tracer
 
 log = logging.getLogger("agent2389.runtime")
 
@@ -356,7 +357,7 @@ class AgentRuntime:
         if mqtt.tls_insecure_skip_verify:
             log.warning("TLS certificate and host name verification is OFF (tls_insecure_skip_verify = true): "
                         "anyone on the network path can impersonate the broker")
-        tracing.install(_build_tracer(self.config, self.metrics))
+        tracing.install(build_tracer(self.config.tracing, self.config.agent_id, self.metrics))
         self.health.start()
         self.transport.start_output()
         self._wait_for(self.transport.output.wait_connected)
@@ -429,24 +430,6 @@ class AgentRuntime:
         self._parts.close()  # health server, workers' pool, completed-task store, the links' sockets
         log.info("agent %s stopped", self.config.agent_id)
         return not pending
-
-
-def _build_tracer(config: AgentConfig, metrics: Metrics) -> tracing.Tracer:
-    """Spans are recorded and exported by the OpenTelemetry SDK when an OTLP endpoint is set and
-    the `[otel]` extra is installed; otherwise the stdlib tracer mints the ids that propagation
-    and log lines need."""
-    settings = config.tracing
-    if not (settings.enabled and settings.endpoint):
-        return tracing.Tracer(settings.enabled)
-    try:
-        from .otelexport import OtelTracer
-    except ImportError as exc:
-        log.warning("traces are not exported to %s: the OpenTelemetry SDK cannot be imported (%s); install the [otel] "
-                    "extra (pip install -e '.[otel]' in the project). Messages still carry trace context and log "
-                    "lines trace ids",
-                    public_url(settings.endpoint), exc)
-        return tracing.Tracer()
-    return OtelTracer(settings, config.agent_id, metrics)
 
 
 def _install_signal_handlers(runtime: AgentRuntime) -> None:

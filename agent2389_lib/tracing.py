@@ -143,10 +143,14 @@ class Tracer:
     """Spans without the OpenTelemetry SDK: ids for propagation and log lines. Only a task span
     gets ids of its own (what the task's messages carry and its log lines name); a span inside it
     is recorded nowhere, so it passes the task span's context through, as OpenTelemetry's API does
-    without an SDK. `enabled=False` (OTEL_SDK_DISABLED=true) mints nothing at all."""
+    without an SDK. `enabled=False` (OTEL_SDK_DISABLED=true) mints nothing at all;
+    `propagate_http=False` (OTEL_PROPAGATORS=none) sends no context with HTTP requests."""
 
-    def __init__(self, enabled: bool = True):
+    records = False  # whether its spans reach a collector
+
+    def __init__(self, enabled: bool = True, propagate_http: bool = True):
         self.enabled = enabled
+        self.propagate_http = propagate_http
 
     def start(self, name: str, kind: str, parent: Optional[TraceContext], attributes: dict, task: bool) -> Span:
         return Span(child_of(parent) if self.enabled and task else parent)
@@ -206,4 +210,12 @@ def span(name: str, kind: str = INTERNAL, attributes: Optional[dict] = None,
 
 def shutdown(timeout: float) -> None:
     _tracer.shutdown(timeout)
+
+
+def http_headers() -> Optional[dict]:
+    """The current span's context as W3C Trace Context headers for an outgoing HTTP request (an
+    LLM, a router, an MCP server), so the server's spans join the task's trace; None outside a
+    span or with OTEL_PROPAGATORS=none."""
+    context = _current.get()
+    return dict(context.headers()) if context is not None and _tracer.propagate_http else None
 

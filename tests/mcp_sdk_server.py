@@ -4,7 +4,7 @@
 import argparse
 import asyncio
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 parser = argparse.ArgumentParser()
@@ -38,6 +38,13 @@ async def wait(seconds: float) -> str:
                 handle.write(f"cancelled after asking for {seconds} s\n")
         raise
     return f"waited {seconds} s"
+
+
+@server.tool()
+def traceparent(ctx: Context) -> str:
+    """The W3C traceparent header of the HTTP request that carried this call ("none" without one)."""
+    request = ctx.request_context.request
+    return (request.headers.get("traceparent") if request is not None else None) or "none"
 
 
 server.run("streamable-http", host="127.0.0.1", port=args.port, json_response=args.json_response)

@@ -27,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "tests")
 AGENT_SCRIPT = os.path.join(ROOT, "agent2389.py")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
@@ -58,6 +59,35 @@ def mcp_python() -> str:
     """An interpreter with the `mcp` SDK: this one, or under Python 3.9 (which the SDK does not
     support) the `python-mcp` that .ci/run links into this environment from a newer one."""
     return sys.executable if importlib.util.find_spec("mcp") is not None else installed("python-mcp")
+
+
+def http_server(case: unittest.TestCase, argv: list, env: dict, port: int) -> subprocess.Popen:
+    """A server process listening on `port` (stopped at cleanup), once it accepts connections."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log)
+    case.addCleanup(log.close)
+    case.addCleanup(proc.wait, 10)
+    case.addCleanup(proc.terminate)
+
+    def accepts() -> bool:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"{argv[0]} exited: {log.read()[-2000:]!r}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_until(accepts, 30, f"{os.path.basename(argv[0])} to listen on {port}")
+    return proc
+
+
+def sdk_server(case: unittest.TestCase, *options: str) -> str:
+    """The URL of an MCP server built with the official SDK (tests/mcp_sdk_server.py), over streamable HTTP."""
+    port = free_port()
+    http_server(case, [mcp_python(), os.path.join(HERE, "mcp_sdk_server.py"), str(port), *options], {}, port)
+    return f"http://127.0.0.1:{port}/mcp"
 
 
 def _ephemeral_ports() -> tuple[int, int]:

@@ -15,7 +15,8 @@ LAYERS = {
     5: ["runtime"],
     4: ["processor", "router"],
     3: ["mqtt", "mqtt.*"],
-    2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "discovery", "httpsessions", "jsonhttp", "otelexport"],  # tools.mcp.* too
+    2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "discovery", "httpsessions", "jsonhttp", "otelexport",
+        "tracers"],  # tools.mcp.* too
     1: ["health", "logs", "errors", "tracing"],
     0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome", "events"],
 }

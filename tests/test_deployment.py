@@ -9,12 +9,14 @@ import signal
 import subprocess
 import tempfile
 import unittest
+from typing import Optional
 
 import kubernetes_validate
 import yaml
 from fake_llm import FakeOpenAI
+from otlp_receiver import OtlpReceiver
 
-from support import ROOT, Mosquitto, Watcher, free_port, process, program
+from support import ROOT, Mosquitto, Watcher, envelope, free_port, process, program
 
 AGENT = "prod-agent-001"
 UID = 10001
@@ -50,7 +52,9 @@ class ImageFilesystemTests(unittest.TestCase):
     python3.11 (the interpreter distroless ships), then the entrypoint run as UID 10001, in isolated
     mode, without a shell, configured by environment variables only."""
 
-    def test_env_only_agent_from_the_image_prefix(self):
+    def image_python(self, extras: Optional[str] = None) -> str:
+        """The build stage replayed; `extras` as `--build-arg EXTRAS=...` (None: the ARG's default).
+        Returns the image's interpreter."""
         image = tempfile.mkdtemp(prefix="image-")
         os.chmod(image, 0o755)
         self.addCleanup(shutil.rmtree, image, True)
@@ -68,17 +72,20 @@ class ImageFilesystemTests(unittest.TestCase):
                     else:
                         os.makedirs(target if dest.endswith("/") else os.path.dirname(target), exist_ok=True)
                         shutil.copy(os.path.join(ROOT, source), target)
+        (arg,) = [i for i in build if i.startswith("ARG EXTRAS=")]
+        value = shlex.split(arg)[1].split("=", 1)[1] if extras is None else extras
         (run_line,) = [i for i in build if i.startswith("RUN sh ")]
         venv = os.path.join(image, "opt/agent2389")
-        command = [w.replace("/opt/agent2389", venv).replace("/src", build_context) for w in shlex.split(run_line)[1:]]
+        command = [w.replace("/opt/agent2389", venv).replace("/src", build_context).replace("$EXTRAS", value)
+                   for w in shlex.split(run_line)[1:]]
         subprocess.run(command, check=True, env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=600)
+        return os.path.join(venv, "bin/python")
 
+    def run_image_agent(self, python: str, **env_extra: str) -> tuple:
+        """The entrypoint as the image runs it, until `available`: (process, health port, state dir, broker)."""
         final = dockerfile_stages()[-1][1]
         entrypoint = _json_list([i for i in final if i.startswith("ENTRYPOINT")][0])
-        healthcheck = _json_list([i for i in final if i.startswith("HEALTHCHECK")][0].split("CMD", 1)[1])
         self.assertEqual(entrypoint[:3], ["/opt/agent2389/bin/python", "-I", "-m"])
-        python = os.path.join(venv, "bin/python")
-
         broker = Mosquitto().start()
         self.addCleanup(broker.cleanup)
         fake = FakeOpenAI(api_key="sk-image-test-key-42")
@@ -91,20 +98,44 @@ class ImageFilesystemTests(unittest.TestCase):
         env = {"AGENT_ID": AGENT, "MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(broker.port),
                "OPENAI_API_KEY": "sk-image-test-key-42", "OPENAI_BASE_URL": fake.base_url,
                "HEALTH_PORT": health_port, "STATE_DIR": state, "AGENT2389_DEFAULT_CONFIG": "/app/config/agent.toml",
-               "PATH": "/usr/bin:/bin"}
-        watcher = Watcher(broker.port, f"/control/agents/{AGENT}/status")
+               "PATH": "/usr/bin:/bin", **env_extra}
+        watcher = Watcher(broker.port, f"/control/agents/{AGENT}/status", "/conversations/#")
         self.addCleanup(watcher.close)
         agent = process(self, [python] + entrypoint[1:] + ["run"], env=env, cwd="/", stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, **as_user)
         watcher.wait_for(f"/control/agents/{AGENT}/status", lambda p: p["status"] == "available", timeout=30)
-        probe = subprocess.run([python] + healthcheck[1:], env={"HEALTH_PORT": health_port}, cwd="/",
-                               capture_output=True, timeout=30, **as_user)
-        self.assertEqual(probe.returncode, 0, probe.stdout + probe.stderr)
+        return agent, health_port, state, watcher
+
+    def stop(self, agent: subprocess.Popen) -> str:
         agent.send_signal(signal.SIGTERM)
         output = agent.communicate(timeout=30)[0].decode()
         self.assertEqual(agent.returncode, 0, output[-2000:])
+        return output
+
+    def test_env_only_agent_from_the_image_prefix(self):
+        python = self.image_python()
+        agent, health_port, state, _ = self.run_image_agent(python)
+        final = dockerfile_stages()[-1][1]
+        healthcheck = _json_list([i for i in final if i.startswith("HEALTHCHECK")][0].split("CMD", 1)[1])
+        as_user = {"user": UID, "group": UID} if os.geteuid() == 0 else {}
+        probe = subprocess.run([python] + healthcheck[1:], env={"HEALTH_PORT": health_port}, cwd="/",
+                               capture_output=True, timeout=30, **as_user)
+        self.assertEqual(probe.returncode, 0, probe.stdout + probe.stderr)
+        output = self.stop(agent)
         self.assertIn(f'"agent {AGENT} is available', output.replace("\\", ""))
         self.assertTrue(os.listdir(state), "the completed-task store lives in STATE_DIR")
+
+    def test_the_image_built_with_extras_otel_exports_traces(self):
+        """`docker build --build-arg EXTRAS=otel`: the default image has no SDK and exports nothing."""
+        collector = OtlpReceiver()
+        self.addCleanup(collector.close)
+        agent, _, _, watcher = self.run_image_agent(self.image_python("otel"), OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+                                                    OTEL_BSP_SCHEDULE_DELAY="50")
+        task = envelope(AGENT, cid="c-image-traced")
+        watcher.publish(f"/control/agents/{AGENT}/input", task)
+        watcher.wait_for(f"/conversations/c-image-traced/{AGENT}")
+        collector.wait_for(lambda s: s["agent"] == AGENT and s["name"] == f"process /control/agents/{AGENT}/input")
+        self.stop(agent)
 
 
 def _json_list(text):

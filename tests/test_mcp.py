@@ -19,8 +19,8 @@ import urllib.error
 import urllib.request
 
 from fake_llm import FakeOpenAI, Reply
-from support import (AGENT_SCRIPT, BrokerTestCase, base_env, envelope, free_port, installed, mcp_python,
-                     wait_until, write_toml)
+from support import (AGENT_SCRIPT, BrokerTestCase, base_env, envelope, free_port, http_server, installed,
+                     mcp_python, sdk_server, wait_until, write_toml)
 
 from agent2389_lib.config import McpServerSpec, Secret
 from agent2389_lib.tools.mcp.server import McpServer
@@ -40,28 +40,6 @@ def registry(case: unittest.TestCase, *specs: McpServerSpec, max_output_size: in
 
 def call(tools: ToolRegistry, name: str, arguments: dict, seconds: float = 20.0) -> tuple[bool, str]:
     return tools.execute(name, arguments, time.monotonic() + seconds)
-
-
-def http_server(case: unittest.TestCase, argv: list, env: dict, port: int) -> subprocess.Popen:
-    """A server process listening on `port` (stopped at cleanup), once it accepts connections."""
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log)
-    case.addCleanup(log.close)
-    case.addCleanup(proc.wait, 10)
-    case.addCleanup(proc.terminate)
-
-    def accepts() -> bool:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise AssertionError(f"{argv[0]} exited: {log.read()[-2000:]!r}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    wait_until(accepts, 30, f"{os.path.basename(argv[0])} to listen on {port}")
-    return proc
 
 
 def bad_server(name: str, mode: str, *args: str, **options) -> McpServerSpec:
@@ -122,16 +100,11 @@ def forget_session(url: str, session_id: str) -> None:
 
 
 class StreamableHttpTests(unittest.TestCase):
-    def sdk_server(self, *options: str) -> str:
-        port = free_port()
-        http_server(self, [mcp_python(), os.path.join(HERE, "mcp_sdk_server.py"), str(port), *options], {}, port)
-        return f"http://127.0.0.1:{port}/mcp"
-
     def test_sdk_server_with_event_streams_and_with_json(self):
         for options in ((), ("--json-response",)):
             with self.subTest(options=options):
-                tools = registry(self, McpServerSpec(name="sdk", url=self.sdk_server(*options)))
-                self.assertEqual(sorted(tools.tools), ["sdk__add", "sdk__refuse", "sdk__wait"])
+                tools = registry(self, McpServerSpec(name="sdk", url=sdk_server(self, *options)))
+                self.assertEqual(sorted(tools.tools), ["sdk__add", "sdk__refuse", "sdk__traceparent", "sdk__wait"])
                 self.assertEqual(call(tools, "sdk__add", {"a": 20, "b": 22}), (True, "42"))
                 ok, text = call(tools, "sdk__refuse", {"reason": "no such record"})
                 self.assertFalse(ok, "isError: true reaches the LLM as a tool error")
@@ -142,7 +115,7 @@ class StreamableHttpTests(unittest.TestCase):
 
     def test_a_cancelled_call_is_cancelled_at_the_server(self):
         cancel_log = os.path.join(tempfile.mkdtemp(prefix="mcp-"), "cancelled")
-        tools = registry(self, McpServerSpec(name="sdk", url=self.sdk_server("--cancel-log", cancel_log),
+        tools = registry(self, McpServerSpec(name="sdk", url=sdk_server(self, "--cancel-log", cancel_log),
                                              timeout=1.0))
         ok, text = call(tools, "sdk__wait", {"seconds": 60})
         self.assertFalse(ok)
@@ -151,7 +124,7 @@ class StreamableHttpTests(unittest.TestCase):
         self.assertEqual(call(tools, "sdk__add", {"a": 1, "b": 2}), (True, "3"))
 
     def test_an_expired_session_opens_a_new_one_and_shutdown_deletes_it(self):
-        url = self.sdk_server()
+        url = sdk_server(self)
         tools = registry(self, McpServerSpec(name="sdk", url=url))
         channel = tools.servers[0]._session.channel
         first = channel._session_id
@@ -168,7 +141,7 @@ class StreamableHttpTests(unittest.TestCase):
     def test_an_expired_session_is_reopened_once_for_workers_calling_at_once(self):
         """Before: each worker whose call found the session expired opened a new one, and the
         replaced ones were never deleted on the server."""
-        url = self.sdk_server()
+        url = sdk_server(self)
         tools = registry(self, McpServerSpec(name="sdk", url=url))
         server = tools.servers[0]
         forget_session(url, server._session.channel._session_id)

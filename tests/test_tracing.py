@@ -15,13 +15,15 @@ from paho.mqtt.properties import Properties
 
 from fake_llm import FakeOpenAI, Reply
 from otlp_receiver import OtlpReceiver
-from support import AGENT_SCRIPT, BrokerTestCase, Watcher, base_env, envelope, free_port, installed, wait_until
+from support import (AGENT_SCRIPT, BrokerTestCase, Watcher, base_env, envelope, free_port, installed, sdk_server,
+                     wait_until)
 
 from agent2389_lib import tracing
 from agent2389_lib.config import ConfigError, load_config
 from agent2389_lib.logs import JsonFormatter, RedactingFilter
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 PARENT = "00f067aa0ba902b7"
 OPENAI_KEY = "sk-tracing-test-key-0123456789"
 ROUTER_KEY = "sk-tracing-router-key-0123456789"
@@ -111,7 +113,7 @@ class TraceContextTests(unittest.TestCase):
         cases = {"OTEL_TRACES_SAMPLER": "sometimes", "OTEL_TRACES_SAMPLER_ARG": "1.5",
                  "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_MAX_QUEUE_SIZE": "0",
                  "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318", "OTEL_SDK_DISABLED": "maybe",
-                 "OTEL_TRACES_EXPORTER": "jaeger"}
+                 "OTEL_TRACES_EXPORTER": "jaeger", "OTEL_PROPAGATORS": "tracecontext,b3"}
         for name, value in cases.items():
             with self.subTest(name):
                 env = {"AGENT_ID": "traced", "LLM_PROVIDER": "echo", name: value}
@@ -183,7 +185,8 @@ class PipelineTraceTests(TracedCase):
         task, cid = shown["task"], shown["task"]["conversation_id"]
         self.assertEqual(shown["trace_id"], TRACE, "inject continues the trace it is given")
         injected = tracing.parse(task["traceparent"])
-        self.assertEqual(injected.trace_id, TRACE)
+        self.assertEqual((injected.trace_id, injected.span_id), (TRACE, PARENT),
+                         "inject records no span here: the span given is the parent (before: one nobody exported)")
         self.assertEqual(headers_of(self.first_task_on("alpha"))["traceparent"], task["traceparent"],
                          "the task carries its context as a user property too")
 
@@ -250,6 +253,63 @@ class PipelineTraceTests(TracedCase):
                              (task_span["span_id"], "router-model"))
         hop = json.loads(self.first_task_on("writer").payload)
         self.assertEqual(tracing.parse(hop["traceparent"]).span_id, first["span_id"], "the routed hop's field")
+        decisions = self.spans(TRACE, "researcher", "chat router-model") + self.spans(TRACE, "writer", "chat router")
+        sent = [tracing.parse(request["headers"].get("traceparent")) for request in fake.completions()]
+        self.assertEqual(sorted(context.span_id for context in sent), sorted(span["span_id"] for span in decisions),
+                         "each router request carries its span's context")
+
+
+class InjectTraceTests(TracedCase):
+    def inject(self, *options: str) -> dict:
+        result = subprocess.run([sys.executable, AGENT_SCRIPT, "inject", "--broker-url", self.broker.url, "--agent-id",
+                                 "solo", "--message", "hi", "--wait", "30", "--json", *options],
+                                env=base_env(OTEL_EXPORTER_OTLP_ENDPOINT=self.collector.url),
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return json.loads(result.stdout)
+
+    def test_inject_exporting_its_span_leaves_no_gap_in_the_chain(self):
+        """Before: the task's parent was a span of inject's that no collector ever received."""
+        self.traced("solo")
+        for options, parent in (((), None), (("--traceparent", f"00-{TRACE}-{PARENT}-01"), PARENT)):
+            with self.subTest(options=options):
+                trace_id = self.inject(*options)["trace_id"]
+                (send,) = self.collector.wait_for(lambda s: s["trace_id"] == trace_id and s["agent"] == "agent2389-cli")
+                self.assertEqual((send["name"], send["kind"], send["parent"]),
+                                 ("send /control/agents/solo/input", "PRODUCER", parent))
+                (process,) = self.spans(trace_id, "solo", "process")
+                self.assertEqual(process["parent"], send["span_id"])
+
+
+class HttpPropagationTests(TracedCase):
+    """What the agent asks over HTTP joins the task's trace: the LLM, an MCP server over streamable HTTP."""
+
+    def run_task(self, name: str, env: dict) -> tuple:
+        fake = FakeOpenAI(api_key=OPENAI_KEY)
+        self.addCleanup(fake.close)
+        fake.script = [Reply(tool_calls=[("sdk__traceparent", {})])]
+        fake.responder = lambda body: Reply("the MCP server saw " + body["messages"][-1]["content"])
+        self.traced(name, env={"OPENAI_API_KEY": OPENAI_KEY, **env}, llm={"provider": "openai", "base_url": fake.base_url},
+                    mcp_servers=[{"name": "sdk", "url": sdk_server(self)}])
+        self.watch.client.publish(f"/control/agents/{name}/input", json.dumps(envelope(name, cid=f"cid-{name}")), qos=1,
+                                  properties=user_properties(traceparent=f"00-{TRACE}-{PARENT}-01"))
+        (answer,) = self.watch.wait_for(f"/conversations/cid-{name}/{name}", timeout=30)
+        return [request["headers"].get("traceparent") for request in fake.completions()], answer["response"]
+
+    def test_llm_and_mcp_requests_carry_the_span_they_belong_to(self):
+        sent, response = self.run_task("courier", {})
+        chats = self.spans(TRACE, "courier", "chat", count=2)
+        self.assertEqual(sorted(tracing.parse(header)[:2] for header in sent),
+                         sorted((TRACE, span["span_id"]) for span in chats))
+        (tool,) = self.spans(TRACE, "courier", "execute_tool")
+        seen = tracing.parse(TRACEPARENT_RE.search(response).group(0))
+        self.assertEqual(seen[:2], (TRACE, tool["span_id"]))
+
+    def test_otel_propagators_none_sends_no_context(self):
+        sent, response = self.run_task("discreet", {"OTEL_PROPAGATORS": "none"})
+        self.assertEqual(sent, [None, None])
+        self.assertIsNone(TRACEPARENT_RE.search(response), response)
+        self.spans(TRACE, "discreet", "process")  # the MQTT side is the protocol's: still one trace
 
 
 class Mqtt311TraceTests(TracedCase):

@@ -14,6 +14,7 @@ from .. import __version__
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
 _SESSION_SLACK = 30.0  # seconds the broker keeps a waiting command's session beyond its wait
+_EXPORT_GRACE = 5.0  # seconds `inject` waits at exit to send its span, when it exports one
 
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -216,18 +217,50 @@ def _json_arg(parser_name: str, value: Optional[str]):
 
 
 def _deliver(args: argparse.Namespace, task: dict) -> int:
-    """Publish `task` as the first span of a trace (or of the one `--traceparent` names)."""
+    """Publish `task` as the first span of a trace (or in the one `--traceparent` names)."""
     from .. import tracing
-    from . import ops
-    from .opsclient import OperatorError
+    from ..config import ConfigError, load_tracing_settings
     given = getattr(args, "traceparent", None)
     parent = tracing.parse(given)
     if given is not None and parent is None:
         print(f"error: --traceparent {given!r} is not a W3C traceparent (00-<32 hex digits: trace id>-<16 hex "
               f"digits: parent span id>-<2 hex digits: flags>)", file=sys.stderr)
         return EXIT_CONFIG
-    context = tracing.child_of(parent)
-    task = {**task, **context.fields()}
+    try:
+        tracer = _tracer(load_tracing_settings(config_path(args.config)))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        context = _send_span(tracer, task["topic"], parent)
+        return _publish(args, {**task, **context.fields()}, context)
+    finally:
+        tracer.shutdown(_EXPORT_GRACE)
+
+
+def _tracer(settings):
+    from ..metrics import Metrics
+    from ..tracers import build_tracer
+    return build_tracer(settings, "agent2389-cli", Metrics("agent2389-cli", workers=1))
+
+
+def _send_span(tracer, topic: str, parent):
+    """The context the task carries: a PRODUCER span of this command's when it is exported, so
+    the agents' spans have their parent at the collector; else the `--traceparent` given as it is
+    (a span of ours nobody records would break the chain), or a new trace."""
+    from .. import tracing
+    if parent is not None and not tracer.records:
+        return parent
+    with tracer.span(f"send {topic}", tracing.PRODUCER, {"messaging.system": "mqtt",
+                                                         "messaging.destination.name": topic,
+                                                         "messaging.operation.type": "send"},
+                     parent=parent, task=True) as span:
+        return span.context
+
+
+def _publish(args: argparse.Namespace, task: dict, context) -> int:
+    from . import ops
+    from .opsclient import OperatorError
     client = _client(args, session_seconds=args.wait and args.wait + _SESSION_SLACK)
     show = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     try:

@@ -16,6 +16,7 @@ from .model import (BUILTIN_OPTIONS, OFFICIAL_BASE_URL, AgentConfig, BudgetSetti
                     Secret, ToolSpec, TracingSettings, masked_view)
 from .reader import Reader
 from .sources import Collector, Value, apply_environment, interpolate, merged_environment, normalize, read_toml
+from .tracing import build_tracing
 
 
 def load_config(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None,
@@ -58,6 +59,18 @@ def load_mqtt_settings(path: Optional[str] = None, environ: Optional[Mapping[str
     return mqtt
 
 
+def load_tracing_settings(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None,
+                          cwd: Optional[str] = None) -> TracingSettings:
+    """The OTEL_* settings (from the environment and `.env` files, as the agent reads them), for
+    an operator command that starts a trace."""
+    out = Collector()
+    settings = build_tracing(merged_environment(path, dict(os.environ if environ is None else environ), cwd), out)
+    if out.problems:
+        raise ConfigError(out.problems)
+    return settings
+
+
 __all__ = ["BUILTIN_OPTIONS", "OFFICIAL_BASE_URL", "AgentConfig", "BudgetSettings", "ConfigError", "GatekeeperSettings",
            "LlmSettings", "LoadedConfig", "McpServerSpec", "MqttSettings", "RoutingSettings", "Secret", "ToolSpec",
-           "TracingSettings", "load_config", "load_mqtt_settings", "masked_view", "merged_environment"]
+           "TracingSettings", "load_config", "load_mqtt_settings", "load_tracing_settings", "masked_view",
+           "merged_environment"]

@@ -167,6 +167,7 @@ class TracingSettings:
     honours (the exporter's headers, timeout, compression; the resource) from the environment."""
 
     enabled: bool = True  # OTEL_SDK_DISABLED=true: no spans of our own, contexts passed through
+    propagate_http: bool = True  # OTEL_PROPAGATORS=none: HTTP requests carry no trace context
     endpoint: str = ""  # the OTLP/HTTP traces URL; "" = no export
     sampler: str = "parentbased_always_on"  # OTEL_TRACES_SAMPLER
     sampler_ratio: float = 1.0  # OTEL_TRACES_SAMPLER_ARG, for the traceidratio samplers

@@ -9,6 +9,7 @@ from .model import TracingSettings
 from .reader import is_http_url
 from .sources import Collector
 
+PROPAGATORS = ("tracecontext", "baggage", "none")
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
             "parentbased_traceidratio")
 _BOOLEANS = {"true": True, "false": False, "": False}
@@ -43,7 +44,18 @@ def build_tracing(env: Mapping[str, str], out: Collector) -> TracingSettings:
         out.problem("OTEL_BSP_MAX_EXPORT_BATCH_SIZE must not be larger than OTEL_BSP_MAX_QUEUE_SIZE")
     endpoint = "" if exporter == "none" else _traces_endpoint(env, out)
     return TracingSettings(enabled=not _BOOLEANS.get(disabled, False), endpoint=endpoint, sampler=sampler,
-                           sampler_ratio=ratio, **batch)
+                           sampler_ratio=ratio, propagate_http=_propagates(env, out), **batch)
+
+
+def _propagates(env: Mapping[str, str], out: Collector) -> bool:
+    """OTEL_PROPAGATORS (default tracecontext,baggage): W3C trace context, or none. MQTT messages
+    carry the context whatever it says: that is the protocol's, between our own agents."""
+    names = [name.strip().lower() for name in env.get("OTEL_PROPAGATORS", "").split(",") if name.strip()]
+    unknown = [name for name in names if name not in PROPAGATORS]
+    if unknown:
+        out.problem(f"OTEL_PROPAGATORS names {', '.join(map(repr, unknown))}: agent2389 propagates W3C trace "
+                    f"context (tracecontext; baggage is accepted and not sent) or nothing (none)")
+    return not names or "tracecontext" in names
 
 
 def _traces_endpoint(env: Mapping[str, str], out: Collector) -> str:

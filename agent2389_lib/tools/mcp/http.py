@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import requests
 import urllib3
 
+from ... import tracing
 from ...httpsessions import (BodyDeadline, BodyError, ThreadSessions, describe_failure, endpoint_session,
                              public_url, read_body, timed_out)
 from . import jsonrpc
@@ -41,7 +42,9 @@ class HttpChannel:
         """Nothing to open: the first POST (initialize) starts the session."""
 
     def _headers(self) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        """Those of the session, and the trace context of the call a request belongs to."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                   **(tracing.http_headers() or {})}
         with self._lock:
             if self._session_id:
                 headers["Mcp-Session-Id"] = self._session_id
