@@ -114,8 +114,10 @@ class Run:
 
     def calls(self, name: str, args: list[str]) -> int:
         """A baseline of calls.py: the work of one task's call, without MQTT."""
-        proc = subprocess.Popen([*self.callgrind.argv(name), sys.executable, os.path.join(HERE, "calls.py"), *args],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=self.procs.dir)
+        with open(os.path.join(self.procs.dir, f"{name}.log"), "ab") as log:
+            proc = subprocess.Popen([*self.callgrind.argv(name), sys.executable, os.path.join(HERE, "calls.py"), *args],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                    cwd=self.procs.dir)
         self.procs.procs.append(proc)
         assert proc.stdin is not None and proc.stdout is not None
 
