@@ -7,6 +7,8 @@ import json
 import re
 from typing import Any, Optional
 
+from .protocol import compact_json
+
 
 def parse_json_or_none(text: str) -> Any:
     """Any JSON value, or None for text that is not JSON (or nests too deep to parse)."""
@@ -25,11 +27,13 @@ def extract_response(text: str) -> str:
     found = find_json_object(text)
     if isinstance(found, dict) and "result" in found:
         result = found["result"]
-        return result if isinstance(result, str) else json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+        return result if isinstance(result, str) else compact_json(result)
     return text
 
 
 def _loads_object(text: str) -> Optional[dict]:
+    if not text.startswith("{"):  # no object: not parsed only to throw away (a failed parse raises, dearly)
+        return None
     value = parse_json_or_none(text)
     return value if isinstance(value, dict) else None
 

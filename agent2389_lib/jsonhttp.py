@@ -20,11 +20,10 @@ from typing import Any, Callable, Optional
 
 import requests
 
-from . import tracing
 from .backoff import jittered
 from .errors import remaining
-from .httpsessions import (BodyDeadline, BodyError, ProxyUnusable, ThreadSessions, check_proxy, endpoint_session,
-                           problem, public_url, read_body)
+from .httpsessions import (TRACE_CONTEXT, BodyDeadline, BodyError, ProxyUnusable, ThreadSessions, check_proxy,
+                           endpoint_session, problem, public_url, read_body)
 from .redaction import truncate_utf8
 
 log = logging.getLogger("agent2389.http")
@@ -173,7 +172,7 @@ class JsonHttpClient:
                  timeout: float) -> tuple[int, bytes, Any]:
         """Status, whole body and headers of one request, the body read within the deadline."""
         response = self._sessions.get().request(method, self.base_url + path, json=body, timeout=timeout,
-                                                stream=True, headers=tracing.http_headers())
+                                                stream=True, auth=TRACE_CONTEXT)
         try:
             data = read_body(response, deadline, self.max_body, timeout)
         except BaseException:

@@ -53,6 +53,9 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # made once: json.dumps with options makes one a call
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = {"message": record.getMessage()}
@@ -67,7 +70,7 @@ class JsonFormatter(logging.Formatter):
         if span:
             line["span"] = span
         line["fields"] = fields
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return _LINE_ENCODER.encode(line)
 
 
 _TEXT_OMITTED = frozenset({"operation", "agent_id"})

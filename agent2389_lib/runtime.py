@@ -209,8 +209,8 @@ class AgentRuntime:
         progress = event.progress() if self.config.progress else None
         if progress is not None:
             task_id, conversation_id, category, event_type, message, metadata = progress
-            payload = protocol.to_payload(protocol.progress_message(
-                self.config.agent_id, task_id, conversation_id, category, event_type, message, metadata))
+            payload = protocol.progress_payload(self.config.agent_id, task_id, conversation_id, category, event_type,
+                                                message, metadata)
             self.transport.publish_advisory(protocol.progress_topic(self.config.agent_id, category), payload,
                                             tracing.task_headers())
 

@@ -3,14 +3,14 @@ of its next hop, and its final answer. Pure functions over protocol envelopes.""
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Optional
 
 from .answers import parse_json_or_none
-from .protocol import MAX_ACTION_CHARS, MAX_WORKFLOW_ENTRIES, TaskEnvelope, input_topic, response_message, rfc3339
+from .protocol import (MAX_ACTION_CHARS, MAX_WORKFLOW_ENTRIES, TaskEnvelope, compact_json, input_topic,
+                       response_message, rfc3339)
 
 
 def is_routable(envelope: TaskEnvelope) -> bool:
@@ -41,7 +41,7 @@ def workflow_of(envelope: TaskEnvelope) -> Workflow:
 def _as_text(value: Any) -> str:
     if value is None or isinstance(value, str):
         return value or ""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return compact_json(value)
 
 
 def _newest(entries: list) -> list:

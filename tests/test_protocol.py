@@ -226,12 +226,18 @@ class BuilderTests(unittest.TestCase):
             protocol.error_message("nope", "x", TASK)
 
     def test_progress(self):
-        msg = protocol.progress_message("a1", TASK, "c1", "Tool", "ToolCall", "calling", metadata={"tool_name": "echo"},
-                                        now=self.moment)
-        self.assertEqual(list(msg), ["agent_id", "task_id", "conversation_id", "timestamp", "category",
-                                     "event_type", "message", "metadata"])
-        self.assertEqual(msg["metadata"], {"tool_name": "echo"})
-        self.assertIsNone(protocol.progress_message("a1", TASK, "c1", "LLM", "LlmRequest", "m")["metadata"])
+        payload = protocol.progress_payload("a1", TASK, "c\"1\u00e9\n", "Tool", "ToolCall", "calling \"x\"",
+                                            metadata={"tool_name": "échø"}, now=self.moment)
+        msg = json.loads(payload)
+        self.assertEqual(msg, {"agent_id": "a1", "task_id": TASK, "conversation_id": "c\"1\u00e9\n",
+                               "timestamp": protocol.rfc3339(self.moment), "category": "Tool", "event_type": "ToolCall",
+                               "message": 'calling "x"', "metadata": {"tool_name": "échø"}})
+        self.assertEqual(payload, protocol.to_payload(msg), "the same bytes as the dict's encoding, in this order")
+        self.assertIsNone(json.loads(protocol.progress_payload("a1", TASK, "c1", "LLM", "LlmRequest", "m"))["metadata"])
+        self.assertEqual(json.loads(protocol.progress_payload("a1", TASK, "c1", "LLM", "LlmRequest", "\ud800"))["message"],
+                         "\ufffd", "an unpaired surrogate is replaced")
+        with self.assertRaises(ValueError):
+            protocol.progress_payload("a1", TASK, "c1", "LLM", "Nope", "m")
 
     def test_payload_is_compact_utf8(self):
         self.assertEqual(protocol.to_payload({"a": "é", "b": [1, 2]}), '{"a":"é","b":[1,2]}'.encode())

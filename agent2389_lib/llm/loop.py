@@ -3,7 +3,6 @@ between providers."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Optional, Protocol
 
@@ -11,7 +10,7 @@ from .. import tracing
 from ..config import BudgetSettings
 from ..errors import LlmError
 from ..events import Events, LlmAnswered, LlmFailed, LlmRequested, ToolCalled, ToolReturned
-from ..protocol import TaskEnvelope, rfc3339
+from ..protocol import TaskEnvelope, compact_json, rfc3339
 from .base import ChatReply, Message, Provider, ToolCall
 
 log = logging.getLogger("agent2389.llm")
@@ -32,8 +31,7 @@ def initial_messages(envelope: TaskEnvelope) -> list[Message]:
     if envelope.instruction is not None:
         messages.append(Message("user", envelope.instruction))
     if envelope.input is not None:
-        messages.append(Message("user", "Input data: " + json.dumps(envelope.input, separators=(",", ":"),
-                                                                    ensure_ascii=False)))
+        messages.append(Message("user", "Input data: " + compact_json(envelope.input)))
     return messages or [Message("user", "(no instruction or input was given)")]
 
 

@@ -24,11 +24,12 @@ from .clients import UNSUPPORTED_PROTOCOL, describe_refusal, new_client, publish
 from .history import LinkHistory
 from .state import ConnectionState, LinkState
 from .tickets import PublishTicket, Tickets
-from .wire import close_socket, on_pubrec_refusal, reset_unread
+from .wire import close_socket, on_pubrec_refusal, queue_qos0, reset_unread
 
 log = logging.getLogger("agent2389.transport.mqtt")
 
 _POLL_SECONDS = 1.0
+_NO_PROPERTIES = {True: b"\x00", False: b""}  # MQTT 5: an empty property list; 3.1.1: none at all
 _ADVISORY_BACKLOG = 1 << 20  # progress bytes published while paho could not write everything it had
 
 
@@ -178,8 +179,9 @@ class Link:
         properties = user_properties(headers, self.v5)
         fits = (self.max_packet_size is None
                 or publish_packet_size(topic, payload, self.v5, properties) <= self.max_packet_size)
-        if (self.connected and fits and self._advisory_backlog <= _ADVISORY_BACKLOG
-                and self.client.publish(topic, payload, qos=0, properties=properties).rc == mqtt.MQTT_ERR_SUCCESS):
+        if self.connected and fits and self._advisory_backlog <= _ADVISORY_BACKLOG:
+            packed = properties.pack() if properties is not None else _NO_PROPERTIES[self.v5]
+            queue_qos0(self.client, topic.encode("utf-8"), packed, payload)
             self._advisory_backlog += len(payload)
             self.metrics.published_message(True)
         else:

@@ -1,9 +1,11 @@
 """The socket under paho: TCP_NODELAY on every connection, closing one without DISCONNECT (so
-the broker publishes the Last Will, as for a crash), and the reason code of a PUBREC.
+the broker publishes the Last Will, as for a crash), the reason code of a PUBREC, and QoS 0
+publishes queued without paho's publish().
 
 paho has no call for the second; shutting the socket down makes paho's next read find the end
 and close it itself, reporting it to on_disconnect like any connection the broker dropped. The
-third is the one place agent2389 touches paho's private attributes (`on_pubrec_refusal`)."""
+third and the fourth are the one place agent2389 touches paho's private attributes
+(`on_pubrec_refusal`, `queue_qos0`)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 
 _CLOSE_READS = 64  # reads that may come before the end of a socket that was shut down
+_NOBODY_WAITS = mqtt.MQTTMessageInfo(0)  # what paho marks published once a queued QoS 0 packet is written
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -77,3 +80,20 @@ def on_pubrec_refusal(client: mqtt.Client, refused: Callable[[int, int], None]) 
 
     client._handle_pubrec = functools.partial(  # type: ignore[method-assign]
         read_pubrec, client._handle_pubrec)
+
+
+def queue_qos0(client: mqtt.Client, topic: bytes, properties: bytes, payload: bytes) -> None:
+    """A QoS 0 PUBLISH packed here and put on paho's own queue of outgoing packets, so it goes out
+    in order with paho's and is dropped with them when the connection is lost (as paho's publish()
+    drops QoS 0). publish() costs four times as much, for messages nothing waits for (a progress
+    event for every step of every task). `properties`: MQTT 5's, packed with their length (b"" on
+    3.1.1). paho 2.1 and 2.2 queue alike: `_packet_queue(command, packet, mid, qos, info)`."""
+    remaining = 2 + len(topic) + len(properties) + len(payload)
+    length = bytearray()
+    while True:
+        remaining, digit = divmod(remaining, 128)
+        length.append(digit | 0x80 if remaining else digit)
+        if not remaining:
+            break
+    packet = b"".join((bytes((mqtt.PUBLISH,)), length, len(topic).to_bytes(2, "big"), topic, properties, payload))
+    client._packet_queue(mqtt.PUBLISH, packet, 0, 0, _NOBODY_WAITS)
