@@ -29,6 +29,7 @@ from .wire import close_socket, on_pubrec_refusal, queue_qos0, reset_unread
 log = logging.getLogger("agent2389.transport.mqtt")
 
 _POLL_SECONDS = 1.0
+_MISC_SECONDS = 0.25  # paho's keep-alive checks (PINGREQ due, PINGRESP overdue) need no more than this
 _NO_PROPERTIES = {True: b"\x00", False: b""}  # MQTT 5: an empty property list; 3.1.1: none at all
 _ADVISORY_BACKLOG = 1 << 20  # progress bytes published while paho could not write everything it had
 
@@ -89,6 +90,7 @@ class Link:
         self.max_packet_size: Optional[int] = None  # from the broker's CONNACK
         self._generation = 0
         self._last_read = time.monotonic()
+        self._next_misc = 0.0  # when paho's keep-alive bookkeeping is due again
         self._had_session = False  # a connection was accepted since the last attempt
         self._pubrec_refusals: dict[int, tuple[str, int]] = {}  # QoS 2 packet id: refusal (network thread)
         self._advisory_backlog = 0  # bytes of progress events since paho last wrote all it had (a bound, unlocked)
@@ -346,7 +348,8 @@ class Link:
                 self.watch.reset_unread = reset_unread(sock)
             rc = self.client.loop_read()
             self._last_read = time.monotonic()
-        if rc == mqtt.MQTT_ERR_SUCCESS:
+        if rc == mqtt.MQTT_ERR_SUCCESS and time.monotonic() >= self._next_misc:
+            self._next_misc = time.monotonic() + _MISC_SECONDS
             rc = self.client.loop_misc()
         if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
             self._drop_socket()
@@ -367,11 +370,11 @@ class Link:
         return rc
 
     def _drain_wake(self) -> None:
-        """Then a later wake sends again; what was queued before it is written in this round."""
+        """Then a later wake sends again; what was queued before it is written in this round. One
+        read: wakes are a byte each and coalesced, and a read that finds nothing raises, dearly."""
         try:
-            while self._wake_r.recv(4096):
-                continue
-        except OSError:  # drained (BlockingIOError) or closed
+            self._wake_r.recv(4096)
+        except OSError:  # nothing after all (BlockingIOError), or closed
             pass
         self._woken = False
 
