@@ -20,7 +20,7 @@ from agent2389_lib.mqtt.state import ConnectionState, LinkState
 from agent2389_lib.mqtt.tickets import PublishTicket, Tickets
 from agent2389_lib.metrics import Metrics
 from agent2389_lib.mqtt.clients import ProtocolVersion, new_client, user_properties
-from agent2389_lib.mqtt.wire import close_socket
+from agent2389_lib.mqtt.wire import close_socket, share_property_tables
 
 LIMIT = 20000  # the broker's max_packet_size
 
@@ -271,6 +271,23 @@ class AcknowledgementTests(unittest.TestCase):
         with self.assertRaisesRegex(MessageStateError, "message 7 on /control/agents/a/input was already"):
             message.ack()
         self.assertEqual(acks, [(7, 3)])
+
+
+class SharedPropertyTablesTests(unittest.TestCase):
+    def test_properties_made_with_shared_tables_pack_and_read_as_paho_s(self):
+        """paho builds its tables anew for every Properties (7 us for each packet read)."""
+        share_property_tables()
+        sent = Properties(PacketTypes.PUBLISH)
+        sent.UserProperty = [("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]
+        sent.MessageExpiryInterval = 60
+        other = Properties(PacketTypes.CONNACK)
+        self.assertEqual((other.packetType, other.isEmpty()), (PacketTypes.CONNACK, True), "nothing leaks between them")
+        received = Properties(PacketTypes.PUBLISH)
+        received.unpack(sent.pack())
+        self.assertEqual((received.UserProperty, received.MessageExpiryInterval), (sent.UserProperty, 60))
+        self.assertIs(received.names, other.names, "the tables are shared")
+        with self.assertRaises(Exception):
+            other.MessageExpiryInterval = 1  # still checked against the packet type, as paho does
 
 
 class UserPropertiesTests(unittest.TestCase):

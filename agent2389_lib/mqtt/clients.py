@@ -14,14 +14,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers, writeUTF
 
 from ..config import MqttSettings
-from .wire import open_socket
+from .wire import PROPERTY_TABLES, open_socket, share_property_tables
 
 log = logging.getLogger("agent2389.transport.mqtt")
 
 UNSUPPORTED_PROTOCOL = 0x84  # paho maps the 3.1.1 CONNACK code 1 to it too
 
 
-_PUBLISH_TABLE = vars(Properties(PacketTypes.PUBLISH))  # paho's table of property names and types
 _USER_PROPERTY = b"\x26"  # its identifier: a UTF-8 string pair, repeatable
 
 
@@ -42,7 +41,7 @@ class _PackedOnce(Properties):
     def __init__(self, headers: tuple):
         body = b"".join([_property_name(name) + writeUTF(value) for name, value in headers])
         # not through paho's __setattr__, which checks every name against its table, slowly
-        self.__dict__.update(_PUBLISH_TABLE, UserProperty=list(headers),
+        self.__dict__.update(PROPERTY_TABLES, packetType=PacketTypes.PUBLISH, UserProperty=list(headers),
                              _packed=VariableByteIntegers.encode(len(body)) + body)
 
     def pack(self) -> bytes:
@@ -167,6 +166,7 @@ def new_client(settings: MqttSettings, client_id: str, version: str = "", **opti
     """A paho client with the protocol version (default: the settings' choice, MQTT 5 for
     "auto"), credentials, TLS and TCP_NODELAY."""
     version = version or ("3.1.1" if settings.protocol == "3.1.1" else "5")
+    share_property_tables()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311, **options)
     if settings.username:
