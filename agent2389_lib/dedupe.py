@@ -20,13 +20,15 @@ import fcntl
 import logging
 import os
 import pathlib
-import sqlite3
 import threading
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import StartupError
 from .logs import Throttle
+
+if TYPE_CHECKING:
+    import sqlite3
 
 log = logging.getLogger("agent2389.dedupe")
 
@@ -49,7 +51,7 @@ class DedupeStore:
         self._in_flight: dict[str, list[Any]] = {}
         self._completed: OrderedDict[str, None] = OrderedDict()
         self._legacy_ids: frozenset = frozenset()  # task ids release 0.1 completed
-        self._db: Optional[sqlite3.Connection] = None
+        self._db: Optional[sqlite3.Connection] = None  # sqlite3 is imported with a state_dir only (1 MB)
         self._lock_fd: Optional[int] = None
         self._inserts = 0
         self._write_error: Optional[str] = None
@@ -67,6 +69,7 @@ class DedupeStore:
             raise StoreError(f"state_dir {state_dir!r} cannot be created: {exc.strerror} "
                              f"(point state_dir / STATE_DIR at a writable directory)") from None
         self._lock_fd = _lock_store(state_dir, agent_id)
+        import sqlite3
         path = os.path.join(state_dir, f"{agent_id}.completed.sqlite3")
         try:
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -86,6 +89,7 @@ class DedupeStore:
     def _read_legacy(self, path: str) -> frozenset:
         if not os.path.isfile(path):
             return frozenset()
+        import sqlite3
         try:
             db = sqlite3.connect(f"{pathlib.Path(path).resolve().as_uri()}?mode=ro", uri=True)
             try:
@@ -133,6 +137,7 @@ class DedupeStore:
         with self._db_lock:
             if self._db is None:
                 return
+            import sqlite3
             try:
                 self._db.execute("INSERT OR REPLACE INTO completed (key) VALUES (?)", (key,))
                 self._inserts += 1

@@ -12,14 +12,13 @@ import socket
 import ssl
 import threading
 import time
-import urllib.parse
 from typing import Callable, Iterator, Optional
 
 import requests
 import urllib3
 
 from . import __version__, tracing
-from .redaction import mask_url_credentials
+from .redaction import public_url
 
 USER_AGENT = f"agent2389/{__version__}"
 
@@ -88,17 +87,6 @@ def check_proxy(url: str) -> None:
         raise ProxyUnusable(f"the environment names the SOCKS proxy {public_url(proxy)} for {public_url(url)}; "
                             f"SOCKS needs the [socks] extra: pip install -e '.[socks]' in the project (or exclude the "
                             f"host with NO_PROXY)") from None
-
-
-def public_url(url: str) -> str:
-    """`url` without its user name and password, fit for a log line or an error."""
-    try:
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    except ValueError:  # too broken to split (http://[bad)
-        return mask_url_credentials(url)
-    if parts.username is None and parts.password is None:
-        return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:

@@ -26,7 +26,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from . import __version__, tracing
 from .config import TracingSettings
-from .httpsessions import endpoint_session, public_url
+from .httpsessions import endpoint_session
+from .redaction import public_url
 from .logs import Throttle
 from .metrics import Metrics
 

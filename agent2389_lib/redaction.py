@@ -5,6 +5,7 @@ character boundary."""
 from __future__ import annotations
 
 import re
+import urllib.parse
 from functools import lru_cache
 from typing import Iterable
 
@@ -74,3 +75,14 @@ def truncate_utf8(text: str, limit: int, marker: str = _TRUNCATED) -> str:
         return text
     room = limit - len(marker.encode("utf-8"))
     return data[:room].decode("utf-8", errors="ignore") + marker
+
+
+def public_url(url: str) -> str:
+    """`url` without its user name and password, fit for a log line or an error."""
+    try:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    except ValueError:  # too broken to split (http://[bad)
+        return mask_url_credentials(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -25,7 +25,7 @@ from .discovery import STATUS_FILTER, Registry
 from .errors import LlmError, StartupError
 from .events import Event, Events, counted_in
 from .health import AgentStatus, HealthServer
-from .httpsessions import public_url
+from .redaction import public_url
 from .llm import build_agent_loop
 from .llm.loop import AgentLoop
 from .logs import Throttle

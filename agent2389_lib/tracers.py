@@ -9,7 +9,7 @@ import logging
 from . import tracing
 from .config import TracingSettings
 from .metrics import Metrics
-from .httpsessions import public_url
+from .redaction import public_url
 
 log = logging.getLogger("agent2389.tracing")
 

@@ -217,3 +217,13 @@ def start_agent(procs: Processes, driver: Driver, config: str, env_extra: dict |
     if not available.wait(timeout):
         raise RuntimeError(f"the agent did not become available (see {procs.dir}/agent.log)")
     return proc, time.perf_counter() - started
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) in MB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                values[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return values["VmRSS"], values["VmHWM"]

@@ -21,7 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from run import Driver, Processes, memory_mb, start_agent, start_broker, start_llm, write_agent_config  # noqa: E402
+from harness import (Driver, Processes, memory_mb, start_agent, start_broker, start_llm,  # noqa: E402
+                     write_agent_config)
 
 HEAVY = ("jsonschema", "requests", "urllib3", "charset_normalizer", "sqlite3", "ssl")
 

@@ -24,17 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 import instructions
-from harness import AGENT, HERE, Driver, Processes, start_agent, start_broker, start_llm, write_agent_config
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    """(current RSS, peak RSS) in MB."""
-    values = {}
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                values[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return values["VmRSS"], values["VmHWM"]
+from harness import AGENT, HERE, Driver, Processes, memory_mb, start_agent, start_broker, start_llm, write_agent_config
 
 
 def cpu_seconds(pid: int) -> float:

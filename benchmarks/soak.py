@@ -23,7 +23,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import AGENT, ROOT, Driver, Processes, memory_mb, start_agent, start_broker, start_llm  # noqa: E402
+from harness import AGENT, ROOT, Driver, Processes, memory_mb, start_agent, start_broker, start_llm  # noqa: E402
 
 INPUT = f"/control/agents/{AGENT}/input"
 STORE_SIZE = 2000

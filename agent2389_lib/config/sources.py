@@ -4,7 +4,6 @@ place the user wrote it (so every problem names that place)."""
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import sys
@@ -180,6 +179,7 @@ def _take_section(section: str, table: dict, settings: dict, out: Collector) -> 
 
 def warn_unknown(out: Collector, prefix: str, key: str, known: list) -> None:
     where = f"{prefix} {key}" if prefix else key
+    import difflib  # only for a key that is not known
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     out.warn(f"unknown key {where} is ignored{hint}")

@@ -17,15 +17,11 @@ from ... import tracing
 from ...httpsessions import (BodyDeadline, BodyError, ThreadSessions, describe_failure, endpoint_session,
                              public_url, read_body, timed_out)
 from . import jsonrpc
-from .session import McpError, McpSession, McpTimeout
+from .session import McpError, McpSession, McpTimeout, SessionExpired
 
 _BODY_SHOWN = 200  # characters of an error body in a message
 MAX_EVENT = 8 << 20  # bytes of one event-stream event (or JSON answer)
 _READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)  # reading a streamed body
-
-
-class SessionExpired(McpError):
-    """HTTP 404 for our session id: a new session has to be opened."""
 
 
 class HttpChannel:

@@ -13,10 +13,8 @@ from typing import Any, Optional
 from ...backoff import Backoff
 from ...config import McpServerSpec, Secret
 from ..base import Tool, ToolError, ToolTimeout, seconds_left
-from .http import HttpChannel, SessionExpired
 from .results import result_text
-from .session import McpError, McpSession, McpTimeout
-from .stdio import StdioChannel, child_environment
+from .session import McpError, McpSession, McpTimeout, SessionExpired
 
 log = logging.getLogger("agent2389.tools.mcp")
 
@@ -155,8 +153,10 @@ class McpServer:
 
     def _open_channel(self, session: McpSession) -> Any:
         if self.spec.command:
+            from .stdio import StdioChannel, child_environment  # subprocess, only for a server started here
             env = child_environment({name: _plain(value) for name, value in self.spec.env})
             return StdioChannel(session, self.spec.command, env, self.spec.cwd, self.secrets)
+        from .http import HttpChannel  # requests, only for a server over HTTP (6 MB of an agent's memory)
         return HttpChannel(session, self.spec.url or "", {name: _plain(value) for name, value in self.spec.headers})
 
     def _tools_changed(self) -> None:

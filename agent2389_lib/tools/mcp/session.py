@@ -27,6 +27,10 @@ class McpTimeout(McpError):
     pass
 
 
+class SessionExpired(McpError):
+    """Streamable HTTP: 404 for our session id, so a new session has to be opened."""
+
+
 class Channel(Protocol):
     """How messages reach the server: stdio or streamable HTTP. `send` may hand the server's
     answers to the session's `dispatch` before it returns (HTTP does)."""
