@@ -95,27 +95,44 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
         self._readable, self._writable = os.pipe()
+        self._installed = False
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT (from the main thread). The kernel hands a signal to any thread
+        of the process, and Python runs the handler in the main thread only when that thread next
+        runs bytecode: asleep in `wait`, it would not notice for a whole heartbeat (60 s, longer
+        than an orchestrator's grace). The pipe is also the wakeup fd, written by whichever thread
+        took the signal, so `wait` wakes at once."""
+        os.set_blocking(self._writable, False)
+        signal.set_wakeup_fd(self._writable)
+        self._installed = True
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.signal_name is not None:
             os._exit(128 + signum)  # the second signal: at once
         self.signal_name = signal.Signals(signum).name
         try:
-            os.write(self._writable, b"!")  # one byte ever: the pipe cannot be full
-        except OSError:  # closed: the agent has stopped already
+            os.write(self._writable, b"!")
+        except OSError:  # closed (the agent has stopped already), or full of wakeups
             pass
 
     def is_set(self) -> bool:
         return self.signal_name is not None
 
     def close(self) -> None:
+        if self._installed:
+            signal.set_wakeup_fd(-1)
         os.close(self._readable)
         os.close(self._writable)
 
     def wait(self, timeout: float) -> bool:
         """True once a stop was asked for; a signal arriving after the check still ends the select."""
         if not self.is_set():
-            select.select([self._readable], [], [], timeout)
+            readable, _, _ = select.select([self._readable], [], [], timeout)
+            if readable and not self.is_set():  # the wakeup of a signal that asks no stop: not again
+                os.read(self._readable, 512)
         return self.is_set()
 
 
@@ -432,11 +449,6 @@ class AgentRuntime:
         return not pending
 
 
-def _install_signal_handlers(runtime: AgentRuntime) -> None:
-    signal.signal(signal.SIGTERM, runtime.stop_requested.handle)
-    signal.signal(signal.SIGINT, runtime.stop_requested.handle)
-
-
 def run_agent(config: AgentConfig) -> int:
     """Runs until a stop signal; logging is already configured."""
     try:
@@ -444,7 +456,7 @@ def run_agent(config: AgentConfig) -> int:
     except StartupError as exc:
         log.error("startup failed: %s", exc)
         return EXIT_STARTUP
-    _install_signal_handlers(runtime)
+    runtime.stop_requested.install()
     try:
         runtime.start()
     except StartupError as exc:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -507,6 +508,26 @@ class StopRequestTests(unittest.TestCase):
                     self.assertEqual(stop.signal_name, "SIGTERM")
                 else:  # the check itself can fail: an Event takes its lock
                     self.assertNotEqual(entered, [])
+
+
+    def test_a_signal_another_thread_takes_wakes_the_main_thread_at_once(self):
+        """The kernel hands SIGTERM to any thread. Before, the main thread asleep in `wait` noticed
+        it only when its heartbeat wait ended (60 s, past an orchestrator's grace; seen in CI: an
+        agent still running 30 s after SIGTERM, its log silent)."""
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+        stop = StopRequest()
+        stop.install()
+        self.addCleanup(lambda: [signal.signal(signum, handler) for signum, handler in previous.items()])
+        self.addCleanup(stop.close)
+        parked = threading.Event()
+        other = threading.Thread(target=parked.wait, args=(30,), daemon=True)
+        other.start()
+        self.addCleanup(parked.set)
+        signal.pthread_kill(other.ident, signal.SIGTERM)  # taken by that thread, not this one
+        readable, _, _ = select.select([stop._readable], [], [], 20)
+        self.assertTrue(readable, "the main thread's wait was not woken")
+        self.assertTrue(stop.wait(0))
+        self.assertEqual(stop.signal_name, "SIGTERM")
 
 
 class _EventStop(threading.Event):
