@@ -260,10 +260,10 @@ class PipelineTraceTests(TracedCase):
 
 
 class InjectTraceTests(TracedCase):
-    def inject(self, *options: str) -> dict:
+    def inject(self, *options: str, **env: str) -> dict:
         result = subprocess.run([sys.executable, AGENT_SCRIPT, "inject", "--broker-url", self.broker.url, "--agent-id",
                                  "solo", "--message", "hi", "--wait", "30", "--json", *options],
-                                env=base_env(OTEL_EXPORTER_OTLP_ENDPOINT=self.collector.url),
+                                env=base_env(OTEL_EXPORTER_OTLP_ENDPOINT=self.collector.url, **env),
                                 capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         return json.loads(result.stdout)
@@ -279,6 +279,13 @@ class InjectTraceTests(TracedCase):
                                  ("send /control/agents/solo/input", "PRODUCER", parent))
                 (process,) = self.spans(trace_id, "solo", "process")
                 self.assertEqual(process["parent"], send["span_id"])
+
+    def test_inject_with_the_sdk_disabled_sends_no_trace_context(self):
+        self.traced("solo")
+        shown = self.inject(OTEL_SDK_DISABLED="true")
+        self.assertEqual((shown["trace_id"], shown["timed_out"]), (None, False))
+        self.assertEqual(shown["reply"]["payload"]["task_id"], shown["task"]["task_id"])
+        self.assertNotIn("traceparent", shown["task"])
 
 
 class HttpPropagationTests(TracedCase):

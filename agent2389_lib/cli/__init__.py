@@ -7,9 +7,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .. import __version__
+
+if TYPE_CHECKING:  # imported where used: a command loads only what it needs
+    from ..config import TracingSettings
+    from ..tracing import TraceContext, Tracer
 
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
@@ -233,21 +237,22 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
         return EXIT_CONFIG
     try:
         context = _send_span(tracer, task["topic"], parent)
-        return _publish(args, {**task, **context.fields()}, context)
+        return _publish(args, {**task, **context.fields()} if context else task, context)
     finally:
         tracer.shutdown(_EXPORT_GRACE)
 
 
-def _tracer(settings):
+def _tracer(settings: TracingSettings) -> Tracer:
     from ..metrics import Metrics
     from ..tracers import build_tracer
     return build_tracer(settings, "agent2389-cli", Metrics("agent2389-cli", workers=1))
 
 
-def _send_span(tracer, topic: str, parent):
+def _send_span(tracer: Tracer, topic: str, parent: Optional[TraceContext]) -> Optional[TraceContext]:
     """The context the task carries: a PRODUCER span of this command's when it is exported, so
     the agents' spans have their parent at the collector; else the `--traceparent` given as it is
-    (a span of ours nobody records would break the chain), or a new trace."""
+    (a span of ours nobody records would break the chain), or a new trace; none at all with
+    OTEL_SDK_DISABLED=true and no `--traceparent`."""
     from .. import tracing
     if parent is not None and not tracer.records:
         return parent
@@ -258,7 +263,7 @@ def _send_span(tracer, topic: str, parent):
         return span.context
 
 
-def _publish(args: argparse.Namespace, task: dict, context) -> int:
+def _publish(args: argparse.Namespace, task: dict, context: Optional[TraceContext]) -> int:
     from . import ops
     from .opsclient import OperatorError
     client = _client(args, session_seconds=args.wait and args.wait + _SESSION_SLACK)
@@ -274,7 +279,7 @@ def _publish(args: argparse.Namespace, task: dict, context) -> int:
         client.close()
     if args.json:
         print(json.dumps({"task": task, "reply": reply, "timed_out": code == ops.EXIT_TIMEOUT,
-                          "trace_id": context.trace_id}, ensure_ascii=False))
+                          "trace_id": context.trace_id if context else None}, ensure_ascii=False))
     else:
         route = ops.describe_workflow(reply)
         if route:
