@@ -237,7 +237,7 @@ def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[dateti
     if fmt == "json":
         return json.dumps({"timestamp": stamp, "message_type": kind, "topic": topic, "payload": payload,
                            "trace_id": context.trace_id if context else None}, ensure_ascii=False)
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")) if not isinstance(payload, str) else payload
+    body = protocol.compact_json(payload) if not isinstance(payload, str) else payload
     summary = _summary(kind, payload, body)
     trace = f" trace={context.trace_id}" if context else ""
     if fmt == "compact":

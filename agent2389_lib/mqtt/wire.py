@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 _CLOSE_READS = 64  # reads that may come before the end of a socket that was shut down
 _NOBODY_WAITS = mqtt.MQTTMessageInfo(0)  # what paho marks published once a queued QoS 0 packet is written
@@ -90,13 +90,7 @@ def queue_qos0(client: mqtt.Client, topic: bytes, properties: bytes, payload: by
     drops QoS 0). publish() costs four times as much, for messages nothing waits for (a progress
     event for every step of every task). `properties`: MQTT 5's, packed with their length (b"" on
     3.1.1). paho 2.1 and 2.2 queue alike: `_packet_queue(command, packet, mid, qos, info)`."""
-    remaining = 2 + len(topic) + len(properties) + len(payload)
-    length = bytearray()
-    while True:
-        remaining, digit = divmod(remaining, 128)
-        length.append(digit | 0x80 if remaining else digit)
-        if not remaining:
-            break
+    length = VariableByteIntegers.encode(2 + len(topic) + len(properties) + len(payload))
     packet = b"".join((bytes((mqtt.PUBLISH,)), length, len(topic).to_bytes(2, "big"), topic, properties, payload))
     client._packet_queue(mqtt.PUBLISH, packet, 0, 0, _NOBODY_WAITS)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from ..protocol import compact_json
 
 
 @dataclass(frozen=True)
@@ -50,4 +51,4 @@ def seconds_left(deadline: float, cap: float) -> float:
 
 
 def as_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return value if isinstance(value, str) else compact_json(value)

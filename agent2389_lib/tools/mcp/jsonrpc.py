@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from ...protocol import compact_json
+
 METHOD_NOT_FOUND = -32601
 INVALID_REQUEST = -32600
 
@@ -42,7 +44,7 @@ def result_response(request_id: Any, result: dict) -> dict:
 
 def encode(message: dict) -> bytes:
     """One line of UTF-8 JSON without embedded newlines (json.dumps escapes them in strings)."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return compact_json(message).encode("utf-8")
 
 
 def decode(data: bytes | str) -> dict:

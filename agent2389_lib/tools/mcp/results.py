@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from ...protocol import compact_json
 from ...redaction import truncate_utf8
 
 
@@ -14,7 +14,7 @@ def result_text(result: dict, limit: int) -> str:
     structured = result.get("structuredContent")
     if structured is not None and not any(item.get("type") == "text" for item in result.get("content") or []
                                           if isinstance(item, dict)):
-        parts.append(json.dumps(structured, ensure_ascii=False, separators=(",", ":")))
+        parts.append(compact_json(structured))
     return truncate_utf8("\n".join(part for part in parts if part), limit,
                          f"\n...[result truncated at {limit} bytes]")
 
