@@ -40,7 +40,7 @@ _PUBLISH_PATIENCE = 10.0
 _PACKET_TOO_LARGE = 0x95
 _FINAL_REFUSALS = frozenset({0x87, 0x90, _PACKET_TOO_LARGE})
 _REFUSAL_BACKOFF = (0.5, 10.0)  # seconds: initial and maximum
-_REJECTION_CODES = (protocol.INVALID_INPUT, protocol.PIPELINE_DEPTH_EXCEEDED)
+_REJECTION_CODES = (protocol.INVALID_INPUT, protocol.PIPELINE_DEPTH_EXCEEDED, protocol.EXPIRED)  # not run
 _INTERNAL_ERROR_TEXT = "internal error while processing the task (details are in the agent log)"
 
 Think = Callable[[TaskEnvelope, float], str]
@@ -108,7 +108,8 @@ def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
 
 class TaskProcessor:
     def __init__(self, config: AgentConfig, think: Think, publisher: Publisher, dedupe: DedupeStore,
-                 events: Events, should_abandon: Callable[[], bool] = lambda: False, route: Optional[Route] = None):
+                 events: Events, should_abandon: Callable[[], bool] = lambda: False, route: Optional[Route] = None,
+                 wall_clock: Callable[[], float] = time.time):
         """What happens to each task is told to `events` (the metrics and progress subscribe)."""
         self.config = config
         self.events = events
@@ -125,6 +126,7 @@ class TaskProcessor:
         self.secrets = config.secrets()
         self.outcome_qos = config.mqtt.outcome_qos
         self._retained = Throttle()
+        self._wall_clock = wall_clock  # expiry is a moment on the wall clock (RFC 3339)
 
     # -------------------------------------------------------------- entry point
     def handle(self, delivery: Delivery) -> None:
@@ -168,7 +170,8 @@ class TaskProcessor:
         key = protocol.task_key(self.agent_id, envelope)
         parent = tracing.extract(delivery.user_properties, envelope.traceparent, envelope.tracestate)
         with self._task_span(delivery, parent, envelope.task_id, envelope.conversation_id) as task_span:
-            with self._claimed(key, envelope.task_id, envelope.conversation_id, delivery) as claim:
+            with self._claimed(key, envelope.task_id, envelope.conversation_id, delivery,
+                               envelope.expires_at) as claim:
                 if claim is not None:
                     self._run_claimed(claim, envelope, task_span)
 
@@ -188,7 +191,8 @@ class TaskProcessor:
 
     # -------------------------------------------------------------- claims
     @contextmanager
-    def _claimed(self, key: str, task_id: str, cid: str, delivery: Delivery) -> Iterator[Optional[Claim]]:
+    def _claimed(self, key: str, task_id: str, cid: str, delivery: Delivery,
+                 expires_at: Optional[float] = None) -> Iterator[Optional[Claim]]:
         """Claim `key` for the body. A duplicate yields None. An exception in the body is
         answered with `internal_error`; a claim left without a published outcome is released
         unacknowledged (the broker redelivers it)."""
@@ -203,7 +207,7 @@ class TaskProcessor:
             yield None
             return
         claim = Claim(key, task_id, protocol.conversation_topic(cid, self.agent_id),
-                      time.monotonic() + self.config.task_timeout)
+                      time.monotonic() + self._seconds_allowed(expires_at))
         try:
             yield claim
         except PublishAbandoned:
@@ -218,6 +222,12 @@ class TaskProcessor:
         finally:
             if not claim.published:
                 self.dedupe.finish(key, completed=False)
+
+    def _seconds_allowed(self, expires_at: Optional[float]) -> float:
+        """A running task's deadline: `task_timeout`, or less when the task expires sooner."""
+        if expires_at is None:
+            return self.config.task_timeout
+        return max(0.0, min(float(self.config.task_timeout), expires_at - self._wall_clock()))
 
     def _reject(self, delivery: Delivery, task_id: Optional[str], cid: Optional[str], reason: str) -> None:
         """invalid_input to the conversation when it is known; logged either way."""
@@ -343,6 +353,10 @@ class TaskProcessor:
 
     def _outcome(self, envelope: TaskEnvelope, deadline: float) -> Outcome:
         """What to publish, and where, for a claimed task."""
+        if envelope.expires_at is not None and self._wall_clock() >= envelope.expires_at:
+            return self._error(envelope, protocol.EXPIRED,
+                               f"the task expired at {protocol.utc_millis(envelope.expires_at)}, before it started "
+                               f"(expires_at); it was not run")
         if envelope.depth > self.config.max_envelope_depth:
             return self._error(envelope, protocol.PIPELINE_DEPTH_EXCEEDED,
                                f"pipeline depth {envelope.depth} exceeds the maximum of "

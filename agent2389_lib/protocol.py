@@ -22,7 +22,10 @@ LLM_ERROR = "llm_error"
 INVALID_INPUT = "invalid_input"
 PIPELINE_DEPTH_EXCEEDED = "pipeline_depth_exceeded"
 INTERNAL_ERROR = "internal_error"
-ERROR_CODES = (TOOL_EXECUTION_FAILED, LLM_ERROR, INVALID_INPUT, PIPELINE_DEPTH_EXCEEDED, INTERNAL_ERROR)
+CANCELED = "canceled"  # PROTOCOL.md 7: the task was cancelled
+EXPIRED = "expired"  # PROTOCOL.md 7: the task reached the agent after its expiry and was not run
+ERROR_CODES = (TOOL_EXECUTION_FAILED, LLM_ERROR, INVALID_INPUT, PIPELINE_DEPTH_EXCEEDED, INTERNAL_ERROR, CANCELED,
+               EXPIRED)
 
 AVAILABLE = "available"
 UNAVAILABLE = "unavailable"
@@ -163,6 +166,7 @@ class TaskEnvelope:
     routing_trace: Optional[list] = None
     traceparent: Any = None  # W3C trace context fields, as they came (tracing.extract checks them)
     tracestate: Any = None
+    expires_at: Optional[float] = None  # Unix time, from the additive `expires_at` field (PROTOCOL.md 7)
 
 
 def normalize_uuid(value: object) -> Optional[str]:
@@ -261,7 +265,23 @@ def _parse_envelope_object(data: dict, task_id: Optional[str], raw_task_id: Any,
     nxt, depth = _parse_next_chain(data.get("next"))
     version, context, trace = _v2_fields(data)
     return TaskEnvelope(task_id, raw_cid, topic, instruction, data["input"], nxt, depth, version, context, trace,
-                        data.get("traceparent"), data.get("tracestate"))
+                        data.get("traceparent"), data.get("tracestate"), _expiry(data.get("expires_at")))
+
+
+def _expiry(value: Any) -> Optional[float]:
+    """`expires_at` as Unix time: RFC 3339 with a zone (`Z` or an offset); absent or null is none."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            moment = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None and "T" in text.upper():
+            return moment.timestamp()
+    raise EnvelopeError(f"expires_at must be an RFC 3339 date and time with a zone (e.g. 2026-12-07T10:00:00Z), "
+                        f"got {_short(value)}")
 
 
 def _usable_conversation_id(value: Any) -> bool:
@@ -381,6 +401,8 @@ def forward_envelope(envelope: TaskEnvelope, final_text: str, self_id: str,
         "input": nxt.input if nxt.input is not None else final_text,
         "next": next_task_to_dict(nxt.next),
     }
+    if envelope.expires_at is not None:  # the same moment: what is left travels with the task
+        out["expires_at"] = utc_millis(envelope.expires_at)
     if envelope.version is not None:
         trace = list(envelope.routing_trace or [])
         trace.append({"from_agent": self_id, "to_agent": target, "reason": "static pipeline",

@@ -4,6 +4,7 @@ exactly-once rules (one ack per claimed delivery, after its outcome was accepted
 import json
 import tempfile
 import threading
+import time
 import unittest
 from typing import Optional
 
@@ -70,7 +71,7 @@ def echo_think(envelope, deadline):
 
 
 class ProcessorTestCase(unittest.TestCase):
-    def make(self, think=echo_think, store: Optional[DedupeStore] = None, **config):
+    def make(self, think=echo_think, store: Optional[DedupeStore] = None, wall_clock=time.time, **config):
         self.journal: list = []
         self.publisher = MemoryPublisher(self.journal)
         self.store = store or DedupeStore(100)
@@ -78,7 +79,7 @@ class ProcessorTestCase(unittest.TestCase):
                     **config}
         self.metrics = Metrics(AGENT, 4)
         self.processor = TaskProcessor(AgentConfig(**settings), think, self.publisher, self.store,
-                                       Events(counted_in(self.metrics)))
+                                       Events(counted_in(self.metrics)), wall_clock=wall_clock)
         return self.processor
 
     def deliver(self, payload, **kwargs) -> Delivery:
@@ -129,6 +130,33 @@ class ProtocolRowTests(ProcessorTestCase):
         delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="big", input="x" * 4000))
         self.assert_answered_then_acked(delivery, f"/conversations/big/{AGENT}",
                                         self.error_check("invalid_input", task_id, "exceeds max_message_size"))
+
+    def test_a_task_that_arrives_after_its_expiry_is_answered_expired_and_not_run(self):
+        thought = []
+        self.make(think=lambda envelope, deadline: thought.append(envelope) or "ran", wall_clock=lambda: 1_800_000_001.0)
+        task_id = new_task_id()
+        delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="late", expires_at="2027-01-15T08:00:00.000Z"))
+        self.assert_answered_then_acked(delivery, f"/conversations/late/{AGENT}", self.error_check(
+            "expired", task_id, "the task expired at 2027-01-15T08:00:00.000Z, before it started"))
+        self.assertEqual((thought, self.metrics.snapshot()["tasks"]["tasks_rejected"]), ([], 1))
+
+    def test_a_task_s_deadline_is_its_expiry_when_sooner_than_task_timeout(self):
+        deadlines = []
+        self.make(think=lambda envelope, deadline: deadlines.append(deadline - time.monotonic()) or "ran",
+                  wall_clock=lambda: 1_799_999_998.0, task_timeout=300)
+        self.deliver(envelope(AGENT, expires_at="2027-01-15T10:00:00+02:00"))  # 1,800,000,000: 2 s away
+        ((deadline,),) = [deadlines]
+        self.assertLessEqual(deadline, 2.0)
+        self.assertGreater(deadline, 1.0)
+
+    def test_an_expires_at_that_is_no_rfc_3339_moment_is_invalid_input(self):
+        for bad in ("tomorrow", "2027-01-15", "2027-01-15T08:00:00", 1800000000):
+            with self.subTest(bad=bad):
+                self.make()
+                task_id = new_task_id()
+                delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="bad", expires_at=bad))
+                self.assert_answered_then_acked(delivery, f"/conversations/bad/{AGENT}", self.error_check(
+                    "invalid_input", task_id, "expires_at must be an RFC 3339 date and time with a zone"))
 
     def test_oversized_without_ids_is_only_acked(self):
         self.make(max_message_size=2048)

@@ -184,6 +184,14 @@ class ForwardTests(unittest.TestCase):
         self.assertEqual(out, {"task_id": TASK, "conversation_id": "c1", "topic": "/control/agents/writer/input",
                                "instruction": "Write", "input": "final text", "next": nxt["next"]})
 
+    def test_forward_keeps_the_expiry(self):
+        nxt = {"topic": "/control/agents/writer/input", "instruction": "Write", "input": None, "next": None}
+        parsed = protocol.parse_envelope(env(next=nxt, expires_at="2027-01-15T10:00:00.5+02:00"))
+        self.assertEqual(parsed.expires_at, 1800000000.5)
+        _, out = protocol.forward_envelope(parsed, "final text", "a1")
+        self.assertEqual(out["expires_at"], "2027-01-15T08:00:00.500Z")
+        self.assertIsNone(protocol.parse_envelope(env(expires_at=None)).expires_at)
+
     def test_forward_keeps_non_null_input_and_v2_trace(self):
         nxt = {"topic": "/control/agents/writer/input", "instruction": None, "input": {"keep": True}, "next": None}
         parsed = protocol.parse_envelope(env(next=nxt, version="2.0", context=V2Tests.context,
