@@ -53,6 +53,7 @@ class Delivery(Protocol):
     payload: bytes
     retain: bool
     user_properties: tuple  # MQTT 5 (name, value) pairs
+    expires_at: Optional[float]  # MQTT 5 Message Expiry, as Unix time
 
     def ack(self) -> None: ...
 
@@ -168,6 +169,8 @@ class TaskProcessor:
             delivery.ack()
             return
         key = protocol.task_key(self.agent_id, envelope)
+        if delivery.expires_at is not None:  # the task's expiry: the earlier of its field and the MQTT 5 interval
+            envelope.expires_at = min(delivery.expires_at, envelope.expires_at or delivery.expires_at)
         parent = tracing.extract(delivery.user_properties, envelope.traceparent, envelope.tracestate)
         with self._task_span(delivery, parent, envelope.task_id, envelope.conversation_id) as task_span:
             with self._claimed(key, envelope.task_id, envelope.conversation_id, delivery,
@@ -356,7 +359,7 @@ class TaskProcessor:
         if envelope.expires_at is not None and self._wall_clock() >= envelope.expires_at:
             return self._error(envelope, protocol.EXPIRED,
                                f"the task expired at {protocol.utc_millis(envelope.expires_at)}, before it started "
-                               f"(expires_at); it was not run")
+                               f"(expires_at, or the MQTT 5 message expiry); it was not run")
         if envelope.depth > self.config.max_envelope_depth:
             return self._error(envelope, protocol.PIPELINE_DEPTH_EXCEEDED,
                                f"pipeline depth {envelope.depth} exceeds the maximum of "

@@ -481,9 +481,15 @@ class Watcher:
             self.parsed.append((message.topic, payload))
             self._cond.notify_all()
 
-    def publish(self, topic: str, payload: Any, retain: bool = False, qos: int = 1, wait: bool = True):
+    def publish(self, topic: str, payload: Any, retain: bool = False, qos: int = 1, wait: bool = True,
+                expiry: Optional[int] = None):
+        """`expiry`: an MQTT 5 Message Expiry Interval, in seconds."""
         data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
-        info = self.client.publish(topic, data, qos=qos, retain=retain)
+        properties = None
+        if expiry is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = expiry
+        info = self.client.publish(topic, data, qos=qos, retain=retain, properties=properties)
         if wait:
             info.wait_for_publish(10)
         return info

@@ -24,8 +24,9 @@ class Delivery:
     """A received message; counts its acknowledgements and records when they happened."""
 
     def __init__(self, payload, topic: str = INPUT, retain: bool = False, journal: Optional[list] = None,
-                 user_properties: tuple = ()):
+                 user_properties: tuple = (), expires_at: Optional[float] = None):
         self.topic = topic
+        self.expires_at = expires_at
         self.user_properties = user_properties
         self.payload = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.retain = retain
@@ -148,6 +149,15 @@ class ProtocolRowTests(ProcessorTestCase):
         ((deadline,),) = [deadlines]
         self.assertLessEqual(deadline, 2.0)
         self.assertGreater(deadline, 1.0)
+
+    def test_the_mqtt_5_message_expiry_counts_when_it_is_sooner(self):
+        thought = []
+        self.make(think=lambda envelope, deadline: thought.append(envelope) or "ran", wall_clock=lambda: 1_800_000_001.0)
+        late = self.deliver(envelope(AGENT, cid="late", expires_at="2027-01-15T09:00:00Z"), expires_at=1_800_000_000.0)
+        (((_, message),)) = self.publisher.published()
+        self.assertEqual((message["error"]["code"], late.acks, thought), ("expired", 1, []))
+        self.deliver(envelope(AGENT, cid="fine"), expires_at=1_800_000_002.0)
+        self.assertEqual(len(thought), 1, "not yet expired: run")
 
     def test_an_expires_at_that_is_no_rfc_3339_moment_is_invalid_input(self):
         for bad in ("tomorrow", "2027-01-15", "2027-01-15T08:00:00", 1800000000):

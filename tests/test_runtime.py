@@ -9,8 +9,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
+from agent2389_lib import protocol
 from agent2389_lib.config import AgentConfig, LlmSettings, MqttSettings, Secret, ToolSpec, TracingSettings
 from agent2389_lib.errors import StartupError
 from agent2389_lib.runtime import AgentRuntime, Intake, StopRequest
@@ -282,6 +284,26 @@ class DeadlineTests(BrokerTestCase):
         (reply,) = watcher.wait_for(f"/conversations/c-late/{AGENT}", timeout=60)
         self.assertEqual(reply["error"]["code"], "internal_error")
         self.assertIn("task exceeded 30 s", reply["error"]["message"])
+
+
+class ExpiryTests(BrokerTestCase):
+    def test_tasks_that_expire_while_their_agent_is_down_are_never_run(self):
+        """The MQTT 5 Message Expiry Interval: the broker drops the task; the `expires_at` field
+        (what a 3.1.1 publisher can set): one `expired` error, acknowledged."""
+        watcher = self.watcher(STATUS, "/conversations/#")
+        agent = self.agent(AGENT).start_and_wait_available(watcher)  # its persistent session now queues tasks
+        agent.signal(signal.SIGTERM)
+        self.assertEqual(agent.wait(30), 0)
+        watcher.publish(INPUT, envelope(AGENT, cid="c-expiring"), expiry=1)
+        stale = envelope(AGENT, cid="c-stale", expires_at=protocol.utc_millis(time.time() + 1))
+        watcher.publish(INPUT, stale)
+        time.sleep(2.5)  # the scenario itself: both expire while the agent is away
+        agent.start_and_wait_available(watcher)
+        watcher.publish(INPUT, envelope(AGENT, cid="c-expiry-marker"))  # the tasks before it have been handled
+        watcher.wait_for(f"/conversations/c-expiry-marker/{AGENT}")
+        self.assertEqual(watcher.matching("/conversations/c-expiring/+"), [], "dropped by the broker, never run")
+        (reply,) = watcher.matching("/conversations/c-stale/+")
+        self.assertEqual((reply["task_id"], reply["error"]["code"]), (stale["task_id"], "expired"))
 
 
 class PipelineTests(BrokerTestCase):

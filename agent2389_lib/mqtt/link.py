@@ -55,6 +55,7 @@ class InboundMessage:
     _generation: int = field(repr=False, default=0)
     qos: int = field(compare=False, default=1)
     user_properties: tuple = field(compare=False, default=())  # MQTT 5 (name, value) pairs
+    expires_at: Optional[float] = field(compare=False, default=None)  # MQTT 5 Message Expiry, as Unix time
     acknowledged: bool = field(compare=False, default=False, init=False)
 
     def ack(self) -> None:
@@ -263,9 +264,12 @@ class Link:
         self.metrics.published_message(refusal is None)
 
     def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        properties = message.properties
+        interval = getattr(properties, "MessageExpiryInterval", None)  # what is left of it, as the broker sends it
         self.on_message(InboundMessage(message.topic, message.payload, bool(message.retain), message.mid,
                                        self, self._generation, message.qos,
-                                       tuple(getattr(message.properties, "UserProperty", ()))))
+                                       tuple(getattr(properties, "UserProperty", ())),
+                                       None if interval is None else time.time() + interval))
 
     # -------------------------------------------------------------- network loop
     def _run(self) -> None:
