@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import re
 import time
 from contextlib import contextmanager
@@ -67,7 +68,7 @@ class Ticket(Protocol):
 
 class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, retain: bool = False,
-                headers: Sequence[tuple[str, str]] = (), qos: int = 1) -> Ticket: ...
+                headers: Sequence[tuple[str, str]] = (), qos: int = 1, expiry: Optional[int] = None) -> Ticket: ...
 
 
 class PublishAbandoned(Exception):
@@ -88,10 +89,11 @@ class Claim:
     good by the broker), then every delivery collected for it acknowledged; or released
     unacknowledged (shutdown)."""
 
-    __slots__ = ("key", "task_id", "reply_topic", "deadline", "published", "undeliverable")
+    __slots__ = ("key", "task_id", "reply_topic", "deadline", "expires_at", "published", "undeliverable")
 
-    def __init__(self, key: str, task_id: str, reply_topic: str, deadline: float):
+    def __init__(self, key: str, task_id: str, reply_topic: str, deadline: float, expires_at: Optional[float]):
         self.key, self.task_id, self.reply_topic, self.deadline = key, task_id, reply_topic, deadline
+        self.expires_at = expires_at  # the task's expiry (Unix time), for what its forward carries
         self.published = self.undeliverable = False
 
 
@@ -210,7 +212,7 @@ class TaskProcessor:
             yield None
             return
         claim = Claim(key, task_id, protocol.conversation_topic(cid, self.agent_id),
-                      time.monotonic() + self._seconds_allowed(expires_at))
+                      time.monotonic() + self._seconds_allowed(expires_at), expires_at)
         try:
             yield claim
         except PublishAbandoned:
@@ -286,14 +288,14 @@ class TaskProcessor:
             try:
                 if len(payload) > self.config.max_message_size:
                     raise PayloadTooLarge(len(payload), self.config.max_message_size, "max_message_size")
-                self._publish_and_wait(claim, outcome.topic, payload)
+                self._publish_and_wait(claim, outcome.topic, payload, self._expiry(claim, outcome.kind))
             except PayloadTooLarge as exc:
                 what = "the answer" if outcome.kind is not Kind.FORWARD else f"the task forwarded to {outcome.topic}"
                 outcome = Outcome(Kind.ERROR, claim.reply_topic, protocol.error_message(
                     protocol.INTERNAL_ERROR, f"{what} was {exc}", claim.task_id, self.secrets))
                 log.error("task %s: %s was %s; publishing an error instead", claim.task_id, what, exc)
                 payload = protocol.to_payload(outcome.message)
-                self._publish_and_wait(claim, claim.reply_topic, payload)
+                self._publish_and_wait(claim, claim.reply_topic, payload, self.config.result_expiry)
         except OutcomeUndeliverable as exc:
             self._dead_letter(claim, exc, outcome.message, len(payload))
         claim.published = True
@@ -301,18 +303,28 @@ class TaskProcessor:
             handle.ack()
         return outcome
 
-    def _publish_and_wait(self, claim: Claim, topic: str, payload: bytes) -> None:
+    def _expiry(self, claim: Claim, kind: Kind) -> Optional[int]:
+        """The MQTT 5 Message Expiry Interval of an outcome: a forward's is what is left of the
+        task's time; an answer's or error's is `result_expiry` (none by default)."""
+        if kind is not Kind.FORWARD:
+            return self.config.result_expiry
+        if claim.expires_at is None:
+            return None
+        return max(1, math.ceil(claim.expires_at - self._wall_clock()))
+
+    def _publish_and_wait(self, claim: Claim, topic: str, payload: bytes, expiry: Optional[int]) -> None:
         """Publish until the broker accepts; a refusal that may pass later is retried with
         backoff until the task's deadline. Raises OutcomeUndeliverable."""
         attributes = {"messaging.system": "mqtt", "messaging.operation.type": "send",
                       "messaging.operation.name": "send", "messaging.destination.name": topic,
                       "messaging.message.id": claim.task_id}
         with tracing.span(f"send {protocol.destination_template(topic)}", tracing.PRODUCER, attributes):
-            self._publish_until_accepted(claim, topic, payload)
+            self._publish_until_accepted(claim, topic, payload, expiry)
 
-    def _publish_until_accepted(self, claim: Claim, topic: str, payload: bytes) -> None:
+    def _publish_until_accepted(self, claim: Claim, topic: str, payload: bytes, expiry: Optional[int]) -> None:
         for attempt in itertools.count():
-            ticket = self.publisher.publish(topic, payload, headers=tracing.task_headers(), qos=self.outcome_qos)
+            ticket = self.publisher.publish(topic, payload, headers=tracing.task_headers(), qos=self.outcome_qos,
+                                            expiry=expiry)
             waited = 0.0
             while not ticket.wait(_PUBLISH_PATIENCE):
                 waited += _PUBLISH_PATIENCE

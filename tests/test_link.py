@@ -19,7 +19,7 @@ from agent2389_lib.mqtt.history import ConnectionHistory, LinkHistory
 from agent2389_lib.mqtt.state import ConnectionState, LinkState
 from agent2389_lib.mqtt.tickets import PublishTicket, Tickets
 from agent2389_lib.metrics import Metrics
-from agent2389_lib.mqtt.clients import ProtocolVersion, new_client, user_properties
+from agent2389_lib.mqtt.clients import ProtocolVersion, new_client, publish_properties
 from agent2389_lib.mqtt.wire import close_socket, share_property_tables
 
 LIMIT = 20000  # the broker's max_packet_size
@@ -244,8 +244,8 @@ class TicketsTests(unittest.TestCase):
     def test_an_acknowledgement_before_its_id_was_handed_over_settles_the_ticket(self):
         tickets, early, late = Tickets(), PublishTicket(), PublishTicket()
         tickets.reported(5, None)  # paho's network thread may report before publish() returned the id
-        tickets.track(5, early, ("/t", b"", False, (), 1))
-        tickets.track(6, late, ("/t", b"", False, (), 1))
+        tickets.track(5, early, ("/t", b"", False, (), 1, None))
+        tickets.track(6, late, ("/t", b"", False, (), 1, None))
         self.assertTrue(early.wait(0))
         self.assertFalse(late.wait(0))
         tickets.reported(6, ("Not authorized", 0x87))
@@ -253,10 +253,10 @@ class TicketsTests(unittest.TestCase):
 
     def test_what_is_unsettled_goes_to_a_new_client_and_nothing_early_is_kept(self):
         tickets, waiting = Tickets(), PublishTicket()
-        tickets.track(1, waiting, ("/t", b"x", True, (("traceparent", "tp"),), 2))
+        tickets.track(1, waiting, ("/t", b"x", True, (("traceparent", "tp"),), 2, 60))
         tickets.reported(9, None)  # an early report of an id never handed over
-        self.assertEqual(tickets.take_unsettled(), [(waiting, ("/t", b"x", True, (("traceparent", "tp"),), 2))])
-        tickets.track(9, PublishTicket(), ("/t", b"", False, (), 1))
+        self.assertEqual(tickets.take_unsettled(), [(waiting, ("/t", b"x", True, (("traceparent", "tp"),), 2, 60))])
+        tickets.track(9, PublishTicket(), ("/t", b"", False, (), 1, None))
         self.assertEqual(tickets.take_unsettled()[0][1][0], "/t", "the early report was forgotten: still waiting")
 
 
@@ -290,13 +290,13 @@ class SharedPropertyTablesTests(unittest.TestCase):
             other.MessageExpiryInterval = 1  # still checked against the packet type, as paho does
 
 
-class UserPropertiesTests(unittest.TestCase):
+class PublishPropertiesTests(unittest.TestCase):
     HEADERS = (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
                ("tracestate", "congo=t61rcWkgMzE,r\u00e9gion=1"))
 
     def test_packed_as_paho_packs_them(self):
         """The trace context's properties are packed without paho's packer: the bytes must be its."""
-        made = user_properties(self.HEADERS, v5=True)
+        made = publish_properties(self.HEADERS, v5=True)
         reference = Properties(PacketTypes.PUBLISH)
         reference.UserProperty = list(self.HEADERS)
         self.assertEqual(made.pack(), reference.pack())
@@ -305,9 +305,20 @@ class UserPropertiesTests(unittest.TestCase):
         read.unpack(made.pack())
         self.assertEqual(read.UserProperty, list(self.HEADERS))
 
+    def test_a_message_expiry_is_packed_as_paho_packs_it(self):
+        for headers in (self.HEADERS, ()):
+            with self.subTest(headers=bool(headers)):
+                made = publish_properties(headers, v5=True, expiry=90)
+                reference = Properties(PacketTypes.PUBLISH)
+                reference.MessageExpiryInterval = 90
+                if headers:
+                    reference.UserProperty = list(headers)
+                self.assertEqual(made.pack(), reference.pack())
+                self.assertEqual(str(made), str(reference))
+
     def test_none_on_mqtt_3_or_without_headers(self):
-        self.assertIsNone(user_properties(self.HEADERS, v5=False))
-        self.assertIsNone(user_properties((), v5=True))
+        self.assertIsNone(publish_properties(self.HEADERS, v5=False, expiry=90))
+        self.assertIsNone(publish_properties((), v5=True))
 
 
 if __name__ == "__main__":

@@ -53,14 +53,17 @@ class MemoryPublisher:
         self.journal = journal
         self.refusals: list = []  # per publish: None, (reason text, reason code), or an exception to raise
         self.max_packet_size: Optional[int] = None
+        self.expiries: list = []  # the Message Expiry Interval of each publish
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False, headers: tuple = (), qos: int = 1) -> Ticket:
+    def publish(self, topic: str, payload: bytes, retain: bool = False, headers: tuple = (), qos: int = 1,
+                expiry: Optional[int] = None) -> Ticket:
         if self.max_packet_size is not None and len(payload) > self.max_packet_size:
             raise PayloadTooLarge(len(payload), self.max_packet_size, "broker's maximum packet size")
         refusal = self.refusals.pop(0) if self.refusals else None
         if isinstance(refusal, Exception):
             raise refusal
         self.journal.append(("publish", topic, json.loads(payload)))
+        self.expiries.append(expiry)
         return Ticket(refusal)
 
     def published(self) -> list:
@@ -158,6 +161,17 @@ class ProtocolRowTests(ProcessorTestCase):
         self.assertEqual((message["error"]["code"], late.acks, thought), ("expired", 1, []))
         self.deliver(envelope(AGENT, cid="fine"), expires_at=1_800_000_002.0)
         self.assertEqual(len(thought), 1, "not yet expired: run")
+
+    def test_a_forward_carries_what_is_left_of_the_task_s_time_and_an_answer_result_expiry(self):
+        nxt = {"topic": "/control/agents/writer/input", "instruction": "Write", "input": None, "next": None}
+        self.make(result_expiry=600)
+        self.deliver(envelope(AGENT, cid="kept"))
+        self.assertEqual(self.publisher.expiries, [600])
+        self.make(wall_clock=lambda: 1_799_999_970.5)
+        self.deliver(envelope(AGENT, cid="on", next=nxt, expires_at="2027-01-15T08:00:00Z"))
+        self.deliver(envelope(AGENT, cid="done"))
+        ((_, forward), _) = self.publisher.published()
+        self.assertEqual((self.publisher.expiries, forward["expires_at"]), ([30, None], "2027-01-15T08:00:00.000Z"))
 
     def test_an_expires_at_that_is_no_rfc_3339_moment_is_invalid_input(self):
         for bad in ("tomorrow", "2027-01-15", "2027-01-15T08:00:00", 1800000000):

@@ -14,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..config import MqttSettings
-from ..mqtt.clients import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client, user_properties
+from ..mqtt.clients import UNSUPPORTED_PROTOCOL, describe_refusal, describe_tls_error, new_client, publish_properties
 from ..mqtt.state import ConnectionState, LinkState
 
 
@@ -123,7 +123,7 @@ class OperatorClient:
     def publish(self, topic: str, payload: bytes, timeout: float = 10.0,
                 headers: Sequence[tuple[str, str]] = ()) -> None:
         """`headers` go as MQTT 5 user properties (3.1.1 has none)."""
-        info = self.client.publish(topic, payload, qos=1, properties=user_properties(headers, self.version == "5"))
+        info = self.client.publish(topic, payload, qos=1, properties=publish_properties(headers, self.version == "5"))
         try:
             info.wait_for_publish(timeout)
         except (RuntimeError, ValueError) as exc:

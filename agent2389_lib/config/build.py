@@ -65,6 +65,7 @@ def build(settings: dict, env: Mapping[str, str], out: Collector) -> tuple[Agent
         max_pipeline_depth=workers,
         max_envelope_depth=read.integer("max_envelope_depth", max(AGENT.max_envelope_depth, workers), 1, 32),
         task_timeout=read.integer("task_timeout", AGENT.task_timeout, 30, 3600),
+        result_expiry=read.integer("result_expiry", AGENT.result_expiry, 1, 4294967295),
         max_output_size=read.integer("max_output_size", AGENT.max_output_size, 1024),
         max_message_size=read.integer("max_message_size", AGENT.max_message_size, 1024, 268435455),
         state_dir=state_dir or None,

@@ -186,6 +186,7 @@ class AgentConfig:
     max_pipeline_depth: int = 16  # worker threads: tasks processed at once
     max_envelope_depth: int = 16  # deeper envelopes (1 + nested `next`) are answered pipeline_depth_exceeded
     task_timeout: int = 300
+    result_expiry: Optional[int] = None  # seconds: the MQTT 5 Message Expiry Interval of answers and errors
     max_output_size: int = 1048576
     max_message_size: int = 262144
     state_dir: Optional[str] = None

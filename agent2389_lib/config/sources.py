@@ -30,6 +30,7 @@ _COMMON_TOP = {
     "state_dir": "state_dir", "heartbeat_interval": "heartbeat_interval", "shutdown_grace": "shutdown_grace",
     "progress_events": "progress", "completed_store_size": "completed_store_size", "instance_id": "instance_id",
     "description": "description", "capabilities": "capabilities", "dead_letter_topic": "dead_letter_topic",
+    "result_expiry": "result_expiry",
 }
 SECTIONS: dict[str, dict[str, str]] = {
     "": _COMMON_TOP,

@@ -22,6 +22,7 @@ UNSUPPORTED_PROTOCOL = 0x84  # paho maps the 3.1.1 CONNACK code 1 to it too
 
 
 _USER_PROPERTY = b"\x26"  # its identifier: a UTF-8 string pair, repeatable
+_MESSAGE_EXPIRY = b"\x02"  # Message Expiry Interval: a four-byte integer, seconds
 
 
 @functools.lru_cache(maxsize=16)
@@ -38,10 +39,14 @@ class _PackedOnce(Properties):
 
     _packed: bytes
 
-    def __init__(self, headers: tuple):
+    def __init__(self, headers: tuple, expiry: Optional[int] = None):
         body = b"".join([_property_name(name) + writeUTF(value) for name, value in headers])
+        named: dict = {"UserProperty": list(headers)} if headers else {}
+        if expiry is not None:
+            body = _MESSAGE_EXPIRY + expiry.to_bytes(4, "big") + body
+            named["MessageExpiryInterval"] = expiry
         # not through paho's __setattr__, which checks every name against its table, slowly
-        self.__dict__.update(PROPERTY_TABLES, packetType=PacketTypes.PUBLISH, UserProperty=list(headers),
+        self.__dict__.update(PROPERTY_TABLES, packetType=PacketTypes.PUBLISH, **named,
                              _packed=VariableByteIntegers.encode(len(body)) + body)
 
     def pack(self) -> bytes:
@@ -53,10 +58,14 @@ def _packed_properties(headers: tuple) -> _PackedOnce:
     return _PackedOnce(headers)
 
 
-def user_properties(headers: Sequence[tuple[str, str]], v5: bool) -> Optional[_PackedOnce]:
-    """PUBLISH properties carrying `headers` (e.g. traceparent) on MQTT 5; 3.1.1 has none."""
-    if not (v5 and headers):
+def publish_properties(headers: Sequence[tuple[str, str]], v5: bool,
+                       expiry: Optional[int] = None) -> Optional[_PackedOnce]:
+    """PUBLISH properties carrying `headers` (e.g. traceparent) as user properties and `expiry` as
+    the Message Expiry Interval (seconds) on MQTT 5; 3.1.1 has none."""
+    if not v5 or (not headers and expiry is None):
         return None
+    if expiry is not None:  # seconds left: rarely the same twice, so not kept
+        return _PackedOnce(tuple(headers), max(1, expiry))
     return _packed_properties(tuple(headers))
 
 

@@ -20,7 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from ..errors import PayloadTooLarge
 from ..metrics import Metrics
-from .clients import UNSUPPORTED_PROTOCOL, describe_refusal, new_client, publish_packet_size, user_properties
+from .clients import UNSUPPORTED_PROTOCOL, describe_refusal, new_client, publish_packet_size, publish_properties
 from .history import LinkHistory
 from .state import ConnectionState, LinkState
 from .tickets import PublishTicket, Tickets
@@ -161,17 +161,17 @@ class Link:
 
     # -------------------------------------------------------------- publishing and acking
     def publish(self, topic: str, payload: bytes, retain: bool = False,
-                headers: Sequence[tuple[str, str]] = (), qos: int = 1) -> PublishTicket:
+                headers: Sequence[tuple[str, str]] = (), qos: int = 1, expiry: Optional[int] = None) -> PublishTicket:
         """Queue a QoS 1 (or 2) publish; paho sends it now or after the next reconnect. `headers` go as
         MQTT 5 user properties (3.1.1 has none). Raises PayloadTooLarge instead of sending what
         the broker announced it would refuse (it would drop the link, and paho would resend the
-        same packet on every reconnect)."""
-        size = publish_packet_size(topic, payload, self.v5, user_properties(headers, self.v5))
+        same packet on every reconnect). `expiry`: MQTT 5's Message Expiry Interval, in seconds."""
+        size = publish_packet_size(topic, payload, self.v5, publish_properties(headers, self.v5, expiry))
         if self.max_packet_size is not None and size > self.max_packet_size:
             raise PayloadTooLarge(size, self.max_packet_size, "broker's maximum packet size")
         ticket = PublishTicket()
         with self._client_lock:
-            self._queue(ticket, topic, payload, retain, tuple(headers), qos)
+            self._queue(ticket, topic, payload, retain, tuple(headers), qos, expiry)
         return ticket  # paho's register-write callback wakes the network thread
 
     def publish_advisory(self, topic: str, payload: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
@@ -179,7 +179,7 @@ class Link:
         and counted as a dropped progress event, while no session is open (paho drops QoS 0
         messages then), over the broker's maximum packet size, or behind a 1 MiB send backlog
         (a broker that stopped reading must not make us hold what can be dropped)."""
-        properties = user_properties(headers, self.v5)
+        properties = publish_properties(headers, self.v5)
         fits = (self.max_packet_size is None
                 or publish_packet_size(topic, payload, self.v5, properties) <= self.max_packet_size)
         if self.connected and fits and self._advisory_backlog <= _ADVISORY_BACKLOG:
@@ -191,11 +191,12 @@ class Link:
             self.metrics.progress_dropped()
 
     def _queue(self, ticket: PublishTicket, topic: str, payload: bytes, retain: bool, headers: tuple,
-               qos: int) -> None:
-        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=user_properties(headers, self.v5))
+               qos: int, expiry: Optional[int]) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain,
+                                   properties=publish_properties(headers, self.v5, expiry))
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise RuntimeError("MQTT outgoing queue is full")
-        self._tickets.track(info.mid, ticket, (topic, payload, retain, headers, qos))
+        self._tickets.track(info.mid, ticket, (topic, payload, retain, headers, qos, expiry))
 
     def _replace_client(self) -> None:
         """A client for the other protocol version; what the old one had not yet delivered is

@@ -7,7 +7,7 @@ import threading
 from typing import Optional
 
 Refusal = Optional[tuple[str, int]]  # a PUBACK's failing reason and its code, or None: accepted
-Message = tuple[str, bytes, bool, tuple, int]  # topic, payload, retain, headers (user properties), QoS
+Message = tuple[str, bytes, bool, tuple, int, Optional[int]]  # topic, payload, retain, headers, QoS, expiry
 
 _EARLY_KEPT = 1024  # claimed within microseconds; a bound, should paho ever report an id twice
 _UNREPORTED: Refusal = ("", -1)  # compared by identity: no report is this object

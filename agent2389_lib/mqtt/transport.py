@@ -135,8 +135,8 @@ class MqttTransport:
         self.intake.wake()
 
     def publish(self, topic: str, payload: bytes, retain: bool = False,
-                headers: Sequence[tuple[str, str]] = (), qos: int = 1) -> PublishTicket:
-        return self.output.publish(topic, payload, retain, headers, qos)
+                headers: Sequence[tuple[str, str]] = (), qos: int = 1, expiry: Optional[int] = None) -> PublishTicket:
+        return self.output.publish(topic, payload, retain, headers, qos, expiry)
 
     def publish_advisory(self, topic: str, payload: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
         self.output.publish_advisory(topic, payload, headers)
