@@ -4,8 +4,10 @@ import json
 import re
 import subprocess
 import sys
+import time
 import unittest
 
+from agent2389_lib import protocol
 from agent2389_lib.cli.ops import message_type, monitor_topics, render
 from support import AGENT_SCRIPT, BrokerTestCase, base_env, free_port, process, wait_until
 
@@ -78,6 +80,26 @@ class OperatorTests(BrokerTestCase):
                      env=self.env)
         task = json.loads(result.stdout)["task"]
         self.assertEqual((task["version"], task["context"]["original_query"]), ("2.0", "the question"))
+
+    def test_inject_expires_in_sets_the_field_and_the_mqtt_5_expiry(self):
+        inputs = self.watcher("/control/agents/later/input")
+        before = time.time()
+        result = cli("inject", "--agent-id", "later", "--message", "x", "--expires-in", "15m", "--no-check", "--json",
+                     env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        inputs.wait_for("/control/agents/later/input")
+        (message,) = [m for m in list(inputs.messages) if m.topic == "/control/agents/later/input"]
+        task = json.loads(message.payload)
+        self.assertAlmostEqual(protocol.parse_envelope(message.payload).expires_at, before + 900, delta=5)
+        self.assertEqual(json.loads(result.stdout)["task"]["expires_at"], task["expires_at"])
+        self.assertLessEqual(message.properties.MessageExpiryInterval, 900)
+        self.assertGreater(message.properties.MessageExpiryInterval, 890)
+        shown = render(message.topic, message.payload, "compact", colour=False,
+                       expiry=message.properties.MessageExpiryInterval)
+        self.assertIn(f"expires={task['expires_at']} expiry=", shown)
+        bad = cli("inject", "--agent-id", "later", "--message", "x", "--expires-in", "soon", env=self.env)
+        self.assertEqual(bad.returncode, 2)
+        self.assertIn("'soon' is not a duration", bad.stderr)
 
     def test_timeout_exit_124(self):
         result = cli("inject", "--agent-id", "nobody-home", "--message", "x", "--wait", "1", "--no-check", env=self.env)

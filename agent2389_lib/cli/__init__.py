@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .. import __version__
@@ -50,12 +51,29 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
                              "MQTT_HOST/MQTT_PORT)")
 
 
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    """Whole seconds from `90`, `90s`, `15m`, `2h` or `1d` (argparse reports a ValueError as a usage error)."""
+    number, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    if unit.isdigit():
+        number, unit = text.strip(), ""
+    if unit not in _DURATION_UNITS or not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: a positive whole number of seconds, "
+                                         f"optionally with s, m, h or d (e.g. 90, 15m, 2h)")
+    return int(number) * _DURATION_UNITS[unit]
+
+
 def _add_wait_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", nargs="?", type=float, const=120.0, metavar="SECONDS",
                         help="wait for the answer (default 120 s): exit 0 on a response, 1 on an error, 124 on "
                              "timeout; the agents' progress events are shown on stderr meanwhile")
     parser.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress on stderr")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--expires-in", type=_duration, metavar="DURATION",
+                        help="the task is not run after this (e.g. 90, 90s, 15m, 2h): sets its expires_at and, on "
+                             "MQTT 5, its Message Expiry Interval, so a broker drops it while its agent is away")
     parser.add_argument("--no-check", action="store_true",
                         help="publish even when the agent has not announced itself (its retained status is missing "
                              "or unavailable); for an agent that is away, the task waits in its broker session")
@@ -224,6 +242,7 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
     """Publish `task` as the first span of a trace (or in the one `--traceparent` names)."""
     from .. import tracing
     from ..config import ConfigError, load_tracing_settings
+    from ..protocol import utc_millis
     given = getattr(args, "traceparent", None)
     parent = tracing.parse(given)
     if given is not None and parent is None:
@@ -237,6 +256,8 @@ def _deliver(args: argparse.Namespace, task: dict) -> int:
         return EXIT_CONFIG
     try:
         context = _send_span(tracer, task["topic"], parent)
+        if args.expires_in:
+            task = {**task, "expires_at": utc_millis(time.time() + args.expires_in)}
         return _publish(args, {**task, **context.fields()} if context else task, context)
     finally:
         tracer.shutdown(_EXPORT_GRACE)
@@ -271,7 +292,7 @@ def _publish(args: argparse.Namespace, task: dict, context: Optional[TraceContex
     try:
         if not args.no_check:
             ops.check_agent(client, task["topic"])
-        code, reply = ops.send_task(client, task, args.wait, show)
+        code, reply = ops.send_task(client, task, args.wait, show, expiry=args.expires_in)
     except OperatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ops.EXIT_UNAVAILABLE
@@ -350,7 +371,8 @@ def _monitor(args: argparse.Namespace) -> int:
                 print(f"{protocol.rfc3339()} {line}", flush=True)
             else:
                 print(ops.render(message.topic, message.payload, args.format, colour,
-                                 user_properties=getattr(message.properties, "UserProperty", ()), full=args.full),
+                                 user_properties=getattr(message.properties, "UserProperty", ()), full=args.full,
+                                 expiry=getattr(message.properties, "MessageExpiryInterval", None)),
                       flush=True)
             seen += 1
     finally:

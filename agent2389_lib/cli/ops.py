@@ -98,14 +98,16 @@ def check_agent(client: OperatorClient, input_topic: str, timeout: float = 10.0)
 
 
 def send_task(client: OperatorClient, task: dict, wait: Optional[float],
-              on_progress: Optional[Callable[[str], None]] = None) -> tuple[int, Optional[dict]]:
-    """Publish a task; with `wait`, subscribe to its conversation first (and, with
-    `on_progress`, to the agents' progress events) and return the answer."""
+              on_progress: Optional[Callable[[str], None]] = None,
+              expiry: Optional[int] = None) -> tuple[int, Optional[dict]]:
+    """Publish a task (`expiry`: its MQTT 5 Message Expiry Interval); with `wait`, subscribe to its
+    conversation first (and, with `on_progress`, to the agents' progress events) and return the answer."""
     answer_topic = protocol.conversation_topic(task["conversation_id"], "+")
     if wait is not None:
         client.subscribe([answer_topic] + ([PROGRESS_TOPIC] if on_progress else []))
     context = _trace(task)
-    client.publish(task["topic"], protocol.to_payload(task), headers=context.headers() if context else ())
+    client.publish(task["topic"], protocol.to_payload(task), headers=context.headers() if context else (),
+                   expiry=expiry)
     if wait is None:
         return EXIT_RESPONSE, None
     if on_progress:
@@ -226,9 +228,9 @@ def _json_or_text(data: bytes | bytearray) -> Any:
 
 
 def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[datetime] = None,
-           user_properties: Sequence[tuple[str, str]] = (), full: bool = False) -> str:
+           user_properties: Sequence[tuple[str, str]] = (), full: bool = False, expiry: Optional[int] = None) -> str:
     """One message for a person (pretty, compact: a bounded summary unless `full`) or a program
-    (json: the whole payload)."""
+    (json: the whole payload). `expiry`: its MQTT 5 Message Expiry Interval as delivered (seconds left)."""
     payload = _json_or_text(data)
     kind = message_type(topic, payload)
     stamp = protocol.rfc3339(now)
@@ -236,10 +238,15 @@ def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[dateti
     context = tracing.extract(user_properties, fields.get(tracing.TRACEPARENT), fields.get(tracing.TRACESTATE))
     if fmt == "json":
         return json.dumps({"timestamp": stamp, "message_type": kind, "topic": topic, "payload": payload,
-                           "trace_id": context.trace_id if context else None}, ensure_ascii=False)
+                           "trace_id": context.trace_id if context else None, "expiry_seconds": expiry},
+                          ensure_ascii=False)
     body = protocol.compact_json(payload) if not isinstance(payload, str) else payload
     summary = _summary(kind, payload, body)
     trace = f" trace={context.trace_id}" if context else ""
+    if isinstance(fields.get("expires_at"), str):
+        trace += f" expires={fields['expires_at']}"
+    if expiry is not None:
+        trace += f" expiry={expiry}s"
     if fmt == "compact":
         return f"{stamp[11:23]} {kind} {topic}{trace} {' '.join(summary.split()) if full else _one_line(summary)}"
     if not full and len(summary) > PRETTY_CHARS:

@@ -121,9 +121,11 @@ class OperatorClient:
         self._wait(self._subscribed.wait, timeout, "subscribe")
 
     def publish(self, topic: str, payload: bytes, timeout: float = 10.0,
-                headers: Sequence[tuple[str, str]] = ()) -> None:
-        """`headers` go as MQTT 5 user properties (3.1.1 has none)."""
-        info = self.client.publish(topic, payload, qos=1, properties=publish_properties(headers, self.version == "5"))
+                headers: Sequence[tuple[str, str]] = (), expiry: Optional[int] = None) -> None:
+        """`headers` go as MQTT 5 user properties, `expiry` (seconds) as its Message Expiry Interval
+        (3.1.1 has neither)."""
+        info = self.client.publish(topic, payload, qos=1,
+                                   properties=publish_properties(headers, self.version == "5", expiry))
         try:
             info.wait_for_publish(timeout)
         except (RuntimeError, ValueError) as exc:
