@@ -175,6 +175,21 @@ class EnvironmentTests(ConfigCase):
         self.assertEqual((config.log_level, config.log_format, config.log_spans, config.health_port),
                          ("DEBUG", "text", True, 9000))
 
+    def test_result_expiry_from_the_file_or_the_environment(self):
+        text = """
+            [agent]
+            id = "expiring"
+            result_expiry = 600
+            [llm]
+            provider = "echo"
+        """
+        self.assertEqual(self.load(text).config.result_expiry, 600)
+        self.assertEqual(self.load(text, RESULT_EXPIRY="60").config.result_expiry, 60)
+        self.assertIsNone(self.load('agent_id = "plain"\n[llm]\nprovider = "echo"\n').config.result_expiry)
+        with self.assertRaises(ConfigError) as caught:
+            self.load(text, RESULT_EXPIRY="0")
+        self.assertIn("RESULT_EXPIRY=0 is out of range", str(caught.exception))
+
     def test_env_key_wins_over_file_key(self):
         text = """
             agent_id = "abc"
