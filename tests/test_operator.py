@@ -126,7 +126,7 @@ class OperatorTests(BrokerTestCase):
         kinds = {line["message_type"] for line in lines}
         self.assertEqual(kinds, {"status", "task", "response", "progress"})
         for line in lines:
-            self.assertEqual(set(line), {"timestamp", "message_type", "topic", "payload", "trace_id"})
+            self.assertEqual(set(line), {"timestamp", "message_type", "topic", "payload", "trace_id", "expiry_seconds"})
             # the task, its answer and its progress events are all of the trace inject started
             self.assertEqual(line["trace_id"], None if line["message_type"] == "status" else trace_id, line)
 
