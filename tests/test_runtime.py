@@ -289,21 +289,26 @@ class DeadlineTests(BrokerTestCase):
 class ExpiryTests(BrokerTestCase):
     def test_tasks_that_expire_while_their_agent_is_down_are_never_run(self):
         """The MQTT 5 Message Expiry Interval: the broker drops the task; the `expires_at` field
-        (what a 3.1.1 publisher can set): one `expired` error, acknowledged."""
-        watcher = self.watcher(STATUS, "/conversations/#")
-        agent = self.agent(AGENT).start_and_wait_available(watcher)  # its persistent session now queues tasks
-        agent.signal(signal.SIGTERM)
-        self.assertEqual(agent.wait(30), 0)
-        watcher.publish(INPUT, envelope(AGENT, cid="c-expiring"), expiry=1)
-        stale = envelope(AGENT, cid="c-stale", expires_at=protocol.utc_millis(time.time() + 1))
-        watcher.publish(INPUT, stale)
-        time.sleep(2.5)  # the scenario itself: both expire while the agent is away
-        agent.start_and_wait_available(watcher)
-        watcher.publish(INPUT, envelope(AGENT, cid="c-expiry-marker"))  # the tasks before it have been handled
-        watcher.wait_for(f"/conversations/c-expiry-marker/{AGENT}")
-        self.assertEqual(watcher.matching("/conversations/c-expiring/+"), [], "dropped by the broker, never run")
-        (reply,) = watcher.matching("/conversations/c-stale/+")
-        self.assertEqual((reply["task_id"], reply["error"]["code"]), (stale["task_id"], "expired"))
+        (what a 3.1.1 publisher can set, and all a 3.1.1 agent sees): one `expired` error, acknowledged."""
+        for version in ("5", "3.1.1"):
+            with self.subTest(protocol=version):
+                agent_id = f"expiring-{version.replace('.', '')}"
+                topic = f"/control/agents/{agent_id}/input"
+                watcher = self.watcher(f"/control/agents/{agent_id}/status", "/conversations/#")
+                agent = self.agent(agent_id, mqtt={"protocol": version}).start_and_wait_available(watcher)
+                agent.signal(signal.SIGTERM)  # its persistent session queues what follows
+                self.assertEqual(agent.wait(30), 0)
+                watcher.publish(topic, envelope(agent_id, cid=f"c-expiring-{agent_id}"), expiry=1)
+                stale = envelope(agent_id, cid=f"c-stale-{agent_id}", expires_at=protocol.utc_millis(time.time() + 1))
+                watcher.publish(topic, stale)
+                time.sleep(2.5)  # the scenario itself: both expire while the agent is away
+                agent.start_and_wait_available(watcher)
+                watcher.publish(topic, envelope(agent_id, cid=f"c-marker-{agent_id}"))  # those before it are handled
+                watcher.wait_for(f"/conversations/c-marker-{agent_id}/{agent_id}")
+                self.assertEqual(watcher.matching(f"/conversations/c-expiring-{agent_id}/+"), [],
+                                 "dropped by the broker, never run")
+                (reply,) = watcher.matching(f"/conversations/c-stale-{agent_id}/+")
+                self.assertEqual((reply["task_id"], reply["error"]["code"]), (stale["task_id"], "expired"))
 
 
 class PipelineTests(BrokerTestCase):
