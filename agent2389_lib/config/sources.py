@@ -60,8 +60,8 @@ _ROUTING_SUB = {"llm": {"provider", "model", "temperature", "api_key_env", "base
 
 ENV_SIMPLE = {
     "AGENT_ID": "agent_id", "DEFAULT_MODEL": "llm.model", "MAX_PIPELINE_DEPTH": "max_pipeline_depth",
-    "MAX_ENVELOPE_DEPTH": "max_envelope_depth",
-    "TASK_TIMEOUT": "task_timeout", "RESULT_EXPIRY": "result_expiry", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format",
+    "MAX_ENVELOPE_DEPTH": "max_envelope_depth", "RESULT_EXPIRY": "result_expiry",
+    "TASK_TIMEOUT": "task_timeout", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format",
     "LOG_SPANS": "log_spans", "HEALTH_PORT": "health_port", "STATE_DIR": "state_dir",
     "AGENT_INSTANCE_ID": "instance_id", "LLM_PROVIDER": "llm.provider", "HEALTH_BIND": "health_bind",
     "DEAD_LETTER_TOPIC": "dead_letter_topic", "MQTT_OUTCOME_QOS": "mqtt.outcome_qos",
