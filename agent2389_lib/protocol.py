@@ -73,6 +73,11 @@ def input_topic(agent_id: str) -> str:
     return f"/control/agents/{agent_id}/input"
 
 
+def cancel_topic(agent_id: str) -> str:
+    """Where a task of `agent_id` is cancelled (PROTOCOL.md 7; `+` for every agent's, a filter)."""
+    return f"/control/agents/{agent_id}/cancel"
+
+
 def status_topic(agent_id: str) -> str:
     """The agent's retained status (`+` for every agent's, a filter)."""
     return f"/control/agents/{agent_id}/status"

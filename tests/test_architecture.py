@@ -18,7 +18,8 @@ LAYERS = {
     2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "discovery", "httpsessions", "jsonhttp", "otelexport",
         "tracers"],  # tools.mcp.* too
     1: ["health", "logs", "errors", "tracing"],
-    0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome", "events"],
+    0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome", "events",
+        "cancels"],
 }
 MAX_LINES = 600
 PAHO_PRIVATE_HOME = "mqtt.wire"
