@@ -1,6 +1,7 @@
-"""Cancels (PROTOCOL.md 7): what a cancel message says, and the cancels an agent keeps for tasks
-it has not seen yet (a pipeline hop cancelled while the forward to it is still on its way), so
-the task is answered `canceled` when it arrives."""
+"""Cancels (PROTOCOL.md 7): what a cancel message says, and the cancels an agent keeps by task
+id: for tasks it has not seen yet (a pipeline hop cancelled while the forward to it is still on
+its way), so the task is answered `canceled` when it arrives, and for tasks it cancelled, so a
+redelivery is answered `canceled` too."""
 
 from __future__ import annotations
 
@@ -52,37 +53,44 @@ def parse_cancel(payload: bytes) -> Cancel:
     return Cancel(task_id, cid, reason or "")
 
 
-class PendingCancels:
-    """Cancels for tasks this agent has not seen: the newest `capacity`, each for at most `ttl`
-    seconds (`task_timeout`: a forward still on its way arrives within it). Kept by the network
-    thread that reads cancels, taken by the workers that start tasks."""
+def cancel_message(cancel: Cancel) -> dict:
+    """The message that asks for `cancel` (the CLI's, and an agent's to the next hop)."""
+    message: dict = {"task_id": cancel.task_id}
+    if cancel.conversation_id:
+        message["conversation_id"] = cancel.conversation_id
+    if cancel.reason:
+        message["reason"] = cancel.reason
+    return message
 
-    def __init__(self, ttl: float, capacity: int = KEPT, clock: Callable[[], float] = time.monotonic):
-        self.ttl, self.capacity, self._clock = ttl, capacity, clock
-        self._kept: OrderedDict[str, tuple[float, Cancel]] = OrderedDict()
+
+class KeptCancels:
+    """Cancels by task id: the newest `capacity`, each until its time (Unix time, as the store
+    keeps it across a restart) or, with none, for as long as there is room. Kept by the thread
+    that reads cancels, read by the workers that start tasks."""
+
+    def __init__(self, capacity: int = KEPT, clock: Callable[[], float] = time.time):
+        self.capacity, self._clock = capacity, clock
+        self._kept: OrderedDict[str, tuple[Optional[float], Cancel]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._kept)
 
-    def keep(self, cancel: Cancel) -> None:
+    def keep(self, cancel: Cancel, until: Optional[float]) -> None:
         with self._lock:
             self._kept.pop(cancel.task_id, None)
-            self._kept[cancel.task_id] = (self._clock() + self.ttl, cancel)
+            self._kept[cancel.task_id] = (until, cancel)
             while len(self._kept) > self.capacity:
                 self._kept.popitem(last=False)
 
-    def take(self, task_id: str) -> Optional[Cancel]:
-        """The cancel kept for `task_id`, once (None when there is none, or it is too old)."""
+    def get(self, task_id: str) -> Optional[Cancel]:
+        """The cancel kept for `task_id`, None when there is none or its time is up."""
         with self._lock:
-            self._drop_expired()
-            kept = self._kept.pop(task_id, None)
-        return kept[1] if kept is not None else None
-
-    def _drop_expired(self) -> None:
-        now = self._clock()
-        while self._kept:
-            task_id, (until, _) = next(iter(self._kept.items()))
-            if until > now:
-                return
-            del self._kept[task_id]
+            kept = self._kept.get(task_id)
+            if kept is None:
+                return None
+            until, cancel = kept
+            if until is not None and until <= self._clock():
+                del self._kept[task_id]
+                return None
+            return cancel

@@ -9,6 +9,10 @@ store is locked (flock) so a second process of the same agent cannot use it at t
 A failed write never blocks an acknowledgement: the key stays remembered in memory and the
 store reports itself degraded.
 
+It also remembers, by task id, whether a task finished here and the agent it was forwarded to,
+and the cancels kept for tasks (PROTOCOL.md 7), so a cancel follows a forwarded task and a task
+redelivered after a crash is answered `canceled` (cancels.py decides; this stores).
+
 Release 0.1 kept completed task ids (no agent id, no digest) in `completed_tasks.sqlite3`; when
 that file is there, its ids are read once (never written) so redeliveries right after the
 upgrade are still recognized.
@@ -50,6 +54,7 @@ class DedupeStore:
         self._db_lock = threading.Lock()
         self._in_flight: dict[str, list[Any]] = {}
         self._completed: OrderedDict[str, None] = OrderedDict()
+        self._finished: OrderedDict[str, Optional[str]] = OrderedDict()  # task id: the agent it went to, if any
         self._legacy_ids: frozenset = frozenset()  # task ids release 0.1 completed
         self._db: Optional[sqlite3.Connection] = None  # sqlite3 is imported with a state_dir only (1 MB)
         self._lock_fd: Optional[int] = None
@@ -76,13 +81,22 @@ class DedupeStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("CREATE TABLE IF NOT EXISTS completed (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT UNIQUE)")
-            rows = db.execute("SELECT key FROM completed ORDER BY seq DESC LIMIT ?", (self.capacity,)).fetchall()
+            columns = {row[1] for row in db.execute("PRAGMA table_info(completed)")}
+            for column in ("task_id", "forwarded_to"):  # added by the release with cancels
+                if column not in columns:
+                    db.execute(f"ALTER TABLE completed ADD COLUMN {column} TEXT")
+            db.execute("CREATE TABLE IF NOT EXISTS cancels (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "task_id TEXT UNIQUE, conversation_id TEXT, reason TEXT, until REAL)")
+            rows = db.execute("SELECT key, task_id, forwarded_to FROM completed ORDER BY seq DESC LIMIT ?",
+                              (self.capacity,)).fetchall()
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"the completed-task store {path} in state_dir is unusable: {exc} (check that the "
                              f"directory is writable; move the file away if it is corrupt)") from None
-        for (key,) in reversed(rows):
+        for key, task_id, forwarded_to in reversed(rows):
             self._completed[key] = None
+            if task_id:
+                self._finished[task_id] = forwarded_to
         self._db = db
         self._legacy_ids = self._read_legacy(os.path.join(state_dir, LEGACY_STORE))
 
@@ -118,31 +132,59 @@ class DedupeStore:
             self._in_flight[key] = [ack_handle]
             return NEW
 
-    def finish(self, key: str, completed: bool) -> list[Any]:
-        """End a claim; remember the key as completed when its outcome was published.
-        Returns every ack handle collected for it. Never raises: a failed write is logged and
-        the key stays remembered in memory."""
+    def finish(self, key: str, completed: bool, task_id: str = "", forwarded_to: Optional[str] = None) -> list[Any]:
+        """End a claim; remember the key as completed when its outcome was published (and the
+        agent the task was forwarded to, if it was). Returns every ack handle collected for it.
+        Never raises: a failed write is logged and the key stays remembered in memory."""
         with self._lock:
             handles = self._in_flight.pop(key, [])
             if completed:
-                self._completed[key] = None
-                self._completed.move_to_end(key)
-                while len(self._completed) > self.capacity:
-                    self._completed.popitem(last=False)
-        if completed and self._db is not None:
-            self._persist(key)
+                _remember(self._completed, key, None, self.capacity)
+                if task_id:
+                    _remember(self._finished, task_id, forwarded_to, self.capacity)
+        if completed:
+            self._write("INSERT OR REPLACE INTO completed (key, task_id, forwarded_to) VALUES (?, ?, ?)",
+                        (key, task_id or None, forwarded_to), "completed")
         return handles
 
-    def _persist(self, key: str) -> None:
+    def finished(self, task_id: str) -> tuple[bool, Optional[str]]:
+        """Whether a task finished here, and the agent it was forwarded to (None if it was not)."""
+        with self._lock:
+            if task_id in self._finished:
+                return True, self._finished[task_id]
+            return task_id in self._legacy_ids, None
+
+    # -------------------------------------------------------------- cancels
+    def keep_cancel(self, task_id: str, conversation_id: Optional[str], reason: str, until: Optional[float]) -> None:
+        """Keep a cancel across a restart (`until`: Unix time, None for as long as there is room)."""
+        self._write("INSERT OR REPLACE INTO cancels (task_id, conversation_id, reason, until) VALUES (?, ?, ?, ?)",
+                    (task_id, conversation_id, reason, until), "cancels")
+
+    def kept_cancels(self, limit: int) -> list[tuple[str, Optional[str], str, Optional[float]]]:
+        """The newest `limit` cancels kept, oldest first: (task_id, conversation_id, reason, until)."""
+        with self._db_lock:
+            if self._db is None:
+                return []
+            import sqlite3
+            try:
+                rows = self._db.execute("SELECT task_id, conversation_id, reason, until FROM cancels "
+                                        "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            except sqlite3.Error as exc:
+                self._write_failed(exc)
+                return []
+        return list(reversed(rows))
+
+    def _write(self, statement: str, values: tuple, table: str) -> None:
+        """One row, and every few hundred rows the oldest beyond `capacity` pruned."""
         with self._db_lock:
             if self._db is None:
                 return
             import sqlite3
             try:
-                self._db.execute("INSERT OR REPLACE INTO completed (key) VALUES (?)", (key,))
+                self._db.execute(statement, values)
                 self._inserts += 1
                 if self._inserts % _PRUNE_EVERY == 0:
-                    self._db.execute("DELETE FROM completed WHERE seq <= (SELECT MAX(seq) FROM completed) - ?",
+                    self._db.execute(f"DELETE FROM {table} WHERE seq <= (SELECT MAX(seq) FROM {table}) - ?",
                                      (self.capacity,))
                 self._write_error = None
             except sqlite3.Error as exc:
@@ -169,6 +211,14 @@ class DedupeStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+
+
+def _remember(table: OrderedDict, key: str, value: Any, capacity: int) -> None:
+    """The newest `capacity` entries."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > capacity:
+        table.popitem(last=False)
 
 
 def _lock_store(state_dir: str, agent_id: str) -> int:

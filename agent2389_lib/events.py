@@ -77,15 +77,34 @@ class TaskFinished(Event):
     seconds: float
     description: Optional[str] = None
     error: bool = False
+    cancel_seconds: Optional[float] = None  # from the cancel's arrival to the end, for a cancelled task
 
     def record(self, metrics: Metrics) -> None:
-        metrics.task_finished(self.result, self.seconds)
+        metrics.task_finished(self.result, self.seconds, self.cancel_seconds)
 
     def progress(self) -> Optional[Progress]:
         if self.description is None:
             return None
-        return (self.task_id, self.conversation_id, "General", "TaskError" if self.error else "TaskComplete",
-                f"task finished: {self.description}", None)
+        kind = ("TaskCanceled" if self.result is TaskResult.CANCELED else "TaskError" if self.error
+                else "TaskComplete")
+        return self.task_id, self.conversation_id, "General", kind, f"task finished: {self.description}", None
+
+
+@dataclass
+class CancelReceived(Event):
+    """A cancel, and where it found its task (inflight.py): running, forwarded, finished or not_seen."""
+
+    task_id: str
+    conversation_id: str  # "" when the cancel did not say
+    found: str
+    next_agent: Optional[str]
+
+    def progress(self) -> Optional[Progress]:
+        metadata: dict = {"kind": "cancel", "found": self.found}
+        if self.next_agent:
+            metadata["next_agent"] = self.next_agent
+        return (self.task_id, self.conversation_id, "General", "Custom", f"cancel received: task {self.found}",
+                metadata)
 
 
 @dataclass

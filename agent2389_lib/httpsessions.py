@@ -12,12 +12,15 @@ import socket
 import ssl
 import threading
 import time
-from typing import Callable, Iterator, Optional
+import weakref
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
-from . import __version__, tracing
+from . import __version__, taskscope, tracing
 from .redaction import public_url
 
 USER_AGENT = f"agent2389/{__version__}"
@@ -42,8 +45,83 @@ class ThreadSessions:
         return session
 
 
-def new_session(headers: Optional[dict] = None) -> requests.Session:
+class OpenConnections:
+    """The HTTP connections one thread's sessions opened. Sessions are per thread, so shutting
+    these down from another thread ends the request that thread is making (a cancelled task's)
+    and only that; an idle one shut with them is reopened when next used."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: weakref.WeakSet[HTTPConnection] = weakref.WeakSet()
+
+    def add(self, connection: HTTPConnection) -> None:
+        with self._lock:
+            self._connections.add(connection)
+
+    def shut(self) -> None:
+        """Shut every open socket for reading and writing; never blocks."""
+        with self._lock:
+            sockets = [connection.sock for connection in self._connections]
+        for sock in sockets:
+            if sock is not None:
+                _shut(sock)
+
+
+_opened = threading.local()
+
+
+def thread_connections() -> OpenConnections:
+    """The connections this thread's sessions opened."""
+    connections = getattr(_opened, "connections", None)
+    if connections is None:
+        connections = _opened.connections = OpenConnections()
+    return connections
+
+
+def tracked(base: type) -> type:
+    """`base` (a urllib3 connection class) whose connections join their thread's OpenConnections."""
+    class Tracked(base):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            super().connect()
+            thread_connections().add(self)
+
+    return Tracked
+
+
+def adapter(http_connection: type, https_connection: type) -> HTTPAdapter:
+    """An HTTPAdapter whose pools (a proxy's too, SOCKS aside) make these connection classes."""
+    pools = {"http": type("HttpPool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": http_connection}),
+             "https": type("HttpsPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https_connection})}
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if not proxy.lower().startswith("socks"):  # PySocks' pools open their own sockets
+                manager.pool_classes_by_scheme = pools
+            return manager
+
+    return Adapter()
+
+
+def cancellable() -> ContextManager[None]:
+    """For the body, a cancel of this thread's task shuts this thread's connections: the request
+    in flight ends at once (and the server stops generating its answer)."""
+    return taskscope.aborting(thread_connections().shut)
+
+
+_TRACKED = (tracked(HTTPConnection), tracked(HTTPSConnection))
+
+
+def new_session(headers: Optional[dict] = None, connections: tuple[type, type] = _TRACKED) -> requests.Session:
+    """A Session whose connections (of the classes given) a cancelled task can shut."""
     session = requests.Session()
+    mounted = adapter(*connections)
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, mounted)
     session.headers["User-Agent"] = USER_AGENT
     session.headers.update(headers or {})
     return session

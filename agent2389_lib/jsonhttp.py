@@ -20,10 +20,11 @@ from typing import Any, Callable, Optional
 
 import requests
 
+from . import taskscope
 from .backoff import jittered
 from .errors import remaining
 from .httpsessions import (TRACE_CONTEXT, BodyDeadline, BodyError, ProxyUnusable, ThreadSessions, check_proxy,
-                           endpoint_session, problem, public_url, read_body)
+                           cancellable, endpoint_session, problem, public_url, read_body)
 from .redaction import truncate_utf8
 
 log = logging.getLogger("agent2389.http")
@@ -135,6 +136,7 @@ class JsonHttpClient:
         url = self.shown_url + path
         last_problem, kind = "", FailureKind.CONNECTION
         for attempt in range(self.max_attempts):
+            taskscope.check()
             left = remaining(deadline)
             spent.attempts += 1
             started = time.monotonic()
@@ -149,6 +151,7 @@ class JsonHttpClient:
                 kind = FailureKind.TIMEOUT if isinstance(exc, requests.Timeout) else FailureKind.CONNECTION
             finally:
                 spent.seconds += time.monotonic() - started
+            taskscope.check()  # a cancel ends the request by shutting its connection: not a failure to retry
             if headers is not None:
                 if status == 200:
                     return self._json(data)
@@ -165,19 +168,21 @@ class JsonHttpClient:
             spent.retries += 1
             log.warning("%s request failed (%s); retry %d of %d in %.2f s", self.service, last_problem,
                         attempt + 1, self.max_attempts - 1, wait)
-            time.sleep(wait)
+            taskscope.sleep(wait)
         raise HttpFailure(f"{last_problem} (after {spent.attempts} attempts)", kind)
 
     def _request(self, method: str, path: str, body: Optional[dict], deadline: float,
                  timeout: float) -> tuple[int, bytes, Any]:
-        """Status, whole body and headers of one request, the body read within the deadline."""
-        response = self._sessions.get().request(method, self.base_url + path, json=body, timeout=timeout,
-                                                stream=True, auth=TRACE_CONTEXT)
-        try:
-            data = read_body(response, deadline, self.max_body, timeout)
-        except BaseException:
-            response.close()  # mid-body: the connection cannot be reused
-            raise
+        """Status, whole body and headers of one request, the body read within the deadline. A
+        cancel of the task shuts the request's connection, so the server stops generating."""
+        with cancellable():
+            response = self._sessions.get().request(method, self.base_url + path, json=body, timeout=timeout,
+                                                    stream=True, auth=TRACE_CONTEXT)
+            try:
+                data = read_body(response, deadline, self.max_body, timeout)
+            except BaseException:
+                response.close()  # mid-body: the connection cannot be reused
+                raise
         if len(data) > self.max_body:
             setting = f" ({self.max_body_setting})" if self.max_body_setting else ""
             raise HttpFailure(f"{self.service} answer from {self.shown_url + path} is over the {self.max_body}-byte "

@@ -21,7 +21,9 @@ from .outcome import TaskResult
 
 _WINDOW = 1000
 _COUNTERS = {TaskResult.COMPLETED: "completed", TaskResult.FAILED: "failed", TaskResult.REJECTED: "rejected",
-             TaskResult.DUPLICATE: "duplicates", TaskResult.IGNORED: "ignored"}  # the attribute each one counts in
+             TaskResult.DUPLICATE: "duplicates", TaskResult.IGNORED: "ignored",
+             TaskResult.CANCELED: "canceled"}  # the attribute each one counts in
+CANCEL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, from a cancel to its task's end
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -78,6 +80,9 @@ class Metrics:
         self.routing: dict[str, int] = defaultdict(int)  # decisions by outcome
         # tasks
         self.received = self.completed = self.failed = self.rejected = self.duplicates = self.ignored = 0
+        self.canceled = 0
+        self.cancel_buckets = [0] * len(CANCEL_BUCKETS)  # cancelled tasks that ended within each bucket
+        self.cancel_seconds = 0.0
         self.processing = self.max_processing = 0
         self.total_seconds = 0.0
         self.finished = 0
@@ -110,11 +115,17 @@ class Metrics:
             self.processing += 1
             self.max_processing = max(self.max_processing, self.processing)
 
-    def task_finished(self, result: TaskResult, seconds: float) -> None:
-        """completed, failed or rejected (after task_started)."""
+    def task_finished(self, result: TaskResult, seconds: float, cancel_seconds: Optional[float] = None) -> None:
+        """completed, failed, rejected or canceled (after task_started); a cancelled one with the
+        time from its cancel to its end."""
         with self._lock:
             self.processing -= 1
             self._count(result)
+            if cancel_seconds is not None:
+                self.cancel_seconds += cancel_seconds
+                for index, bound in enumerate(CANCEL_BUCKETS):
+                    if cancel_seconds <= bound:
+                        self.cancel_buckets[index] += 1
             self.finished += 1
             self.total_seconds += seconds
             self.recent.append(seconds)
@@ -228,6 +239,7 @@ class Metrics:
                 llm={name: {**_vars_of(stats), "errors_by_kind": dict(stats.errors_by_kind)}
                      for name, stats in sorted(self.llm.items())},
                 counts={name: getattr(self, name) for name in _COPIED}, routing=dict(self.routing),
+                cancel_buckets=list(self.cancel_buckets),
                 depth=depth, store_degraded=store_degraded, registry_agents=registry_agents,
                 registry_ignored=registry_ignored, mcp_servers=mcp_servers, cpu_seconds=time.process_time(),
                 memory=_process_memory_bytes(), threads=threading.active_count())
@@ -242,7 +254,8 @@ def _vars_of(stats: Any) -> dict:
 
 
 # What `read` copies under the lock, by attribute name
-_COPIED = ("received", "completed", "failed", "rejected", "duplicates", "ignored", "processing", "max_processing",
+_COPIED = ("received", "completed", "failed", "rejected", "duplicates", "ignored", "canceled", "cancel_seconds",
+           "processing", "max_processing",
            "total_seconds", "finished", "connected", "connection_attempts", "connections_established",
            "connection_failures", "published", "publish_failures", "messages_received", "outcomes_undeliverable",
            "progress_events_dropped", "spans_exported_count", "spans_dropped_count", "last_heartbeat",
@@ -259,6 +272,7 @@ class Reading:
     llm: dict  # provider: its counters
     counts: dict  # _COPIED
     routing: dict
+    cancel_buckets: list  # cancelled tasks that ended within each of CANCEL_BUCKETS (cumulative, as `le`)
     depth: int
     store_degraded: bool
     registry_agents: int
@@ -323,8 +337,14 @@ def _duration_samples(r: Reading) -> list:
     return quantiles + [("_sum", {}, r.counts["total_seconds"]), ("_count", {}, r.counts["finished"])]
 
 
+def _cancel_samples(r: Reading) -> list:
+    buckets = [("_bucket", {"le": repr(bound)}, count) for bound, count in zip(CANCEL_BUCKETS, r.cancel_buckets)]
+    return buckets + [("_bucket", {"le": "+Inf"}, r.counts["canceled"]), ("_sum", {}, r.counts["cancel_seconds"]),
+                      ("_count", {}, r.counts["canceled"])]
+
+
 _QUANTILES = (("0.5", 0.50, "p50"), ("0.95", 0.95, "p95"), ("0.99", 0.99, "p99"))  # label, fraction, JSON key
-SUMMARY = "summary"  # its `read` gives the samples: (suffix, labels, value)
+SUMMARY, HISTOGRAM = "summary", "histogram"  # their `read` gives the samples: (suffix, labels, value)
 
 FAMILIES: tuple[Family, ...] = (
     Family("", lambda r: {r.counts["agent_id"]: {r.counts["version"]: 1}}, "agent2389_info", help="Agent identity.",
@@ -340,6 +360,10 @@ FAMILIES: tuple[Family, ...] = (
     _task_counter("rejected", "rejected", "Task messages rejected as invalid."),
     _task_counter("duplicate", "duplicates", "Duplicate task messages discarded."),
     _task_counter("ignored", "ignored", "Retained task messages ignored."),
+    _task_counter("canceled", "canceled", "Tasks stopped by a cancel (PROTOCOL.md 7), before or while they ran."),
+    Family("tasks.cancel_to_end_avg_ms", lambda r: _avg(r.counts["cancel_seconds"] * 1000, r.counts["canceled"])),
+    Family("", _cancel_samples, "agent2389_cancel_to_end_seconds", HISTOGRAM,
+           "Time from a cancel's arrival to the end of its task."),
     Family("tasks.avg_processing_time_ms", lambda r: _avg(r.counts["total_seconds"] * 1000, r.counts["finished"])),
     *(Family(f"tasks.processing_time_{key}_ms", _quantile_ms(fraction)) for _, fraction, key in _QUANTILES),
     Family("tasks.current_pipeline_depth", _counted("processing")),
@@ -476,7 +500,8 @@ def prometheus_text(reading: Reading) -> str:
         lines.append(f"# HELP {family.name} {family.help}")
         lines.append(f"# TYPE {family.name} {family.kind}")
         value = family.read(reading)
-        for suffix, labels, number in value if family.kind == SUMMARY else _samples(value, family.labels):
+        samples = value if family.kind in (SUMMARY, HISTOGRAM) else _samples(value, family.labels)
+        for suffix, labels, number in samples:
             lines.append(f"{family.name}{suffix}{_labels(labels)} {_number(number)}")
     return "\n".join(lines) + "\n"
 

@@ -22,6 +22,7 @@ class TaskResult(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     REJECTED = "rejected"  # bad input: the sender's fault
+    CANCELED = "canceled"  # stopped by a cancel (PROTOCOL.md 7)
     DUPLICATE = "duplicate"
     IGNORED = "ignored"  # retained, so never a task
 

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, ContextManager, Iterator, Optional, Protocol, Sequence
 
-from . import protocol, tracing, workflow
+from . import protocol, taskscope, tracing, workflow
 from .answers import extract_response
 from .backoff import jittered
 from .config import AgentConfig
@@ -26,6 +26,7 @@ from .dedupe import COMPLETED, NEW, DedupeStore
 from .errors import PayloadTooLarge, TaskFailure, TaskTimeout
 from .events import (Events, OutcomeRefused, TaskDropped, TaskFinished, TaskReceived, TaskRejected,
                      TaskStarted)
+from .inflight import InFlight
 from .logs import Throttle
 from .outcome import Kind, Outcome, TaskResult
 from .protocol import EnvelopeError, TaskEnvelope
@@ -89,12 +90,14 @@ class Claim:
     good by the broker), then every delivery collected for it acknowledged; or released
     unacknowledged (shutdown)."""
 
-    __slots__ = ("key", "task_id", "reply_topic", "deadline", "expires_at", "published", "undeliverable")
+    __slots__ = ("key", "task_id", "reply_topic", "deadline", "expires_at", "published", "undeliverable",
+                 "forwarded_to")
 
     def __init__(self, key: str, task_id: str, reply_topic: str, deadline: float, expires_at: Optional[float]):
         self.key, self.task_id, self.reply_topic, self.deadline = key, task_id, reply_topic, deadline
         self.expires_at = expires_at  # the task's expiry (Unix time), for what its forward carries
         self.published = self.undeliverable = False
+        self.forwarded_to: Optional[str] = None  # the agent its forward went to, once the broker took it
 
 
 def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
@@ -112,8 +115,9 @@ def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
 class TaskProcessor:
     def __init__(self, config: AgentConfig, think: Think, publisher: Publisher, dedupe: DedupeStore,
                  events: Events, should_abandon: Callable[[], bool] = lambda: False, route: Optional[Route] = None,
-                 wall_clock: Callable[[], float] = time.time):
-        """What happens to each task is told to `events` (the metrics and progress subscribe)."""
+                 wall_clock: Callable[[], float] = time.time, inflight: Optional[InFlight] = None):
+        """What happens to each task is told to `events` (the metrics and progress subscribe);
+        `inflight` is where cancels find the running tasks (by default, one of its own)."""
         self.config = config
         self.events = events
         self.agent_id = config.agent_id
@@ -130,6 +134,7 @@ class TaskProcessor:
         self.outcome_qos = config.mqtt.outcome_qos
         self._retained = Throttle()
         self._wall_clock = wall_clock  # expiry is a moment on the wall clock (RFC 3339)
+        self.inflight = inflight or InFlight(dedupe, config.task_timeout, events, clock=wall_clock)
 
     # -------------------------------------------------------------- entry point
     def handle(self, delivery: Delivery) -> None:
@@ -260,24 +265,34 @@ class TaskProcessor:
         started = time.monotonic()
         ids = (envelope.task_id, envelope.conversation_id)
         result, kind, code = TaskResult.FAILED, None, None
+        token = self.inflight.start(envelope.task_id)
         self.events.emit(TaskStarted(*ids))
         try:
             log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth)
-            outcome = self._outcome(envelope, claim.deadline)
+            with taskscope.bound(token):
+                outcome = None if token.canceled else self._outcome(envelope, claim.deadline)
+            if token.canceled and (outcome is None or outcome.error_code != protocol.CANCELED):
+                outcome = self._error(envelope, protocol.CANCELED, token.message())  # what it came to is dropped
+            assert outcome is not None
             if outcome.kind is Kind.FORWARD and task_span.context is not None:  # for 3.1.1 brokers too
                 outcome = outcome.with_message({**outcome.message, **task_span.context.fields()})
             outcome = self._publish(claim, outcome)
             code = outcome.error_code
             if code is not None or claim.undeliverable:
                 task_span.fail(code or "outcome_undeliverable")
-            result = (TaskResult.COMPLETED if code is None
+            result = (TaskResult.COMPLETED if code is None else TaskResult.CANCELED if code == protocol.CANCELED
                       else TaskResult.REJECTED if code in _REJECTION_CODES else TaskResult.FAILED)
+            if result is TaskResult.CANCELED:
+                task_span.set("agent2389.canceled", True)
             kind = outcome.describe()
             if claim.undeliverable:
                 result, kind = TaskResult.FAILED, f"{kind} refused by the broker"
             log.info("task %s finished: %s in %.0f ms", envelope.task_id, kind, (time.monotonic() - started) * 1000)
         finally:
-            self.events.emit(TaskFinished(*ids, result, time.monotonic() - started, kind, code is not None))
+            self.inflight.end(envelope.task_id, token, claim.forwarded_to)
+            ended = time.monotonic()
+            self.events.emit(TaskFinished(*ids, result, ended - started, kind, code is not None,
+                                          ended - token.canceled_at if result is TaskResult.CANCELED else None))
 
     def _publish(self, claim: Claim, outcome: Outcome) -> Outcome:
         """Publish a claim's outcome, then acknowledge its deliveries. An outcome that the broker
@@ -289,6 +304,8 @@ class TaskProcessor:
                 if len(payload) > self.config.max_message_size:
                     raise PayloadTooLarge(len(payload), self.config.max_message_size, "max_message_size")
                 self._publish_and_wait(claim, outcome.topic, payload, self._expiry(claim, outcome.kind))
+                if outcome.kind is Kind.FORWARD:
+                    claim.forwarded_to = protocol.next_agent_id(outcome.topic)
             except PayloadTooLarge as exc:
                 what = "the answer" if outcome.kind is not Kind.FORWARD else f"the task forwarded to {outcome.topic}"
                 outcome = Outcome(Kind.ERROR, claim.reply_topic, protocol.error_message(
@@ -299,7 +316,8 @@ class TaskProcessor:
         except OutcomeUndeliverable as exc:
             self._dead_letter(claim, exc, outcome.message, len(payload))
         claim.published = True
-        for handle in self.dedupe.finish(claim.key, completed=True):
+        for handle in self.dedupe.finish(claim.key, completed=True, task_id=claim.task_id,
+                                         forwarded_to=claim.forwarded_to):
             handle.ack()
         return outcome
 
@@ -399,8 +417,11 @@ class TaskProcessor:
             return self._error(envelope, protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT)
 
     def _error(self, envelope: TaskEnvelope, code: str, message: str) -> Outcome:
-        level = logging.WARNING if code in _REJECTION_CODES else logging.ERROR  # failures need attention
-        log.log(level, "task %s failed: %s: %s", envelope.task_id, code, message)
+        if code == protocol.CANCELED:  # what someone asked for
+            log.info("task %s: %s", envelope.task_id, message)
+        else:
+            level = logging.WARNING if code in _REJECTION_CODES else logging.ERROR  # failures need attention
+            log.log(level, "task %s failed: %s: %s", envelope.task_id, code, message)
         return Outcome(Kind.ERROR, protocol.conversation_topic(envelope.conversation_id, self.agent_id),
                        protocol.error_message(code, message, envelope.task_id, self.secrets))
 

@@ -21,10 +21,12 @@ from typing import Any, Callable, Optional
 from . import __version__, protocol, tracing
 from .config import OFFICIAL_BASE_URL, AgentConfig
 from .dedupe import DedupeStore
+from .cancels import Cancel, cancel_message
 from .discovery import STATUS_FILTER, Registry
 from .errors import LlmError, StartupError
 from .events import Event, Events, counted_in
 from .health import AgentStatus, HealthServer
+from .inflight import InFlight
 from .redaction import public_url
 from .llm import build_agent_loop
 from .llm.loop import AgentLoop
@@ -158,6 +160,7 @@ class AgentRuntime:
         self._twins = Throttle()
         self.pool = Membership(config.agent_id, config.instance_id, on_twin=self._on_twin)
         self._probe_topic = protocol.probe_topic(config.agent_id, config.mqtt.client_id)
+        self._cancel_topic = protocol.cancel_topic(config.agent_id)
         self._probe_seen = threading.Event()
         self.intake = Intake(capacity=2 * self.workers, on_room=lambda: self.transport.wake_intake())
         self.metrics.intake_depth = self.intake.depth
@@ -170,17 +173,19 @@ class AgentRuntime:
                 max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536,
                 input_topic=self.pool.input_filter(), will=(own_will, unavailable),
                 output_will=(pool_will, unavailable) if pool_will else None,
-                on_delivery=self._on_delivery, on_subscribed=self._on_subscribed, on_watched=self._on_status_seen)
+                on_delivery=self._on_delivery, on_subscribed=self._on_subscribed, on_watched=self._on_watched)
             parts.callback(self.transport.stop, 0.0)
             self.dedupe = DedupeStore(config.completed_store_size, config.state_dir, config.agent_id)
             parts.callback(self.dedupe.close)
             self.metrics.store_degraded = lambda: self.dedupe.degraded is not None
+            self.inflight = InFlight(self.dedupe, config.task_timeout, self.events, follow=self._follow_cancel)
             self.tools = build_registry(config, self.events)
             self.metrics.mcp_servers = self.tools.server_statuses
             self.registry: Optional[Registry] = None
             self.agent_loop, route = self._build_thinking()
             self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.events,
-                                           should_abandon=self._hard_stop.is_set, route=route)
+                                           should_abandon=self._hard_stop.is_set, route=route,
+                                           inflight=self.inflight)
             self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
             parts.callback(self.executor.shutdown, wait=False)
             try:
@@ -260,9 +265,12 @@ class AgentRuntime:
         self.metrics.heartbeat()
         return all(ticket.wait(wait_seconds) for ticket in tickets) if wait_seconds is not None else True
 
-    def _on_status_seen(self, topic: str, payload: bytes) -> None:
-        """Statuses (output link's network thread): for discovery, and for the pool membership,
-        which may call for the pool's status to be re-asserted."""
+    def _on_watched(self, topic: str, payload: bytes) -> None:
+        """Cancels, and statuses (output link's network thread): for discovery, and for the pool
+        membership, which may call for the pool's status to be re-asserted."""
+        if topic == self._cancel_topic or protocol.canonicalize_topic(topic) == self._cancel_topic:
+            self.inflight.receive(topic, payload)
+            return
         if topic == self._probe_topic:
             self._probe_seen.set()
             return
@@ -270,6 +278,11 @@ class AgentRuntime:
             self.registry.observe(topic, payload)
         if self.pool.observe(topic, payload, self.state):
             self.publish_status(protocol.AVAILABLE)
+
+    def _follow_cancel(self, agent_id: str, cancel: Cancel) -> None:
+        """A cancel passed on to the agent a task was forwarded to (QoS 1, not waited for)."""
+        self.transport.publish(protocol.cancel_topic(agent_id), protocol.to_payload(cancel_message(cancel)),
+                               headers=tracing.task_headers())
 
     def _on_twin(self, text: str) -> None:
         """Said at once and then once a minute; the links wait 20-30 s when it takes them over."""
@@ -283,14 +296,20 @@ class AgentRuntime:
         member = self.config.instance_id
         probe = (protocol.shared_subscription(f"probe-{self.config.mqtt.client_id}", self._probe_topic)
                  if member else self._probe_topic)
-        self.transport.watch(self.pool.watched_filters() + [probe]
-                             + ([STATUS_FILTER] if self.registry is not None else []))
-        if not self.transport.wait_watching(_STATUS_WAIT) or self.transport.watch_refusal:
+        statuses = self.pool.watched_filters() + [probe] + ([STATUS_FILTER] if self.registry is not None else [])
+        self.transport.watch([(topic, 0) for topic in statuses] + [(self._cancel_topic, 1)])  # direct, in a pool too
+        answered = self.transport.wait_watching(_STATUS_WAIT)
+        refusals = dict(self.transport.watch_refusals)
+        if self._cancel_topic in refusals:
+            log.warning("the broker refused the subscription to %s (%s): cancels will not reach this agent; let "
+                        "agents subscribe to their cancel topic in the broker ACL (deploy/mosquitto/acl)",
+                        self._cancel_topic, refusals.pop(self._cancel_topic))
+        if not answered or refusals:
+            refusal = next((f"{topic}: {code}" for topic, code in refusals.items()), "no answer")
             if member:
-                raise StartupError(f"the broker did not grant the pool's status subscriptions "
-                                   f"({self.transport.watch_refusal or 'no answer'})")
-            log.warning("could not follow the statuses of agent id %s; a pool with the same id would go unnoticed",
-                        self.config.agent_id)
+                raise StartupError(f"the broker did not grant the pool's status subscriptions ({refusal})")
+            log.warning("could not follow the statuses of agent id %s (%s); a pool with the same id would go "
+                        "unnoticed", self.config.agent_id, refusal)
             return
         self.transport.publish(self._probe_topic, b"probe")
         if not self._probe_seen.wait(_STATUS_WAIT):

@@ -16,8 +16,8 @@ LAYERS = {
     4: ["processor", "router"],
     3: ["mqtt", "mqtt.*"],
     2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "discovery", "httpsessions", "jsonhttp", "otelexport",
-        "tracers"],  # tools.mcp.* too
-    1: ["health", "logs", "errors", "tracing"],
+        "tracers", "inflight"],  # tools.mcp.* too
+    1: ["health", "logs", "errors", "tracing", "taskscope"],
     0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome", "events",
         "cancels"],
 }

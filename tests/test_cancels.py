@@ -3,7 +3,7 @@
 import json
 import unittest
 
-from agent2389_lib.cancels import Cancel, CancelError, PendingCancels, parse_cancel
+from agent2389_lib.cancels import Cancel, CancelError, KeptCancels, parse_cancel
 
 TASK = "123e4567-e89b-12d3-a456-426614174000"
 
@@ -38,26 +38,32 @@ class ParseCancelTests(unittest.TestCase):
                 self.assertIn(text, str(caught.exception))
 
 
-class PendingCancelsTests(unittest.TestCase):
-    def test_a_kept_cancel_is_taken_once_and_only_while_it_is_fresh(self):
+class KeptCancelsTests(unittest.TestCase):
+    def test_a_kept_cancel_is_read_until_its_time_is_up(self):
         clock = FakeClock()
-        pending = PendingCancels(ttl=300, clock=clock)
-        pending.keep(Cancel(TASK, "c1", "stop"))
-        self.assertEqual(pending.take(TASK), Cancel(TASK, "c1", "stop"))
-        self.assertIsNone(pending.take(TASK), "taken once")
-        pending.keep(Cancel(TASK, "c1", "stop"))
+        kept = KeptCancels(clock=clock)
+        kept.keep(Cancel(TASK, "c1", "stop"), until=clock.now + 300)
+        self.assertEqual(kept.get(TASK), Cancel(TASK, "c1", "stop"))
+        self.assertEqual(kept.get(TASK), Cancel(TASK, "c1", "stop"), "read, not taken: a redelivery finds it too")
         clock.now += 300
-        self.assertIsNone(pending.take(TASK), "older than task_timeout: its task is not coming")
-        self.assertEqual(len(pending), 0)
+        self.assertIsNone(kept.get(TASK), "older than task_timeout: its task is not coming")
+        self.assertEqual(len(kept), 0)
+
+    def test_one_without_a_time_stays_while_there_is_room(self):
+        clock = FakeClock()
+        kept = KeptCancels(clock=clock)
+        kept.keep(Cancel(TASK, "c1", ""), until=None)
+        clock.now += 10 ** 6
+        self.assertEqual(kept.get(TASK), Cancel(TASK, "c1", ""))
 
     def test_only_the_newest_are_kept(self):
-        pending = PendingCancels(ttl=300, capacity=3, clock=FakeClock())
+        kept = KeptCancels(capacity=3, clock=FakeClock())
         ids = [f"00000000-0000-0000-0000-00000000000{n}" for n in range(5)]
         for task_id in ids:
-            pending.keep(Cancel(task_id, None, ""))
-        self.assertEqual(len(pending), 3)
-        self.assertIsNone(pending.take(ids[0]))
-        self.assertIsNotNone(pending.take(ids[4]))
+            kept.keep(Cancel(task_id, None, ""), until=None)
+        self.assertEqual(len(kept), 3)
+        self.assertIsNone(kept.get(ids[0]))
+        self.assertIsNotNone(kept.get(ids[4]))
 
 
 if __name__ == "__main__":

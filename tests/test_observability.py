@@ -68,8 +68,24 @@ class MetricsUnitTests(unittest.TestCase):
             for _ in range(count):
                 metrics.task_dropped(result)
         tasks = metrics.snapshot()["tasks"]
-        self.assertEqual([tasks[f"tasks_{name}"] for name in ("completed", "failed", "rejected", "duplicate", "ignored")],
-                         [1, 2, 3, 4, 5])
+        self.assertEqual([tasks[f"tasks_{name}"] for name in ("completed", "failed", "rejected", "canceled", "duplicate",
+                                                              "ignored")], [1, 2, 3, 4, 5, 6])
+
+    def test_the_time_from_a_cancel_to_its_tasks_end_is_a_histogram(self):
+        metrics = Metrics("a1", 1)
+        for seconds in (0.02, 0.3, 20.0):
+            metrics.task_started()
+            metrics.task_finished(TaskResult.CANCELED, 1.0, cancel_seconds=seconds)
+        text = prometheus_text(metrics.read())
+        self.assertIn("# TYPE agent2389_cancel_to_end_seconds histogram", text)
+        self.assertIn('agent2389_cancel_to_end_seconds_bucket{le="0.01"} 0', text)
+        self.assertIn('agent2389_cancel_to_end_seconds_bucket{le="0.025"} 1', text)
+        self.assertIn('agent2389_cancel_to_end_seconds_bucket{le="0.5"} 2', text)
+        self.assertIn('agent2389_cancel_to_end_seconds_bucket{le="10.0"} 2', text)
+        self.assertIn('agent2389_cancel_to_end_seconds_bucket{le="+Inf"} 3', text)
+        self.assertIn("agent2389_cancel_to_end_seconds_count 3", text)
+        self.assertIn("agent2389_tasks_canceled_total 3", text)
+        self.assertEqual(metrics.snapshot()["tasks"]["tasks_canceled"], 3)
 
     def test_prometheus_and_json_render_the_same_declared_figures(self):
         """Each figure is declared once: where both have it, Prometheus and the JSON document agree."""

@@ -140,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wait_args(pipeline)
     _add_broker_args(pipeline)
 
+    cancel = _command(sub, "cancel", "cancel a task wherever it is in its pipeline (and optionally follow the cancel)",
+                      "agent2389 cancel --agent-id researcher --task-id 3f6c... --reason 'wrong input' --wait")
+    cancel.add_argument("--agent-id", required=True, help="the agent the task was sent to (the cancel follows it)")
+    cancel.add_argument("--task-id", required=True, help="the task's id (a UUID)")
+    cancel.add_argument("--conversation-id", help="its conversation (narrows what --wait listens to)")
+    cancel.add_argument("--reason", default="", help="why, at most 500 characters (in the canceled error)")
+    cancel.add_argument("--wait", nargs="?", type=float, const=30.0, metavar="SECONDS",
+                        help="follow the cancel (default 30 s): print where each agent found the task and how it "
+                             "ended; exit 0 when it was canceled, 1 when it had ended already, 124 on timeout")
+    cancel.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_broker_args(cancel)
+
     tools = _command(sub, "tools", "list the tools the agent would offer the LLM, or run one, from a configuration "
                      "(MCP servers are started to ask them; no broker or LLM needed)",
                      "agent2389 tools call time__get_current_time --args '{\"timezone\": \"UTC\"}' "
@@ -335,6 +347,36 @@ def _inject(args: argparse.Namespace) -> int:
     return _deliver(args, task)
 
 
+def _cancel(args: argparse.Namespace) -> int:
+    from ..cancels import CancelError, cancel_message, parse_cancel
+    from .cancel import describe, send_cancel
+    from .ops import EXIT_TIMEOUT, EXIT_UNAVAILABLE
+    from .opsclient import OperatorError
+    _agent_ids("--agent-id", [args.agent_id])
+    try:  # the checks an agent makes, before anything is published
+        cancel = parse_cancel(json.dumps({"task_id": args.task_id, "conversation_id": args.conversation_id,
+                                          "reason": args.reason}).encode())
+    except CancelError as exc:
+        print(f"error: {exc} (--task-id, --conversation-id, --reason)", file=sys.stderr)
+        return EXIT_CONFIG
+    client = _client(args, session_seconds=args.wait and args.wait + _SESSION_SLACK)
+    show = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        followed = send_cancel(client, args.agent_id, cancel, args.wait, show)
+    except OperatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    finally:
+        client.close()
+    code = followed.code() if args.wait is not None else 0
+    if args.json:
+        print(json.dumps({"cancel": cancel_message(cancel), "findings": followed.findings, "reply": followed.outcome,
+                          "timed_out": code == EXIT_TIMEOUT}, ensure_ascii=False))
+    else:
+        print(describe(followed, cancel, args.wait), file=sys.stderr if code else sys.stdout)
+    return code
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from . import ops
     agents = _agent_ids("--agents", [a.strip() for a in args.agents.split(",") if a.strip()])
@@ -407,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     handlers = {"version": lambda a: print(f"agent2389 {__version__}") or 0, "check-config": _check_config,
                 "run": _run, "inject": _inject, "pipeline": _pipeline, "monitor": _monitor, "healthcheck": _healthcheck,
-                "tools": _tools}
+                "tools": _tools, "cancel": _cancel}
     try:
         code = handlers[args.command](args)
     except KeyboardInterrupt:  # `run` stops on SIGINT itself; the other commands end here, without a traceback

@@ -87,7 +87,7 @@ def check_agent(client: OperatorClient, input_topic: str, timeout: float = 10.0)
         if message is None or message.topic == probe:
             break
         if message.topic == status_topic:
-            status = _json_or_text(message.payload)
+            status = json_or_text(message.payload)
     hint = "start it, check --agent-id and the broker, or publish anyway with --no-check"
     if not isinstance(status, dict):
         raise OperatorError(f"no agent {agent_id} has announced itself on {client.where} (no retained status on "
@@ -120,7 +120,7 @@ def send_task(client: OperatorClient, task: dict, wait: Optional[float],
         message = client.next_message(max(0.0, left)) if left > 0 else None
         if message is None:
             return EXIT_TIMEOUT, None
-        payload = _json_or_text(message.payload)
+        payload = json_or_text(message.payload)
         if message_type(message.topic, payload) == "progress":
             if on_progress and payload_conversation(payload) == task["conversation_id"]:
                 on_progress(progress_line(payload))
@@ -190,7 +190,7 @@ def message_type(topic: str, payload: Any) -> str:
 def routing_hop(topic: str, data: bytes) -> Optional[str]:
     """`monitor --mode routing`: one line for a routed hop (a v2 task whose trace grew) or a
     workflow's final answer; None for anything else."""
-    payload = _json_or_text(data)
+    payload = json_or_text(data)
     if not isinstance(payload, dict):
         return None
     kind = message_type(topic, payload)
@@ -214,13 +214,13 @@ def in_conversation(topic: str, data: bytes, conversation_id: Optional[str]) -> 
     """Whether a monitored message belongs to the conversation (status messages belong to none)."""
     if not conversation_id:
         return True
-    payload = _json_or_text(data)
+    payload = json_or_text(data)
     if message_type(topic, payload) in ("response", "error"):
         return True  # the subscription already selects the conversation
     return payload_conversation(payload) == conversation_id
 
 
-def _json_or_text(data: bytes | bytearray) -> Any:
+def json_or_text(data: bytes | bytearray) -> Any:
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -231,7 +231,7 @@ def render(topic: str, data: bytes, fmt: str, colour: bool, now: Optional[dateti
            user_properties: Sequence[tuple[str, str]] = (), full: bool = False, expiry: Optional[int] = None) -> str:
     """One message for a person (pretty, compact: a bounded summary unless `full`) or a program
     (json: the whole payload). `expiry`: its MQTT 5 Message Expiry Interval as delivered (seconds left)."""
-    payload = _json_or_text(data)
+    payload = json_or_text(data)
     kind = message_type(topic, payload)
     stamp = protocol.rfc3339(now)
     fields = payload if isinstance(payload, dict) else {}

@@ -12,6 +12,7 @@ import json
 import time
 from typing import Optional
 
+from .. import taskscope
 from ..errors import TaskTimeout
 from ..events import Events, LlmCalled
 from ..errors import remaining
@@ -45,7 +46,7 @@ class EchoProvider:
     def _answer(self, messages: list, tools: list, deadline: float) -> ChatReply:
         if self.latency:
             pause = min(self.latency, remaining(deadline))
-            time.sleep(pause)
+            taskscope.sleep(pause)
             if pause < self.latency:
                 raise TaskTimeout("task deadline passed while the echo provider was thinking")
         results = [m for m in messages if m.role == "tool"]

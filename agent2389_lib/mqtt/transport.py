@@ -52,9 +52,9 @@ class MqttTransport:
         self.settings = settings
         self.metrics = metrics
         self.input_topic = input_topic
-        self._watched: list[str] = []
+        self._watched: list[tuple[str, int]] = []
         self._watching = threading.Event()
-        self.watch_refusal: Optional[str] = None
+        self.watch_refusals: dict[str, str] = {}  # filter: the broker's reason code
         self.on_watched = on_watched
         self._subscribed = threading.Event()
         self._refusal: Optional[str] = None
@@ -73,18 +73,23 @@ class MqttTransport:
         self.intake.on_disconnected = self._intake_disconnected
         self.output.on_connected = self._output_connected
         self.output.on_disconnected = self._connection_changed
-        self.output.on_message = lambda message: self.on_watched(message.topic, bytes(message.payload))
+        self.output.on_message = self._watched_message
         self.output.on_subscribe = self._handle_watch_suback
         self.intake.on_subscribe = self._handle_suback
         self._unsubscribed = threading.Event()
         self.intake.on_unsubscribe = lambda *args: self._unsubscribed.set()
 
-    def watch(self, filters: list[str]) -> None:
-        """Follow these topic filters at QoS 0 on the output link (statuses, probes); renewed on
-        every reconnect. Messages go to `on_watched`."""
+    def watch(self, filters: Sequence[tuple[str, int]]) -> None:
+        """Follow these (topic filter, QoS) on the output link (statuses, probes, cancels), which
+        reads whatever the workers are doing; renewed on every reconnect. Messages go to
+        `on_watched` and are acknowledged once it returns."""
         self._watched = list(filters)
         if self.output.connected:
             self._subscribe_watched()
+
+    def _watched_message(self, message: InboundMessage) -> None:
+        self.on_watched(message.topic, bytes(message.payload))
+        message.ack()
 
     def leave_input(self, timeout: float) -> bool:
         """Unsubscribe from the input and wait for the UNSUBACK (the broker stops sending new tasks;
@@ -103,11 +108,10 @@ class MqttTransport:
             self._subscribe_watched()
 
     def _subscribe_watched(self) -> None:
-        self.output.client.subscribe([(topic, 0) for topic in self._watched])
+        self.output.client.subscribe(self._watched)
 
     def _handle_watch_suback(self, client, userdata, mid, reason_codes, properties) -> None:
-        refused = [f"{topic}: {rc}" for topic, rc in zip(self._watched, reason_codes) if rc.is_failure]
-        self.watch_refusal = refused[0] if refused else None
+        self.watch_refusals = {topic: str(rc) for (topic, _), rc in zip(self._watched, reason_codes) if rc.is_failure}
         self._watching.set()
 
     def start_output(self) -> None:

@@ -21,6 +21,7 @@ import subprocess
 import threading
 from typing import IO
 
+from .. import taskscope
 from ..config import ToolSpec
 from ..redaction import redact
 from .base import Tool, ToolError, ToolTimeout, as_text, seconds_left
@@ -126,15 +127,20 @@ class CommandTool(Tool):
         err.start()
         threading.Thread(target=self._feed, args=(proc, params), name=f"stdin-{self.name}", daemon=True).start()
         try:
-            code = proc.wait(timeout)
+            with taskscope.aborting(lambda: _kill_in_background(proc)):  # a cancel kills it as a timeout does
+                code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             kill_group(proc)
             raise ToolTimeout(f"{self.name} did not finish within {timeout:.1f} s and was killed") from None
+        except taskscope.TaskCanceled:  # before the wait began
+            kill_group(proc)
+            raise
         finally:
             out.join(_KILL_GRACE)
             err.join(_KILL_GRACE)
             stdout.close()
             stderr_pipe.close()
+        taskscope.check()
         stderr = redact(err.data.decode("utf-8", "replace").strip())
         if code != 0:
             raise ToolError(f"{self.name} exited with status {code}" + (f": {stderr}" if stderr else ""))
@@ -163,6 +169,10 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def _kill_in_background(proc: subprocess.Popen) -> None:
+    threading.Thread(target=kill_group, args=(proc,), name=f"kill-{proc.pid}", daemon=True).start()
 
 
 def kill_group(proc: subprocess.Popen, grace: float = _KILL_GRACE) -> None:

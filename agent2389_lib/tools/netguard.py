@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
-from ..httpsessions import new_session
+from ..httpsessions import new_session, tracked
 
 
 @dataclass(frozen=True)
@@ -68,24 +66,8 @@ def _guarded_connection(base: type, policy: NetworkPolicy) -> type:
 
 def guarded_session(policy: NetworkPolicy, max_redirects: int) -> requests.Session:
     """A Session whose every connection obeys `policy`; environment proxies are ignored."""
-    http_conn = _guarded_connection(HTTPConnection, policy)
-    https_conn = _guarded_connection(HTTPSConnection, policy)
-
-    class HttpPool(HTTPConnectionPool):
-        ConnectionCls = http_conn
-
-    class HttpsPool(HTTPSConnectionPool):
-        ConnectionCls = https_conn
-
-    class GuardedAdapter(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {"http": HttpPool, "https": HttpsPool}
-
-    session = new_session()
+    session = new_session(connections=(_guarded_connection(tracked(HTTPConnection), policy),
+                                       _guarded_connection(tracked(HTTPSConnection), policy)))
     session.trust_env = False  # a proxy would connect to the address instead of us, unchecked
     session.max_redirects = max_redirects
-    adapter = GuardedAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
     return session

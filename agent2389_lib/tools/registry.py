@@ -8,10 +8,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from .. import tracing
+from .. import protocol, taskscope, tracing
 from ..config import AgentConfig, ToolSpec
 from ..errors import StartupError
 from ..events import Events, ToolExecuted
+from ..httpsessions import cancellable
+from ..taskscope import TaskCanceled
 from .base import Tool, ToolDef, ToolError, ToolTimeout
 from .mcp.server import McpServer, McpTool
 
@@ -129,10 +131,15 @@ class ToolRegistry:
         ok, timed_out = False, False
         with tracing.span(f"execute_tool {name}", attributes=attributes) as span:
             try:
-                result = tool.execute(arguments, deadline)
+                with cancellable():  # HTTP tools and MCP servers: a cancel shuts their connections
+                    result = tool.execute(arguments, deadline)
                 ok = True
                 return True, result
+            except TaskCanceled:
+                span.fail(protocol.CANCELED)
+                raise
             except ToolError as exc:
+                taskscope.check()  # a failure the task's cancel caused
                 timed_out = isinstance(exc, ToolTimeout)
                 log.warning("tool %s failed: %s", name, exc)
                 span.fail(type(exc).__name__)

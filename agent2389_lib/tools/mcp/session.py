@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Callable, Optional, Protocol
 
-from ... import __version__
+from ... import __version__, taskscope
 from . import jsonrpc
 
 log = logging.getLogger("agent2389.tools.mcp")
@@ -74,8 +74,9 @@ class McpSession:
 
     # -------------------------------------------------------------- requests
     def request(self, method: str, params: Optional[dict], timeout: float) -> dict:
-        """The result of one request, or McpError; on timeout the server is told to cancel it
-        and its late answer is dropped."""
+        """The result of one request, or McpError; on timeout, or when the task it belongs to is
+        cancelled (TaskCanceled), the server is told to cancel it and its late answer is dropped."""
+        taskscope.check()
         request_id = next(self._ids)
         waiter = _Waiter()
         deadline = time.monotonic() + timeout
@@ -85,14 +86,23 @@ class McpSession:
             self._pending[request_id] = waiter
         try:
             try:
-                self.channel.send(jsonrpc.request(request_id, method, params), timeout)
-                answered = waiter.done.wait(max(0.0, deadline - time.monotonic()))
+                with taskscope.aborting(waiter.done.set):
+                    self.channel.send(jsonrpc.request(request_id, method, params), timeout)
+                    answered = waiter.done.wait(max(0.0, deadline - time.monotonic()))
             except McpTimeout:  # the channel itself waited the whole time (HTTP)
                 answered = False
+            except McpError:  # the HTTP channel's connection, shut by a cancel
+                taskscope.check()
+                raise
+            taskscope.check()
             if not answered:
                 self._cancel(request_id, f"no answer within {timeout:.1f} s")
                 raise McpTimeout(f"MCP server {self.server} did not answer {method} within {timeout:.1f} s; "
                                  f"the request was cancelled")
+        except taskscope.TaskCanceled as exc:
+            with taskscope.shielded():
+                self._cancel(request_id, str(exc))
+            raise
         finally:
             with self._lock:
                 self._pending.pop(request_id, None)
