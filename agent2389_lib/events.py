@@ -85,9 +85,11 @@ class TaskFinished(Event):
     def progress(self) -> Optional[Progress]:
         if self.description is None:
             return None
-        kind = ("TaskCanceled" if self.result is TaskResult.CANCELED else "TaskError" if self.error
-                else "TaskComplete")
-        return self.task_id, self.conversation_id, "General", kind, f"task finished: {self.description}", None
+        message = f"task finished: {self.description}"
+        if self.result is TaskResult.CANCELED:  # an extension type, as the Rust agents' routing events are
+            return self.task_id, self.conversation_id, "General", "Custom", message, {"kind": "task_canceled"}
+        return (self.task_id, self.conversation_id, "General", "TaskError" if self.error else "TaskComplete",
+                message, None)
 
 
 @dataclass
@@ -100,7 +102,7 @@ class CancelReceived(Event):
     next_agent: Optional[str]
 
     def progress(self) -> Optional[Progress]:
-        metadata: dict = {"kind": "cancel", "found": self.found}
+        metadata: dict = {"kind": "cancel_received", "found": self.found}
         if self.next_agent:
             metadata["next_agent"] = self.next_agent
         return (self.task_id, self.conversation_id, "General", "Custom", f"cancel received: task {self.found}",

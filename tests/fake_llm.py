@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import ssl
 import threading
 import time
@@ -55,6 +57,18 @@ class Raw:
 
     def __init__(self, chunks, length: Optional[int] = None, pause: float = 0.0, headers: Optional[dict] = None):
         self.chunks, self.length, self.pause, self.headers = chunks, length, pause, headers or {}
+
+
+class Trickle:
+    """A 200 answer that keeps coming, a byte every `every` seconds for up to `seconds` (a model
+    generating a long answer). `started` is set once it began; `closed` (and `closed_at`, a
+    time.monotonic()) once the client closed the connection."""
+
+    def __init__(self, seconds: float = 60.0, every: float = 0.05):
+        self.seconds, self.every = seconds, every
+        self.started = threading.Event()
+        self.closed = threading.Event()
+        self.closed_at: Optional[float] = None
 
 
 class BadRequest(Exception):
@@ -157,6 +171,8 @@ class FakeLLM:
             action = action.then if action.then is not None else self.next_action(body)
         if isinstance(action, Raw):
             return self.send_raw(handler, action)
+        if isinstance(action, Trickle):
+            return self.send_trickle(handler, action)
         if isinstance(action, Status):
             body_out = action.body if action.body is not None else self.error_body("api_error", "scripted failure")
             return self.send(handler, action.code, body_out, action.headers)
@@ -182,6 +198,31 @@ class FakeLLM:
         except OSError:  # the client gave up
             pass
         handler.close_connection = True
+
+    @staticmethod
+    def send_trickle(handler: BaseHTTPRequestHandler, action: Trickle) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.wfile.flush()
+        action.started.set()
+        connection = handler.connection
+        ends = time.monotonic() + action.seconds
+        closed = False
+        try:
+            while not closed and time.monotonic() < ends:
+                readable, _, _ = select.select([connection], [], [], action.every)  # the pace, and the close seen
+                closed = bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+                if not closed:
+                    handler.wfile.write(b"1\r\n \r\n")  # JSON may begin with whitespace
+                    handler.wfile.flush()
+        except OSError:
+            closed = True
+        handler.close_connection = True
+        if closed:
+            action.closed_at = time.monotonic()
+            action.closed.set()
 
     def completions(self) -> list[dict]:
         with self.lock:

@@ -358,6 +358,8 @@ class ClosingProxy:
         self.after_connect = after_connect
         self.cut_before = cut_before
         self.closed = 0
+        self.to_broker = threading.Event()  # cleared: what clients send waits in the relay (a broker that stalls)
+        self.to_broker.set()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -384,17 +386,19 @@ class ClosingProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._pairs.append((conn, upstream))
-            threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(conn, upstream, self.to_broker), daemon=True).start()
             from_broker = self._pump if self.cut_before is None else self._pump_packets
             threading.Thread(target=from_broker, args=(upstream, conn), daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, target: socket.socket) -> None:
+    def _pump(source: socket.socket, target: socket.socket, flowing: Optional[threading.Event] = None) -> None:
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
+                if flowing is not None:
+                    flowing.wait()
                 target.sendall(data)
         except OSError:
             pass

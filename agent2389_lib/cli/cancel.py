@@ -59,7 +59,7 @@ def _read(topic: str, payload: Any, task_id: str, followed: Followed, show: Call
         followed.outcome = {"topic": topic, "payload": payload}
         return
     metadata = payload.get("metadata")
-    if kind != "progress" or not isinstance(metadata, dict) or metadata.get("kind") != "cancel":
+    if kind != "progress" or not isinstance(metadata, dict) or metadata.get("kind") != "cancel_received":
         return
     finding = {"agent_id": payload.get("agent_id"), "found": metadata.get("found"),
                "next_agent": metadata.get("next_agent")}
