@@ -11,8 +11,8 @@ import tempfile
 import time
 
 from fake_llm import FakeOpenAI, Trickle
-from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, ClosingProxy, base_env, envelope, new_task_id,
-                     sdk_server, wait_until)
+from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, ClosingProxy, Mosquitto, Watcher, base_env, envelope,
+                     new_task_id, sdk_server, wait_until)
 
 KEY = "sk-test-key-0123456789"
 
@@ -211,6 +211,53 @@ class PoolCancelTests(CancelTestCase):
         holder.wait_metric("tasks.tasks_canceled", 1)
         other.wait_log(f"cancel for task {task['task_id']}: not seen here")
         self.assertEqual(other.metric("tasks.tasks_canceled"), 0)
+
+
+class AclTests(CancelTestCase):
+    """deploy/mosquitto/acl: the operator cancels, a requester cannot, an agent follows its forwards."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.broker = Mosquitto(anonymous=False)
+        passwords = os.path.join(cls.broker.dir, "passwd")
+        open(passwords, "w").close()
+        for user in ("researcher-agent", "writer-agent", "requester", "operator"):
+            subprocess.run(["mosquitto_passwd", "-b", passwords, user, f"{user}-pass"], check=True, capture_output=True)
+        acl = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "mosquitto", "acl")
+        cls.broker.extra_conf = f"password_file {passwords}\nacl_file {acl}"
+        cls.broker.start()
+
+    def test_only_the_operator_cancels(self):
+        watcher = Watcher(self.broker.port, "/control/agents/+/status", "/conversations/#", username="operator",
+                          password="operator-pass")
+        self.addCleanup(watcher.close)
+        agents = {name: self.agent(name, llm={"latency_ms": 60000},
+                                   env={"MQTT_USERNAME": name, "MQTT_PASSWORD": f"{name}-pass"}).start_and_wait_available(
+                      watcher) for name in ("researcher-agent", "writer-agent")}
+        task = envelope("writer-agent", cid="c-acl")
+        asked = {}
+        for user in ("requester", "operator"):
+            asked[user] = subprocess.run(
+                [sys.executable, AGENT_SCRIPT, "cancel", "--agent-id", "writer-agent", "--task-id", task["task_id"]],
+                env=base_env(MQTT_HOST="127.0.0.1", MQTT_PORT=str(self.broker.port), MQTT_USERNAME=user,
+                             MQTT_PASSWORD=f"{user}-pass"), capture_output=True, text=True, timeout=60)
+        self.assertEqual(asked["requester"].returncode, 3, asked["requester"].stderr)
+        self.assertIn("refused the publish to /control/agents/writer-agent/cancel: Not authorized",
+                      asked["requester"].stderr)
+        self.assertEqual(asked["operator"].returncode, 0, asked["operator"].stderr)
+        agents["writer-agent"].wait_log(f"cancel for task {task['task_id']}: not seen here")
+        forwarded = envelope("researcher-agent", cid="c-acl-pipe",
+                             next={"topic": input_topic("writer-agent"), "instruction": "W", "input": None,
+                                   "next": None})
+        agents["researcher-agent"].stop()  # a fast first hop: the echo without latency
+        fast = self.agent("researcher-agent", env={"MQTT_USERNAME": "researcher-agent",
+                                                   "MQTT_PASSWORD": "researcher-agent-pass"})
+        fast.start_and_wait_available(watcher)
+        watcher.publish(input_topic("researcher-agent"), forwarded)
+        agents["writer-agent"].wait_metric("tasks.tasks_processing", 1)
+        watcher.publish(cancel_topic("researcher-agent"), {"task_id": forwarded["task_id"]})
+        (error,) = watcher.wait_for("/conversations/c-acl-pipe/+")
+        self.assertEqual(error["error"]["code"], "canceled", "the researcher may follow its forward")
 
 
 def _pids(path: str) -> list:

@@ -7,7 +7,7 @@ import threading
 import time
 import unittest
 
-from agent2389_lib import taskscope
+from agent2389_lib import taskscope, tracing
 from agent2389_lib.cancels import Cancel
 from agent2389_lib.config import ToolSpec
 from agent2389_lib.dedupe import DedupeStore
@@ -212,6 +212,34 @@ class ProcessorCancelTests(ProcessorTestCase):
         self.journal.clear()
         self.deliver(task)
         self.assertEqual(self.publisher.published(), [], "a redelivery is a duplicate of a finished task")
+
+    def test_the_task_span_ends_failed_and_marked_canceled(self):
+        spans = []
+
+        class RecordingSpan(tracing.Span):
+            __slots__ = ("task", "attributes", "failure")
+
+            def set(self, key, value):
+                self.attributes[key] = value
+
+            def fail(self, description):
+                self.failure = description
+
+        class RecordingTracer(tracing.Tracer):
+            def start(self, name, kind, parent, attributes, task):
+                span = RecordingSpan(tracing.child_of(parent))
+                span.task, span.attributes, span.failure = task, dict(attributes), None
+                spans.append(span)
+                return span
+
+        tracing.install(RecordingTracer())
+        self.addCleanup(tracing.install, tracing.Tracer())
+        self.make()
+        task = envelope(AGENT)
+        self.processor.inflight.cancel(Cancel(task["task_id"], None, ""))
+        self.deliver(task)
+        (task_span,) = [span for span in spans if span.task]
+        self.assertEqual((task_span.attributes.get("agent2389.canceled"), task_span.failure), (True, "canceled"))
 
     def test_a_task_cancelled_before_it_arrives_is_not_run(self):
         ran = []

@@ -101,6 +101,31 @@ class OperatorTests(BrokerTestCase):
         self.assertEqual(bad.returncode, 2)
         self.assertIn("'soon' is not a duration", bad.stderr)
 
+    def test_cancel_publishes_checks_its_arguments_and_says_how_the_task_ended(self):
+        watcher = self.watcher("/control/agents/+/cancel")
+        task_id = "123e4567-e89b-12d3-a456-426614174000"
+        result = cli("cancel", "--agent-id", "away", "--task-id", task_id.upper(), "--reason", "typo", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        (published,) = watcher.wait_for("/control/agents/away/cancel")
+        self.assertEqual(published, {"task_id": task_id, "reason": "typo"})
+        for args, text in ((["--task-id", "nope"], "task_id (a UUID)"),
+                           (["--task-id", task_id, "--reason", "x" * 501], "at most 500 characters")):
+            with self.subTest(args=args[-1][:10]):
+                bad = cli("cancel", "--agent-id", "away", *args, env=self.env)
+                self.assertEqual(bad.returncode, 2)
+                self.assertIn(text, bad.stderr)
+        self.start("finisher")
+        done = cli("inject", "--agent-id", "finisher", "--message", "x", "--wait", "30", "--json", env=self.env)
+        finished_id = json.loads(done.stdout)["task"]["task_id"]
+        late = cli("cancel", "--agent-id", "finisher", "--task-id", finished_id, "--wait", "30", env=self.env)
+        self.assertEqual(late.returncode, 1, late.stderr)
+        self.assertIn("[finisher] the task had already finished here: nothing to stop", late.stderr)
+        self.assertIn(f"task {finished_id} had already finished at finisher: nothing was canceled", late.stderr)
+        unknown = cli("cancel", "--agent-id", "finisher", "--task-id", task_id, "--wait", "2", "--json", env=self.env)
+        self.assertEqual(unknown.returncode, 124)
+        self.assertEqual(json.loads(unknown.stdout)["findings"],
+                         [{"agent_id": "finisher", "found": "not_seen", "next_agent": None}])
+
     def test_timeout_exit_124(self):
         result = cli("inject", "--agent-id", "nobody-home", "--message", "x", "--wait", "1", "--no-check", env=self.env)
         self.assertEqual(result.returncode, 124)
@@ -174,7 +199,7 @@ class OperatorTests(BrokerTestCase):
         self.assertEqual(cli("healthcheck", "--port", port).returncode, 1)
 
     def test_every_command_has_help_with_example(self):
-        for command in ("run", "check-config", "version", "inject", "monitor", "pipeline", "healthcheck"):
+        for command in ("run", "check-config", "version", "inject", "monitor", "pipeline", "healthcheck", "cancel"):
             result = cli(command, "--help")
             self.assertEqual(result.returncode, 0)
             self.assertRegex(result.stdout, r"\nexample: .*agent2389 " + command)

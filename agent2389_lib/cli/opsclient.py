@@ -43,6 +43,7 @@ class OperatorClient:
         self._subscribed = threading.Event()
         self._refusal: Optional[str] = None
         self._not_v5 = False  # the broker closed an MQTT 5 CONNECT or refused its version
+        self._publish_refusals: dict[int, str] = {}  # mid: the broker's PUBACK reason (MQTT 5)
         self.on_connection_change: Callable[[str], None] = lambda text: None  # lost / back, for long-running commands
         self.client = self._new_client()
 
@@ -52,6 +53,7 @@ class OperatorClient:
         client.on_disconnect = self._on_disconnect
         client.on_message = lambda client, userdata, message: self.messages.put(message)
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         client.reconnect_delay_set(1, 30)
         return client
 
@@ -133,6 +135,14 @@ class OperatorClient:
         if not info.is_published():
             raise OperatorError(f"broker {self.where} did not acknowledge the publish to {topic} "
                                 f"within {timeout:.0f} s")
+        refusal = self._publish_refusals.pop(info.mid, None)
+        if refusal is not None:
+            raise OperatorError(f"broker {self.where} refused the publish to {topic}: {refusal} (check the broker "
+                                f"ACL for this user)")
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code.is_failure:  # before the publish counts as done: `publish` finds it
+            self._publish_refusals[mid] = str(reason_code)
 
     def _wait(self, wait: Callable[[float], bool], timeout: float, what: str) -> None:
         waited = 0.0
