@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Optional
 
 from . import protocol
 from .errors import TaskFailure
@@ -23,15 +23,16 @@ class TaskCanceled(TaskFailure):
 
 class CancelToken:
     """One task's: cancelled at most once, from any thread; its aborts run under its lock, so an
-    abort never reaches a step that has already ended (and been replaced by the next task's)."""
+    abort never reaches a step that has already ended (and been replaced by the next task's).
+    Made for every task: nothing in it is made before it is needed."""
+
+    __slots__ = ("reason", "canceled_at", "_lock", "_aborts")
 
     def __init__(self) -> None:
         self.reason: Optional[str] = None  # set once cancelled ("" when no reason was given)
         self.canceled_at = 0.0  # time.monotonic() of the cancel
-        self._event = threading.Event()
         self._lock = threading.Lock()
         self._aborts: dict[int, Callable[[], None]] = {}
-        self._next = 0
 
     @property
     def canceled(self) -> bool:
@@ -43,7 +44,6 @@ class CancelToken:
             if self.reason is not None:
                 return False
             self.reason, self.canceled_at = reason, time.monotonic()
-            self._event.set()
             for abort in self._aborts.values():
                 abort()
         return True
@@ -59,24 +59,52 @@ class CancelToken:
 
     def sleep(self, seconds: float) -> None:
         """Wait `seconds`, or until the task is cancelled (then TaskCanceled)."""
-        self._event.wait(seconds)
+        woken = threading.Event()
+        with self.aborting(woken.set):
+            woken.wait(seconds)
         self.check()
 
-    @contextmanager
-    def aborting(self, abort: Callable[[], None]) -> Iterator[None]:
+    def aborting(self, abort: Callable[[], None]) -> ContextManager[None]:
         """While the body runs, a cancel calls `abort`; TaskCanceled at once when it came already."""
-        with self._lock:
-            self.check()
-            handle, self._next = self._next, self._next + 1
-            self._aborts[handle] = abort
-        try:
-            yield
-        finally:
-            with self._lock:
-                del self._aborts[handle]
+        return _Aborting(self, abort)
+
+
+class _Aborting:
+    """`CancelToken.aborting` (a class: one is made for every HTTP request)."""
+
+    __slots__ = ("token", "abort")
+
+    def __init__(self, token: CancelToken, abort: Callable[[], None]):
+        self.token, self.abort = token, abort
+
+    def __enter__(self) -> None:
+        token = self.token
+        with token._lock:
+            token.check()
+            token._aborts[id(self)] = self.abort
+
+    def __exit__(self, *exc_info: Any) -> None:
+        token = self.token
+        with token._lock:
+            del token._aborts[id(self)]
+
+
+class _Bound:
+    __slots__ = ("token", "previous")
+
+    def __init__(self, token: Optional[CancelToken]):
+        self.token = token
+        self.previous: Optional[CancelToken] = None
+
+    def __enter__(self) -> None:
+        self.previous, _local.token = current(), self.token
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _local.token = self.previous
 
 
 _local = threading.local()
+_UNCANCELLABLE = nullcontext()
 
 
 def current() -> Optional[CancelToken]:
@@ -84,24 +112,14 @@ def current() -> Optional[CancelToken]:
     return getattr(_local, "token", None)
 
 
-@contextmanager
-def bound(token: CancelToken) -> Iterator[CancelToken]:
+def bound(token: CancelToken) -> ContextManager[None]:
     """Bind `token` to this thread for the body: the task's steps run here."""
-    previous, _local.token = current(), token
-    try:
-        yield token
-    finally:
-        _local.token = previous
+    return _Bound(token)
 
 
-@contextmanager
-def shielded() -> Iterator[None]:
+def shielded() -> ContextManager[None]:
     """A step no cancel interrupts: telling a server that its request is cancelled."""
-    previous, _local.token = current(), None
-    try:
-        yield
-    finally:
-        _local.token = previous
+    return _Bound(None)
 
 
 def check() -> None:
@@ -120,12 +138,7 @@ def sleep(seconds: float) -> None:
         token.sleep(seconds)
 
 
-@contextmanager
-def aborting(abort: Callable[[], None]) -> Iterator[None]:
+def aborting(abort: Callable[[], None]) -> ContextManager[None]:
     """`CancelToken.aborting` for this thread's task, if it has one."""
     token = current()
-    if token is None:
-        yield
-        return
-    with token.aborting(abort):
-        yield
+    return _UNCANCELLABLE if token is None else _Aborting(token, abort)

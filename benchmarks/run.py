@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+import cancel
 import instructions
 from harness import AGENT, HERE, Driver, Processes, memory_mb, start_agent, start_broker, start_llm, write_agent_config
 
@@ -120,6 +121,9 @@ def run(quick: bool) -> dict:
         concurrent_rate = driver.burst(slow_tasks)
         procs.stop(agent)
 
+        # cancel: from its publish to the end of the task's LLM connection
+        cancel_ms = percentiles(cancel.measure(procs, driver, broker, 100 // scale))
+
         # backlog: tasks queued in the persistent session while the agent is down
         agent, _ = start_agent(procs, driver, echo_config)
         procs.stop(agent)
@@ -153,6 +157,8 @@ def run(quick: bool) -> dict:
          f"paho echo {paho_latency['p50']}", round(llm_latency["p50"] - paho_latency["p50"], 3), "(information)"),
         ("concurrency, 200 ms LLM, 16 workers (tasks/s)", round(concurrent_rate, 1), "ideal 16 / 0.2 s = 80",
          round(concurrent_rate / 80, 3), ">= 0.9"),
+        ("cancel to the LLM connection's end p50/p99 (ms)", f"{cancel_ms['p50']}/{cancel_ms['p99']}",
+         f"{100 // scale} cancels", cancel_ms["p99"], "p99 < 200 ms"),
         ("idle RSS, echo provider (MB)", round(idle_rss, 1), "", round(idle_rss, 1), "<= 29"),
         ("peak RSS under load (MB)", round(load_peak, 1), "", round(load_peak, 1), "(information)"),
         (f"peak RSS draining a {backlog}-task backlog (MB)", round(backlog_peak, 1), "", round(backlog_peak, 1), "< 80"),
