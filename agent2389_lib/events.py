@@ -76,20 +76,23 @@ class TaskFinished(Event):
     result: TaskResult
     seconds: float
     description: Optional[str] = None
-    error: bool = False
+    code: Optional[str] = None  # the error's, if the task ended with one
     cancel_seconds: Optional[float] = None  # from the cancel's arrival to the end, for a cancelled task
+    usage: Optional[dict] = None  # what this agent spent on the task's LLM requests (PROTOCOL.md 8)
 
     def record(self, metrics: Metrics) -> None:
-        metrics.task_finished(self.result, self.seconds, self.cancel_seconds)
+        metrics.task_finished(self.result, self.seconds, self.cancel_seconds, self.code == "budget_exceeded")
 
     def progress(self) -> Optional[Progress]:
         if self.description is None:
             return None
         message = f"task finished: {self.description}"
+        own = {"usage": self.usage} if self.usage is not None else None
         if self.result is TaskResult.CANCELED:  # an extension type, as the Rust agents' routing events are
-            return self.task_id, self.conversation_id, "General", "Custom", message, {"kind": "task_canceled"}
-        return (self.task_id, self.conversation_id, "General", "TaskError" if self.error else "TaskComplete",
-                message, None)
+            return (self.task_id, self.conversation_id, "General", "Custom", message,
+                    {"kind": "task_canceled", **(own or {})})
+        return (self.task_id, self.conversation_id, "General", "TaskError" if self.code else "TaskComplete",
+                message, own)
 
 
 @dataclass
@@ -160,10 +163,13 @@ class LlmCalled(Event):
     error_kind: Optional[str] = None
     tokens_in: int = 0
     tokens_out: int = 0
+    model: str = ""
+    cost_usd: float = 0.0  # by the price table ([llm.prices])
 
     def record(self, metrics: Metrics) -> None:
         metrics.llm_request(self.provider, seconds=self.seconds, retries=self.retries, error_kind=self.error_kind,
-                            tokens_in=self.tokens_in, tokens_out=self.tokens_out)
+                            tokens_in=self.tokens_in, tokens_out=self.tokens_out, model=self.model,
+                            cost_usd=self.cost_usd)
 
 
 @dataclass

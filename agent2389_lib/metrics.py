@@ -80,7 +80,7 @@ class Metrics:
         self.routing: dict[str, int] = defaultdict(int)  # decisions by outcome
         # tasks
         self.received = self.completed = self.failed = self.rejected = self.duplicates = self.ignored = 0
-        self.canceled = 0
+        self.canceled = self.budget_exceeded = 0
         self.cancel_buckets = [0] * len(CANCEL_BUCKETS)  # cancelled tasks that ended within each bucket
         self.cancel_seconds = 0.0
         self.processing = self.max_processing = 0
@@ -99,6 +99,8 @@ class Metrics:
         # tools, llm, lifecycle
         self.tools: dict[str, _ToolStats] = defaultdict(_ToolStats)
         self.llm: dict[str, _LlmStats] = defaultdict(_LlmStats)
+        self.llm_tokens: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # (provider, model): in, out
+        self.llm_cost: dict[str, float] = defaultdict(float)  # model: USD, by the price table
         self.state = "starting"
         self.state_transitions = 0
         self.restarts = 0
@@ -115,12 +117,14 @@ class Metrics:
             self.processing += 1
             self.max_processing = max(self.max_processing, self.processing)
 
-    def task_finished(self, result: TaskResult, seconds: float, cancel_seconds: Optional[float] = None) -> None:
+    def task_finished(self, result: TaskResult, seconds: float, cancel_seconds: Optional[float] = None,
+                      budget_exceeded: bool = False) -> None:
         """completed, failed, rejected or canceled (after task_started); a cancelled one with the
         time from its cancel to its end."""
         with self._lock:
             self.processing -= 1
             self._count(result)
+            self.budget_exceeded += budget_exceeded
             if cancel_seconds is not None:
                 self.cancel_seconds += cancel_seconds
                 for index, bound in enumerate(CANCEL_BUCKETS):
@@ -195,7 +199,7 @@ class Metrics:
             stats.last_execution = self._clock()
 
     def llm_request(self, provider: str, *, seconds: float, retries: int, error_kind: Optional[str] = None,
-                    tokens_in: int = 0, tokens_out: int = 0) -> None:
+                    tokens_in: int = 0, tokens_out: int = 0, model: str = "", cost_usd: float = 0.0) -> None:
         with self._lock:
             stats = self.llm[provider]
             stats.requests += 1
@@ -203,6 +207,11 @@ class Metrics:
             stats.seconds += seconds
             stats.tokens_in += tokens_in
             stats.tokens_out += tokens_out
+            if model:
+                tokens = self.llm_tokens[(provider, model)]
+                tokens[0] += tokens_in
+                tokens[1] += tokens_out
+                self.llm_cost[model] += cost_usd
             if error_kind:
                 stats.errors += 1
                 stats.errors_by_kind[error_kind] += 1
@@ -240,6 +249,8 @@ class Metrics:
                      for name, stats in sorted(self.llm.items())},
                 counts={name: getattr(self, name) for name in _COPIED}, routing=dict(self.routing),
                 cancel_buckets=list(self.cancel_buckets),
+                llm_tokens={key: tuple(counts) for key, counts in self.llm_tokens.items()},
+                llm_cost=dict(self.llm_cost),
                 depth=depth, store_degraded=store_degraded, registry_agents=registry_agents,
                 registry_ignored=registry_ignored, mcp_servers=mcp_servers, cpu_seconds=time.process_time(),
                 memory=_process_memory_bytes(), threads=threading.active_count())
@@ -255,6 +266,7 @@ def _vars_of(stats: Any) -> dict:
 
 # What `read` copies under the lock, by attribute name
 _COPIED = ("received", "completed", "failed", "rejected", "duplicates", "ignored", "canceled", "cancel_seconds",
+           "budget_exceeded",
            "processing", "max_processing",
            "total_seconds", "finished", "connected", "connection_attempts", "connections_established",
            "connection_failures", "published", "publish_failures", "messages_received", "outcomes_undeliverable",
@@ -273,6 +285,8 @@ class Reading:
     counts: dict  # _COPIED
     routing: dict
     cancel_buckets: list  # cancelled tasks that ended within each of CANCEL_BUCKETS (cumulative, as `le`)
+    llm_tokens: dict  # (provider, model): (input, output)
+    llm_cost: dict  # model: USD
     depth: int
     store_degraded: bool
     registry_agents: int
@@ -337,6 +351,13 @@ def _duration_samples(r: Reading) -> list:
     return quantiles + [("_sum", {}, r.counts["total_seconds"]), ("_count", {}, r.counts["finished"])]
 
 
+def _tokens_by_model(r: Reading) -> dict:
+    table: dict = defaultdict(dict)
+    for (provider, model), (tokens_in, tokens_out) in r.llm_tokens.items():
+        table[provider][model] = {"in": tokens_in, "out": tokens_out}
+    return table
+
+
 def _cancel_samples(r: Reading) -> list:
     buckets = [("_bucket", {"le": repr(bound)}, count) for bound, count in zip(CANCEL_BUCKETS, r.cancel_buckets)]
     return buckets + [("_bucket", {"le": "+Inf"}, r.counts["canceled"]), ("_sum", {}, r.counts["cancel_seconds"]),
@@ -361,6 +382,8 @@ FAMILIES: tuple[Family, ...] = (
     _task_counter("duplicate", "duplicates", "Duplicate task messages discarded."),
     _task_counter("ignored", "ignored", "Retained task messages ignored."),
     _task_counter("canceled", "canceled", "Tasks stopped by a cancel (PROTOCOL.md 7), before or while they ran."),
+    _task_counter("budget_exceeded", "budget_exceeded", "Tasks ended because a token or cost limit was spent "
+                  "(PROTOCOL.md 8); counted in failed too."),
     Family("tasks.cancel_to_end_avg_ms", lambda r: _avg(r.counts["cancel_seconds"] * 1000, r.counts["canceled"])),
     Family("", _cancel_samples, "agent2389_cancel_to_end_seconds", HISTOGRAM,
            "Time from a cancel's arrival to the end of its task."),
@@ -439,8 +462,11 @@ FAMILIES: tuple[Family, ...] = (
            "LLM request retries.", ("provider",)),
     Family("llm.providers.*.tokens_in", _per_provider("tokens_in")),
     Family("llm.providers.*.tokens_out", _per_provider("tokens_out")),
-    Family("", lambda r: {n: {"in": s["tokens_in"], "out": s["tokens_out"]} for n, s in r.llm.items()},
-           "agent2389_llm_tokens_total", "counter", "LLM tokens.", ("provider", "direction")),
+    Family("", _tokens_by_model, "agent2389_llm_tokens_total", "counter",
+           "LLM tokens, as the providers' usage fields count them.", ("provider", "model", "direction")),
+    Family("llm.cost_usd.*", lambda r: r.llm_cost, "agent2389_llm_cost_usd_total", "counter",
+           "LLM spend in US dollars, by the price table ([llm.prices]); models without a price count nothing.",
+           ("model",)),
     Family("llm.providers.*.avg_latency_ms",
            lambda r: {n: _avg(s["seconds"] * 1000, s["requests"]) for n, s in r.llm.items()}),
     Family("routing.decisions.*", lambda r: r.routing, "agent2389_routing_decisions_total", "counter",

@@ -30,6 +30,7 @@ from .inflight import InFlight
 from .logs import Throttle
 from .outcome import Kind, Outcome, TaskResult
 from .protocol import EnvelopeError, TaskEnvelope
+from .spend import Prices, Spend
 
 log = logging.getLogger("agent2389.processor")
 
@@ -135,6 +136,7 @@ class TaskProcessor:
         self._retained = Throttle()
         self._wall_clock = wall_clock  # expiry is a moment on the wall clock (RFC 3339)
         self.inflight = inflight or InFlight(dedupe, config.task_timeout, events, clock=wall_clock)
+        self.prices = Prices({model: (per_input, per_output) for model, per_input, per_output in config.llm.prices})
 
     # -------------------------------------------------------------- entry point
     def handle(self, delivery: Delivery) -> None:
@@ -266,17 +268,17 @@ class TaskProcessor:
         ids = (envelope.task_id, envelope.conversation_id)
         result, kind, code = TaskResult.FAILED, None, None
         token = self.inflight.start(envelope.task_id)
+        spend = Spend(self.prices, self.config.budget, envelope.budget, envelope.usage)
         self.events.emit(TaskStarted(*ids))
         try:
             log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth)
-            with taskscope.bound(token):
+            with taskscope.bound(token, spend):
                 outcome = None if token.canceled else self._outcome(envelope, claim.deadline)
             if token.canceled and (outcome is None or outcome.error_code != protocol.CANCELED):
                 outcome = self._error(envelope, protocol.CANCELED, token.message())  # what it came to is dropped
             assert outcome is not None
-            if outcome.kind is Kind.FORWARD and task_span.context is not None:  # for 3.1.1 brokers too
-                outcome = outcome.with_message({**outcome.message, **task_span.context.fields()})
-            outcome = self._publish(claim, outcome)
+            outcome = self._publish(claim, outcome.with_message({**outcome.message, **self._carried(
+                outcome, spend, task_span)}))
             code = outcome.error_code
             if code is not None or claim.undeliverable:
                 task_span.fail(code or "outcome_undeliverable")
@@ -291,8 +293,17 @@ class TaskProcessor:
         finally:
             self.inflight.end(envelope.task_id, token, claim.forwarded_to)
             ended = time.monotonic()
-            self.events.emit(TaskFinished(*ids, result, ended - started, kind, code is not None,
-                                          ended - token.canceled_at if result is TaskResult.CANCELED else None))
+            self.events.emit(TaskFinished(*ids, result, ended - started, kind, code,
+                                          ended - token.canceled_at if result is TaskResult.CANCELED else None,
+                                          spend.own.message()))
+
+    @staticmethod
+    def _carried(outcome: Outcome, spend: Spend, task_span: tracing.Span) -> dict:
+        """What an outcome carries besides itself: the pipeline's usage (PROTOCOL.md 8); a forward
+        also the budget with what was used, and the trace context (for 3.1.1 brokers too)."""
+        if outcome.kind is not Kind.FORWARD:
+            return {"usage": spend.pipeline().message()}
+        return {**spend.forwarded(), **(task_span.context.fields() if task_span.context is not None else {})}
 
     def _publish(self, claim: Claim, outcome: Outcome) -> Outcome:
         """Publish a claim's outcome, then acknowledge its deliveries. An outcome that the broker
@@ -420,7 +431,8 @@ class TaskProcessor:
         if code == protocol.CANCELED:  # what someone asked for
             log.info("task %s: %s", envelope.task_id, message)
         else:
-            level = logging.WARNING if code in _REJECTION_CODES else logging.ERROR  # failures need attention
+            # failures need attention; bad input and a spent budget are the sender's and the operator's
+            level = logging.WARNING if code in _REJECTION_CODES or code == protocol.BUDGET_EXCEEDED else logging.ERROR
             log.log(level, "task %s failed: %s: %s", envelope.task_id, code, message)
         return Outcome(Kind.ERROR, protocol.conversation_topic(envelope.conversation_id, self.agent_id),
                        protocol.error_message(code, message, envelope.task_id, self.secrets))

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from .redaction import sanitize_error_message
+from .usage import Budget, Usage, UsageError, parse_budget, parse_usage
 
 # Error codes (docs/protocol.md, the Error payload).
 TOOL_EXECUTION_FAILED = "tool_execution_failed"
@@ -24,8 +25,9 @@ PIPELINE_DEPTH_EXCEEDED = "pipeline_depth_exceeded"
 INTERNAL_ERROR = "internal_error"
 CANCELED = "canceled"  # PROTOCOL.md 7: the task was cancelled
 EXPIRED = "expired"  # PROTOCOL.md 7: the task reached the agent after its expiry and was not run
+BUDGET_EXCEEDED = "budget_exceeded"  # PROTOCOL.md 8: a limit on tokens or cost was spent
 ERROR_CODES = (TOOL_EXECUTION_FAILED, LLM_ERROR, INVALID_INPUT, PIPELINE_DEPTH_EXCEEDED, INTERNAL_ERROR, CANCELED,
-               EXPIRED)
+               EXPIRED, BUDGET_EXCEEDED)
 
 AVAILABLE = "available"
 UNAVAILABLE = "unavailable"
@@ -172,6 +174,8 @@ class TaskEnvelope:
     traceparent: Any = None  # W3C trace context fields, as they came (tracing.extract checks them)
     tracestate: Any = None
     expires_at: Optional[float] = None  # Unix time, from the additive `expires_at` field (PROTOCOL.md 7)
+    budget: Optional[Budget] = None  # PROTOCOL.md 8
+    usage: Optional[Usage] = None  # the pipeline's so far, as a forward carries it
 
 
 def normalize_uuid(value: object) -> Optional[str]:
@@ -269,8 +273,13 @@ def _parse_envelope_object(data: dict, task_id: Optional[str], raw_task_id: Any,
         raise EnvelopeError("envelope has no input (use null for none)")
     nxt, depth = _parse_next_chain(data.get("next"))
     version, context, trace = _v2_fields(data)
+    try:
+        budget, usage = parse_budget(data.get("budget")), parse_usage(data.get("usage"))
+    except UsageError as exc:
+        raise EnvelopeError(str(exc)) from None
     return TaskEnvelope(task_id, raw_cid, topic, instruction, data["input"], nxt, depth, version, context, trace,
-                        data.get("traceparent"), data.get("tracestate"), _expiry(data.get("expires_at")))
+                        data.get("traceparent"), data.get("tracestate"), _expiry(data.get("expires_at")), budget,
+                        usage)
 
 
 _RFC3339_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?"

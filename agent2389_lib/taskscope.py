@@ -1,6 +1,7 @@
-"""What a running task can be stopped by: its cancel token, bound to the worker thread that runs
-the task, so the layers below (HTTP requests, command tools, MCP calls) find it without it
-being passed through every call, as a deadline is. Each blocking step registers how it is
+"""What a running task can be stopped by: its cancel token (and what it may spend on LLM requests,
+spend.py), bound to the worker thread that runs the task, so the layers below (HTTP requests,
+command tools, MCP calls, the LLM providers) find them without them being passed through every
+call, as a deadline is. Each blocking step registers how it is
 interrupted (`aborting`): shutting its sockets, killing its process group, waking its wait.
 The cancel arrives on another thread; the aborts it runs never block."""
 
@@ -9,10 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 
 from . import protocol
 from .errors import TaskFailure
+
+if TYPE_CHECKING:
+    from .spend import Spend
 
 
 class TaskCanceled(TaskFailure):
@@ -90,17 +94,18 @@ class _Aborting:
 
 
 class _Bound:
-    __slots__ = ("token", "previous")
+    __slots__ = ("token", "spend", "previous")
 
-    def __init__(self, token: Optional[CancelToken]):
-        self.token = token
-        self.previous: Optional[CancelToken] = None
+    def __init__(self, token: Optional[CancelToken], spend: Optional[Spend]):
+        self.token, self.spend = token, spend
+        self.previous: tuple = (None, None)
 
     def __enter__(self) -> None:
-        self.previous, _local.token = current(), self.token
+        self.previous = current(), current_spend()
+        _local.token, _local.spend = self.token, self.spend
 
     def __exit__(self, *exc_info: Any) -> None:
-        _local.token = self.previous
+        _local.token, _local.spend = self.previous
 
 
 _local = threading.local()
@@ -112,14 +117,19 @@ def current() -> Optional[CancelToken]:
     return getattr(_local, "token", None)
 
 
-def bound(token: CancelToken) -> ContextManager[None]:
-    """Bind `token` to this thread for the body: the task's steps run here."""
-    return _Bound(token)
+def current_spend() -> Optional[Spend]:
+    """What the task this thread runs may spend and has spent on LLM requests, if it is a task."""
+    return getattr(_local, "spend", None)
+
+
+def bound(token: CancelToken, spend: Optional[Spend] = None) -> ContextManager[None]:
+    """Bind `token` (and the task's `spend`) to this thread for the body: the task's steps run here."""
+    return _Bound(token, spend)
 
 
 def shielded() -> ContextManager[None]:
     """A step no cancel interrupts: telling a server that its request is cancelled."""
-    return _Bound(None)
+    return _Bound(None, current_spend())
 
 
 def check() -> None:

@@ -130,6 +130,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}  # what an answer carries without LLM spend
+
+
 def new_task_id() -> str:
     return str(uuid.uuid4())
 

@@ -10,8 +10,8 @@ import time
 import unittest
 from typing import Optional
 
-from support import (AGENT_SCRIPT, ActiveMQ, AgentProcess, Mosquitto, RabbitMQ, Watcher, base_env, envelope,
-                     test_failed)
+from support import (AGENT_SCRIPT, NO_USAGE, ActiveMQ, AgentProcess, Mosquitto, RabbitMQ, Watcher, base_env,
+                     envelope, test_failed)
 
 FALLBACK = "does not speak MQTT 5"
 
@@ -82,7 +82,8 @@ class BrokerScenarios:
         task = envelope(agent_id, cid="c-basic", instruction="Hello", input={"x": 1})
         watcher.publish(f"/control/agents/{agent_id}/input", task)
         (reply,) = watcher.wait_for(f"/conversations/c-basic/{agent_id}")
-        self.assertEqual(reply, {"response": 'Hello\nInput data: {"x":1}', "task_id": task["task_id"]})
+        self.assertEqual(reply, {"response": 'Hello\nInput data: {"x":1}', "task_id": task["task_id"],
+                                 "usage": NO_USAGE})
 
     def test_two_agent_pipeline(self):
         watcher = self.watcher("/control/agents/+/status", "/conversations/#")

@@ -28,8 +28,10 @@ def input_topic(agent_id: str) -> str:
 class CancelTestCase(BrokerTestCase):
     def progress(self, watcher, task_id: str, event_type: str) -> list:
         """`event_type`, or a Custom one's metadata kind."""
-        return watcher.matching("/control/agents/+/progress/#", lambda p: p.get("task_id") == task_id and event_type in (
-            p.get("event_type"), (p.get("metadata") or {}).get("kind")))
+        def wanted(event: dict) -> bool:
+            kinds = (event.get("event_type"), (event.get("metadata") or {}).get("kind"))
+            return event.get("task_id") == task_id and event_type in kinds
+        return watcher.matching("/control/agents/+/progress/#", wanted)
 
     def assert_canceled_once(self, watcher, agent: AgentProcess, task: dict, reason: str = "") -> dict:
         """The one error on the conversation: a task published after it is answered later (a
@@ -232,8 +234,10 @@ class AclTests(CancelTestCase):
                           password="operator-pass")
         self.addCleanup(watcher.close)
         agents = {name: self.agent(name, llm={"latency_ms": 60000},
-                                   env={"MQTT_USERNAME": name, "MQTT_PASSWORD": f"{name}-pass"}).start_and_wait_available(
-                      watcher) for name in ("researcher-agent", "writer-agent")}
+                                   env={"MQTT_USERNAME": name, "MQTT_PASSWORD": f"{name}-pass"})
+                  for name in ("researcher-agent", "writer-agent")}
+        for agent in agents.values():
+            agent.start_and_wait_available(watcher)
         task = envelope("writer-agent", cid="c-acl")
         asked = {}
         for user in ("requester", "operator"):

@@ -14,7 +14,7 @@ from agent2389_lib.errors import LlmError, PayloadTooLarge
 from agent2389_lib.events import Events, counted_in
 from agent2389_lib.metrics import Metrics
 from agent2389_lib.processor import TaskProcessor
-from support import envelope, new_task_id
+from support import NO_USAGE, envelope, new_task_id
 
 AGENT = "agent-one"
 INPUT = f"/control/agents/{AGENT}/input"
@@ -275,7 +275,8 @@ class ProtocolRowTests(ProcessorTestCase):
         task_id = new_task_id()
         delivery = self.deliver(envelope(AGENT, task_id=task_id, cid="c1", instruction="X"))
         self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}",
-                                        lambda m: self.assertEqual(m, {"response": "did X", "task_id": task_id}))
+                                        lambda m: self.assertEqual(m, {"response": "did X", "task_id": task_id,
+                                                                       "usage": NO_USAGE}))
 
     def test_success_forward(self):
         task_id = new_task_id()
@@ -383,7 +384,7 @@ class ExactlyOnceTests(ProcessorTestCase):
             self.processor.handle(delivery)
         message = self.assert_answered_then_acked(delivery, f"/conversations/c1/{AGENT}", lambda m: None)
         self.assertEqual(message["error"]["code"], "internal_error")
-        self.assertRegex(message["error"]["message"], r"^the answer was 50\d\d bytes, over the max_message_size "
+        self.assertRegex(message["error"]["message"], r"^the answer was 5\d\d\d bytes, over the max_message_size "
                                                       r"of 4096 bytes$")
 
     def test_forward_over_the_brokers_packet_limit_becomes_an_error_to_the_conversation(self):

@@ -17,7 +17,8 @@ from agent2389_lib.config import AgentConfig, LlmSettings, MqttSettings, Secret,
 from agent2389_lib.errors import StartupError
 from agent2389_lib.runtime import AgentRuntime, Intake, StopRequest
 from fake_llm import FakeOpenAI, Reply, Status
-from support import AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, free_port, new_task_id, wait_until
+from support import (NO_USAGE, AgentProcess, BrokerTestCase, Mosquitto, Watcher, envelope, free_port, new_task_id,
+                     wait_until)
 
 AGENT = "agent-one"
 INPUT = f"/control/agents/{AGENT}/input"
@@ -54,7 +55,7 @@ class LifecycleTests(BrokerTestCase):
         subprocess.run(["mosquitto_pub", "-p", str(self.broker.port), "-q", "1", "-t", INPUT, "-m", payload],
                        check=True, timeout=10)
         (reply,) = watcher.wait_for(f"/conversations/c-pub/{AGENT}")
-        self.assertEqual(reply, {"response": 'Hello\nInput data: {"x":1}', "task_id": task_id})
+        self.assertEqual(reply, {"response": 'Hello\nInput data: {"x":1}', "task_id": task_id, "usage": NO_USAGE})
 
     def task_in_flight(self, latency_ms, cid):
         watcher = self.watcher(STATUS, "/conversations/#")
@@ -254,7 +255,8 @@ class LlmFailureTests(BrokerTestCase):
         good = envelope(AGENT, cid="c-llm-after")
         watcher.publish(INPUT, good)
         (reply,) = watcher.wait_for(f"/conversations/c-llm-after/{AGENT}")
-        self.assertEqual(reply, {"response": "the model is back", "task_id": good["task_id"]})
+        self.assertEqual(reply, {"response": "the model is back", "task_id": good["task_id"],  # the fake's usage
+                                 "usage": {"input_tokens": 11, "output_tokens": 7, "cost_usd": 0.0}})
 
     def test_tool_request_reaches_tool_through_echo_provider(self):
         watcher = self.watcher(STATUS, "/conversations/#")
@@ -327,7 +329,8 @@ class PipelineTests(BrokerTestCase):
                                        "input": {"style": "short"}, "next": None}})
         watcher.publish("/control/agents/researcher/input", task)
         (final,) = watcher.wait_for("/conversations/c-pipe/+")
-        self.assertEqual(final, {"response": 'Edit\nInput data: {"style":"short"}', "task_id": task_id})
+        self.assertEqual(final, {"response": 'Edit\nInput data: {"style":"short"}', "task_id": task_id,
+                                 "usage": NO_USAGE})
         to_writer = watcher.matching("/control/agents/writer/input")[0]
         self.assertEqual(to_writer["input"], 'Research\nInput data: {"topic":"x"}')  # null input: the text
         self.assertEqual(to_writer["instruction"], "Write")

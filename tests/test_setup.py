@@ -18,7 +18,7 @@ import threading
 import time
 import unittest
 
-from support import ROOT, Mosquitto, Watcher, envelope, free_port, process, wait_until
+from support import NO_USAGE, ROOT, Mosquitto, Watcher, envelope, free_port, process, wait_until
 
 from agent2389_lib.config import AgentConfig
 
@@ -266,7 +266,7 @@ class SingleFileTests(unittest.TestCase):
         task = envelope("boxed", cid="pyz", input={"tool_request": {"name": "say", "parameters": {"text": "from a zip"}}})
         watcher.publish("/control/agents/boxed/input", task)
         (answer,) = watcher.wait_for("/conversations/pyz/boxed")
-        self.assertEqual(answer, {"response": "from a zip\n", "task_id": task["task_id"]})
+        self.assertEqual(answer, {"response": "from a zip\n", "task_id": task["task_id"], "usage": NO_USAGE})
         agent.send_signal(signal.SIGTERM)
         self.assertEqual(agent.wait(30), 0, output.text[-2000:])
         self.assertFalse(re.search(r"Traceback", output.text), output.text[-2000:])

@@ -208,7 +208,7 @@ def _build_llm(read: Reader, env: Mapping[str, str], run_problems: list) -> LlmS
             continue
         sub_provider = sub_reader.choice("llm.provider", "echo", PROVIDERS)
         fallbacks.append(_llm_settings(sub_reader, env, run_problems, sub_provider, "llm.", inherit=primary))
-    return replace(primary, fallback=tuple(fallbacks))
+    return replace(primary, fallback=tuple(fallbacks), prices=_prices(read))
 
 
 def _infer_provider(read: Reader, env: Mapping[str, str]) -> str:
@@ -277,8 +277,38 @@ def _api_key(read: Reader, env: Mapping[str, str], provider: str, prefix: str) -
 
 
 def _build_budget(read: Reader) -> BudgetSettings:
-    return BudgetSettings(max_tool_calls=read.integer("budget.max_tool_calls", BUDGET.max_tool_calls, 0, 1000),
-                          max_iterations=read.integer("budget.max_iterations", BUDGET.max_iterations, 1, 1000))
+    return BudgetSettings(
+        max_tool_calls=read.integer("budget.max_tool_calls", BUDGET.max_tool_calls, 0, 1000),
+        max_iterations=read.integer("budget.max_iterations", BUDGET.max_iterations, 1, 1000),
+        max_tokens_per_task=read.integer("budget.max_tokens_per_task", None, 1, _MAX_TOKENS),
+        max_cost_usd_per_task=read.number("budget.max_cost_usd_per_task", None, 0.0, _MAX_USD),
+        max_tokens_per_conversation=read.integer("budget.max_tokens_per_conversation", None, 1, _MAX_TOKENS),
+        max_cost_usd_per_conversation=read.number("budget.max_cost_usd_per_conversation", None, 0.0, _MAX_USD))
+
+
+_MAX_TOKENS, _MAX_USD = 10 ** 12, 10.0 ** 9
+
+
+def _prices(read: Reader) -> tuple:
+    """`[llm.prices."MODEL"] input_per_mtok = 2.5, output_per_mtok = 10.0` (USD per million tokens)."""
+    table = read.raw("llm.prices", {})
+    if not isinstance(table, dict):
+        read.out.problem("[llm] prices must be a table of models: [llm.prices.\"gpt-4o\"] input_per_mtok = 2.5, "
+                         "output_per_mtok = 10.0")
+        return ()
+    prices = []
+    for model, price in table.items():
+        where = f"[llm.prices.\"{model}\"]"
+        if not isinstance(price, dict) or set(price) != {"input_per_mtok", "output_per_mtok"}:
+            read.out.problem(f"{where} needs exactly input_per_mtok and output_per_mtok (USD per million tokens)")
+            continue
+        values = [price[key] for key in ("input_per_mtok", "output_per_mtok")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1e6 for v in values):
+            read.out.problem(f"{where} input_per_mtok and output_per_mtok must be numbers from 0 to 1000000 (USD per "
+                             f"million tokens), got {values[0]!r} and {values[1]!r}")
+            continue
+        prices.append((str(model), float(values[0]), float(values[1])))
+    return tuple(prices)
 
 
 def _build_tools(read: Reader, env: Mapping[str, str]) -> list[ToolSpec]:

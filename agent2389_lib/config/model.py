@@ -105,12 +105,19 @@ class LlmSettings:
     max_response_bytes: int = 8388608  # an LLM answer larger than this is an llm_error
     latency_ms: int = 0  # echo provider only: simulated thinking time
     fallback: tuple = ()  # of LlmSettings
+    prices: tuple = ()  # (model, USD per million input tokens, per million output tokens), `[llm.prices."MODEL"]`
 
 
 @dataclass(frozen=True)
 class BudgetSettings:
     max_tool_calls: int = 15
     max_iterations: int = 8
+    # PROTOCOL.md 8: this agent's own limits on one task's LLM spend, and the budget it gives a
+    # conversation it starts (an envelope without one); None: no limit
+    max_tokens_per_task: Optional[int] = None
+    max_cost_usd_per_task: Optional[float] = None
+    max_tokens_per_conversation: Optional[int] = None
+    max_cost_usd_per_conversation: Optional[float] = None
 
 
 @dataclass(frozen=True)

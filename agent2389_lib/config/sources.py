@@ -43,9 +43,11 @@ SECTIONS: dict[str, dict[str, str]] = {
                                           "heartbeat_interval": "heartbeat_interval"},
     "llm": {k: f"llm.{k}" for k in (
         "provider", "model", "api_key_env", "api_key", "base_url", "system_prompt", "temperature",
-        "max_tokens", "fallback", "max_attempts", "request_timeout", "max_response_bytes", "latency_ms")}
+        "max_tokens", "fallback", "max_attempts", "request_timeout", "max_response_bytes", "latency_ms", "prices")}
     | {"openai_api_key": "llm.openai_api_key", "anthropic_api_key": "llm.anthropic_api_key"},
-    "budget": {"max_tool_calls": "budget.max_tool_calls", "max_iterations": "budget.max_iterations"},
+    "budget": {k: f"budget.{k}" for k in (
+        "max_tool_calls", "max_iterations", "max_tokens_per_task", "max_cost_usd_per_task",
+        "max_tokens_per_conversation", "max_cost_usd_per_conversation")},
     "health": {"port": "health_port", "bind": "health_bind"},
     "logging": {"level": "log_level", "format": "log_format", "spans": "log_spans"},
 }

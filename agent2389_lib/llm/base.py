@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
-from .. import tracing
+from .. import taskscope, tracing
 
 log = logging.getLogger("agent2389.llm")
 
@@ -60,8 +60,12 @@ class Provider(Protocol):
         its text (OpenAI) or its one tool call's arguments (Anthropic)."""
 
 
-def traced_chat(provider: str, model: str, chat: Callable[[], ChatReply]) -> ChatReply:
-    """One LLM request as a span with OpenTelemetry's GenAI attributes."""
+def traced_chat(provider: str, model: str, chat: Callable[[], ChatReply]) -> tuple[ChatReply, float]:
+    """One LLM request as a span with OpenTelemetry's GenAI attributes, within the task's budget
+    (spend.py: BudgetExceeded before the request when it is spent); the reply and its cost."""
+    spend = taskscope.current_spend()
+    if spend is not None:
+        spend.check()
     with tracing.span(f"chat {model}", tracing.CLIENT, {"gen_ai.operation.name": "chat",
                                                         "gen_ai.provider.name": provider,
                                                         "gen_ai.request.model": model}) as span:
@@ -69,7 +73,7 @@ def traced_chat(provider: str, model: str, chat: Callable[[], ChatReply]) -> Cha
         span.set("gen_ai.usage.input_tokens", reply.tokens_in)
         span.set("gen_ai.usage.output_tokens", reply.tokens_out)
         span.set("gen_ai.response.finish_reasons", [reply.finish_reason])
-        return reply
+    return reply, spend.record(model, reply.tokens_in, reply.tokens_out) if spend is not None else 0.0
 
 
 def warn_if_unlisted(provider: str, model: str, listing: Any) -> None:

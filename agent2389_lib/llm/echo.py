@@ -36,7 +36,7 @@ class EchoProvider:
         """`output` is never given: echo cannot be a router's provider (ROUTER_PROVIDERS)."""
         started = time.monotonic()
         try:
-            reply = traced_chat(self.name, self.name, lambda: self._answer(messages, tools, deadline))
+            reply, _ = traced_chat(self.name, self.name, lambda: self._answer(messages, tools, deadline))
         except TaskTimeout:
             self.events.emit(LlmCalled(self.name, time.monotonic() - started, 0, "deadline"))
             raise

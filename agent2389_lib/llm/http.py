@@ -36,16 +36,17 @@ class ProviderHttp:
         """One chat completion with its retries, told to the events for the per-provider counters
         (a failure under its kind; a task deadline that passed as "deadline")."""
         spent = Attempted()
+        model = str(body.get("model"))
         try:
-            reply = traced_chat(self.provider, str(body.get("model")),
-                                lambda: parse(self._post(path, body, deadline, spent)))
+            reply, cost = traced_chat(self.provider, model, lambda: parse(self._post(path, body, deadline, spent)))
         except LlmError as exc:
             self.events.emit(LlmCalled(self.label, spent.seconds, spent.retries, exc.kind))
             raise
         except TaskTimeout:
             self.events.emit(LlmCalled(self.label, spent.seconds, spent.retries, "deadline"))
             raise
-        self.events.emit(LlmCalled(self.label, spent.seconds, spent.retries, None, reply.tokens_in, reply.tokens_out))
+        self.events.emit(LlmCalled(self.label, spent.seconds, spent.retries, None, reply.tokens_in, reply.tokens_out,
+                                   model, cost))
         return reply
 
     def _post(self, path: str, body: dict, deadline: float, spent: Attempted) -> Any:
