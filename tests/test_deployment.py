@@ -262,7 +262,7 @@ class MonitoringTests(unittest.TestCase):
         alerts = {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
         self.assertEqual(set(alerts), {"Agent2389HighErrorRate", "Agent2389MqttDisconnected", "Agent2389IntakeSaturated",
                                        "Agent2389StateStoreDegraded", "Agent2389MemoryNearLimit",
-                                       "Agent2389PublishesRefused"})
+                                       "Agent2389PublishesRefused", "Agent2389SpendHigh"})
         for expr in alerts.values():
             self.assertLessEqual(self.names_in(expr), self.exported, expr)
         with open(os.path.join(rules, "agent2389-rules.test.yml")) as handle:
