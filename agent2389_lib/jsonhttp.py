@@ -16,7 +16,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+import re
+from typing import Any, Callable, Optional, Protocol
 
 import requests
 
@@ -26,6 +27,7 @@ from .errors import remaining
 from .httpsessions import (TRACE_CONTEXT, BodyDeadline, BodyError, ProxyUnusable, ThreadSessions, check_proxy,
                            cancellable, endpoint_session, problem, public_url, read_body)
 from .redaction import truncate_utf8
+from .rfc3339 import parse_rfc3339
 
 log = logging.getLogger("agent2389.http")
 
@@ -77,6 +79,46 @@ class Attempted:
     seconds: float = 0.0
 
 
+class Gate(Protocol):
+    """What each attempt passes first (a shared cooldown, client-side limits), and is told of a
+    rate limit met (cooldowns.ProviderGate)."""
+
+    def before(self, deadline: float) -> None: ...
+
+    def limited(self, status: int, wait: float) -> None: ...
+
+
+COOLDOWN_STATUSES = frozenset({429, 503, 529})
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATIONS_RE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_RESET_DURATIONS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")  # OpenAI: "6m0s", "20ms"
+_RESET_TIMES = ("anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset",
+                "anthropic-ratelimit-input-tokens-reset", "anthropic-ratelimit-output-tokens-reset")  # RFC 3339
+
+
+def rate_limit_wait(status: int, headers: Any, now: Optional[float] = None) -> Optional[float]:
+    """How long a provider asked to wait: `Retry-After`, or for a 429 without it, the latest of its
+    rate-limit reset headers; None when it did not say."""
+    hinted = retry_after_seconds(headers.get("Retry-After"), now)
+    if hinted is not None or status != 429:
+        return hinted
+    waits = [_duration(headers.get(name)) for name in _RESET_DURATIONS]
+    moment = time.time() if now is None else now
+    waits += [None if (at := parse_rfc3339(headers.get(name))) is None else max(0.0, at - moment)
+              for name in _RESET_TIMES]
+    known = [wait for wait in waits if wait is not None]
+    return max(known) if known else None
+
+
+def _duration(value: Optional[str]) -> Optional[float]:
+    """A Go-style duration ("1h2m3.5s", "20ms") in seconds; None when it is not one."""
+    text = value.strip() if isinstance(value, str) else ""
+    if not _DURATIONS_RE.fullmatch(text):
+        return None
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_RE.findall(text))
+
+
 def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
     """`Retry-After` as seconds from now: delta-seconds or an HTTP date; None when absent/unreadable."""
     if not value:
@@ -98,11 +140,12 @@ class JsonHttpClient:
 
     def __init__(self, service: str, base_url: str, headers: dict, max_attempts: int, request_timeout: float,
                  describe_error: Callable[[bytes], str], max_body: int = DEFAULT_MAX_BODY,
-                 max_body_setting: str = ""):
+                 max_body_setting: str = "", gate: Optional[Gate] = None):
         """`describe_error` turns an error body into a few words; `max_body_setting` names the
-        setting of `max_body` in the error about a larger answer. Raises HttpFailure (CONFIG)
-        when the environment's proxy for the URL cannot be used."""
+        setting of `max_body` in the error about a larger answer; every attempt passes `gate`.
+        Raises HttpFailure (CONFIG) when the environment's proxy for the URL cannot be used."""
         self.service = service
+        self.gate = gate
         self.max_body = max_body
         self.max_body_setting = max_body_setting
         self.base_url = base_url.rstrip("/")
@@ -137,6 +180,8 @@ class JsonHttpClient:
         last_problem, kind = "", FailureKind.CONNECTION
         for attempt in range(self.max_attempts):
             taskscope.check()
+            if self.gate is not None:
+                self.gate.before(deadline)
             left = remaining(deadline)
             spent.attempts += 1
             started = time.monotonic()
@@ -152,6 +197,7 @@ class JsonHttpClient:
             finally:
                 spent.seconds += time.monotonic() - started
             taskscope.check()  # a cancel ends the request by shutting its connection: not a failure to retry
+            hinted = None
             if headers is not None:
                 if status == 200:
                     return self._json(data)
@@ -159,10 +205,12 @@ class JsonHttpClient:
                 if status not in RETRYABLE:
                     raise HttpFailure(self._status_message(status, data, url), kind)
                 last_problem = self._status_message(status, data, url)
+                hinted = rate_limit_wait(status, headers)
+                if hinted is not None and self.gate is not None and status in COOLDOWN_STATUSES:
+                    self.gate.limited(status, hinted)
             if attempt + 1 >= self.max_attempts:
                 break
-            wait = retry_after_seconds(headers.get("Retry-After")) if headers is not None else None
-            wait = jittered(attempt, _BACKOFF_BASE, _BACKOFF_CAP) if wait is None else wait
+            wait = jittered(attempt, _BACKOFF_BASE, _BACKOFF_CAP) if hinted is None else hinted
             if wait >= deadline - time.monotonic():
                 raise HttpFailure(f"{last_problem}; the task deadline leaves no time for another attempt", kind)
             spent.retries += 1

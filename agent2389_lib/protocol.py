@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from .redaction import sanitize_error_message
+from .rfc3339 import parse_rfc3339
 from .usage import Budget, Usage, UsageError, parse_budget, parse_usage
 
 # Error codes (docs/protocol.md, the Error payload).
@@ -282,26 +283,13 @@ def _parse_envelope_object(data: dict, task_id: Optional[str], raw_task_id: Any,
                         usage)
 
 
-_RFC3339_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?"
-                         r"(?:[Zz]|([+-])(\d{2}):(\d{2}))\Z")
-
-
 def _expiry(value: Any) -> Optional[float]:
-    """`expires_at` as Unix time: RFC 3339 with a zone (`Z` or an offset); absent or null is none.
-    Parsed here: Python 3.9's fromisoformat takes neither `Z` nor every fraction of a second."""
+    """`expires_at` as Unix time: RFC 3339 with a zone (`Z` or an offset); absent or null is none."""
     if value is None:
         return None
-    match = _RFC3339_RE.match(value.strip()) if isinstance(value, str) else None
-    if match:
-        year, month, day, hour, minute, second = (int(part) for part in match.group(1, 2, 3, 4, 5, 6))
-        sign, offset_hours, offset_minutes = match.group(8, 9, 10)
-        offset = (int(offset_hours) * 3600 + int(offset_minutes) * 60) * (-1 if sign == "-" else 1) if sign else 0
-        try:
-            moment = datetime(year, month, day, hour, minute, min(second, 59), tzinfo=timezone.utc)
-        except ValueError:  # no such day or time
-            moment = None
-        if moment is not None:
-            return moment.timestamp() + float(match.group(7) or 0) - offset
+    moment = parse_rfc3339(value)
+    if moment is not None:
+        return moment
     raise EnvelopeError(f"expires_at must be an RFC 3339 date and time with a zone (e.g. 2026-12-07T10:00:00Z), "
                         f"got {_short(value)}")
 

@@ -21,6 +21,7 @@ from .discovery import AgentInfo, Registry
 from .errors import LlmError, StartupError, TaskFailure, TaskTimeout, remaining
 from .events import Events, Routed, WorkflowEnded
 from .jsonhttp import Attempted, HttpFailure, JsonHttpClient
+from .cooldowns import Fleet
 from .llm import build_provider
 from .llm.base import Message, OutputSchema
 from .outcome import Kind, Outcome
@@ -130,9 +131,9 @@ class LlmRouter:
     OpenAI-compatible server that refuses `response_format` is asked for JSON in the prompt
     and its answer extracted tolerantly from then on."""
 
-    def __init__(self, settings: LlmSettings, events: Optional[Events] = None):
+    def __init__(self, settings: LlmSettings, events: Optional[Events] = None, fleet: Optional[Fleet] = None):
         self.settings = settings
-        self.provider = build_provider(settings, events)
+        self.provider = build_provider(settings, events, fleet)
         self.structured = True
 
     def budget(self) -> float:
@@ -187,11 +188,11 @@ class GatekeeperRouter:
             raise RouterError(str(exc)) from None
 
 
-def build_router(settings: RoutingSettings, events: Optional[Events] = None) -> Router:
+def build_router(settings: RoutingSettings, events: Optional[Events] = None, fleet: Optional[Fleet] = None) -> Router:
     if settings.gatekeeper is not None:
         return GatekeeperRouter(settings.gatekeeper)
     assert settings.llm is not None
-    return LlmRouter(settings.llm, events)
+    return LlmRouter(settings.llm, events, fleet)
 
 
 # ---------------------------------------------------------------- one routed hop

@@ -22,6 +22,7 @@ from . import __version__, protocol, tracing
 from .config import OFFICIAL_BASE_URL, AgentConfig
 from .dedupe import DedupeStore
 from .cancels import Cancel, cancel_message
+from .cooldowns import Cooldowns, Fleet
 from .discovery import STATUS_FILTER, Registry
 from .errors import LlmError, StartupError
 from .events import Event, Events, counted_in
@@ -46,6 +47,7 @@ _STATUS_WAIT = 5.0
 _SESSION_QUIET = 1.0  # seconds without a delivery after which a leaving member's session is taken as empty
 _DRAIN_POLL = 0.05
 _MAX_PACKET_SLACK = 2
+_PROVIDERS = "/control/providers/"  # their cooldowns (cooldowns.py)
 
 
 class Intake:
@@ -182,6 +184,8 @@ class AgentRuntime:
             self.tools = build_registry(config, self.events)
             self.metrics.mcp_servers = self.tools.server_statuses
             self.registry: Optional[Registry] = None
+            self.cooldowns = Cooldowns(config.agent_id, self._publish_retained, v5=lambda: self.transport.output.v5)
+            self.fleet = Fleet(self.cooldowns, members=lambda: self.pool.size_hint() or 1)
             self.agent_loop, route = self._build_thinking()
             self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.events,
                                            should_abandon=self._hard_stop.is_set, route=route,
@@ -201,14 +205,15 @@ class AgentRuntime:
         config = self.config
         try:  # an HTTP endpoint the environment's proxy settings make unusable
             offered = self.tools if config.tools or config.mcp_servers else None
-            agent_loop = build_agent_loop(config, offered, self.events)
+            agent_loop = build_agent_loop(config, offered, self.events, self.fleet)
             if config.routing is None:
                 return agent_loop, None
             from .router import WorkflowRouter, build_router  # imports an HTTP client
             self.registry = registry = Registry()
             self.metrics.registry_size = lambda: (len(registry.routable()), registry.ignored)
             return agent_loop, WorkflowRouter(config.agent_id, config.routing, registry,
-                                              build_router(config.routing, self.events), self.events).next_step
+                                              build_router(config.routing, self.events, self.fleet),
+                                              self.events).next_step
         except LlmError as exc:
             raise StartupError(str(exc)) from None
 
@@ -271,6 +276,9 @@ class AgentRuntime:
         if topic == self._cancel_topic or protocol.canonicalize_topic(topic) == self._cancel_topic:
             self.inflight.receive(topic, payload)
             return
+        if topic.startswith(_PROVIDERS):
+            self.cooldowns.heard(topic, payload)
+            return
         if topic == self._probe_topic:
             self._probe_seen.set()
             return
@@ -278,6 +286,10 @@ class AgentRuntime:
             self.registry.observe(topic, payload)
         if self.pool.observe(topic, payload, self.state):
             self.publish_status(protocol.AVAILABLE)
+
+    def _publish_retained(self, topic: str, payload: bytes, expiry: Optional[int]) -> None:
+        """A provider's cooldown (or its clearing), not waited for."""
+        self.transport.publish(topic, payload, retain=True, expiry=expiry)
 
     def _follow_cancel(self, agent_id: str, cancel: Cancel) -> None:
         """A cancel passed on to the agent a task was forwarded to (QoS 1, not waited for)."""
@@ -297,7 +309,8 @@ class AgentRuntime:
         probe = (protocol.shared_subscription(f"probe-{self.config.mqtt.client_id}", self._probe_topic)
                  if member else self._probe_topic)
         statuses = self.pool.watched_filters() + [probe] + ([STATUS_FILTER] if self.registry is not None else [])
-        self.transport.watch([(topic, 0) for topic in statuses] + [(self._cancel_topic, 1)])  # direct, in a pool too
+        self.transport.watch([(topic, 0) for topic in statuses] + [(self._cancel_topic, 1)]  # direct, in a pool too
+                             + [(topic, 1) for topic in self.fleet.topics()])
         answered = self.transport.wait_watching(_STATUS_WAIT)
         refusals = dict(self.transport.watch_refusals)
         if self._cancel_topic in refusals:

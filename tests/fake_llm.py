@@ -9,7 +9,9 @@ request with its arrival time on the server's clock.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import select
 import socket
@@ -69,6 +71,29 @@ class Trickle:
         self.started = threading.Event()
         self.closed = threading.Event()
         self.closed_at: Optional[float] = None
+
+
+class RateLimit:
+    """A provider's limit as a responder: `per_minute` requests in any 60 s are answered, the rest
+    get 429 with Retry-After (the whole seconds until the oldest leaves the window)."""
+
+    def __init__(self, per_minute: int, text: str = "within the limit"):
+        self.per_minute, self.text = per_minute, text
+        self.window: collections.deque = collections.deque()
+        self.answered = self.refused = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, body: Any) -> Any:
+        with self.lock:
+            now = time.monotonic()
+            while self.window and self.window[0] <= now - 60:
+                self.window.popleft()
+            if len(self.window) < self.per_minute:
+                self.window.append(now)
+                self.answered += 1
+                return Reply(self.text)
+            self.refused += 1
+            return Status(429, {"Retry-After": str(max(1, math.ceil(self.window[0] + 60 - now)))})
 
 
 class BadRequest(Exception):

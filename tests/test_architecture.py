@@ -16,10 +16,10 @@ LAYERS = {
     4: ["processor", "router"],
     3: ["mqtt", "mqtt.*"],
     2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "discovery", "httpsessions", "jsonhttp", "otelexport",
-        "tracers", "inflight"],  # tools.mcp.* too
-    1: ["health", "logs", "errors", "tracing", "taskscope"],
+        "tracers", "inflight", "cooldowns", "ratelimit"],  # tools.mcp.* too
+    1: ["health", "logs", "errors", "tracing", "taskscope", "spend"],
     0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome", "events",
-        "cancels"],
+        "cancels", "usage", "rfc3339"],
 }
 MAX_LINES = 600
 PAHO_PRIVATE_HOME = "mqtt.wire"

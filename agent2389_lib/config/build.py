@@ -259,6 +259,8 @@ def _llm_settings(read: Reader, env: Mapping[str, str], run_problems: list, prov
         request_timeout=read.number(f"{prefix}request_timeout", base.request_timeout, 1.0, 3600.0),
         max_response_bytes=read.integer(f"{prefix}max_response_bytes", base.max_response_bytes, 1024, 1073741824),
         latency_ms=read.integer(f"{prefix}latency_ms", base.latency_ms, 0, 600000),
+        requests_per_minute=read.integer(f"{prefix}requests_per_minute", None, 1, 10 ** 7),
+        tokens_per_minute=read.integer(f"{prefix}tokens_per_minute", None, 1, 10 ** 12),
     )
 
 

@@ -106,6 +106,8 @@ class LlmSettings:
     latency_ms: int = 0  # echo provider only: simulated thinking time
     fallback: tuple = ()  # of LlmSettings
     prices: tuple = ()  # (model, USD per million input tokens, per million output tokens), `[llm.prices."MODEL"]`
+    requests_per_minute: Optional[int] = None  # client-side limits, shared by a pool's live members
+    tokens_per_minute: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ SECTIONS: dict[str, dict[str, str]] = {
                                           "heartbeat_interval": "heartbeat_interval"},
     "llm": {k: f"llm.{k}" for k in (
         "provider", "model", "api_key_env", "api_key", "base_url", "system_prompt", "temperature",
-        "max_tokens", "fallback", "max_attempts", "request_timeout", "max_response_bytes", "latency_ms", "prices")}
+        "max_tokens", "fallback", "max_attempts", "request_timeout", "max_response_bytes", "latency_ms", "prices",
+        "requests_per_minute", "tokens_per_minute")}
     | {"openai_api_key": "llm.openai_api_key", "anthropic_api_key": "llm.anthropic_api_key"},
     "budget": {k: f"budget.{k}" for k in (
         "max_tool_calls", "max_iterations", "max_tokens_per_task", "max_cost_usd_per_task",
@@ -54,7 +55,8 @@ SECTIONS: dict[str, dict[str, str]] = {
 _SPECIAL_SECTIONS = ("tools", "routing", "mcp_servers")
 TOOL_KEYS = ("name", "impl", "command", "args", "timeout", "schema", "description", "env", "config")
 FALLBACK_KEYS = ("provider", "model", "api_key_env", "api_key", "base_url", "temperature", "max_tokens",
-                  "system_prompt", "max_attempts", "request_timeout", "max_response_bytes")
+                  "system_prompt", "max_attempts", "request_timeout", "max_response_bytes", "requests_per_minute",
+                  "tokens_per_minute")
 _ROUTING_KEYS = {"strategy", "max_iterations", "llm", "gatekeeper"}
 _ROUTING_SUB = {"llm": {"provider", "model", "temperature", "api_key_env", "base_url", "max_tokens", "timeout",
                         "max_attempts"},

@@ -6,6 +6,7 @@ import json
 from typing import Any, Optional
 
 from ..config import OFFICIAL_BASE_URL, LlmSettings
+from ..cooldowns import Fleet
 from ..errors import LlmError
 from ..events import Events
 from ..redaction import truncate_utf8
@@ -77,14 +78,14 @@ def from_wire(data: Any) -> ChatReply:
 class AnthropicProvider:
     name = "anthropic"
 
-    def __init__(self, settings: LlmSettings, events: Optional[Events] = None):
+    def __init__(self, settings: LlmSettings, events: Optional[Events] = None, fleet: Optional[Fleet] = None):
         self.settings = settings
         headers = {"anthropic-version": API_VERSION}
         if settings.api_key:
             headers["x-api-key"] = settings.api_key.reveal()
-        self.http = ProviderHttp("anthropic", settings.base_url or OFFICIAL_BASE_URL["anthropic"], headers,
-                                 settings.max_attempts, settings.request_timeout, describe_error, events,
-                                 settings.max_response_bytes)
+        self.http = ProviderHttp("anthropic", settings.base_url or OFFICIAL_BASE_URL["anthropic"], headers, settings,
+                                 describe_error, events, fleet)
+        self.cooling = self.http.cooling
 
     def verify(self) -> None:
         warn_if_unlisted(self.name, self.settings.model, self.http.get("/v1/models", _VERIFY_TIMEOUT))

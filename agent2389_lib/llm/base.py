@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 from .. import taskscope, tracing
+from ..cooldowns import Cooldown
 
 log = logging.getLogger("agent2389.llm")
 
@@ -53,6 +54,9 @@ class Provider(Protocol):
 
     def verify(self) -> None:
         """Check at startup that the provider answers (raises LlmError)."""
+
+    def cooling(self) -> Optional[Cooldown]:
+        """The fleet's cooldown of this provider while one lasts (cooldowns.py), else None."""
 
     def chat(self, system: str, messages: list, tools: list, deadline: float,
              output: Optional[OutputSchema] = None) -> ChatReply:

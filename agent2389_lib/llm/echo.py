@@ -31,6 +31,9 @@ class EchoProvider:
     def verify(self) -> None:
         return None
 
+    def cooling(self) -> None:
+        return None
+
     def chat(self, system: str, messages: list, tools: list, deadline: float,
              output: Optional[OutputSchema] = None) -> ChatReply:
         """`output` is never given: echo cannot be a router's provider (ROUTER_PROVIDERS)."""

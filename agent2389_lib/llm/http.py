@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NoReturn, Optional
 
+from ..config import LlmSettings
+from ..cooldowns import Cooldown, Fleet
 from ..errors import LlmError, TaskTimeout
 from ..jsonhttp import Attempted, HttpFailure, JsonHttpClient
 from ..events import Events, LlmCalled
@@ -12,18 +14,26 @@ from .base import ChatReply, traced_chat
 
 
 class ProviderHttp:
-    def __init__(self, provider: str, base_url: str, headers: dict, max_attempts: int, request_timeout: float,
-                 describe_error: Callable[[bytes], str], events: Optional[Events], max_body: int, label: str = ""):
-        """`label` is the provider's name in the counters (default: `provider`); raises LlmError
-        (kind config) when the environment's proxy for `base_url` cannot be used."""
+    def __init__(self, provider: str, base_url: str, headers: dict, settings: LlmSettings,
+                 describe_error: Callable[[bytes], str], events: Optional[Events], fleet: Optional[Fleet] = None,
+                 label: str = ""):
+        """`label` is the provider's name in the counters (default: `provider`); with a `fleet`, its
+        requests pass the fleet's cooldowns and the client-side limits. Raises LlmError (kind
+        config) when the environment's proxy for `base_url` cannot be used."""
         self.provider = provider
         self.label = label or provider
         self.events = events or Events()
+        self.gate = fleet.gate(self.label, settings, base_url) if fleet is not None else None
         try:
-            self.client = JsonHttpClient(provider, base_url, headers, max_attempts, request_timeout, describe_error,
-                                         max_body, max_body_setting="max_response_bytes")
+            self.client = JsonHttpClient(provider, base_url, headers, settings.max_attempts, settings.request_timeout,
+                                         describe_error, settings.max_response_bytes,
+                                         max_body_setting="max_response_bytes", gate=self.gate)
         except HttpFailure as exc:
             _as_llm_error(exc)
+
+    def cooling(self) -> Optional[Cooldown]:
+        """The fleet's cooldown of this provider, while one lasts."""
+        return self.gate.cooling() if self.gate is not None else None
 
     def get(self, path: str, timeout: float) -> Any:
         """One GET without retries (startup checks)."""
@@ -47,6 +57,8 @@ class ProviderHttp:
             raise
         self.events.emit(LlmCalled(self.label, spent.seconds, spent.retries, None, reply.tokens_in, reply.tokens_out,
                                    model, cost))
+        if self.gate is not None:
+            self.gate.spent(reply.tokens_in + reply.tokens_out)
         return reply
 
     def _post(self, path: str, body: dict, deadline: float, spent: Attempted) -> Any:

@@ -10,7 +10,7 @@ from .. import tracing
 from ..config import BudgetSettings
 from ..errors import LlmError
 from ..events import Events, LlmAnswered, LlmFailed, LlmRequested, ToolCalled, ToolReturned
-from ..protocol import TaskEnvelope, compact_json, rfc3339
+from ..protocol import TaskEnvelope, compact_json, rfc3339, utc_millis
 from .base import ChatReply, Message, Provider, ToolCall
 
 log = logging.getLogger("agent2389.llm")
@@ -47,6 +47,12 @@ class ProviderChain:
     def chat(self, system: str, messages: list, tools: list, deadline: float) -> ChatReply:
         failure: Optional[LlmError] = None
         for index, provider in enumerate(self.providers):
+            cooldown = provider.cooling() if index + 1 < len(self.providers) else None
+            if cooldown is not None:
+                log.info("provider %s is cooling down until %s (HTTP %d at %s); failing over to %s at once",
+                         provider.name, utc_millis(cooldown.until), cooldown.status, cooldown.agent_id,
+                         self.providers[index + 1].name)
+                continue
             try:
                 reply = provider.chat(system, messages, tools, deadline)
             except LlmError as exc:

@@ -6,6 +6,7 @@ import json
 from typing import Any, Optional
 
 from ..config import OFFICIAL_BASE_URL, LlmSettings
+from ..cooldowns import Fleet
 from ..errors import LlmError
 from ..redaction import truncate_utf8
 from ..tools.base import ToolDef
@@ -87,13 +88,13 @@ def _tool_call(call: dict) -> ToolCall:
 
 
 class OpenAIProvider:
-    def __init__(self, settings: LlmSettings, events: Optional[Events] = None):
+    def __init__(self, settings: LlmSettings, events: Optional[Events] = None, fleet: Optional[Fleet] = None):
         self.settings = settings
         self.name = "openai" if not settings.base_url else f"openai-compatible({settings.base_url})"
         headers = {"Authorization": f"Bearer {settings.api_key.reveal()}"} if settings.api_key else {}
-        self.http = ProviderHttp("openai", settings.base_url or OFFICIAL_BASE_URL["openai"], headers,
-                                 settings.max_attempts, settings.request_timeout, describe_error, events,
-                                 settings.max_response_bytes, self.name)
+        self.http = ProviderHttp("openai", settings.base_url or OFFICIAL_BASE_URL["openai"], headers, settings,
+                                 describe_error, events, fleet, self.name)
+        self.cooling = self.http.cooling
 
     def verify(self) -> None:
         warn_if_unlisted(self.name, self.settings.model, self.http.get("/models", _VERIFY_TIMEOUT))

@@ -1,0 +1,97 @@
+"""One back-off for the fleet through a real mosquitto (PROTOCOL.md 8): a 429 met by one agent
+holds the others' requests to that provider, a cooling provider is failed over at once, 3.1.1
+clears what it published, hostile cooldowns change nothing, and no message or log line names
+the key."""
+
+import json
+import time
+
+from fake_llm import FakeOpenAI, Status
+from support import BrokerTestCase, envelope
+
+from agent2389_lib.cooldowns import cooldown_topic, provider_id
+from agent2389_lib.protocol import utc_millis
+from agent2389_lib.rfc3339 import parse_rfc3339
+
+KEY = "sk-test-FLEET-key-0123456789"
+COOLDOWNS = "/control/providers/+/cooldown"
+
+
+class FleetTests(BrokerTestCase):
+    def openai_agent(self, agent_id: str, fake: FakeOpenAI, **sections):
+        llm = {"provider": "openai", "base_url": fake.base_url, **sections.pop("llm", {})}
+        return self.agent(agent_id, llm=llm, env={"OPENAI_API_KEY": KEY, "LOG_LEVEL": "INFO"}, **sections)
+
+    def test_a_429_met_by_one_agent_holds_the_others_requests(self):
+        fake = FakeOpenAI(api_key=KEY)
+        self.addCleanup(fake.close)
+        watcher = self.watcher("/control/agents/+/status", "/conversations/#", COOLDOWNS)
+        first = self.openai_agent("fleet-first", fake).start_and_wait_available(watcher)
+        second = self.openai_agent("fleet-second", fake).start_and_wait_available(watcher)
+        fake.script = [Status(429, {"Retry-After": "3"})]
+        watcher.publish("/control/agents/fleet-first/input", envelope("fleet-first", cid="c-first"))
+        (message,) = watcher.wait_for(COOLDOWNS)
+        retained = next(m for m in watcher.messages if m.topic.startswith("/control/providers/"))
+        self.assertEqual(retained.topic, cooldown_topic(provider_id(fake.base_url, KEY)))
+        self.assertEqual((message["status"], message["agent_id"]), (429, "fleet-first"))
+        self.assertIn(retained.properties.MessageExpiryInterval, (3, 4))
+        second.wait_log("is cooling down until")
+        asked = len(fake.completions())
+        task = envelope("fleet-second", cid="c-second")
+        watcher.publish("/control/agents/fleet-second/input", task)
+        (answer,) = watcher.wait_for("/conversations/c-second/fleet-second")
+        self.assertEqual(answer["response"], "fake answer")
+        until = parse_rfc3339(message["until"]) - time.time() + time.monotonic()
+        held = [r for r in fake.completions()[asked:] if r["body"]["messages"][-1]["content"].startswith("Do it")]
+        self.assertGreaterEqual(min(r["at"] for r in held), until - 0.05, "the second agent waited for the cooldown")
+        watcher.wait_for("/conversations/c-first/fleet-first")  # the first retried after its own wait
+        for agent in (first, second):
+            self.assertNotIn(KEY, agent.log())
+            self.assertNotIn(KEY[8:20], agent.log())
+        self.assertNotIn(KEY, retained.payload.decode() + retained.topic)
+
+    def test_a_cooling_provider_is_failed_over_at_once(self):
+        primary, fallback = FakeOpenAI(api_key=KEY), FakeOpenAI(api_key=KEY, default_text="from the fallback")
+        for fake in (primary, fallback):
+            self.addCleanup(fake.close)
+        watcher = self.watcher("/control/agents/+/status", "/conversations/#")
+        watcher.publish(cooldown_topic(provider_id(primary.base_url, KEY)),
+                        {"until": utc_millis(time.time() + 600), "status": 429, "agent_id": "elsewhere"}, retain=True)
+        self.addCleanup(watcher.publish, cooldown_topic(provider_id(primary.base_url, KEY)), b"", retain=True)
+        agent = self.openai_agent("fleet-failover", primary, llm={"fallback": [
+            {"provider": "openai", "base_url": fallback.base_url}]}).start_and_wait_available(watcher)
+        agent.wait_log("is cooling down until")
+        watcher.publish("/control/agents/fleet-failover/input", envelope("fleet-failover", cid="c-over"))
+        (answer,) = watcher.wait_for("/conversations/c-over/fleet-failover")
+        self.assertEqual(answer["response"], "from the fallback")
+        self.assertEqual(len(primary.completions()), 0)
+        self.assertIn("failing over to", agent.log())
+
+    def test_on_3_1_1_the_agent_clears_its_cooldown_when_it_ends(self):
+        fake = FakeOpenAI(api_key=KEY)
+        self.addCleanup(fake.close)
+        watcher = self.watcher("/control/agents/+/status", "/conversations/#", COOLDOWNS)
+        self.openai_agent("fleet-311", fake, mqtt={"protocol": "3.1.1"}).start_and_wait_available(watcher)
+        fake.script = [Status(429, {"Retry-After": "1"})]
+        watcher.publish("/control/agents/fleet-311/input", envelope("fleet-311", cid="c-311"))
+        watcher.wait_for("/conversations/c-311/fleet-311")
+        (set_, cleared) = watcher.wait_for(COOLDOWNS, count=2)
+        self.assertEqual(set_["agent_id"], "fleet-311")
+        self.assertEqual(cleared, b"")
+
+    def test_hostile_cooldowns_change_nothing(self):
+        fake = FakeOpenAI(api_key=KEY)
+        self.addCleanup(fake.close)
+        watcher = self.watcher("/control/agents/+/status", "/conversations/#")
+        agent = self.openai_agent("fleet-hostile", fake).start_and_wait_available(watcher)
+        topic = cooldown_topic(provider_id(fake.base_url, KEY))
+        for payload in (b"{", {"until": "soon", "status": 429, "agent_id": "x"},
+                        {"until": utc_millis(time.time() + 7200), "status": 429, "agent_id": "x"},
+                        {"until": utc_millis(time.time() - 10), "status": 429, "agent_id": "x"}):
+            watcher.publish(topic, payload if isinstance(payload, bytes) else json.dumps(payload))
+        agent.wait_log("ignoring a cooldown on")
+        started = time.monotonic()
+        watcher.publish("/control/agents/fleet-hostile/input", envelope("fleet-hostile", cid="c-hostile"))
+        watcher.wait_for("/conversations/c-hostile/fleet-hostile")
+        self.assertLess(time.monotonic() - started, 10, "not held")
+        self.assertEqual(agent.log().count("ignoring a cooldown on"), 1, "said once a minute")
