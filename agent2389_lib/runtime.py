@@ -185,7 +185,8 @@ class AgentRuntime:
             self.metrics.mcp_servers = self.tools.server_statuses
             self.registry: Optional[Registry] = None
             self.cooldowns = Cooldowns(config.agent_id, self._publish_retained, v5=lambda: self.transport.output.v5)
-            self.fleet = Fleet(self.cooldowns, members=lambda: self.pool.size_hint() or 1)
+            self.fleet = Fleet(self.cooldowns if config.llm.fleet_cooldowns else None,
+                               members=lambda: self.pool.size_hint() or 1)
             self.agent_loop, route = self._build_thinking()
             self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.events,
                                            should_abandon=self._hard_stop.is_set, route=route,

@@ -208,7 +208,8 @@ def _build_llm(read: Reader, env: Mapping[str, str], run_problems: list) -> LlmS
             continue
         sub_provider = sub_reader.choice("llm.provider", "echo", PROVIDERS)
         fallbacks.append(_llm_settings(sub_reader, env, run_problems, sub_provider, "llm.", inherit=primary))
-    return replace(primary, fallback=tuple(fallbacks), prices=_prices(read))
+    return replace(primary, fallback=tuple(fallbacks), prices=_prices(read),
+                   fleet_cooldowns=read.boolean("llm.fleet_cooldowns", True))
 
 
 def _infer_provider(read: Reader, env: Mapping[str, str]) -> str:

@@ -108,6 +108,7 @@ class LlmSettings:
     prices: tuple = ()  # (model, USD per million input tokens, per million output tokens), `[llm.prices."MODEL"]`
     requests_per_minute: Optional[int] = None  # client-side limits, shared by a pool's live members
     tokens_per_minute: Optional[int] = None
+    fleet_cooldowns: bool = True  # PROTOCOL.md 8: publish the rate limits met, and hold to the fleet's
 
 
 @dataclass(frozen=True)

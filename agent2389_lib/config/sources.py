@@ -44,7 +44,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "llm": {k: f"llm.{k}" for k in (
         "provider", "model", "api_key_env", "api_key", "base_url", "system_prompt", "temperature",
         "max_tokens", "fallback", "max_attempts", "request_timeout", "max_response_bytes", "latency_ms", "prices",
-        "requests_per_minute", "tokens_per_minute")}
+        "requests_per_minute", "tokens_per_minute", "fleet_cooldowns")}
     | {"openai_api_key": "llm.openai_api_key", "anthropic_api_key": "llm.anthropic_api_key"},
     "budget": {k: f"budget.{k}" for k in (
         "max_tool_calls", "max_iterations", "max_tokens_per_task", "max_cost_usd_per_task",
