@@ -377,6 +377,37 @@ class ValidationTests(ConfigCase):
         self.assertTrue(problems[0].startswith("config file ") and "not valid TOML" in problems[0], problems)
 
 
+class SpendConfigTests(ConfigCase):
+    """Budgets, prices and client-side limits (PROTOCOL.md 8)."""
+
+    base = 'agent_id = "abc"\n[llm]\nprovider = "echo"\n'
+
+    def test_limits_and_prices_are_read(self):
+        config = self.load(self.base + 'requests_per_minute = 60\ntokens_per_minute = 90000\nfleet_cooldowns = false\n'
+                           '[llm.prices."gpt-4o"]\ninput_per_mtok = 2.5\noutput_per_mtok = 10\n'
+                           '[budget]\nmax_tokens_per_task = 5000\nmax_cost_usd_per_conversation = 1.5\n').config
+        self.assertEqual((config.llm.requests_per_minute, config.llm.tokens_per_minute, config.llm.fleet_cooldowns),
+                         (60, 90000, False))
+        self.assertEqual(config.llm.prices, (("gpt-4o", 2.5, 10.0),))
+        self.assertEqual((config.budget.max_tokens_per_task, config.budget.max_cost_usd_per_conversation,
+                          config.budget.max_tokens_per_conversation), (5000, 1.5, None))
+
+    def test_each_bad_value_names_its_key(self):
+        cases = [
+            ("requests_per_minute = 0\n", "[llm] requests_per_minute=0 is out of range"),
+            ("tokens_per_minute = \"lots\"\n", "[llm] tokens_per_minute=lots is not a whole number"),
+            ("[budget]\nmax_tokens_per_task = -5\n", "[budget] max_tokens_per_task=-5 is out of range"),
+            ("[budget]\nmax_cost_usd_per_task = nan\n", "[budget] max_cost_usd_per_task=NaN is not a number"),
+            ("prices = 3\n", "[llm] prices must be a table of models"),
+            ('[llm.prices."m"]\ninput_per_mtok = 1\n', '[llm.prices."m"] needs exactly input_per_mtok and '),
+            ('[llm.prices."m"]\ninput_per_mtok = -1\noutput_per_mtok = true\n',
+             '[llm.prices."m"] input_per_mtok and output_per_mtok must be numbers'),
+        ]
+        for text, start in cases:
+            with self.subTest(text=text):
+                self.assert_problem(self.problems(self.base + text), start)
+
+
 class RoutingConfigTests(ConfigCase):
     BASE = 'agent_id = "abc"\n[llm]\nprovider = "echo"\n'
 
