@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 import cancel
+import fleet
 import instructions
 from harness import AGENT, HERE, Driver, Processes, memory_mb, start_agent, start_broker, start_llm, write_agent_config
 
@@ -124,6 +125,9 @@ def run(quick: bool) -> dict:
         # cancel: from its publish to the end of the task's LLM connection
         cancel_ms = percentiles(cancel.measure(procs, driver, broker, 100 // scale))
 
+        # a pool of 4 x 8 workers against a provider allowing 60 requests a minute, without and with
+        without, with_ = fleet.measure(procs, driver, broker, 180.0 / scale)
+
         # backlog: tasks queued in the persistent session while the agent is down
         agent, _ = start_agent(procs, driver, echo_config)
         procs.stop(agent)
@@ -159,6 +163,10 @@ def run(quick: bool) -> dict:
          round(concurrent_rate / 80, 3), ">= 0.9"),
         ("cancel to the LLM connection's end p50/p99 (ms)", f"{cancel_ms['p50']}/{cancel_ms['p99']}",
          f"{100 // scale} cancels", cancel_ms["p99"], "p99 < 200 ms"),
+        ("429s, pool of 4 x 8 vs 60 requests/min, with / without fleet cooldowns and limits", with_["refused"],
+         f"without: {without['refused']}", round(with_["refused"] / max(1, without["refused"]), 3), "<= 0.05"),
+        ("  tasks answered a minute with them", round(with_["answered_per_minute"], 1), "the provider's limit 60",
+         round(with_["answered_per_minute"] / 60, 3), ">= 0.9"),
         ("idle RSS, echo provider (MB)", round(idle_rss, 1), "", round(idle_rss, 1), "<= 29"),
         ("peak RSS under load (MB)", round(load_peak, 1), "", round(load_peak, 1), "(information)"),
         (f"peak RSS draining a {backlog}-task backlog (MB)", round(backlog_peak, 1), "", round(backlog_peak, 1), "< 80"),

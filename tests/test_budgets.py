@@ -52,6 +52,18 @@ class BudgetTests(BrokerTestCase):
         self.assertIn(f'agent2389_llm_cost_usd_total{{model="gpt-4o"}} {(33 * 2.5 + 21 * 10.0) / 1e6!r}', text)
         self.assertIn("agent2389_tasks_budget_exceeded_total 1", text)
 
+    def test_a_conversations_budget_on_one_agent(self):
+        fake = FakeOpenAI(api_key=KEY)
+        self.addCleanup(fake.close)
+        watcher = self.watcher("/control/agents/+/status", "/conversations/#")
+        self.openai_agent(fake, "conversation-spender", tools={"echo": "builtin"},
+                          budget={"max_tokens_per_conversation": 30}).start_and_wait_available(watcher)
+        fake.script = [Reply(tool_calls=[("echo", {"message": "a"})]), Reply(tool_calls=[("echo", {"message": "b"})])]
+        watcher.publish("/control/agents/conversation-spender/input", envelope("conversation-spender", cid="c-conv"))
+        (error,) = watcher.wait_for("/conversations/c-conv/conversation-spender")
+        self.assertEqual(error["error"]["message"], "budget exceeded: 36 tokens used of max_tokens 30 (the task's "
+                                                    "budget); no further LLM request was made")
+
     def test_a_conversations_budget_follows_the_pipeline(self):
         """The first agent starts it; the third is refused before its first LLM request."""
         fake = FakeOpenAI(api_key=KEY)

@@ -19,8 +19,8 @@ COOLDOWNS = "/control/providers/+/cooldown"
 
 
 class FleetTestCase(BrokerTestCase):
-    def openai_agent(self, agent_id: str, fake: FakeOpenAI, **sections):
-        llm = {"provider": "openai", "base_url": fake.base_url, **sections.pop("llm", {})}
+    def openai_agent(self, agent_id: str, fake: FakeOpenAI, base_url: str = "", **sections):
+        llm = {"provider": "openai", "base_url": base_url or fake.base_url, **sections.pop("llm", {})}
         return self.agent(agent_id, llm=llm, env={"OPENAI_API_KEY": KEY, "LOG_LEVEL": "INFO"}, **sections)
 
 
@@ -29,13 +29,14 @@ class FleetTests(FleetTestCase):
         fake = FakeOpenAI(api_key=KEY)
         self.addCleanup(fake.close)
         watcher = self.watcher("/control/agents/+/status", "/conversations/#", COOLDOWNS)
-        first = self.openai_agent("fleet-first", fake).start_and_wait_available(watcher)
-        second = self.openai_agent("fleet-second", fake).start_and_wait_available(watcher)
+        base_url = fake.base_url.replace("://", "://proxy-user:URL-pa55word@")  # credentials in the URL too
+        first = self.openai_agent("fleet-first", fake, base_url).start_and_wait_available(watcher)
+        second = self.openai_agent("fleet-second", fake, base_url).start_and_wait_available(watcher)
         fake.script = [Status(429, {"Retry-After": "3"})]
         watcher.publish("/control/agents/fleet-first/input", envelope("fleet-first", cid="c-first"))
         (message,) = watcher.wait_for(COOLDOWNS)
         retained = next(m for m in watcher.messages if m.topic.startswith("/control/providers/"))
-        self.assertEqual(retained.topic, cooldown_topic(provider_id(fake.base_url, KEY)))
+        self.assertEqual(retained.topic, cooldown_topic(provider_id(base_url, KEY)))
         self.assertEqual((message["status"], message["agent_id"]), (429, "fleet-first"))
         self.assertIn(retained.properties.MessageExpiryInterval, (3, 4))
         second.wait_log("is cooling down until")
@@ -49,9 +50,10 @@ class FleetTests(FleetTestCase):
         self.assertGreaterEqual(min(r["at"] for r in held), until - 0.05, "the second agent waited for the cooldown")
         watcher.wait_for("/conversations/c-first/fleet-first")  # the first retried after its own wait
         for agent in (first, second):
-            self.assertNotIn(KEY, agent.log())
-            self.assertNotIn(KEY[8:20], agent.log())
-        self.assertNotIn(KEY, retained.payload.decode() + retained.topic)
+            for secret in (KEY, KEY[8:20], "URL-pa55word"):
+                self.assertNotIn(secret, agent.log())
+        for secret in (KEY, "URL-pa55word", "proxy-user"):
+            self.assertNotIn(secret, retained.payload.decode() + retained.topic)
 
     def test_a_cooling_provider_is_failed_over_at_once(self):
         primary, fallback = FakeOpenAI(api_key=KEY), FakeOpenAI(api_key=KEY, default_text="from the fallback")
