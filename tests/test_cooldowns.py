@@ -174,9 +174,11 @@ class FailoverTests(unittest.TestCase):
 
         primary = Stub("primary", Cooldown(time.time() + 30, 429, "b"))
         fallback = Stub("fallback", None)
+        chain = ProviderChain([primary, fallback])
         with self.assertLogs("agent2389.llm", "INFO") as logs:
-            reply = ProviderChain([primary, fallback]).chat("s", [], [], time.monotonic() + 10)
-        self.assertEqual((reply.text, primary.asked), ("fallback", 0))
+            replies = [chain.chat("s", [], [], time.monotonic() + 10) for _ in range(3)]
+        self.assertEqual(([reply.text for reply in replies], primary.asked), (["fallback"] * 3, 0))
+        self.assertEqual(len(logs.output), 1, "said once per cooldown")
         self.assertIn("failing over to fallback at once", logs.output[0])
 
 

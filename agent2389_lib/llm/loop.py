@@ -40,6 +40,7 @@ class ProviderChain:
 
     def __init__(self, providers: list[Provider]):
         self.providers = providers
+        self._said: tuple = ()  # the cooldowns a failover was said for, the latest few
 
     def verify(self) -> None:
         self.providers[0].verify()
@@ -49,9 +50,11 @@ class ProviderChain:
         for index, provider in enumerate(self.providers):
             cooldown = provider.cooling() if index + 1 < len(self.providers) else None
             if cooldown is not None:
-                log.info("provider %s is cooling down until %s (HTTP %d at %s); failing over to %s at once",
-                         provider.name, utc_millis(cooldown.until), cooldown.status, cooldown.agent_id,
-                         self.providers[index + 1].name)
+                if cooldown not in self._said:  # once per cooldown, not per request
+                    self._said = (*self._said[-7:], cooldown)
+                    log.info("provider %s is cooling down until %s (HTTP %d at %s); failing over to %s at once",
+                             provider.name, utc_millis(cooldown.until), cooldown.status, cooldown.agent_id,
+                             self.providers[index + 1].name)
                 continue
             try:
                 reply = provider.chat(system, messages, tools, deadline)
