@@ -64,7 +64,7 @@ class ProviderChain:
                     log.warning("provider %s failed (%s); failing over to %s", provider.name, exc,
                                 self.providers[index + 1].name)
                 continue
-            if index:
+            if failure is not None:
                 log.info("provider %s answered after failover", provider.name)
             return reply
         assert failure is not None
