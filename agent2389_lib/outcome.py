@@ -5,7 +5,7 @@ guessing it again from the message's keys."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -38,7 +38,7 @@ class Outcome:
         return self.message["error"]["code"] if self.kind is Kind.ERROR else None
 
     def with_message(self, message: dict) -> Outcome:
-        return replace(self, message=message)
+        return Outcome(self.kind, self.topic, message)  # dataclasses.replace takes four times as long
 
     def describe(self) -> str:
         """For the log line and the progress event that end a task."""

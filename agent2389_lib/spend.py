@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from . import protocol
@@ -46,13 +45,6 @@ class Prices:
         return (tokens_in * price[0] + tokens_out * price[1]) / _MILLION
 
 
-@dataclass
-class _Limit:
-    tokens: Optional[int]
-    cost: Optional[float]
-    name: str  # what the error calls it
-
-
 class Spend:
     """One task's: checked before each LLM request, told after each."""
 
@@ -66,32 +58,27 @@ class Spend:
             budget = Budget(limits.max_tokens_per_conversation, limits.max_cost_usd_per_conversation, 0, 0.0)
         self.budget = budget
         self.own = Usage()
-        self._own_limit = _Limit(limits.max_tokens_per_task, limits.max_cost_usd_per_task,
-                                 "this agent's limit per task")
+        self.limits = limits
 
     def record(self, model: str, tokens_in: int, tokens_out: int) -> float:
         """One LLM request's usage; returns its cost."""
+        if not tokens_in and not tokens_out:  # the echo provider's: nothing to price
+            return 0.0
         cost = self.prices.cost(model, tokens_in, tokens_out)
-        self.own = Usage(self.own.input_tokens + tokens_in, self.own.output_tokens + tokens_out,
-                         self.own.cost_usd + cost)
+        own = self.own
+        own.input_tokens, own.output_tokens, own.cost_usd = (own.input_tokens + tokens_in,
+                                                             own.output_tokens + tokens_out, own.cost_usd + cost)
         return cost
 
     def check(self) -> None:
         """Before an LLM request: BudgetExceeded when a limit is spent."""
         own_tokens = self.own.input_tokens + self.own.output_tokens
-        if self.budget is not None:
-            self._within(_Limit(self.budget.max_tokens, self.budget.max_cost_usd, "the task's budget"),
-                         self.budget.used_tokens + own_tokens, self.budget.used_cost_usd + self.own.cost_usd)
-        self._within(self._own_limit, own_tokens, self.own.cost_usd)
-
-    @staticmethod
-    def _within(limit: _Limit, tokens: int, cost: float) -> None:
-        if limit.tokens is not None and tokens >= limit.tokens:
-            raise BudgetExceeded(f"budget exceeded: {tokens} tokens used of max_tokens {limit.tokens} "
-                                 f"({limit.name}); no further LLM request was made")
-        if limit.cost is not None and cost >= limit.cost:
-            raise BudgetExceeded(f"budget exceeded: {cost:.6f} USD used of max_cost_usd {limit.cost:g} "
-                                 f"({limit.name}); no further LLM request was made")
+        budget = self.budget
+        if budget is not None:
+            _within(budget.max_tokens, budget.max_cost_usd, "the task's budget", budget.used_tokens + own_tokens,
+                    budget.used_cost_usd + self.own.cost_usd)
+        _within(self.limits.max_tokens_per_task, self.limits.max_cost_usd_per_task, "this agent's limit per task",
+                own_tokens, self.own.cost_usd)
 
     def pipeline(self) -> Usage:
         """The whole pipeline's usage so far, this agent's included."""
@@ -106,3 +93,12 @@ class Spend:
                                       self.budget.used_tokens + self.own.input_tokens + self.own.output_tokens,
                                       self.budget.used_cost_usd + self.own.cost_usd).message()
         return fields
+
+
+def _within(max_tokens: Optional[int], max_cost: Optional[float], limit: str, tokens: int, cost: float) -> None:
+    if max_tokens is not None and tokens >= max_tokens:
+        raise BudgetExceeded(f"budget exceeded: {tokens} tokens used of max_tokens {max_tokens} ({limit}); no "
+                             f"further LLM request was made")
+    if max_cost is not None and cost >= max_cost:
+        raise BudgetExceeded(f"budget exceeded: {cost:.6f} USD used of max_cost_usd {max_cost:g} ({limit}); no "
+                             f"further LLM request was made")
