@@ -1,5 +1,5 @@
 """An MCP server built with the official `mcp` SDK (a test dependency), over streamable HTTP:
-`python mcp_sdk_server.py PORT [--json-response] [--cancel-log FILE]`."""
+`python mcp_sdk_server.py PORT [--json-response] [--cancel-log FILE] [--start-log FILE]`."""
 
 import argparse
 import asyncio
@@ -11,6 +11,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("port", type=int)
 parser.add_argument("--json-response", action="store_true", help="plain JSON answers instead of event streams")
 parser.add_argument("--cancel-log", help="a file that gets a line for every call cancelled by the client")
+parser.add_argument("--start-log", help="a file that gets a line for every call of wait as it begins")
 args = parser.parse_args()
 server = MCPServer("sdk-test")
 
@@ -30,6 +31,9 @@ def refuse(reason: str) -> str:
 @server.tool()
 async def wait(seconds: float) -> str:
     """Waits, then says so."""
+    if args.start_log:
+        with open(args.start_log, "a") as handle:
+            handle.write(f"waiting {seconds} s\n")
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:

@@ -92,14 +92,15 @@ class RunningTaskTests(CancelTestCase):
         self.assert_canceled_once(watcher, agent, task)
 
     def test_an_mcp_call_is_cancelled_at_the_server(self):
-        cancel_log = os.path.join(tempfile.mkdtemp(prefix="cancel-mcp-"), "cancelled")
-        url = sdk_server(self, "--cancel-log", cancel_log)
+        directory = tempfile.mkdtemp(prefix="cancel-mcp-")
+        cancel_log, start_log = os.path.join(directory, "cancelled"), os.path.join(directory, "started")
+        url = sdk_server(self, "--cancel-log", cancel_log, "--start-log", start_log)
         watcher = self.watcher("/control/agents/+/status", "/conversations/#", "/control/agents/+/progress/#")
         agent = self.agent("mcp-cancel", mcp_servers=[{"name": "sdk", "url": url}]).start_and_wait_available(watcher)
         task = envelope("mcp-cancel", cid="c-mcp",
                         input={"tool_request": {"name": "sdk__wait", "parameters": {"seconds": 60}}})
         watcher.publish(input_topic("mcp-cancel"), task)
-        watcher.wait_for("/control/agents/mcp-cancel/progress/tools", lambda p: p.get("event_type") == "ToolCall")
+        wait_until(lambda: os.path.exists(start_log), 20, "the call to reach the MCP server")
         watcher.publish(cancel_topic("mcp-cancel"), {"task_id": task["task_id"], "reason": "enough"})
         wait_until(lambda: os.path.exists(cancel_log), 10, "the MCP server to cancel the call")
         self.assert_canceled_once(watcher, agent, task, "enough")

@@ -23,7 +23,7 @@ from test_first_hour import cli
 from test_llm import OPENAI_KEY, llm_settings, loop_for, task
 from test_security import Certificates
 
-from agent2389_lib.config import AgentConfig
+from agent2389_lib.config import AgentConfig, LlmSettings
 from agent2389_lib.errors import LlmError
 from agent2389_lib.llm import build_agent_loop
 from agent2389_lib.llm.http import ProviderHttp
@@ -222,7 +222,7 @@ class ProxyTests(HttpCase):
     def test_a_socks_proxy_without_its_extra_names_the_extra(self):
         self.environment(HTTPS_PROXY="socks5://relay:s0cks-pass@127.0.0.1:1080")
         with self.assertRaises(LlmError) as caught:
-            ProviderHttp("openai", "https://api.openai.com/v1", {}, 1, 10, lambda body: "", None, 1024)
+            ProviderHttp("openai", "https://api.openai.com/v1", {}, LlmSettings(provider="openai"), lambda body: "", None)
         self.assertIn("the environment names the SOCKS proxy socks5://127.0.0.1:1080 for https://api.openai.com/v1",
                       str(caught.exception))
         self.assertIn("pip install -e '.[socks]'", str(caught.exception))

@@ -226,7 +226,11 @@ class ScriptedRunTests(BrokerTestCase):
         self.assertEqual({e["event_type"] for e in by_topic["/llm"]}, {"LlmRequest", "LlmResponse", "LlmError"})
         self.assertEqual({e["event_type"] for e in by_topic["/tools"]}, {"ToolCall", "ToolComplete"})
         self.assertTrue(all(e["metadata"] == {"tool_name": "echo"} for e in by_topic["/tools"]))
-        self.assertTrue(all(e["metadata"] is None for e in by_topic[""] + by_topic["/llm"]))
+        self.assertTrue(all(e["metadata"] is None for e in by_topic["/llm"]))
+        self.assertTrue(all(e["metadata"] is None for e in by_topic[""] if e["event_type"] == "TaskStart"))
+        ended = [e for e in by_topic[""] if e["event_type"] != "TaskStart"]  # with the agent's own share of usage
+        self.assertTrue(all(set(e["metadata"]["usage"]) == {"input_tokens", "output_tokens", "cost_usd"}
+                            for e in ended))
 
     @staticmethod
     def _settled(port):

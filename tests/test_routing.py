@@ -232,7 +232,7 @@ class LlmRoutedWorkflowTests(RoutingCase):
         before = len(self.fake.completions())
         plain = envelope("writer", cid="v1-plain")
         self.watch.publish("/control/agents/writer/input", plain)
-        self.assertEqual(set(self.final("v1-plain")), {"response", "task_id"})
+        self.assertEqual(set(self.final("v1-plain")), {"response", "task_id", "usage"})
         self.assertEqual(len(self.fake.completions()), before)
         static = envelope("writer", cid="v2-static", next={"topic": "/control/agents/judge/input", "instruction": "J",
                                                            "input": None, "next": None})
