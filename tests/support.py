@@ -133,6 +133,24 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}  # what an answer carries without LLM spend
 
 
+def read_pids(path: str) -> list:
+    """The process ids a test's program wrote to `path`, one per line (none before it wrote)."""
+    try:
+        with open(path) as handle:
+            return [int(text) for text in handle.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie has: only its parent's wait is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def new_task_id() -> str:
     return str(uuid.uuid4())
 

@@ -12,7 +12,7 @@ import time
 
 from fake_llm import FakeOpenAI, Trickle
 from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, ClosingProxy, Mosquitto, Watcher, base_env, envelope,
-                     new_task_id, sdk_server, wait_until)
+                     new_task_id, process_gone, read_pids, sdk_server, wait_until)
 
 KEY = "sk-test-key-0123456789"
 
@@ -85,10 +85,10 @@ class RunningTaskTests(CancelTestCase):
         agent.start_and_wait_available(watcher)
         task = envelope("tool-cancel", cid="c-tool", input={"tool_request": {"name": "slow", "parameters": {}}})
         watcher.publish(input_topic("tool-cancel"), task)
-        wait_until(lambda: len(_pids(pids)) == 2, 20, "the tool and its child to start")
+        wait_until(lambda: len(read_pids(pids)) == 2, 20, "the tool and its child to start")
         watcher.publish(cancel_topic("tool-cancel"), {"task_id": task["task_id"]})
-        for pid in _pids(pids):
-            wait_until(lambda: not _alive(pid), 10, f"process {pid} to be gone")
+        for pid in read_pids(pids):
+            wait_until(lambda pid=pid: process_gone(pid), 10, f"process {pid} to be gone")
         self.assert_canceled_once(watcher, agent, task)
 
     def test_an_mcp_call_is_cancelled_at_the_server(self):
@@ -263,22 +263,6 @@ class AclTests(CancelTestCase):
         watcher.publish(cancel_topic("researcher-agent"), {"task_id": forwarded["task_id"]})
         (error,) = watcher.wait_for("/conversations/c-acl-pipe/+")
         self.assertEqual(error["error"]["code"], "canceled", "the researcher may follow its forward")
-
-
-def _pids(path: str) -> list:
-    try:
-        with open(path) as handle:
-            return [int(text) for text in handle.read().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has ended
-    except FileNotFoundError:
-        return False
 
 
 def _kept_cancels(path: str, task_id: str) -> int:

@@ -15,7 +15,7 @@ from agent2389_lib.events import Events
 from agent2389_lib.inflight import FINISHED, FORWARDED, NOT_SEEN, RUNNING, InFlight
 from agent2389_lib.taskscope import CancelToken, TaskCanceled
 from agent2389_lib.tools.command import CommandTool
-from support import envelope, new_task_id, wait_until
+from support import envelope, new_task_id, process_gone, read_pids, wait_until
 from test_processor import AGENT, ProcessorTestCase
 
 
@@ -96,32 +96,15 @@ class CommandToolCancelTests(unittest.TestCase):
         started = threading.Event()
         cancel_from_another_thread(token, "stop", started)
         began = time.monotonic()
-        both_started = lambda: len(_read_pids(pids)) == 2  # noqa: E731
+        both_started = lambda: len(read_pids(pids)) == 2  # noqa: E731
         threading.Thread(target=lambda: (wait_until(both_started, 10, "the tool started"), started.set()),
                          daemon=True).start()
         with taskscope.bound(token):
             with self.assertRaises(TaskCanceled):
                 tool.execute({}, time.monotonic() + 120)
         self.assertLess(time.monotonic() - began, 30)
-        for pid in _read_pids(pids):
-            wait_until(lambda: not _alive(pid), 10, f"process {pid} gone")
-
-
-def _read_pids(path: str) -> list:
-    try:
-        with open(path) as handle:
-            return [int(text) for text in handle.read().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as handle:  # a zombie is gone for our purpose
-        return handle.read().split(")")[-1].split()[0] != "Z"
+        for pid in read_pids(pids):
+            wait_until(lambda pid=pid: process_gone(pid), 10, f"process {pid} gone")
 
 
 class InFlightTests(unittest.TestCase):
