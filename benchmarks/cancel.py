@@ -17,12 +17,10 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from harness import AGENT, Driver, Processes, start_agent, start_broker, write_agent_config
+from llm_server import LoopbackLlmHandler, serve
 
-MODELS = json.dumps({"object": "list", "data": [{"id": "bench", "object": "model", "created": 0,
-                                                 "owned_by": "bench"}]}).encode()
 _TRICKLE_SECONDS, _EVERY = 60.0, 0.02
 
 
@@ -36,20 +34,7 @@ class TricklingLlm:
         self.lock = threading.Lock()
         llm = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(MODELS)))
-                self.end_headers()
-                self.wfile.write(MODELS)
-
+        class Handler(LoopbackLlmHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"])).decode()
                 marker = next((m for m in llm.started if m in body), None)
@@ -75,10 +60,8 @@ class TricklingLlm:
                         llm.closed_at[marker] = time.monotonic()
                 self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve(Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def expect(self, marker: str) -> threading.Event:
         event = self.started[marker] = threading.Event()

@@ -12,21 +12,18 @@ the provider sent and the tasks answered per minute.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import threading
 import time
 import uuid
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import paho.mqtt.client as mqtt
 
 from harness import AGENT, Driver, Processes, start_agent, start_broker, write_agent_config
+from llm_server import LoopbackLlmHandler, completion, serve
 
-MODELS = json.dumps({"object": "list", "data": [{"id": "bench", "object": "model", "created": 0,
-                                                 "owned_by": "bench"}]}).encode()
 
 
 class LimitedLlm:
@@ -39,42 +36,18 @@ class LimitedLlm:
         self.lock = threading.Lock()
         llm = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, code: int, body: bytes, headers: dict) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                self._send(200, MODELS, {})
-
+        class Handler(LoopbackLlmHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 wait = llm.admit()
                 if wait is None:
-                    self._send(200, json.dumps({
-                        "id": "x", "object": "chat.completion", "created": 0, "model": "bench",
-                        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                     "message": {"role": "assistant", "content": "ok"}}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}).encode(), {})
+                    self.send_json(200, completion("bench", {"role": "assistant", "content": "ok"}, 10, 2))
                 else:
-                    self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit_exceeded"}}',
-                               {"Retry-After": str(wait)})
+                    self.send_json(429, b'{"error": {"message": "rate limited", "type": "rate_limit_exceeded"}}',
+                                   {"Retry-After": str(wait)})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve(Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def admit(self):
         """None when answered, else the whole seconds to wait."""
