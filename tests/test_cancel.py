@@ -178,7 +178,8 @@ class CrashTests(CancelTestCase):
         stalled.start_and_wait_available(watcher)
         task = envelope("crash-cancel", cid="c-crash")
         watcher.publish(input_topic("crash-cancel"), task)
-        stalled.wait_metric("tasks.tasks_processing", 1)
+        watcher.wait_for("/control/agents/crash-cancel/progress/llm",  # running, and its progress went out
+                         lambda p: p.get("task_id") == task["task_id"] and p.get("event_type") == "LlmRequest")
         proxy.to_broker.clear()
         watcher.publish(cancel_topic("crash-cancel"), {"task_id": task["task_id"], "reason": "stop"})
         store = os.path.join(workdir, "state", "crash-cancel.completed.sqlite3")
