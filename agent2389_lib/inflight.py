@@ -83,9 +83,12 @@ class InFlight:
             until = None if token is not None else self._clock() + self.keep_for
             self._kept.keep(cancel, until)
             self.store.keep_cancel(cancel.task_id, cancel.conversation_id, cancel.reason, until)
+            found = RUNNING if token is not None else FORWARDED if forwarded_to else FINISHED if finished else NOT_SEEN
+            # said before acting on it, so whoever follows the cancel reads where it was found before how the
+            # task ended (the `canceled` error of this agent, or of the next one)
+            self.events.emit(CancelReceived(cancel.task_id, cancel.conversation_id or "", found, forwarded_to))
             if token is not None:
                 token.cancel(cancel.reason)
-        found = RUNNING if token is not None else FORWARDED if forwarded_to else FINISHED if finished else NOT_SEEN
         why = f" ({cancel.reason})" if cancel.reason else ""
         if found == RUNNING:
             log.info("cancel for task %s%s: stopping it", cancel.task_id, why)
@@ -98,7 +101,6 @@ class InFlight:
         else:
             log.info("cancel for task %s: not seen here; kept for %.0f s in case it arrives", cancel.task_id,
                      self.keep_for)
-        self.events.emit(CancelReceived(cancel.task_id, cancel.conversation_id or "", found, forwarded_to))
         return found
 
     def _follow(self, agent_id: str, cancel: Cancel) -> None:

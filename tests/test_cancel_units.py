@@ -146,6 +146,19 @@ class InFlightTests(unittest.TestCase):
         self.assertEqual(self.followed, [("writer", Cancel(self.task, "c1", "late"))])
         self.assertEqual(self.inflight.cancel(Cancel(self.task, "c1", "again")), FORWARDED, "and again after")
 
+    def test_where_a_cancel_was_found_is_said_before_it_is_acted_on(self):
+        """A watcher reads an agent's `cancel_received` before the task's `canceled` error, from this
+        agent or the next one (in CI the next agent's error once came first, and the CLI stopped there)."""
+        said: list = []
+        self.inflight.events.subscribe(lambda event: said.append((event.found, list(self.followed), token.canceled)))
+        token = self.inflight.start(self.task)
+        self.inflight.cancel(Cancel(self.task, "c1", "stop"))
+        self.inflight.end(self.task, token, None)
+        forwarded = new_task_id()
+        self.store.finish("k", completed=True, task_id=forwarded, forwarded_to="writer")
+        self.inflight.cancel(Cancel(forwarded, "c1", "stop"))
+        self.assertEqual(said, [(RUNNING, [], False), (FORWARDED, [], True)])
+
     def test_a_finished_task_changes_nothing(self):
         self.store.finish("k", completed=True, task_id=self.task)
         with self.assertLogs("agent2389.cancels", "INFO") as logs:
