@@ -213,6 +213,18 @@ class ConnectionHistoryTests(unittest.TestCase):
             watch.closed_before_connack(True)
         self.assertEqual(version.current, "5")
 
+    def test_a_tls_connection_closed_without_a_reason_names_the_client_certificate(self):
+        """A TLS 1.3 broker that requires a client certificate closes after the handshake; its
+        alert is lost when the close is a reset. Before: a flake in test_security, the agent
+        saying only that the broker closed the connection (or that it was no broker)."""
+        for client_cert, expected in ((None, "if it requires a client certificate, set [mqtt] client_cert_path"),
+                                      ("client.crt", "the broker closed the connection before answering CONNECT")):
+            settings = MqttSettings(host="broker", port=8883, protocol="5", tls=True, client_cert_path=client_cert)
+            watch = ConnectionHistory(settings, ProtocolVersion("5"), Metrics("a", 1), FakeClock()).link("intake", "a")
+            with self.assertLogs("agent2389.transport.mqtt", "WARNING") as logs:
+                watch.closed_before_connack(True)
+            self.assertIn(expected, logs.output[0])
+
     def test_a_broker_that_takes_the_connection_but_never_answers_connect_is_given_up(self):
         watch, clock, _ = self.watch()
         watch.attempt_started()

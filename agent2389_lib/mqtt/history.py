@@ -128,6 +128,11 @@ class LinkHistory:
                                                  f"({self.name} link): no broker behind it yet (a proxy or load "
                                                  f"balancer without its backend?)")
             return
+        if not cause and self.settings.tls and not self.settings.client_cert_path:
+            # TLS 1.3 asks for a client certificate after the handshake: a broker that requires one sends an alert
+            # and closes, and the alert is lost when the close is a reset (our CONNECT unread)
+            cause = ("the broker closed the connection right after the TLS handshake; if it requires a client "
+                     "certificate, set [mqtt] client_cert_path and client_key_path")
         cause = cause or "the broker closed the connection before answering CONNECT"
         deciding = v5 and self.version.deciding
         if self.version.closed_before_connack(v5) or v5 != self.version.v5:
