@@ -224,6 +224,11 @@ class ConnectionHistoryTests(unittest.TestCase):
             with self.assertLogs("agent2389.transport.mqtt", "WARNING") as logs:
                 watch.closed_before_connack(True)
             self.assertIn(expected, logs.output[0])
+            with self.assertLogs("agent2389.transport.mqtt", "ERROR") as logs:  # reset in the handshake itself (TLS 1.2)
+                watch.reset_in_handshake(ConnectionResetError(104, "Connection reset by peer"))
+            self.assertIn("the broker reset the connection during the TLS handshake (Connection reset by peer)",
+                          logs.output[0])
+            self.assertEqual("requires a client certificate" in logs.output[0], client_cert is None)
 
     def test_a_broker_that_takes_the_connection_but_never_answers_connect_is_given_up(self):
         watch, clock, _ = self.watch()

@@ -57,6 +57,9 @@ class ConnectionHistory:
         return text if self.clock() - seen < _TWIN_EVIDENCE_SECONDS else ""
 
 
+_CLIENT_CERTIFICATE_HINT = "if it requires a client certificate, set [mqtt] client_cert_path and client_key_path"
+
+
 class LinkHistory:
     """One link's part of the history: its attempts, its backoff and the causes it reported."""
 
@@ -108,6 +111,12 @@ class LinkHistory:
             since = f" ({count} failed attempts since the last report)" if count > 1 else ""
             log.log(level, "%s; retrying with backoff%s", text, since)
 
+    def reset_in_handshake(self, error: OSError) -> None:
+        """The broker reset the connection during the TLS handshake: what a broker that requires a
+        client certificate does when its alert is lost to the reset (our next handshake messages unread)."""
+        hint = f"; {_CLIENT_CERTIFICATE_HINT}" if not self.settings.client_cert_path else ""
+        self.tls_failed(f"the broker reset the connection during the TLS handshake ({error.strerror or error}){hint}")
+
     def tls_failed(self, cause: str) -> None:
         self.failed_attempt(logging.ERROR, f"TLS with broker {self.where} failed ({self.name} link): "
                                            f"{describe_tls_error(cause)}")
@@ -131,8 +140,7 @@ class LinkHistory:
         if not cause and self.settings.tls and not self.settings.client_cert_path:
             # TLS 1.3 asks for a client certificate after the handshake: a broker that requires one sends an alert
             # and closes, and the alert is lost when the close is a reset (our CONNECT unread)
-            cause = ("the broker closed the connection right after the TLS handshake; if it requires a client "
-                     "certificate, set [mqtt] client_cert_path and client_key_path")
+            cause = f"the broker closed the connection right after the TLS handshake; {_CLIENT_CERTIFICATE_HINT}"
         cause = cause or "the broker closed the connection before answering CONNECT"
         deciding = v5 and self.version.deciding
         if self.version.closed_before_connack(v5) or v5 != self.version.v5:

@@ -316,8 +316,12 @@ class Link:
         except ssl.SSLError as exc:
             self._tls_failed(exc)
         except (OSError, ValueError) as exc:
-            self.watch.failed_attempt(logging.WARNING, f"cannot connect to broker {self.watch.where} ({self.name} "
-                                      f"link): {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+            if self.settings.tls and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                self.watch.reset_in_handshake(exc)
+            else:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                self.watch.failed_attempt(logging.WARNING, f"cannot connect to broker {self.watch.where} ({self.name} "
+                                                           f"link): {why}")
         self.state.become(LinkState.DISCONNECTED)
         return False
 
