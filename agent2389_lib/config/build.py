@@ -12,8 +12,8 @@ from urllib.parse import unquote, urlsplit
 
 from ..protocol import dead_letter_topic
 from .mcp_servers import build_mcp_servers
-from .model import (AgentConfig, BASE_URL_ENV, BUILTIN_OPTIONS, BUILTIN_TOOLS, BudgetSettings, DEFAULT_MODELS,
-                    GatekeeperSettings, KEY_ENV, LOG_LEVELS, LlmSettings, MASK, MqttSettings,
+from .model import (APPROVAL_TIMEOUT, AgentConfig, BASE_URL_ENV, BUILTIN_OPTIONS, BUILTIN_TOOLS, BudgetSettings,
+                    DEFAULT_MODELS, GatekeeperSettings, KEY_ENV, LOG_LEVELS, LlmSettings, MASK, MqttSettings,
                     OFFICIAL_KEY_PREFIX, PROVIDERS, ROUTER_MAX_TOKENS, ROUTER_PROVIDERS, ROUTER_TEMPERATURE,
                     ROUTER_TIMEOUT, RoutingSettings, Secret, ToolSpec)
 from .reader import Reader, is_http_url, table_reader
@@ -290,6 +290,7 @@ def _build_budget(read: Reader) -> BudgetSettings:
 
 
 _MAX_TOKENS, _MAX_USD = 10 ** 12, 10.0 ** 9
+_WEEK = 7 * 86400
 
 
 def _prices(read: Reader) -> tuple:
@@ -352,7 +353,9 @@ def _build_tool(out: Collector, origin: str, name: Any, table: Any, env: Mapping
         out.problem(f"{origin} env must be an array of variable names")
         env_names = []
     common: dict[str, Any] = dict(timeout=timeout, schema=schema, description=reader.string("description", "") or "",
-                  env=tuple(env_names), options=options)
+                  env=tuple(env_names), options=options,
+                  requires_approval=reader.boolean("requires_approval", False),
+                  approval_timeout=reader.integer("approval_timeout", APPROVAL_TIMEOUT, 1, _WEEK))
     if impl == "builtin":
         if name not in BUILTIN_TOOLS:
             out.problem(f"{origin}: there is no builtin tool named {name!r} (builtins: {', '.join(BUILTIN_TOOLS)})")

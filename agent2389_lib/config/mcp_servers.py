@@ -13,7 +13,7 @@ from .sources import Collector
 _DEFAULTS = McpServerSpec(name="")  # as model.py declares them
 
 MCP_SERVER_KEYS = ("name", "command", "args", "url", "headers", "env", "cwd", "timeout", "startup_timeout",
-                   "required", "allowed_tools", "denied_tools")
+                   "required", "allowed_tools", "denied_tools", "approval_tools", "approval_timeout")
 _NAME_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
 _VARIABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 9110)
@@ -83,7 +83,9 @@ def _build_server(origin: str, table: Any, out: Collector) -> Optional[McpServer
         startup_timeout=read.number("startup_timeout", _DEFAULTS.startup_timeout, 1.0, 3600.0),
         required=read.boolean("required", _DEFAULTS.required),
         allowed_tools=tuple(allowed) if allowed is not None else None,
-        denied_tools=tuple(denied or ()))
+        denied_tools=tuple(denied or ()),
+        approval_tools=tuple(read.strings("approval_tools", []) or ()),
+        approval_timeout=read.integer("approval_timeout", _DEFAULTS.approval_timeout, 1, 7 * 86400))
 
 
 def _pairs(read: Reader, key: str, name_rule: re.Pattern, noun: str) -> tuple:

@@ -123,6 +123,9 @@ class BudgetSettings:
     max_cost_usd_per_conversation: Optional[float] = None
 
 
+APPROVAL_TIMEOUT = 900  # seconds a person has to decide (PROTOCOL.md 9)
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     name: str
@@ -135,6 +138,8 @@ class ToolSpec:
     env: tuple = ()
     options: dict = field(default_factory=dict)
     secret: Optional[Secret] = None  # a builtin's API key (web_search: SERPER_API_KEY)
+    requires_approval: bool = False  # PROTOCOL.md 9: a person says yes first
+    approval_timeout: int = APPROVAL_TIMEOUT  # seconds; then the call is denied (by "timeout")
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ class McpServerSpec:
     timeout: float = 30.0  # seconds per call, never past the task deadline
     startup_timeout: float = 30.0  # seconds for the process to start and answer initialize and tools/list
     required: bool = False  # /ready is 503 while it is down
+    approval_tools: tuple = ()  # its tools that need a person's approval (PROTOCOL.md 9)
+    approval_timeout: int = APPROVAL_TIMEOUT  # for them and for the server's elicitation requests
     allowed_tools: Optional[tuple] = None
     denied_tools: tuple = ()
 

@@ -53,7 +53,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "logging": {"level": "log_level", "format": "log_format", "spans": "log_spans"},
 }
 _SPECIAL_SECTIONS = ("tools", "routing", "mcp_servers")
-TOOL_KEYS = ("name", "impl", "command", "args", "timeout", "schema", "description", "env", "config")
+TOOL_KEYS = ("name", "impl", "command", "args", "timeout", "schema", "description", "env", "config",
+             "requires_approval", "approval_timeout")
 FALLBACK_KEYS = ("provider", "model", "api_key_env", "api_key", "base_url", "temperature", "max_tokens",
                   "system_prompt", "max_attempts", "request_timeout", "max_response_bytes", "requests_per_minute",
                   "tokens_per_minute")
