@@ -19,7 +19,7 @@ LAYERS = {
         "tracers", "inflight", "cooldowns", "ratelimit"],  # tools.mcp.* too
     1: ["health", "logs", "errors", "tracing", "taskscope", "spend"],
     0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome", "events",
-        "cancels", "usage", "rfc3339"],
+        "cancels", "usage", "rfc3339", "approvals"],
 }
 MAX_LINES = 600
 PAHO_PRIVATE_HOME = "mqtt.wire"
