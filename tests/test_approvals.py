@@ -1,6 +1,7 @@
 """Approvals on the wire (PROTOCOL.md 9): requests with masked arguments, hostile decisions."""
 
 import json
+import time
 import unittest
 
 from agent2389_lib.approvals import (Decision, DecisionError, approval_id_of, decision_topic, new_approval_id,
@@ -48,3 +49,51 @@ class RequestTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class LoopParkingTests(unittest.TestCase):
+    """The tool-calling loop stops at a call that needs approval and goes on from its state."""
+
+    def test_a_call_needing_approval_parks_and_the_loop_resumes_from_json(self):
+        from agent2389_lib.config import BudgetSettings
+        from agent2389_lib.events import Events
+        from agent2389_lib.llm.base import ChatReply, ToolCall
+        from agent2389_lib.llm.loop import AgentLoop, ApprovalNeeded, LoopState
+        from support import envelope
+        from agent2389_lib.protocol import parse_envelope
+
+        class Chain:
+            def __init__(self):
+                self.asked = []
+
+            def chat(self, system, messages, tools, deadline):
+                self.asked.append([m.role for m in messages])
+                if len(self.asked) == 1:
+                    return ChatReply("", (ToolCall("c1", "safe", {}), ToolCall("c2", "deploy", {"to": "prod"})),
+                                     "tool_calls")
+                return ChatReply("done")
+
+        class Tools:
+            ran = []
+
+            def definitions(self):
+                return [object()]
+
+            def approval_timeout(self, name):
+                return 60 if name == "deploy" else None
+
+            def execute(self, name, arguments, deadline):
+                self.ran.append(name)
+                return True, f"{name} ran"
+
+        chain, tools = Chain(), Tools()
+        loop = AgentLoop(chain, tools, BudgetSettings(), "system", Events())
+        task = parse_envelope(json.dumps(envelope("a1")))
+        with self.assertRaises(ApprovalNeeded) as caught:
+            loop.think(task, time.monotonic() + 60)
+        parked = caught.exception
+        self.assertEqual((parked.call.name, parked.timeout, tools.ran), ("deploy", 60, ["safe"]))
+        state = LoopState.from_json(json.loads(json.dumps(parked.state.to_json())))  # as the store keeps it
+        self.assertEqual(loop.resume(task, state, True, True, "deployed", time.monotonic() + 60), "done")
+        self.assertEqual(chain.asked[-1], ["user", "assistant", "tool", "tool"])
+        self.assertEqual(state.tool_calls, 2)

@@ -4,6 +4,7 @@ between providers."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 from .. import tracing
@@ -22,8 +23,48 @@ BUDGET_SPENT = ("The tool budget for this task is spent. Give your best final an
 class ToolBox(Protocol):
     def definitions(self) -> list: ...
 
+    def approval_timeout(self, name: str) -> Optional[int]:
+        """Seconds a person has to approve a call of `name`; None when it needs no approval."""
+
     def execute(self, name: str, arguments: object, deadline: float) -> tuple[bool, str]:
         """(ok, content): content goes back to the model as the tool result."""
+
+
+@dataclass
+class LoopState:
+    """Where a task's tool-calling loop stands; what a parked task keeps in the store, as JSON."""
+
+    messages: list
+    iteration: int = 0  # LLM requests made
+    tool_calls: int = 0  # tools run
+    pending: list = field(default_factory=list)  # the last reply's calls not answered yet
+
+    def to_json(self) -> dict:
+        return {"messages": [_message_json(m) for m in self.messages], "iteration": self.iteration,
+                "tool_calls": self.tool_calls, "pending": [_call_json(c) for c in self.pending]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LoopState:
+        messages = [Message(m["role"], m["content"], [ToolCall(**c) for c in m["tool_calls"]], m["tool_call_id"],
+                            m["tool_name"], m["is_error"]) for m in data["messages"]]
+        return cls(messages, data["iteration"], data["tool_calls"], [ToolCall(**c) for c in data["pending"]])
+
+
+def _call_json(call: ToolCall) -> dict:
+    return {"id": call.id, "name": call.name, "arguments": call.arguments}
+
+
+def _message_json(message: Message) -> dict:
+    return {"role": message.role, "content": message.content, "tool_calls": [_call_json(c) for c in message.tool_calls],
+            "tool_call_id": message.tool_call_id, "tool_name": message.tool_name, "is_error": message.is_error}
+
+
+class ApprovalNeeded(Exception):
+    """A tool call waits for a person (PROTOCOL.md 9): the loop stops, `state` says where."""
+
+    def __init__(self, state: LoopState, call: ToolCall, timeout: int):
+        super().__init__(f"{call.name} needs approval")
+        self.state, self.call, self.timeout = state, call, timeout
 
 
 def initial_messages(envelope: TaskEnvelope) -> list[Message]:
@@ -81,27 +122,47 @@ class AgentLoop:
         self.events = events
 
     def think(self, envelope: TaskEnvelope, deadline: float) -> str:
+        return self.proceed(envelope, LoopState(initial_messages(envelope)), deadline)
+
+    def resume(self, envelope: TaskEnvelope, state: LoopState, ran: bool, ok: bool, content: str,
+               deadline: float) -> str:
+        """A parked call answered (run, denied, or its outcome unknown after a restart); the loop goes on."""
+        call = state.pending.pop(0)
+        state.tool_calls += ran
+        state.messages.append(Message("tool", content, tool_call_id=call.id, tool_name=call.name, is_error=not ok))
+        return self.proceed(envelope, state, deadline)
+
+    def proceed(self, envelope: TaskEnvelope, state: LoopState, deadline: float) -> str:
+        """Answer the calls pending, then ask the LLM, until it answers without calling tools.
+        Raises ApprovalNeeded, `state` as it stands, at a call that waits for a person."""
         system = f"{self.system_prompt}\n\nCurrent UTC time: {rfc3339()}"
-        messages = initial_messages(envelope)
         definitions = self.tools.definitions() if self.tools else []
-        tool_calls = 0
-        for iteration in range(1, self.budget.max_iterations + 1):
-            offer = bool(definitions) and tool_calls < self.budget.max_tool_calls \
-                and iteration < self.budget.max_iterations
-            if definitions and not offer and iteration > 1:
-                messages.append(Message("user", BUDGET_SPENT))
-            reply = self._ask(envelope, iteration, system, messages, definitions if offer else [], deadline)
-            if not (offer and reply.tool_calls):
-                return reply.text
-            messages.append(Message("assistant", reply.text, tool_calls=list(reply.tool_calls)))
-            for call in reply.tool_calls:
-                if tool_calls >= self.budget.max_tool_calls:
+        while True:
+            while state.pending:
+                call = state.pending[0]
+                if state.tool_calls >= self.budget.max_tool_calls:
                     ok, content = False, "not executed: the tool budget for this task is spent"
                 else:
-                    tool_calls += 1
+                    assert self.tools is not None  # tools are offered only when there are some
+                    timeout = self.tools.approval_timeout(call.name)
+                    if timeout is not None:
+                        raise ApprovalNeeded(state, call, timeout)
+                    state.tool_calls += 1
                     ok, content = self._run_tool(envelope, call, deadline)
-                messages.append(Message("tool", content, tool_call_id=call.id, tool_name=call.name, is_error=not ok))
-        raise AssertionError("unreachable: the last iteration never offers tools")
+                state.pending.pop(0)
+                state.messages.append(Message("tool", content, tool_call_id=call.id, tool_name=call.name,
+                                              is_error=not ok))
+            state.iteration += 1
+            offer = bool(definitions) and state.tool_calls < self.budget.max_tool_calls \
+                and state.iteration < self.budget.max_iterations
+            if definitions and not offer and state.iteration > 1:
+                state.messages.append(Message("user", BUDGET_SPENT))
+            reply = self._ask(envelope, state.iteration, system, state.messages, definitions if offer else [],
+                              deadline)
+            if not (offer and reply.tool_calls):
+                return reply.text
+            state.messages.append(Message("assistant", reply.text, tool_calls=list(reply.tool_calls)))
+            state.pending = list(reply.tool_calls)
 
     def _ask(self, envelope: TaskEnvelope, iteration: int, system: str, messages: list, tools: list,
              deadline: float) -> ChatReply:

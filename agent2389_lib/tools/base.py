@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from ..protocol import compact_json
 
@@ -31,6 +31,7 @@ class Tool:
     description: str = ""
     schema: dict = {"type": "object"}
     source: str = "builtin"  # where it comes from, for `agent2389 tools list`
+    approval_timeout: Optional[int] = None  # seconds a person has to approve a call (PROTOCOL.md 9); None: no approval
 
     def initialize(self) -> None:
         """Check at startup that the tool can work (raises ToolError with a clear message)."""

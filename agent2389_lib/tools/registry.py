@@ -60,6 +60,10 @@ class ToolRegistry:
     def server_statuses(self) -> list[dict]:
         return [server.status() for server in self.servers]
 
+    def approval_timeout(self, name: str) -> Optional[int]:
+        tool = self.tools.get(name)
+        return tool.approval_timeout if tool is not None else None
+
     def definitions(self) -> list[ToolDef]:
         return [ToolDef(t.name, t.description, t.schema) for t in self.tools.values()]
 
@@ -155,9 +159,9 @@ class ToolRegistry:
 def build_tool(spec: ToolSpec, config: AgentConfig) -> Tool:
     from .builtins import BUILTINS
     from .command import CommandTool
-    if spec.kind == "command":
-        return CommandTool(spec, config.max_output_size)
-    return BUILTINS[spec.name](spec, config)
+    tool = CommandTool(spec, config.max_output_size) if spec.kind == "command" else BUILTINS[spec.name](spec, config)
+    tool.approval_timeout = spec.approval_timeout if spec.requires_approval else None
+    return tool
 
 
 def build_registry(config: AgentConfig, events: Optional[Events] = None) -> ToolRegistry:

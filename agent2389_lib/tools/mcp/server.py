@@ -32,6 +32,8 @@ class McpTool(Tool):
         self.description = description
         self.schema = schema
         self.source = f"mcp:{server.name} ({server.transport})"
+        spec = server.spec
+        self.approval_timeout = spec.approval_timeout if remote_name in spec.approval_tools else None
 
     def execute(self, params: dict, deadline: float) -> str:
         return self.server.call(self.remote_name, params, deadline)
