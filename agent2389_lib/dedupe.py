@@ -21,6 +21,7 @@ upgrade are still recognized.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import pathlib
@@ -55,6 +56,7 @@ class DedupeStore:
         self._in_flight: dict[str, list[Any]] = {}
         self._completed: OrderedDict[str, None] = OrderedDict()
         self._finished: OrderedDict[str, Optional[str]] = OrderedDict()  # task id: the agent it went to, if any
+        self._parked: dict[str, dict] = {}  # approval id: a task waiting for a person, or resuming (PROTOCOL.md 9)
         self._legacy_ids: frozenset = frozenset()  # task ids release 0.1 completed
         self._db: Optional[sqlite3.Connection] = None  # sqlite3 is imported with a state_dir only (1 MB)
         self._lock_fd: Optional[int] = None
@@ -87,12 +89,15 @@ class DedupeStore:
                     db.execute(f"ALTER TABLE completed ADD COLUMN {column} TEXT")
             db.execute("CREATE TABLE IF NOT EXISTS cancels (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                        "task_id TEXT UNIQUE, conversation_id TEXT, reason TEXT, until REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS parked (approval_id TEXT PRIMARY KEY, record TEXT)")
+            parked = db.execute("SELECT approval_id, record FROM parked").fetchall()
             rows = db.execute("SELECT key, task_id, forwarded_to FROM completed ORDER BY seq DESC LIMIT ?",
                               (self.capacity,)).fetchall()
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"the completed-task store {path} in state_dir is unusable: {exc} (check that the "
                              f"directory is writable; move the file away if it is corrupt)") from None
+        self._parked = {approval_id: json.loads(record) for approval_id, record in parked}
         for key, task_id, forwarded_to in reversed(rows):
             self._completed[key] = None
             if task_id:
@@ -159,6 +164,49 @@ class DedupeStore:
         """Keep a cancel across a restart (`until`: Unix time, None for as long as there is room)."""
         self._write("INSERT OR REPLACE INTO cancels (task_id, conversation_id, reason, until) VALUES (?, ?, ?, ?)",
                     (task_id, conversation_id, reason, until), "cancels")
+
+    # -------------------------------------------------------------- parked tasks
+    def park(self, approval_id: str, record: dict) -> None:
+        """A task waits for a person: the store owns it now (its delivery is acknowledged)."""
+        with self._lock:
+            self._parked[approval_id] = record
+        self._write_parked(approval_id, record)
+
+    def parked(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self._parked)
+
+    def advance(self, approval_id: str, expected: str, **changes: Any) -> Optional[dict]:
+        """Move a parked task on from state `expected` (once: a second decision finds it moved);
+        the record as it is now, or None."""
+        with self._lock:
+            record = self._parked.get(approval_id)
+            if record is None or record["state"] != expected:
+                return None
+            record = self._parked[approval_id] = {**record, **changes}
+        self._write_parked(approval_id, record)
+        return record
+
+    def unpark(self, approval_id: str) -> None:
+        with self._lock:
+            self._parked.pop(approval_id, None)
+        with self._db_lock:
+            if self._db is not None:
+                import sqlite3
+                try:
+                    self._db.execute("DELETE FROM parked WHERE approval_id = ?", (approval_id,))
+                except sqlite3.Error as exc:
+                    self._write_failed(exc)
+
+    def _write_parked(self, approval_id: str, record: dict) -> None:
+        with self._db_lock:
+            if self._db is not None:
+                import sqlite3
+                try:
+                    self._db.execute("INSERT OR REPLACE INTO parked (approval_id, record) VALUES (?, ?)",
+                                     (approval_id, json.dumps(record)))
+                except sqlite3.Error as exc:
+                    self._write_failed(exc)
 
     def kept_cancels(self, limit: int) -> list[tuple[str, Optional[str], str, Optional[float]]]:
         """The newest `limit` cancels kept, oldest first: (task_id, conversation_id, reason, until)."""

@@ -97,3 +97,21 @@ class LoopParkingTests(unittest.TestCase):
         self.assertEqual(loop.resume(task, state, True, True, "deployed", time.monotonic() + 60), "done")
         self.assertEqual(chain.asked[-1], ["user", "assistant", "tool", "tool"])
         self.assertEqual(state.tool_calls, 2)
+
+
+class ParkedStoreTests(unittest.TestCase):
+    def test_a_parked_task_survives_a_restart_and_moves_on_once(self):
+        import tempfile
+        from agent2389_lib.dedupe import DedupeStore
+        directory = tempfile.mkdtemp()
+        store = DedupeStore(100, directory, "deployer")
+        store.park("a" * 32, {"state": "waiting", "task_id": "t1"})
+        self.assertIsNotNone(store.advance("a" * 32, "waiting", state="decided", decision={"approve": True}))
+        self.assertIsNone(store.advance("a" * 32, "waiting", state="decided"), "a second decision finds it moved")
+        store.close()
+        reopened = DedupeStore(100, directory, "deployer")
+        self.assertEqual(reopened.parked(), {"a" * 32: {"state": "decided", "task_id": "t1",
+                                                        "decision": {"approve": True}}})
+        reopened.unpark("a" * 32)
+        reopened.close()
+        self.assertEqual(DedupeStore(100, directory, "deployer").parked(), {})
