@@ -96,6 +96,21 @@ class TaskFinished(Event):
 
 
 @dataclass
+class ApprovalRequired(Event):
+    """A task parked: a call of `tool` waits for a person (PROTOCOL.md 9)."""
+
+    task_id: str
+    conversation_id: str
+    approval_id: str
+    tool: str
+
+    def progress(self) -> Optional[Progress]:
+        return (self.task_id, self.conversation_id, "General", "ApprovalRequired",
+                f"{self.tool} waits for approval {self.approval_id}", {"approval_id": self.approval_id,
+                                                                       "tool_name": self.tool})
+
+
+@dataclass
 class CancelReceived(Event):
     """A cancel, and where it found its task (inflight.py): running, forwarded, finished or not_seen."""
 

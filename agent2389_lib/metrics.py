@@ -22,7 +22,7 @@ from .outcome import TaskResult
 _WINDOW = 1000
 _COUNTERS = {TaskResult.COMPLETED: "completed", TaskResult.FAILED: "failed", TaskResult.REJECTED: "rejected",
              TaskResult.DUPLICATE: "duplicates", TaskResult.IGNORED: "ignored",
-             TaskResult.CANCELED: "canceled"}  # the attribute each one counts in
+             TaskResult.CANCELED: "canceled", TaskResult.PARKED: "parked"}  # the attribute each one counts in
 CANCEL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, from a cancel to its task's end
 
 
@@ -80,7 +80,7 @@ class Metrics:
         self.routing: dict[str, int] = defaultdict(int)  # decisions by outcome
         # tasks
         self.received = self.completed = self.failed = self.rejected = self.duplicates = self.ignored = 0
-        self.canceled = self.budget_exceeded = 0
+        self.canceled = self.budget_exceeded = self.parked = 0
         self.cancel_buckets = [0] * len(CANCEL_BUCKETS)  # cancelled tasks that ended within each bucket
         self.cancel_seconds = 0.0
         self.processing = self.max_processing = 0
@@ -266,7 +266,7 @@ def _vars_of(stats: Any) -> dict:
 
 # What `read` copies under the lock, by attribute name
 _COPIED = ("received", "completed", "failed", "rejected", "duplicates", "ignored", "canceled", "cancel_seconds",
-           "budget_exceeded",
+           "budget_exceeded", "parked",
            "processing", "max_processing",
            "total_seconds", "finished", "connected", "connection_attempts", "connections_established",
            "connection_failures", "published", "publish_failures", "messages_received", "outcomes_undeliverable",
@@ -382,6 +382,7 @@ FAMILIES: tuple[Family, ...] = (
     _task_counter("duplicate", "duplicates", "Duplicate task messages discarded."),
     _task_counter("ignored", "ignored", "Retained task messages ignored."),
     _task_counter("canceled", "canceled", "Tasks stopped by a cancel (PROTOCOL.md 7), before or while they ran."),
+    _task_counter("parked", "parked", "Tasks parked to wait for a person's approval (PROTOCOL.md 9)."),
     _task_counter("budget_exceeded", "budget_exceeded", "Tasks ended because a token or cost limit was spent "
                   "(PROTOCOL.md 8); counted in failed too."),
     Family("tasks.cancel_to_end_avg_ms", lambda r: _avg(r.counts["cancel_seconds"] * 1000, r.counts["canceled"])),

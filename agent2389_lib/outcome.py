@@ -23,6 +23,7 @@ class TaskResult(enum.Enum):
     FAILED = "failed"
     REJECTED = "rejected"  # bad input: the sender's fault
     CANCELED = "canceled"  # stopped by a cancel (PROTOCOL.md 7)
+    PARKED = "parked"  # waiting for a person's approval (PROTOCOL.md 9): the store owns it
     DUPLICATE = "duplicate"
     IGNORED = "ignored"  # retained, so never a task
 

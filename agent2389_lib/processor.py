@@ -18,15 +18,16 @@ import time
 from contextlib import contextmanager
 from typing import Callable, ContextManager, Iterator, Optional, Protocol, Sequence
 
-from . import protocol, taskscope, tracing, workflow
+from . import approvals, protocol, taskscope, tracing, workflow
 from .answers import extract_response
 from .backoff import jittered
 from .config import AgentConfig
 from .dedupe import COMPLETED, NEW, DedupeStore
 from .errors import PayloadTooLarge, TaskFailure, TaskTimeout
-from .events import (Events, OutcomeRefused, TaskDropped, TaskFinished, TaskReceived, TaskRejected,
+from .events import (ApprovalRequired, Events, OutcomeRefused, TaskDropped, TaskFinished, TaskReceived, TaskRejected,
                      TaskStarted)
 from .inflight import InFlight
+from .llm.loop import ApprovalNeeded
 from .logs import Throttle
 from .outcome import Kind, Outcome, TaskResult
 from .protocol import EnvelopeError, TaskEnvelope
@@ -185,7 +186,7 @@ class TaskProcessor:
             with self._claimed(key, envelope.task_id, envelope.conversation_id, delivery,
                                envelope.expires_at) as claim:
                 if claim is not None:
-                    self._run_claimed(claim, envelope, task_span)
+                    self._run_claimed(claim, envelope, task_span, delivery.payload)
 
     def _task_span(self, delivery: Delivery, parent: Optional[tracing.TraceContext], task_id: Optional[str],
                    cid: Optional[str]) -> ContextManager[tracing.Span]:
@@ -263,7 +264,7 @@ class TaskProcessor:
                 self.events.emit(TaskDropped(TaskResult.REJECTED))
 
     # -------------------------------------------------------------- one task
-    def _run_claimed(self, claim: Claim, envelope: TaskEnvelope, task_span: tracing.Span) -> None:
+    def _run_claimed(self, claim: Claim, envelope: TaskEnvelope, task_span: tracing.Span, payload: bytes) -> None:
         started = time.monotonic()
         ids = (envelope.task_id, envelope.conversation_id)
         result, kind, code = TaskResult.FAILED, None, None
@@ -272,8 +273,13 @@ class TaskProcessor:
         self.events.emit(TaskStarted(*ids))
         try:
             log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth)
-            with taskscope.bound(token, spend):
-                outcome = None if token.canceled else self._outcome(envelope, claim.deadline)
+            try:
+                with taskscope.bound(token, spend):
+                    outcome = None if token.canceled else self._outcome(envelope, claim.deadline)
+            except ApprovalNeeded as parked:
+                self._park(claim, envelope, payload, parked, spend)
+                result = TaskResult.PARKED
+                return
             if token.canceled and (outcome is None or outcome.error_code != protocol.CANCELED):
                 outcome = self._error(envelope, protocol.CANCELED, token.message())  # what it came to is dropped
             assert outcome is not None
@@ -296,6 +302,28 @@ class TaskProcessor:
             self.events.emit(TaskFinished(*ids, result, ended - started, kind, code,
                                           ended - token.canceled_at if result is TaskResult.CANCELED else None,
                                           spend.own.message()))
+
+    def _park(self, claim: Claim, envelope: TaskEnvelope, payload: bytes, parked: ApprovalNeeded, spend: Spend) -> None:
+        """The task waits for a person (PROTOCOL.md 9): the store owns it now (its deliveries are
+        acknowledged), the worker is freed, and a retained request asks for the decision."""
+        approval_id, now = approvals.new_approval_id(), self._wall_clock()
+        until = now + parked.timeout if envelope.expires_at is None else min(now + parked.timeout, envelope.expires_at)
+        self.dedupe.park(approval_id, {
+            "state": "waiting", "task_id": envelope.task_id, "conversation_id": envelope.conversation_id,
+            "key": claim.key, "payload": payload.decode("utf-8"), "expires_at": envelope.expires_at,
+            "loop": parked.state.to_json(), "seconds_left": max(0.0, claim.deadline - time.monotonic()),
+            "until": until, "spent": spend.own.message()})  # the task's deadline does not run while it waits
+        claim.published = True
+        for handle in self.dedupe.finish(claim.key, completed=True, task_id=claim.task_id):
+            handle.ack()
+        request = approvals.request_message(approval_id, envelope.task_id, envelope.conversation_id, approvals.TOOL,
+                                            parked.call.name, parked.call.arguments, protocol.utc_millis(now),
+                                            protocol.utc_millis(until), self.secrets)
+        self.publisher.publish(approvals.approval_topic(self.agent_id, approval_id), protocol.to_payload(request),
+                               retain=True, expiry=max(1, math.ceil(until - now)))
+        self.events.emit(ApprovalRequired(envelope.task_id, envelope.conversation_id, approval_id, parked.call.name))
+        log.info("task %s waits for approval %s of a call of %s, until %s", envelope.task_id, approval_id,
+                 parked.call.name, protocol.utc_millis(until))
 
     @staticmethod
     def _carried(outcome: Outcome, spend: Spend, task_span: tracing.Span) -> dict:
@@ -395,8 +423,10 @@ class TaskProcessor:
             log.error("task %s: the broker refused the dead-letter topic %s too: %s", claim.task_id, where,
                       ticket.refusal)
 
-    def _outcome(self, envelope: TaskEnvelope, deadline: float) -> Outcome:
-        """What to publish, and where, for a claimed task."""
+    def _outcome(self, envelope: TaskEnvelope, deadline: float,
+                 thinking: Optional[Callable[[], str]] = None) -> Outcome:
+        """What to publish, and where, for a claimed task (`thinking`: how its text comes, when
+        not by `think`: a parked task resumed). ApprovalNeeded passes through: the task parks."""
         if envelope.expires_at is not None and self._wall_clock() >= envelope.expires_at:
             return self._error(envelope, protocol.EXPIRED,
                                f"the task expired at {protocol.utc_millis(envelope.expires_at)}, before it started "
@@ -408,7 +438,7 @@ class TaskProcessor:
         try:
             if envelope.next is not None:
                 protocol.next_agent_id(envelope.next.topic)
-            text = self.think(envelope, deadline)
+            text = thinking() if thinking is not None else self.think(envelope, deadline)
             if time.monotonic() > deadline:
                 raise TaskTimeout()
             if envelope.next is not None:
@@ -423,6 +453,8 @@ class TaskProcessor:
             return self._error(envelope, protocol.INTERNAL_ERROR, f"task exceeded {self.config.task_timeout} s")
         except TaskFailure as exc:
             return self._error(envelope, exc.code, str(exc))
+        except ApprovalNeeded:
+            raise
         except Exception:
             log.exception("internal error in task %s", envelope.task_id)
             return self._error(envelope, protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT)

@@ -35,7 +35,7 @@ UNAVAILABLE = "unavailable"
 
 PROGRESS_EVENT_TYPES = (
     "TaskStart", "TaskComplete", "TaskError", "ToolCall", "ToolComplete", "ToolError",
-    "LlmRequest", "LlmResponse", "LlmError", "ValidationError", "Custom",
+    "LlmRequest", "LlmResponse", "LlmError", "ValidationError", "Custom", "ApprovalRequired",
 )
 HEALTH_OK, HEALTH_DEGRADED = "ok", "degraded"
 MAX_WORKFLOW_ENTRIES = 100  # steps_completed and routing_trace keep the newest this many

@@ -115,3 +115,32 @@ class ParkedStoreTests(unittest.TestCase):
         reopened.unpark("a" * 32)
         reopened.close()
         self.assertEqual(DedupeStore(100, directory, "deployer").parked(), {})
+
+
+class ParkingTests(unittest.TestCase):
+    def test_a_task_that_needs_approval_is_parked_acknowledged_and_asked_for(self):
+        from agent2389_lib.llm.base import Message, ToolCall
+        from agent2389_lib.llm.loop import ApprovalNeeded, LoopState
+        from support import envelope
+        from test_processor import AGENT, ProcessorTestCase
+
+        case = ProcessorTestCase()
+
+        def think(task, deadline):
+            state = LoopState([Message("user", "deploy it")], 1, 0, [ToolCall("c1", "deploy", {"to": "prod"})])
+            raise ApprovalNeeded(state, state.pending[0], 600)
+
+        case.make(think=think)
+        task = envelope(AGENT)
+        delivery = case.deliver(task)
+        self.assertEqual(delivery.acks, 1, "the store owns the task now")
+        ((topic, request),) = case.publisher.published()
+        (approval_id, record), = case.store.parked().items()
+        self.assertEqual(topic, f"/control/agents/{AGENT}/approvals/{approval_id}")
+        self.assertEqual((request["kind"], request["tool"], request["arguments"], request["task_id"]),
+                         ("tool", "deploy", {"to": "prod"}, task["task_id"]))
+        self.assertEqual((record["state"], record["loop"]["pending"][0]["name"]), ("waiting", "deploy"))
+        self.assertEqual(case.metrics.snapshot()["tasks"]["tasks_parked"], 1)
+        case.journal.clear()
+        redelivered = case.deliver(task)
+        self.assertEqual((redelivered.acks, case.publisher.published()), (1, []), "a redelivery is a duplicate")

@@ -68,8 +68,8 @@ class MetricsUnitTests(unittest.TestCase):
             for _ in range(count):
                 metrics.task_dropped(result)
         tasks = metrics.snapshot()["tasks"]
-        self.assertEqual([tasks[f"tasks_{name}"] for name in ("completed", "failed", "rejected", "canceled", "duplicate",
-                                                              "ignored")], [1, 2, 3, 4, 5, 6])
+        self.assertEqual([tasks[f"tasks_{name}"] for name in ("completed", "failed", "rejected", "canceled", "parked",
+                                                              "duplicate", "ignored")], [1, 2, 3, 4, 5, 6, 7])
 
     def test_the_time_from_a_cancel_to_its_tasks_end_is_a_histogram(self):
         metrics = Metrics("a1", 1)
