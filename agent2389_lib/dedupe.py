@@ -166,11 +166,19 @@ class DedupeStore:
                     (task_id, conversation_id, reason, until), "cancels")
 
     # -------------------------------------------------------------- parked tasks
-    def park(self, approval_id: str, record: dict) -> None:
-        """A task waits for a person: the store owns it now (its delivery is acknowledged)."""
+    def park(self, approval_id: str, record: dict, replacing: Optional[str] = None) -> None:
+        """A task waits for a person: the store owns it now (its delivery is acknowledged). A
+        resumed task that parks again `replacing` its earlier approval: both in one write, so a
+        crash leaves one of them."""
         with self._lock:
             self._parked[approval_id] = record
-        self._write_parked(approval_id, record)
+            if replacing is not None:
+                self._parked.pop(replacing, None)
+        statements: list[tuple[str, tuple]] = [("INSERT OR REPLACE INTO parked (approval_id, record) VALUES (?, ?)",
+                       (approval_id, json.dumps(record)))]
+        if replacing is not None:
+            statements.append(("DELETE FROM parked WHERE approval_id = ?", (replacing,)))
+        self._write_parked(statements)
 
     def parked(self) -> dict[str, dict]:
         with self._lock:
@@ -184,29 +192,27 @@ class DedupeStore:
             if record is None or record["state"] != expected:
                 return None
             record = self._parked[approval_id] = {**record, **changes}
-        self._write_parked(approval_id, record)
+        self._write_parked([("UPDATE parked SET record = ? WHERE approval_id = ?", (json.dumps(record), approval_id))])
         return record
 
     def unpark(self, approval_id: str) -> None:
         with self._lock:
             self._parked.pop(approval_id, None)
-        with self._db_lock:
-            if self._db is not None:
-                import sqlite3
-                try:
-                    self._db.execute("DELETE FROM parked WHERE approval_id = ?", (approval_id,))
-                except sqlite3.Error as exc:
-                    self._write_failed(exc)
+        self._write_parked([("DELETE FROM parked WHERE approval_id = ?", (approval_id,))])
 
-    def _write_parked(self, approval_id: str, record: dict) -> None:
+    def _write_parked(self, statements: list) -> None:
+        """In one transaction."""
         with self._db_lock:
-            if self._db is not None:
-                import sqlite3
-                try:
-                    self._db.execute("INSERT OR REPLACE INTO parked (approval_id, record) VALUES (?, ?)",
-                                     (approval_id, json.dumps(record)))
-                except sqlite3.Error as exc:
-                    self._write_failed(exc)
+            if self._db is None:
+                return
+            import sqlite3
+            try:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    for statement, values in statements:
+                        self._db.execute(statement, values)
+            except sqlite3.Error as exc:
+                self._write_failed(exc)
 
     def kept_cancels(self, limit: int) -> list[tuple[str, Optional[str], str, Optional[float]]]:
         """The newest `limit` cancels kept, oldest first: (task_id, conversation_id, reason, until)."""

@@ -111,6 +111,18 @@ class ApprovalRequired(Event):
 
 
 @dataclass
+class ApprovalDecided(Event):
+    """An approval ended: approved, denied, timeout or canceled, `seconds` after it was asked for."""
+
+    approval_id: str
+    outcome: str
+    seconds: float
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.approval_decided(self.outcome, self.seconds)
+
+
+@dataclass
 class CancelReceived(Event):
     """A cancel, and where it found its task (inflight.py): running, forwarded, finished or not_seen."""
 

@@ -46,6 +46,7 @@ class AgentStatus:
     waiting: int  # tasks received and not yet started
     store_problem: Optional[str] = None  # why completed tasks are not being persisted
     mcp_servers: tuple = ()  # each MCP server's status (McpServer.status)
+    approvals_pending: int = 0  # tool calls and elicitations waiting for a person (PROTOCOL.md 9)
 
 
 def readiness(status: AgentStatus) -> Optional[str]:
@@ -98,7 +99,8 @@ def health_report(status: AgentStatus, metrics: Metrics, now: float) -> dict:
     healthy = all(check["status"] == "healthy" for check in checks.values())
     report: dict[str, Any] = {"status": "healthy" if healthy else "degraded", "timestamp": stamp,
                               "agent_id": metrics.agent_id, "uptime_seconds": int(metrics.uptime()),
-                              "state": status.state, "checks": checks}
+                              "state": status.state, "checks": checks,
+                              "approvals_pending": status.approvals_pending}
     if status.mcp_servers:
         report["mcp_servers"] = [{key: s[key] for key in ("name", "transport", "state", "required", "tools",
                                                           "restarts", "last_error")} for s in status.mcp_servers]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from .cancels import KEPT, Cancel, CancelError, KeptCancels, parse_cancel
 from .dedupe import DedupeStore
@@ -20,18 +20,29 @@ from .taskscope import CancelToken
 
 log = logging.getLogger("agent2389.cancels")
 
-RUNNING, FORWARDED, FINISHED, NOT_SEEN = "running", "forwarded", "finished", "not_seen"  # where a cancel found its task
+# where a cancel found its task
+RUNNING, WAITING, FORWARDED, FINISHED, NOT_SEEN = "running", "waiting_approval", "forwarded", "finished", "not_seen"
 
 Follow = Callable[[str, Cancel], None]  # the next agent's id, the cancel to publish to it
 
 
+class Parked(Protocol):
+    """The tasks waiting for a person (approvaldesk.ApprovalDesk)."""
+
+    def waits(self, task_id: str) -> bool: ...
+
+    def cancel_task(self, task_id: str, reason: str) -> bool: ...
+
+
 class InFlight:
     def __init__(self, store: DedupeStore, keep_for: float, events: Events, follow: Follow = lambda agent, c: None,
-                 clock: Callable[[], float] = time.time, capacity: int = KEPT):
+                 clock: Callable[[], float] = time.time, capacity: int = KEPT, parked: Optional[Parked] = None):
         """`keep_for`: how long a cancel for a task not seen yet is kept (`task_timeout`);
         `follow` publishes a cancel to the agent a task went to; `clock` is the wall clock (a
-        kept cancel's time survives a restart)."""
+        kept cancel's time survives a restart); `parked`: the tasks waiting for a person (a
+        cancel ends the wait, and the task ends `canceled` when it resumes)."""
         self.store, self.keep_for, self.events, self.follow = store, keep_for, events, follow
+        self.parked = parked
         self._clock = clock
         self._kept = KeptCancels(capacity, clock)
         for task_id, conversation_id, reason, until in store.kept_cancels(capacity):
@@ -78,19 +89,23 @@ class InFlight:
         """Act on a cancel; returns where it found its task."""
         with self._lock:
             token = self._running.get(cancel.task_id)
+            waiting = token is None and self.parked is not None and self.parked.waits(cancel.task_id)
             finished, forwarded_to = self.store.finished(cancel.task_id) if token is None else (False, None)
             # for a task stopped here, as long as there is room (a redelivery after a crash may come late)
             until = None if token is not None else self._clock() + self.keep_for
             self._kept.keep(cancel, until)
             self.store.keep_cancel(cancel.task_id, cancel.conversation_id, cancel.reason, until)
-            found = RUNNING if token is not None else FORWARDED if forwarded_to else FINISHED if finished else NOT_SEEN
+            found = (RUNNING if token is not None else WAITING if waiting else FORWARDED if forwarded_to
+                     else FINISHED if finished else NOT_SEEN)
             # said before acting on it, so whoever follows the cancel reads where it was found before how the
             # task ended (the `canceled` error of this agent, or of the next one)
             self.events.emit(CancelReceived(cancel.task_id, cancel.conversation_id or "", found, forwarded_to))
             if token is not None:
                 token.cancel(cancel.reason)
+            if (token is not None or waiting) and self.parked is not None:  # a parked task, or an MCP question
+                self.parked.cancel_task(cancel.task_id, cancel.reason)
         why = f" ({cancel.reason})" if cancel.reason else ""
-        if found == RUNNING:
+        if found in (RUNNING, WAITING):
             log.info("cancel for task %s%s: stopping it", cancel.task_id, why)
         elif forwarded_to:
             log.info("cancel for task %s%s: it was forwarded to %s; the cancel follows it", cancel.task_id, why,

@@ -78,6 +78,9 @@ class Metrics:
         self.registry_size: Callable[[], tuple[int, int]] = lambda: (0, 0)  # routable agents, statuses ignored
         self.mcp_servers: Callable[[], list[dict]] = lambda: []  # each MCP server's status
         self.routing: dict[str, int] = defaultdict(int)  # decisions by outcome
+        self.approvals_pending: Callable[[], int] = lambda: 0  # waiting for a person (PROTOCOL.md 9)
+        self.approvals: dict[str, int] = defaultdict(int)  # decisions by outcome
+        self.approval_seconds = 0.0  # from the request to its decision, summed
         # tasks
         self.received = self.completed = self.failed = self.rejected = self.duplicates = self.ignored = 0
         self.canceled = self.budget_exceeded = self.parked = 0
@@ -221,6 +224,12 @@ class Metrics:
         with self._lock:
             self.routing[outcome] += 1
 
+    def approval_decided(self, outcome: str, seconds: float) -> None:
+        """approved, denied, timeout or canceled, `seconds` after it was asked for."""
+        with self._lock:
+            self.approvals[outcome] += 1
+            self.approval_seconds += seconds
+
     def set_state(self, state: str) -> None:
         with self._lock:
             if state != self.state:
@@ -239,7 +248,7 @@ class Metrics:
         """One consistent copy of every figure (the hooks are asked before the lock is taken)."""
         depth, store_degraded = self.intake_depth(), self.store_degraded()
         registry_agents, registry_ignored = self.registry_size()
-        mcp_servers = self.mcp_servers()
+        mcp_servers, approvals_pending = self.mcp_servers(), self.approvals_pending()
         with self._lock:
             now = self._clock()
             return Reading(
@@ -248,6 +257,7 @@ class Metrics:
                 llm={name: {**_vars_of(stats), "errors_by_kind": dict(stats.errors_by_kind)}
                      for name, stats in sorted(self.llm.items())},
                 counts={name: getattr(self, name) for name in _COPIED}, routing=dict(self.routing),
+                approvals=dict(self.approvals), approvals_pending=approvals_pending,
                 cancel_buckets=list(self.cancel_buckets),
                 llm_tokens={key: tuple(counts) for key, counts in self.llm_tokens.items()},
                 llm_cost=dict(self.llm_cost),
@@ -266,7 +276,7 @@ def _vars_of(stats: Any) -> dict:
 
 # What `read` copies under the lock, by attribute name
 _COPIED = ("received", "completed", "failed", "rejected", "duplicates", "ignored", "canceled", "cancel_seconds",
-           "budget_exceeded", "parked",
+           "budget_exceeded", "parked", "approval_seconds",
            "processing", "max_processing",
            "total_seconds", "finished", "connected", "connection_attempts", "connections_established",
            "connection_failures", "published", "publish_failures", "messages_received", "outcomes_undeliverable",
@@ -284,6 +294,8 @@ class Reading:
     llm: dict  # provider: its counters
     counts: dict  # _COPIED
     routing: dict
+    approvals: dict  # decisions by outcome
+    approvals_pending: int
     cancel_buckets: list  # cancelled tasks that ended within each of CANCEL_BUCKETS (cumulative, as `le`)
     llm_tokens: dict  # (provider, model): (input, output)
     llm_cost: dict  # model: USD
@@ -385,6 +397,12 @@ FAMILIES: tuple[Family, ...] = (
     _task_counter("parked", "parked", "Tasks parked to wait for a person's approval (PROTOCOL.md 9)."),
     _task_counter("budget_exceeded", "budget_exceeded", "Tasks ended because a token or cost limit was spent "
                   "(PROTOCOL.md 8); counted in failed too."),
+    Family("approvals.pending", lambda r: r.approvals_pending, "agent2389_approvals_pending",
+           help="Tool calls and MCP elicitations waiting for a person's decision (PROTOCOL.md 9)."),
+    Family("approvals.decisions.*", lambda r: r.approvals, "agent2389_approval_decisions_total", "counter",
+           "Approvals decided, by outcome: approved, denied, timeout, canceled.", ("outcome",)),
+    Family("", lambda r: [("_sum", {}, r.counts["approval_seconds"]), ("_count", {}, sum(r.approvals.values()))],
+           "agent2389_approval_decision_seconds", SUMMARY, "Time from an approval's request to its decision."),
     Family("tasks.cancel_to_end_avg_ms", lambda r: _avg(r.counts["cancel_seconds"] * 1000, r.counts["canceled"])),
     Family("", _cancel_samples, "agent2389_cancel_to_end_seconds", HISTOGRAM,
            "Time from a cancel's arrival to the end of its task."),

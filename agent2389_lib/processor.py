@@ -20,18 +20,19 @@ from typing import Callable, ContextManager, Iterator, Optional, Protocol, Seque
 
 from . import approvals, protocol, taskscope, tracing, workflow
 from .answers import extract_response
+from .approvaldesk import DECIDED, RUNNING, WAITING, ApprovalDesk
 from .backoff import jittered
 from .config import AgentConfig
 from .dedupe import COMPLETED, NEW, DedupeStore
 from .errors import PayloadTooLarge, TaskFailure, TaskTimeout
-from .events import (ApprovalRequired, Events, OutcomeRefused, TaskDropped, TaskFinished, TaskReceived, TaskRejected,
-                     TaskStarted)
+from .events import Events, OutcomeRefused, TaskDropped, TaskFinished, TaskReceived, TaskRejected, TaskStarted
 from .inflight import InFlight
-from .llm.loop import ApprovalNeeded
+from .llm.loop import ApprovalNeeded, LoopState
 from .logs import Throttle
 from .outcome import Kind, Outcome, TaskResult
 from .protocol import EnvelopeError, TaskEnvelope
 from .spend import Prices, Spend
+from .usage import Usage
 
 log = logging.getLogger("agent2389.processor")
 
@@ -50,6 +51,8 @@ _INTERNAL_ERROR_TEXT = "internal error while processing the task (details are in
 Think = Callable[[TaskEnvelope, float], str]
 # a v2 hop's output and the task's deadline -> a forward or the workflow's final answer
 Route = Callable[[TaskEnvelope, str, float], Outcome]
+# a parked task's loop goes on: its state, the decided call's answer (None: run it), the deadline
+ResumeLoop = Callable[[TaskEnvelope, LoopState, Optional[tuple[bool, str]], float], str]
 
 
 class Delivery(Protocol):
@@ -87,6 +90,15 @@ class OutcomeUndeliverable(Exception):
         self.topic, self.refusal, self.code = topic, refusal, code
 
 
+class Resumed:
+    """A parked task going on after its approval was decided."""
+
+    __slots__ = ("approval_id", "thinking", "spent")
+
+    def __init__(self, approval_id: str, thinking: Callable[[], str], spent: dict):
+        self.approval_id, self.thinking, self.spent = approval_id, thinking, spent
+
+
 class Claim:
     """A claimed task key. It ends in exactly one of: its outcome published (or refused for
     good by the broker), then every delivery collected for it acknowledged; or released
@@ -117,9 +129,12 @@ def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
 class TaskProcessor:
     def __init__(self, config: AgentConfig, think: Think, publisher: Publisher, dedupe: DedupeStore,
                  events: Events, should_abandon: Callable[[], bool] = lambda: False, route: Optional[Route] = None,
-                 wall_clock: Callable[[], float] = time.time, inflight: Optional[InFlight] = None):
+                 wall_clock: Callable[[], float] = time.time, inflight: Optional[InFlight] = None,
+                 desk: Optional[ApprovalDesk] = None, resume_loop: Optional[ResumeLoop] = None):
         """What happens to each task is told to `events` (the metrics and progress subscribe);
-        `inflight` is where cancels find the running tasks (by default, one of its own)."""
+        `inflight` is where cancels find the running tasks, `desk` where parked tasks wait for a
+        person (by default, ones of its own that resume on the deciding thread); `resume_loop`
+        goes on with a parked task's tool-calling loop."""
         self.config = config
         self.events = events
         self.agent_id = config.agent_id
@@ -136,7 +151,12 @@ class TaskProcessor:
         self.outcome_qos = config.mqtt.outcome_qos
         self._retained = Throttle()
         self._wall_clock = wall_clock  # expiry is a moment on the wall clock (RFC 3339)
-        self.inflight = inflight or InFlight(dedupe, config.task_timeout, events, clock=wall_clock)
+        self.desk = desk or ApprovalDesk(
+            self.agent_id, dedupe, lambda topic, payload, expiry: publisher.publish(topic, payload, retain=True,
+                                                                                   expiry=expiry),
+            lambda item: self.resume(item.approval_id), events, wall_clock)
+        self.inflight = inflight or InFlight(dedupe, config.task_timeout, events, clock=wall_clock, parked=self.desk)
+        self.resume_loop = resume_loop
         self.prices = Prices({model: (per_input, per_output) for model, per_input, per_output in config.llm.prices})
 
     # -------------------------------------------------------------- entry point
@@ -182,18 +202,18 @@ class TaskProcessor:
         if delivery.expires_at is not None:  # the task's expiry: the earlier of its field and the MQTT 5 interval
             envelope.expires_at = min(delivery.expires_at, envelope.expires_at or delivery.expires_at)
         parent = tracing.extract(delivery.user_properties, envelope.traceparent, envelope.tracestate)
-        with self._task_span(delivery, parent, envelope.task_id, envelope.conversation_id) as task_span:
+        with self._task_span(delivery.topic, parent, envelope.task_id, envelope.conversation_id) as task_span:
             with self._claimed(key, envelope.task_id, envelope.conversation_id, delivery,
                                envelope.expires_at) as claim:
                 if claim is not None:
                     self._run_claimed(claim, envelope, task_span, delivery.payload)
 
-    def _task_span(self, delivery: Delivery, parent: Optional[tracing.TraceContext], task_id: Optional[str],
+    def _task_span(self, topic: str, parent: Optional[tracing.TraceContext], task_id: Optional[str],
                    cid: Optional[str]) -> ContextManager[tracing.Span]:
         """The task's span (OpenTelemetry's messaging conventions): what its messages carry, what
         its log lines name."""
         attributes = {"messaging.system": "mqtt", "messaging.operation.type": "process",
-                      "messaging.operation.name": "process", "messaging.destination.name": delivery.topic}
+                      "messaging.operation.name": "process", "messaging.destination.name": topic}
         if task_id:
             attributes["messaging.message.id"] = task_id
         if cid:
@@ -221,20 +241,27 @@ class TaskProcessor:
             return
         claim = Claim(key, task_id, protocol.conversation_topic(cid, self.agent_id),
                       time.monotonic() + self._seconds_allowed(expires_at), expires_at)
-        try:
+        with self._answered(claim):
             yield claim
+
+    @contextmanager
+    def _answered(self, claim: Claim) -> Iterator[None]:
+        """An exception in the body is answered with `internal_error`; a claim left without a
+        published outcome is released unacknowledged (the broker redelivers it)."""
+        try:
+            yield
         except PublishAbandoned:
             raise
         except BaseException as exc:  # a bug, or one that ends the worker (SystemExit): answered all the same
-            log.exception("internal error in task %s", task_id)
+            log.exception("internal error in task %s", claim.task_id)
             if not claim.published:
                 self._publish(claim, Outcome(Kind.ERROR, claim.reply_topic, protocol.error_message(
-                    protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT, task_id, self.secrets)))
+                    protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT, claim.task_id, self.secrets)))
             if not isinstance(exc, Exception):
                 raise
         finally:
             if not claim.published:
-                self.dedupe.finish(key, completed=False)
+                self.dedupe.finish(claim.key, completed=False)
 
     def _seconds_allowed(self, expires_at: Optional[float]) -> float:
         """A running task's deadline: `task_timeout`, or less when the task expires sooner."""
@@ -251,7 +278,7 @@ class TaskProcessor:
             delivery.ack()
             return
         key = f"{self.agent_id}/{task_id}/{hashlib.sha256(delivery.payload).hexdigest()[:32]}"
-        with self._task_span(delivery, tracing.extract(delivery.user_properties), task_id, cid) as task_span:
+        with self._task_span(delivery.topic, tracing.extract(delivery.user_properties), task_id, cid) as task_span:
             log.warning("rejecting task %s: %s", task_id, reason)
             task_span.fail(protocol.INVALID_INPUT)
             with self._claimed(key, task_id, cid, delivery) as claim:
@@ -264,20 +291,24 @@ class TaskProcessor:
                 self.events.emit(TaskDropped(TaskResult.REJECTED))
 
     # -------------------------------------------------------------- one task
-    def _run_claimed(self, claim: Claim, envelope: TaskEnvelope, task_span: tracing.Span, payload: bytes) -> None:
+    def _run_claimed(self, claim: Claim, envelope: TaskEnvelope, task_span: tracing.Span, payload: bytes,
+                     resumed: Optional[Resumed] = None) -> None:
         started = time.monotonic()
         ids = (envelope.task_id, envelope.conversation_id)
         result, kind, code = TaskResult.FAILED, None, None
         token = self.inflight.start(envelope.task_id)
         spend = Spend(self.prices, self.config.budget, envelope.budget, envelope.usage)
+        if resumed is not None:
+            spend.own = Usage(**resumed.spent)
         self.events.emit(TaskStarted(*ids))
         try:
             log.debug("task %s accepted (depth %d)", envelope.task_id, envelope.depth)
             try:
                 with taskscope.bound(token, spend):
-                    outcome = None if token.canceled else self._outcome(envelope, claim.deadline)
+                    outcome = None if token.canceled else self._outcome(
+                        envelope, claim.deadline, resumed.thinking if resumed is not None else None)
             except ApprovalNeeded as parked:
-                self._park(claim, envelope, payload, parked, spend)
+                self._park(claim, envelope, payload, parked, spend, resumed.approval_id if resumed else None)
                 result = TaskResult.PARKED
                 return
             if token.canceled and (outcome is None or outcome.error_code != protocol.CANCELED):
@@ -303,27 +334,91 @@ class TaskProcessor:
                                           ended - token.canceled_at if result is TaskResult.CANCELED else None,
                                           spend.own.message()))
 
-    def _park(self, claim: Claim, envelope: TaskEnvelope, payload: bytes, parked: ApprovalNeeded, spend: Spend) -> None:
+    def _park(self, claim: Claim, envelope: TaskEnvelope, payload: bytes, parked: ApprovalNeeded, spend: Spend,
+              replacing: Optional[str]) -> None:
         """The task waits for a person (PROTOCOL.md 9): the store owns it now (its deliveries are
-        acknowledged), the worker is freed, and a retained request asks for the decision."""
+        acknowledged), the worker is freed, and a retained request asks for the decision. A
+        resumed task that parks again replaces its earlier approval."""
         approval_id, now = approvals.new_approval_id(), self._wall_clock()
         until = now + parked.timeout if envelope.expires_at is None else min(now + parked.timeout, envelope.expires_at)
         self.dedupe.park(approval_id, {
-            "state": "waiting", "task_id": envelope.task_id, "conversation_id": envelope.conversation_id,
+            "state": WAITING, "task_id": envelope.task_id, "conversation_id": envelope.conversation_id,
             "key": claim.key, "payload": payload.decode("utf-8"), "expires_at": envelope.expires_at,
             "loop": parked.state.to_json(), "seconds_left": max(0.0, claim.deadline - time.monotonic()),
-            "until": until, "spent": spend.own.message()})  # the task's deadline does not run while it waits
-        claim.published = True
+            "asked_at": now, "until": until, "spent": spend.own.message()}, replacing)
+        claim.published = True  # the task's deadline does not run while it waits: its time left is kept
         for handle in self.dedupe.finish(claim.key, completed=True, task_id=claim.task_id):
             handle.ack()
-        request = approvals.request_message(approval_id, envelope.task_id, envelope.conversation_id, approvals.TOOL,
-                                            parked.call.name, parked.call.arguments, protocol.utc_millis(now),
-                                            protocol.utc_millis(until), self.secrets)
-        self.publisher.publish(approvals.approval_topic(self.agent_id, approval_id), protocol.to_payload(request),
-                               retain=True, expiry=max(1, math.ceil(until - now)))
-        self.events.emit(ApprovalRequired(envelope.task_id, envelope.conversation_id, approval_id, parked.call.name))
+        self.desk.ask(approval_id, approvals.request_message(
+            approval_id, envelope.task_id, envelope.conversation_id, approvals.TOOL, parked.call.name,
+            parked.call.arguments, protocol.utc_millis(now), protocol.utc_millis(until), self.secrets), until)
         log.info("task %s waits for approval %s of a call of %s, until %s", envelope.task_id, approval_id,
                  parked.call.name, protocol.utc_millis(until))
+
+    # -------------------------------------------------------------- a parked task goes on
+    def resume(self, approval_id: str) -> None:
+        """A decided parked task goes on, once however often it is asked to: the approved call
+        runs, or the LLM hears the denial; then the task is answered as any other. Never raises."""
+        record = self.dedupe.advance(approval_id, DECIDED, state=RUNNING)
+        if record is None:
+            return
+        try:
+            self._resume(approval_id, record)
+        except PublishAbandoned as exc:
+            self.dedupe.advance(approval_id, RUNNING, state=DECIDED)
+            log.warning("%s; task %s resumes when the agent starts again", exc, record["task_id"])
+        except Exception:
+            log.exception("unexpected error while resuming task %s after approval %s", record["task_id"], approval_id)
+
+    def _resume(self, approval_id: str, record: dict) -> None:
+        payload = record["payload"].encode("utf-8")
+        envelope = protocol.parse_envelope(payload)
+        envelope.expires_at = record["expires_at"]
+        state = LoopState.from_json(record["loop"])
+        answer = self._decided_answer(approval_id, record, state)
+        assert self.resume_loop is not None  # only a loop with tools parks
+        resume_loop = self.resume_loop
+        claim = Claim(record["key"], envelope.task_id, protocol.conversation_topic(envelope.conversation_id,
+                                                                                   self.agent_id),
+                      time.monotonic() + record["seconds_left"], envelope.expires_at)
+        resumed = Resumed(approval_id, lambda: resume_loop(envelope, state, answer, claim.deadline), record["spent"])
+        parent = tracing.extract((), envelope.traceparent, envelope.tracestate)
+        with self._task_span(self.input_topic, parent, envelope.task_id, envelope.conversation_id) as task_span:
+            task_span.set("agent2389.approval_id", approval_id)
+            with self._answered(claim):
+                self._run_claimed(claim, envelope, task_span, payload, resumed)
+        if claim.published:  # answered, forwarded, or parked again under a new approval
+            self.desk.done(approval_id)
+
+    def release_parked(self) -> None:
+        """At shutdown, for a store that does not outlive the process (no state_dir): each parked
+        task is answered with an error naming its approval, and its request cleared."""
+        for approval_id, record in self.dedupe.parked().items():
+            claim = Claim(record["key"], record["task_id"], protocol.conversation_topic(record["conversation_id"],
+                                                                                        self.agent_id),
+                          time.monotonic() + _PUBLISH_PATIENCE, None)
+            text = (f"the agent stopped while the task waited for approval {approval_id}, and it keeps no state_dir "
+                    f"to resume it from; send the task again")
+            try:
+                self._publish(claim, Outcome(Kind.ERROR, claim.reply_topic, protocol.error_message(
+                    protocol.INTERNAL_ERROR, text, record["task_id"], self.secrets)))
+            except PublishAbandoned as exc:
+                log.warning("%s; task %s is lost with approval %s", exc, record["task_id"], approval_id)
+                continue
+            self.desk.done(approval_id)
+
+    def _decided_answer(self, approval_id: str, record: dict, state: LoopState) -> Optional[tuple[bool, str]]:
+        """What the LLM hears in place of the call (None: it runs now, marked as started first,
+        so a crash while it runs never runs it twice)."""
+        decision = approvals.Decision(**record["decision"])
+        if not decision.approve:
+            return False, f"the call was denied by {decision.by}" + (f": {decision.reason}" if decision.reason else "")
+        if record.get("tool_started"):
+            state.tool_calls += 1
+            return False, ("the agent stopped while this call ran; it was not run again, and whether it took effect "
+                           "is unknown")
+        self.dedupe.advance(approval_id, RUNNING, tool_started=True)
+        return None
 
     @staticmethod
     def _carried(outcome: Outcome, spend: Spend, task_span: tracing.Span) -> dict:

@@ -19,6 +19,8 @@ from contextlib import ExitStack
 from typing import Any, Callable, Optional
 
 from . import __version__, protocol, tracing
+from .approvaldesk import ApprovalDesk, Resume
+from .approvals import decision_topic
 from .config import OFFICIAL_BASE_URL, AgentConfig
 from .dedupe import DedupeStore
 from .cancels import Cancel, cancel_message
@@ -170,18 +172,28 @@ class AgentRuntime:
         own_will, pool_will = self.pool.wills()
         with ExitStack() as parts:
             parts.callback(self.stop_requested.close)
+            self.dedupe = DedupeStore(config.completed_store_size, config.state_dir, config.agent_id)
+            parts.callback(self.dedupe.close)
+            self.metrics.store_degraded = lambda: self.dedupe.degraded is not None
+            # approvals are decided on the intake's session where a call may wait for a person
+            asks = any(tool.requires_approval for tool in config.tools) or config.mcp_servers or self.dedupe.parked()
+            decisions = decision_topic(config.agent_id) if asks else None
+            self._decisions_prefix = decisions[:-len("+/decision")] if decisions else None
             self.transport = MqttTransport(
                 config.mqtt, self.metrics, may_read=self._may_read, receive_maximum=self.workers,
                 max_packet_size=_MAX_PACKET_SLACK * config.max_message_size + 65536,
                 input_topic=self.pool.input_filter(), will=(own_will, unavailable),
                 output_will=(pool_will, unavailable) if pool_will else None,
-                on_delivery=self._on_delivery, on_subscribed=self._on_subscribed, on_watched=self._on_watched)
+                on_delivery=self._on_delivery, on_subscribed=self._on_subscribed, on_watched=self._on_watched,
+                decisions=decisions)
             parts.callback(self.transport.stop, 0.0)
-            self.dedupe = DedupeStore(config.completed_store_size, config.state_dir, config.agent_id)
-            parts.callback(self.dedupe.close)
-            self.metrics.store_degraded = lambda: self.dedupe.degraded is not None
-            self.inflight = InFlight(self.dedupe, config.task_timeout, self.events, follow=self._follow_cancel)
-            self.tools = build_registry(config, self.events)
+            self.desk = ApprovalDesk(config.agent_id, self.dedupe, self._publish_retained, self.intake.put,
+                                     self.events, pool_member=self.pool.member)
+            parts.callback(self.desk.stop)
+            self.metrics.approvals_pending = self.desk.pending
+            self.inflight = InFlight(self.dedupe, config.task_timeout, self.events, follow=self._follow_cancel,
+                                     parked=self.desk)
+            self.tools = build_registry(config, self.events, self.desk.elicit)
             self.metrics.mcp_servers = self.tools.server_statuses
             self.registry: Optional[Registry] = None
             self.cooldowns = Cooldowns(config.agent_id, self._publish_retained, v5=lambda: self.transport.output.v5)
@@ -190,7 +202,8 @@ class AgentRuntime:
             self.agent_loop, route = self._build_thinking()
             self.processor = TaskProcessor(config, self.agent_loop.think, self.transport, self.dedupe, self.events,
                                            should_abandon=self._hard_stop.is_set, route=route,
-                                           inflight=self.inflight)
+                                           inflight=self.inflight, desk=self.desk,
+                                           resume_loop=self.agent_loop.resume)
             self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worker")
             parts.callback(self.executor.shutdown, wait=False)
             try:
@@ -229,7 +242,7 @@ class AgentRuntime:
 
     def status(self) -> AgentStatus:
         return AgentStatus(self.state, self.transport.connected, self.saturated(), self.intake.depth(),
-                           self.dedupe.degraded, tuple(self.tools.server_statuses()))
+                           self.dedupe.degraded, tuple(self.tools.server_statuses()), self.desk.pending())
 
     def _publish_progress(self, event: Event) -> None:
         """The progress event an event is, fire and forget at QoS 0 (advisory, as the reference
@@ -289,7 +302,7 @@ class AgentRuntime:
             self.publish_status(protocol.AVAILABLE)
 
     def _publish_retained(self, topic: str, payload: bytes, expiry: Optional[int]) -> None:
-        """A provider's cooldown (or its clearing), not waited for."""
+        """A provider's cooldown, an approval's request (or their clearing), not waited for."""
         self.transport.publish(topic, payload, retain=True, expiry=expiry)
 
     def _follow_cancel(self, agent_id: str, cancel: Cancel) -> None:
@@ -358,11 +371,19 @@ class AgentRuntime:
                     "session", self.config.shutdown_grace)
 
     def _on_delivery(self, delivery: Any) -> None:
+        """A task for the workers, or an approval's decision: recorded in the store before it is
+        acknowledged (the task it decides goes to the workers)."""
         self._last_delivery = time.monotonic()
-        if self._accepting:
-            self.intake.put(delivery)
-        else:
+        if not self._accepting:
             log.debug("not accepting tasks (shutting down); %s will be redelivered", delivery.topic)
+            return
+        if self._decisions_prefix is not None:
+            topic = protocol.canonicalize_topic(delivery.topic)
+            if topic.startswith(self._decisions_prefix):
+                self.desk.receive(topic, bytes(delivery.payload))
+                delivery.ack()
+                return
+        self.intake.put(delivery)
 
     def saturated(self) -> bool:
         return not self.intake.has_room()
@@ -390,7 +411,10 @@ class AgentRuntime:
             with self._busy_lock:
                 self._busy += 1
             try:
-                self.processor.handle(delivery)
+                if isinstance(delivery, Resume):
+                    self.processor.resume(delivery.approval_id)
+                else:
+                    self.processor.handle(delivery)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
@@ -412,6 +436,7 @@ class AgentRuntime:
         self.transport.start_output()
         self._wait_for(self.transport.output.wait_connected)
         self._survey()  # before any task can arrive
+        self.desk.recover()  # parked tasks wait again, decided ones go to the workers once they start
         self.transport.start_intake()
         try:
             self._wait_for(self.transport.wait_subscribed)
@@ -456,6 +481,7 @@ class AgentRuntime:
                 log.warning("the broker did not confirm leaving the shared subscription; this member's session "
                             "may keep receiving tasks until it returns or the session expires")
         self._accepting = False
+        self.desk.stop()  # open MCP elicitations end as `cancel`; parked tasks stay in the store
         if not self.pool.member:
             dropped = self.intake.drain()
             if dropped:
@@ -468,6 +494,8 @@ class AgentRuntime:
             log.warning("%d tasks still running after shutdown_grace (%d s); they stay unacknowledged "
                         "and will be redelivered", len(pending), self.config.shutdown_grace)
         if self.transport.connected:
+            if self.config.state_dir is None:
+                self.processor.release_parked()
             self.publish_status(protocol.UNAVAILABLE, wait_seconds=_STATUS_WAIT)
             last = self.pool.leaving_topics(_STATUS_WAIT)
             if last:

@@ -94,9 +94,9 @@ class LoopParkingTests(unittest.TestCase):
         parked = caught.exception
         self.assertEqual((parked.call.name, parked.timeout, tools.ran), ("deploy", 60, ["safe"]))
         state = LoopState.from_json(json.loads(json.dumps(parked.state.to_json())))  # as the store keeps it
-        self.assertEqual(loop.resume(task, state, True, True, "deployed", time.monotonic() + 60), "done")
+        self.assertEqual(loop.resume(task, state, None, time.monotonic() + 60), "done")
         self.assertEqual(chain.asked[-1], ["user", "assistant", "tool", "tool"])
-        self.assertEqual(state.tool_calls, 2)
+        self.assertEqual((state.tool_calls, tools.ran), (2, ["safe", "deploy"]), "approved: it ran")
 
 
 class ParkedStoreTests(unittest.TestCase):

@@ -16,7 +16,7 @@ LAYERS = {
     4: ["processor", "router"],
     3: ["mqtt", "mqtt.*"],
     2: ["llm", "llm.*", "tools", "tools.*", "dedupe", "pool", "discovery", "httpsessions", "jsonhttp", "otelexport",
-        "tracers", "inflight", "cooldowns", "ratelimit"],  # tools.mcp.* too
+        "tracers", "inflight", "cooldowns", "ratelimit", "approvaldesk"],  # tools.mcp.* too
     1: ["health", "logs", "errors", "tracing", "taskscope", "spend"],
     0: ["", "config", "config.*", "protocol", "redaction", "answers", "workflow", "metrics", "backoff", "outcome", "events",
         "cancels", "usage", "rfc3339", "approvals"],

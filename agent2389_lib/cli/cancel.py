@@ -71,6 +71,7 @@ def _read(topic: str, payload: Any, task_id: str, followed: Followed, show: Call
 
 
 _FOUND = {"running": "the task was running here: stopping it", "forwarded": "the task was forwarded to",
+          "waiting_approval": "the task was waiting for an approval here: stopping it",
           "finished": "the task had already finished here: nothing to stop",
           "not_seen": "the task has not been seen here: the cancel is kept in case it arrives"}
 

@@ -124,11 +124,15 @@ class AgentLoop:
     def think(self, envelope: TaskEnvelope, deadline: float) -> str:
         return self.proceed(envelope, LoopState(initial_messages(envelope)), deadline)
 
-    def resume(self, envelope: TaskEnvelope, state: LoopState, ran: bool, ok: bool, content: str,
+    def resume(self, envelope: TaskEnvelope, state: LoopState, answer: Optional[tuple[bool, str]],
                deadline: float) -> str:
-        """A parked call answered (run, denied, or its outcome unknown after a restart); the loop goes on."""
+        """A parked call decided: approved (`answer` None), it runs now; else the LLM gets `answer`
+        (ok, content) in its place (a denial). Then the loop goes on."""
         call = state.pending.pop(0)
-        state.tool_calls += ran
+        if answer is None:
+            state.tool_calls += 1
+            answer = self._run_tool(envelope, call, deadline)
+        ok, content = answer
         state.messages.append(Message("tool", content, tool_call_id=call.id, tool_name=call.name, is_error=not ok))
         return self.proceed(envelope, state, deadline)
 

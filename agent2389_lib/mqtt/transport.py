@@ -44,14 +44,18 @@ class MqttTransport:
     def __init__(self, settings: MqttSettings, metrics: Metrics, *, input_topic: str, will: tuple[str, bytes],
                  may_read: Callable[[], bool], receive_maximum: int, max_packet_size: int,
                  on_delivery: Callable[[InboundMessage], None], on_subscribed: Callable[[], None],
-                 on_watched: Callable[[str, bytes], None], output_will: Optional[tuple[str, bytes]] = None):
+                 on_watched: Callable[[str, bytes], None], output_will: Optional[tuple[str, bytes]] = None,
+                 decisions: Optional[str] = None):
         """`input_topic` is the subscription filter (a shared subscription for a pool member);
         `will` goes with the intake link, `output_will` (if any) with the output link. Tasks go
         to `on_delivery`, `on_subscribed` follows every granted input subscription, and the
-        messages of `watch` go to `on_watched` (all on the links' network threads)."""
+        messages of `watch` go to `on_watched` (all on the links' network threads). `decisions`:
+        the approval decisions' filter, held by the intake's persistent session beside the input
+        (a decision published while the agent is down waits there); they go to `on_delivery` too."""
         self.settings = settings
         self.metrics = metrics
         self.input_topic = input_topic
+        self.decisions = decisions
         self._watched: list[tuple[str, int]] = []
         self._watching = threading.Event()
         self.watch_refusals: dict[str, str] = {}  # filter: the broker's reason code
@@ -146,11 +150,12 @@ class MqttTransport:
         self.output.publish_advisory(topic, payload, headers)
 
     def _intake_connected(self, session_present: bool) -> None:
+        filters = [self.input_topic] + ([self.decisions] if self.decisions else [])
         if self.intake.v5:
-            result, _ = self.intake.client.subscribe(
-                self.input_topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
+            options = SubscribeOptions(qos=1, retainAsPublished=True)
+            result, _ = self.intake.client.subscribe([(topic, options) for topic in filters])
         else:
-            result, _ = self.intake.client.subscribe(self.input_topic, 1)
+            result, _ = self.intake.client.subscribe([(topic, 1) for topic in filters])
         if result != mqtt.MQTT_ERR_SUCCESS:
             log.warning("could not send SUBSCRIBE for %s: %s", self.input_topic, mqtt.error_string(result))
 
@@ -162,6 +167,10 @@ class MqttTransport:
         self.metrics.mqtt_connection(self.connected)
 
     def _handle_suback(self, client, userdata, mid, reason_codes, properties) -> None:
+        if self.decisions and len(reason_codes) > 1 and reason_codes[1].is_failure:
+            log.warning("the broker refused the subscription to %s: %s; approvals cannot be decided (check the broker "
+                        "ACL for this client)", self.decisions, reason_codes[1])
+        reason_codes = reason_codes[:1]
         refused = [str(rc) for rc in reason_codes if rc.is_failure]
         refused += [f"granted QoS {rc.value} only; at-least-once delivery needs QoS 1 (check the broker's max_qos)"
                     for rc in reason_codes if not rc.is_failure and rc.value < 1]

@@ -15,7 +15,7 @@ from ..events import Events, ToolExecuted
 from ..httpsessions import cancellable
 from ..taskscope import TaskCanceled
 from .base import Tool, ToolDef, ToolError, ToolTimeout
-from .mcp.server import McpServer, McpTool
+from .mcp.server import AskPerson, McpServer, McpTool
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
@@ -164,12 +164,14 @@ def build_tool(spec: ToolSpec, config: AgentConfig) -> Tool:
     return tool
 
 
-def build_registry(config: AgentConfig, events: Optional[Events] = None) -> ToolRegistry:
-    """The configured tools; raises ToolStartupError naming the tool whose options are wrong."""
+def build_registry(config: AgentConfig, events: Optional[Events] = None,
+                   ask: Optional[AskPerson] = None) -> ToolRegistry:
+    """The configured tools; raises ToolStartupError naming the tool whose options are wrong.
+    `ask` puts the MCP servers' elicitation requests to a person."""
     tools = []
     for spec in config.tools:
         try:
             tools.append(build_tool(spec, config))
         except ToolError as exc:
             raise ToolStartupError(f"tool {spec.name}: {exc}") from None
-    return ToolRegistry(tools, [McpServer(spec, config.max_output_size) for spec in config.mcp_servers], events)
+    return ToolRegistry(tools, [McpServer(spec, config.max_output_size, ask) for spec in config.mcp_servers], events)

@@ -10,6 +10,7 @@ from ...protocol import compact_json
 
 METHOD_NOT_FOUND = -32601
 INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 
 
 class RpcError(Exception):

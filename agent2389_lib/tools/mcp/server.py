@@ -8,13 +8,13 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ...backoff import Backoff
 from ...config import McpServerSpec, Secret
 from ..base import Tool, ToolError, ToolTimeout, seconds_left
 from .results import result_text
-from .session import McpError, McpSession, McpTimeout, SessionExpired
+from .session import Asking, McpError, McpSession, McpTimeout, SessionExpired
 
 log = logging.getLogger("agent2389.tools.mcp")
 
@@ -22,6 +22,9 @@ SEPARATOR = "__"  # server__tool, as the LLM sees it
 _LLM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what OpenAI and Anthropic accept as a tool name
 _RETRY_INITIAL, _RETRY_MAX = 1.0, 60.0
 _LOST_WAIT = 1.0  # how often the supervisor looks at a connected server
+
+# server, tool, the task's ids, message, requested schema, until (Unix time) -> the MCP result
+AskPerson = Callable[[str, str, dict, str, dict, float], dict]
 
 
 class McpTool(Tool):
@@ -40,8 +43,10 @@ class McpTool(Tool):
 
 
 class McpServer:
-    def __init__(self, spec: McpServerSpec, max_output_size: int):
+    def __init__(self, spec: McpServerSpec, max_output_size: int, ask: Optional[AskPerson] = None):
+        """`ask` puts the server's elicitation requests to a person (approvaldesk.ApprovalDesk.elicit)."""
         self.spec = spec
+        self.ask = ask
         self.name = spec.name
         self.max_output_size = max_output_size
         self.transport = "stdio" if spec.command else "http"
@@ -107,7 +112,17 @@ class McpServer:
     def _new_session(self) -> McpSession:
         """A session that starts its channel (the process, for stdio) and wakes the supervisor when lost."""
         return McpSession(self.name, self._open_channel, on_tools_changed=self._tools_changed,
-                          on_closed=lambda reason: self._wake.set())
+                          on_closed=lambda reason: self._wake.set(), elicit=self._elicit if self.ask else None)
+
+    def _elicit(self, params: dict, asking: Optional[Asking]) -> dict:
+        """A person has until `approval_timeout`, within what the call that asked has left."""
+        assert self.ask is not None
+        left = float(self.spec.approval_timeout)
+        if asking is not None:
+            left = min(left, asking.deadline - time.monotonic())
+        tool = f"{self.name}{SEPARATOR}{asking.tool}" if asking is not None else self.name
+        return self.ask(self.name, tool, asking.task if asking is not None else {}, params["message"],
+                        params["requestedSchema"], time.time() + max(0.0, left))
 
     def _connect(self) -> None:
         """A failed attempt leaves its session in `_session`, for `_went_down` (or `stop`) to close."""

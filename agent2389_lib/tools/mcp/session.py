@@ -1,5 +1,6 @@
 """One MCP session over any channel: the initialize handshake, tools/list, tools/call with a
-timeout that cancels, and the server's own messages (ping, list_changed) answered in passing."""
+timeout that cancels, and the server's own messages answered in passing (ping, list_changed,
+and elicitation/create, put to a person while the call that asked waits)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
-from ... import __version__, taskscope
+from ... import __version__, taskscope, tracing
 from . import jsonrpc
 
 log = logging.getLogger("agent2389.tools.mcp")
@@ -44,13 +46,28 @@ class Channel(Protocol):
     def close(self, timeout: float) -> None: ...
 
 
-class _Waiter:
-    __slots__ = ("done", "message", "failure")
+@dataclass
+class Asking:
+    """A tools/call an elicitation may belong to: the tool, the task that called it, and when
+    the call gives up (monotonic)."""
 
-    def __init__(self) -> None:
+    tool: str
+    task: dict
+    deadline: float
+
+
+# an elicitation's params and the call it belongs to (None if no call is open) -> the MCP result
+Elicit = Callable[[dict, Optional[Asking]], dict]
+
+
+class _Waiter:
+    __slots__ = ("done", "message", "failure", "asking")
+
+    def __init__(self, asking: Optional[Asking]) -> None:
         self.done = threading.Event()
         self.message: Optional[dict] = None
         self.failure: Optional[str] = None  # why the answer could not be read
+        self.asking = asking
 
 
 class McpSession:
@@ -59,8 +76,11 @@ class McpSession:
 
     def __init__(self, server: str, open_channel: Callable[["McpSession"], Channel],
                  on_tools_changed: Callable[[], None] = lambda: None,
-                 on_closed: Callable[[str], None] = lambda reason: None):
+                 on_closed: Callable[[str], None] = lambda reason: None, elicit: Optional[Elicit] = None):
+        """`elicit`: how the server's questions reach a person (the `elicitation` capability is
+        declared only with it)."""
         self.server = server
+        self.elicit = elicit
         self.on_tools_changed = on_tools_changed
         self.on_closed = on_closed
         self.protocol_version: Optional[str] = None
@@ -73,13 +93,14 @@ class McpSession:
         self.channel.start()
 
     # -------------------------------------------------------------- requests
-    def request(self, method: str, params: Optional[dict], timeout: float) -> dict:
+    def request(self, method: str, params: Optional[dict], timeout: float, asking: Optional[str] = None) -> dict:
         """The result of one request, or McpError; on timeout, or when the task it belongs to is
-        cancelled (TaskCanceled), the server is told to cancel it and its late answer is dropped."""
+        cancelled (TaskCanceled), the server is told to cancel it and its late answer is dropped.
+        `asking`: the tool a call is for (the server may ask a person a question meanwhile)."""
         taskscope.check()
         request_id = next(self._ids)
-        waiter = _Waiter()
         deadline = time.monotonic() + timeout
+        waiter = _Waiter(Asking(asking, tracing.current_log_fields() or {}, deadline) if asking else None)
         with self._lock:
             if self._closed is not None:
                 raise McpError(self._closed)
@@ -125,7 +146,8 @@ class McpSession:
     # -------------------------------------------------------------- the protocol
     def initialize(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        result = self.request("initialize", {"protocolVersion": OFFERED_VERSION, "capabilities": {},
+        capabilities: dict = {"elicitation": {"form": {}}} if self.elicit is not None else {}
+        result = self.request("initialize", {"protocolVersion": OFFERED_VERSION, "capabilities": capabilities,
                                              "clientInfo": {"name": "agent2389", "version": __version__}}, timeout)
         version = result.get("protocolVersion")
         if version not in SUPPORTED_VERSIONS:
@@ -153,7 +175,7 @@ class McpSession:
         return tools
 
     def call_tool(self, name: str, arguments: dict, timeout: float) -> dict:
-        return self.request("tools/call", {"name": name, "arguments": arguments}, timeout)
+        return self.request("tools/call", {"name": name, "arguments": arguments}, timeout, asking=name)
 
     # -------------------------------------------------------------- from the server
     def dispatch(self, message: dict) -> None:
@@ -165,16 +187,37 @@ class McpSession:
                 waiter.done.set()
             return
         method = message.get("method")
-        if "id" in message:  # a request of the server's: we offer no capabilities but ping
-            answer = (jsonrpc.result_response(message["id"], {}) if method == "ping" else
-                      jsonrpc.error_response(message["id"], jsonrpc.METHOD_NOT_FOUND,
-                                             f"agent2389 does not offer {str(method)[:60]}"))
-            try:
-                self.channel.send(answer, 10.0)
-            except McpError as exc:
-                log.debug("MCP server %s: could not answer its %s: %s", self.server, method, exc)
+        if "id" in message and method == "elicitation/create" and self.elicit is not None:
+            # a person answers on a thread of its own: this one keeps reading the server
+            threading.Thread(target=self._ask_person, args=(message,), name=f"mcp-{self.server}-elicitation",
+                             daemon=True).start()
+        elif "id" in message:  # a request of the server's: we offer no capabilities but ping and elicitation
+            self._answer(message, jsonrpc.result_response(message["id"], {}) if method == "ping" else
+                         jsonrpc.error_response(message["id"], jsonrpc.METHOD_NOT_FOUND,
+                                                f"agent2389 does not offer {str(method)[:60]}"))
         elif method == "notifications/tools/list_changed":
             self.on_tools_changed()
+
+    def _answer(self, request: dict, answer: dict) -> None:
+        try:
+            self.channel.send(answer, 10.0)
+        except McpError as exc:
+            log.debug("MCP server %s: could not answer its %s: %s", self.server, request.get("method"), exc)
+
+    def _ask_person(self, request: dict) -> None:
+        """elicitation/create, form mode: the call that asked (the oldest open one, as stdio does
+        not say which) waits while a person answers."""
+        assert self.elicit is not None
+        params = request.get("params")
+        if not isinstance(params, dict) or params.get("mode", "form") != "form" \
+                or not isinstance(params.get("requestedSchema"), dict) or not isinstance(params.get("message"), str):
+            self._answer(request, jsonrpc.error_response(request["id"], jsonrpc.INVALID_PARAMS,
+                                                         "agent2389 answers form-mode elicitation (a message and a "
+                                                         "requestedSchema object) only"))
+            return
+        with self._lock:
+            asking = next((waiter.asking for _, waiter in sorted(self._pending.items()) if waiter.asking), None)
+        self._answer(request, jsonrpc.result_response(request["id"], self.elicit(params, asking)))
 
     def fail(self, request_id: int, reason: str) -> None:
         with self._lock:
