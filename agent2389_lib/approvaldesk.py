@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 from . import protocol
-from .approvals import (ELICITATION, Decision, DecisionError, approval_id_of, approval_topic, new_approval_id,
-                        parse_decision, request_message)
+from .approvals import (ELICITATION, Decision, DecisionError, approval_id_of, approval_topic, content_problem,
+                        new_approval_id, parse_decision, request_message)
 from .dedupe import DedupeStore
 from .events import ApprovalDecided, ApprovalRequired, Events
 from .logs import Throttle
@@ -148,7 +148,7 @@ class ApprovalDesk:
 
     def _answer(self, approval_id: str, question: _Question, decision: Decision) -> bool:
         if decision.approve:
-            problem = _mismatch(decision.content or {}, question.schema)
+            problem = content_problem(decision.content or {}, question.schema)
             if problem:
                 log.warning("approval %s: the content does not match the schema the MCP server asked for (%s); not "
                             "sent to the server: decide again", approval_id, problem)
@@ -236,19 +236,4 @@ class ApprovalDesk:
             for question in self._questions.values():
                 question.answered.set()
             self._lock.notify()
-
-
-def _mismatch(content: dict, schema: dict) -> Optional[str]:
-    """What is wrong with an elicitation's content, or None."""
-    from jsonschema import FormatChecker, validators
-    from jsonschema.exceptions import SchemaError
-    try:
-        cls = validators.validator_for(schema)
-        error = next(iter(cls(schema, format_checker=FormatChecker()).iter_errors(content)), None)
-    except SchemaError as exc:
-        return f"the server's schema is invalid: {exc.message[:200]}"
-    if error is None:
-        return None
-    where = "/".join(str(part) for part in error.absolute_path)
-    return f"{where + ': ' if where else ''}{error.message[:200]}"
 

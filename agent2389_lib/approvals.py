@@ -74,6 +74,29 @@ def parse_decision(payload: bytes) -> Decision:
     return Decision(verdict == "approve", by or "someone", reason, content)
 
 
+def content_problem(content: dict, schema: dict) -> Optional[str]:
+    """What is wrong with an elicitation's answer for the schema the MCP server asked with, or None."""
+    from jsonschema import FormatChecker, validators
+    from jsonschema.exceptions import SchemaError
+    try:
+        validator = validators.validator_for(schema)(schema, format_checker=FormatChecker())
+        error = next(iter(validator.iter_errors(content)), None)
+    except SchemaError as exc:
+        return f"the server's schema is invalid: {exc.message[:200]}"
+    if error is None:
+        return None
+    where = "/".join(str(part) for part in error.absolute_path)
+    return f"{where + ': ' if where else ''}{error.message[:200]}"
+
+
+def decision_message(approve: bool, by: str, reason: str = "", content: Optional[dict] = None) -> dict:
+    """What a person publishes (the CLI's `approvals approve` and `deny`)."""
+    message: dict = {"decision": "approve" if approve else "deny", "by": by, "reason": reason}
+    if content is not None:
+        message["content"] = content
+    return message
+
+
 def masked(value: Any, secrets: tuple = ()) -> Any:
     """`value` with configured secrets, URL passwords and credential-looking fields masked."""
     if isinstance(value, str):

@@ -152,6 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--json", action="store_true", help="machine-readable output")
     _add_broker_args(cancel)
 
+    approvals = _command(sub, "approvals", "list the tool calls and MCP questions waiting for a person; decide them",
+                         "agent2389 approvals approve 9b2f... --reason 'checked the diff'")
+    approval_commands = approvals.add_subparsers(dest="approvals_command", metavar="list|approve|deny")
+    approval_commands.required = True
+    listing = approval_commands.add_parser("list", help="the approvals waiting now (the agents' retained requests)")
+    listing.add_argument("--agent-id", help="only this agent's")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_broker_args(listing)
+    for verb, help_text in (("approve", "approve: the tool runs (an MCP question is answered with --content)"),
+                            ("deny", "deny: the LLM hears who denied the call, and why")):
+        deciding = approval_commands.add_parser(verb, help=help_text)
+        deciding.add_argument("approval_id", help="as `approvals list` shows it")
+        deciding.add_argument("--agent-id", help="the agent that asked (default: found from the pending approvals)")
+        deciding.add_argument("--reason", default="", required=verb == "deny", help="why, at most 500 characters")
+        deciding.add_argument("--by", default=_operator_name(), help="who decides (default: your user name)")
+        if verb == "approve":
+            deciding.add_argument("--content", metavar="JSON",
+                                  help="an MCP question's answer, checked against the schema the server asked with")
+        _add_broker_args(deciding)
+
     tools = _command(sub, "tools", "list the tools the agent would offer the LLM, or run one, from a configuration "
                      "(MCP servers are started to ask them; no broker or LLM needed)",
                      "agent2389 tools call time__get_current_time --args '{\"timezone\": \"UTC\"}' "
@@ -377,6 +397,45 @@ def _cancel(args: argparse.Namespace) -> int:
     return code
 
 
+def _operator_name() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's user without a name
+        return "operator"
+
+
+def _approvals(args: argparse.Namespace) -> int:
+    from .approvals import NotWaiting, decide, describe, pending
+    from .ops import EXIT_ERROR, EXIT_UNAVAILABLE
+    from .opsclient import OperatorError
+    if args.agent_id:
+        _agent_ids("--agent-id", [args.agent_id])
+    content = _json_arg("--content", getattr(args, "content", None))
+    if content is not None and not isinstance(content, dict):
+        print("error: --content must be a JSON object", file=sys.stderr)
+        return EXIT_CONFIG
+    client = _client(args)
+    try:
+        if args.approvals_command == "list":
+            for request in pending(client, args.agent_id):
+                print(json.dumps(request, ensure_ascii=False) if args.json else describe(request))
+            return 0
+        request = decide(client, args.approval_id, args.agent_id, args.approvals_command == "approve", args.by,
+                         args.reason, content)
+    except ValueError as exc:
+        print(f"error: {exc}; nothing was sent", file=sys.stderr)
+        return EXIT_CONFIG
+    except OperatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR if isinstance(exc, NotWaiting) else EXIT_UNAVAILABLE
+    finally:
+        client.close()
+    done = {"approve": "approved", "deny": "denied"}[args.approvals_command]
+    print(f"{done} approval {args.approval_id} (agent {request['agent_id']}, task {request.get('task_id')})")
+    return 0
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from . import ops
     agents = _agent_ids("--agents", [a.strip() for a in args.agents.split(",") if a.strip()])
@@ -449,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     handlers = {"version": lambda a: print(f"agent2389 {__version__}") or 0, "check-config": _check_config,
                 "run": _run, "inject": _inject, "pipeline": _pipeline, "monitor": _monitor, "healthcheck": _healthcheck,
-                "tools": _tools, "cancel": _cancel}
+                "tools": _tools, "cancel": _cancel, "approvals": _approvals}
     try:
         code = handlers[args.command](args)
     except KeyboardInterrupt:  # `run` stops on SIGINT itself; the other commands end here, without a traceback
