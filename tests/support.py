@@ -118,6 +118,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class FakeClock:
+    """A clock a test moves by hand (`clock.now += 5`), for the decisions that take one."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test with `what` otherwise."""
     deadline = time.monotonic() + timeout

@@ -47,10 +47,6 @@ class RequestTests(unittest.TestCase):
             self.assertNotIn(secret, text)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class LoopParkingTests(unittest.TestCase):
     """The tool-calling loop stops at a call that needs approval and goes on from its state."""
 
@@ -144,3 +140,160 @@ class ParkingTests(unittest.TestCase):
         case.journal.clear()
         redelivered = case.deliver(task)
         self.assertEqual((redelivered.acks, case.publisher.published()), (1, []), "a redelivery is a duplicate")
+
+
+class DeskTests(unittest.TestCase):
+    """approvaldesk.ApprovalDesk with the test's clock: decisions counted once, the clock's
+    denials, recovery at startup, cancels, and an MCP question answered."""
+
+    def setUp(self):
+        from agent2389_lib.approvaldesk import ApprovalDesk
+        from agent2389_lib.dedupe import DedupeStore
+        from agent2389_lib.events import Events
+        from support import FakeClock
+        self.clock = FakeClock()
+        self.store = DedupeStore(100)
+        self.published, self.resumed, self.decided = [], [], []
+        events = Events(lambda event: self.decided.append(event) if hasattr(event, "outcome") else None)
+        self.desk = ApprovalDesk("deployer", self.store, lambda topic, payload, expiry: self.published.append(
+            (topic, payload, expiry)), self.resumed.append, events, clock=self.clock)
+        self.addCleanup(self.desk.stop)
+
+    def park(self, state="waiting", until=1600.0, **extra) -> str:
+        approval_id = new_approval_id()
+        self.store.park(approval_id, {"state": state, "task_id": f"task-{approval_id[:6]}", "asked_at": 1000.0,
+                                      "until": until, **extra})
+        return approval_id
+
+    def test_a_decision_counts_once_however_often_it_comes(self):
+        from agent2389_lib.approvaldesk import Resume
+        approval_id = self.park()
+        self.clock.now += 42
+        for _ in range(3):
+            self.desk.receive(decision_topic("deployer", approval_id), b'{"decision": "approve", "by": "ops"}')
+        self.assertEqual(self.resumed, [Resume(approval_id)])
+        self.assertEqual([(e.outcome, e.seconds) for e in self.decided], [("approved", 42.0)])
+        record = self.store.parked()[approval_id]
+        self.assertEqual((record["state"], record["decision"]["by"]), ("decided", "ops"))
+
+    def test_hostile_decisions_are_logged_once_a_minute_and_change_nothing(self):
+        approval_id = self.park()
+        with self.assertLogs("agent2389.approvals", "INFO") as logs:
+            for payload in (b"{", b'{"decision": "yes"}', b"[]"):
+                self.desk.receive(decision_topic("deployer", approval_id), payload)
+            self.desk.receive(decision_topic("deployer", "unknown-approval"), b'{"decision": "approve"}')
+            self.desk.receive("/control/agents/deployer/approvals/x/decision", b'{"decision": "approve"}')
+        self.assertEqual(len(logs.output), 2, logs.output)  # one malformed, one unknown: the rest throttled
+        self.assertEqual((self.resumed, self.store.parked()[approval_id]["state"], self.desk.pending()),
+                         ([], "waiting", 1))
+
+    def test_nobody_deciding_in_time_and_a_cancel_are_denials(self):
+        timed_out, canceled = self.park(), self.park()
+        self.desk.expire(timed_out)
+        self.assertTrue(self.desk.waits(self.store.parked()[canceled]["task_id"]))
+        self.assertTrue(self.desk.cancel_task(self.store.parked()[canceled]["task_id"], "enough"))
+        self.assertEqual([e.outcome for e in self.decided], ["timeout", "canceled"])
+        self.assertEqual(self.store.parked()[canceled]["decision"]["reason"], "enough")
+        self.assertFalse(self.desk.cancel_task("task-unknown", ""))
+
+    def test_at_startup_waiting_ones_wait_again_and_decided_or_running_ones_resume(self):
+        from agent2389_lib.approvaldesk import Resume
+        from support import wait_until
+        waiting, overdue = self.park(until=1600.0), self.park(until=999.0)
+        decided = self.park(state="decided", decision={"approve": True, "by": "a", "reason": "", "content": None})
+        running = self.park(state="running", tool_started=True,
+                            decision={"approve": True, "by": "a", "reason": "", "content": None})
+        self.desk.recover()
+        wait_until(lambda: len(self.resumed) == 3, 10, "the overdue one denied by the clock")
+        self.assertEqual(sorted(r.approval_id for r in self.resumed), sorted([overdue, decided, running]))
+        self.assertEqual(self.store.parked()[running]["state"], "decided", "resumed from decided again")
+        self.assertEqual(self.store.parked()[overdue]["decision"]["by"], "timeout")
+        self.assertEqual(self.store.parked()[waiting]["state"], "waiting")
+
+    def test_an_mcp_question_is_answered_with_content_that_matches_its_schema(self):
+        import threading
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 5}}, "required": ["n"]}
+        results = []
+        asking = threading.Thread(target=lambda: results.append(self.desk.elicit(
+            "db", "db__query", {"task_id": "t1", "conversation_id": "c1"}, "How many?", schema, 1900.0)))
+        asking.start()
+        from support import wait_until
+        wait_until(lambda: self.published, 10, "the request")
+        topic, payload, expiry = self.published[0]
+        request = json.loads(payload)
+        self.assertEqual((request["kind"], request["tool"], request["schema"], expiry), ("elicitation", "db__query",
+                                                                                          schema, 900))
+        approval_id = request["approval_id"]
+        with self.assertLogs("agent2389.approvals", "WARNING") as logs:
+            self.assertTrue(self.desk.decide(approval_id, Decision(True, "ops", "", {"n": 9})))
+        self.assertIn("n: 9 is greater than the maximum of 5", logs.output[0])
+        self.assertTrue(asking.is_alive(), "still waiting")
+        self.assertTrue(self.desk.decide(approval_id, Decision(True, "ops", "", {"n": 3})))
+        asking.join(10)
+        self.assertEqual(results, [{"action": "accept", "content": {"n": 3}}])
+        self.assertEqual(self.published[-1], (topic, b"", None), "the request cleared")
+        self.assertFalse(self.desk.decide(approval_id, Decision(False, "ops", "")), "answered already")
+        self.assertEqual([e.outcome for e in self.decided], ["approved"])
+
+
+class ResumeTests(unittest.TestCase):
+    """The processor resumes a decided task once: the approved call runs (marked started first),
+    a denial reaches the LLM, a call that was running at a crash is not run again."""
+
+    def setUp(self):
+        from agent2389_lib.llm.base import Message, ToolCall
+        from agent2389_lib.llm.loop import ApprovalNeeded, LoopState
+        from test_processor import AGENT, ProcessorTestCase
+        self.agent = AGENT
+        self.case = ProcessorTestCase()
+
+        def think(task, deadline):
+            state = LoopState([Message("user", "deploy it")], 1, 0, [ToolCall("c1", "deploy", {"to": "prod"})])
+            raise ApprovalNeeded(state, state.pending[0], 600)
+
+        self.answers = []
+        processor = self.case.make(think=think)
+
+        def resume_loop(task, state, answer, deadline):
+            record = next(iter(self.case.store.parked().values()))
+            self.answers.append((answer, record.get("tool_started"), state.tool_calls))
+            return "done" if answer is None else f"LLM heard: {answer[1]}"
+
+        processor.resume_loop = resume_loop
+
+    def parked(self):
+        from support import envelope
+        task = envelope(self.agent)
+        self.case.deliver(task)
+        (approval_id,) = self.case.store.parked()
+        self.case.journal.clear()
+        return task, approval_id
+
+    def test_approved_the_call_runs_marked_as_started_and_the_task_is_answered_once(self):
+        task, approval_id = self.parked()
+        self.case.processor.desk.decide(approval_id, Decision(True, "ops", ""))
+        self.case.processor.resume(approval_id)  # a second resume finds it moved on
+        self.assertEqual(self.answers, [(None, True, 0)])
+        published = self.case.publisher.published()
+        self.assertEqual([topic for topic, _ in published], [f"/conversations/{task['conversation_id']}/{self.agent}",
+                                                             f"/control/agents/{self.agent}/approvals/{approval_id}"])
+        self.assertEqual((published[0][1]["response"], published[1][1]), ("done", None), "answered, the request cleared")
+        self.assertEqual(self.case.store.parked(), {})
+
+    def test_denied_the_llm_hears_who_and_why(self):
+        task, approval_id = self.parked()
+        self.case.processor.desk.decide(approval_id, Decision(False, "bob", "not today"))
+        self.assertEqual(self.answers, [((False, "the call was denied by bob: not today"), None, 0)])
+
+    def test_a_call_running_at_a_crash_is_not_run_again(self):
+        task, approval_id = self.parked()
+        self.case.store.advance(approval_id, "waiting", state="decided", tool_started=True,
+                                decision={"approve": True, "by": "ops", "reason": "", "content": None})
+        self.case.processor.resume(approval_id)
+        ((answer, started, calls),) = self.answers
+        self.assertEqual((answer[0], started, calls), (False, True, 1))
+        self.assertIn("it was not run again", answer[1])
+
+
+if __name__ == "__main__":
+    unittest.main()

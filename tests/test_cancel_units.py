@@ -15,16 +15,8 @@ from agent2389_lib.events import Events
 from agent2389_lib.inflight import FINISHED, FORWARDED, NOT_SEEN, RUNNING, InFlight
 from agent2389_lib.taskscope import CancelToken, TaskCanceled
 from agent2389_lib.tools.command import CommandTool
-from support import envelope, new_task_id, process_gone, read_pids, wait_until
+from support import FakeClock, envelope, new_task_id, process_gone, read_pids, wait_until
 from test_processor import AGENT, ProcessorTestCase
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def cancel_from_another_thread(token: CancelToken, reason: str, when: threading.Event) -> threading.Thread:

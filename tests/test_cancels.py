@@ -4,16 +4,9 @@ import json
 import unittest
 
 from agent2389_lib.cancels import Cancel, CancelError, KeptCancels, parse_cancel
+from support import FakeClock
 
 TASK = "123e4567-e89b-12d3-a456-426614174000"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ParseCancelTests(unittest.TestCase):
@@ -40,7 +33,7 @@ class ParseCancelTests(unittest.TestCase):
 
 class KeptCancelsTests(unittest.TestCase):
     def test_a_kept_cancel_is_read_until_its_time_is_up(self):
-        clock = FakeClock()
+        clock = FakeClock(100.0)
         kept = KeptCancels(clock=clock)
         kept.keep(Cancel(TASK, "c1", "stop"), until=clock.now + 300)
         self.assertEqual(kept.get(TASK), Cancel(TASK, "c1", "stop"))
@@ -50,14 +43,14 @@ class KeptCancelsTests(unittest.TestCase):
         self.assertEqual(len(kept), 0)
 
     def test_one_without_a_time_stays_while_there_is_room(self):
-        clock = FakeClock()
+        clock = FakeClock(100.0)
         kept = KeptCancels(clock=clock)
         kept.keep(Cancel(TASK, "c1", ""), until=None)
         clock.now += 10 ** 6
         self.assertEqual(kept.get(TASK), Cancel(TASK, "c1", ""))
 
     def test_only_the_newest_are_kept(self):
-        kept = KeptCancels(capacity=3, clock=FakeClock())
+        kept = KeptCancels(capacity=3, clock=FakeClock(100.0))
         ids = [f"00000000-0000-0000-0000-00000000000{n}" for n in range(5)]
         for task_id in ids:
             kept.keep(Cancel(task_id, None, ""), until=None)

@@ -14,17 +14,10 @@ from agent2389_lib.llm.loop import ProviderChain
 from agent2389_lib.llm.base import ChatReply
 from agent2389_lib.protocol import utc_millis
 from agent2389_lib.ratelimit import RateLimiter
+from support import FakeClock
 
 KEY = "sk-proj-SECRETSECRETSECRET-1234"
 URL = "https://user:hunter2@llm.example.com/v1"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Published:
@@ -50,7 +43,7 @@ class ProviderIdTests(unittest.TestCase):
 
 class CooldownMessageTests(unittest.TestCase):
     def setUp(self):
-        self.clock = FakeClock()
+        self.clock = FakeClock(1_800_000_000.0)
         self.published = Published()
         self.cooldowns = Cooldowns("agent-a", self.published, v5=lambda: True, clock=self.clock)
         self.topic = cooldown_topic(provider_id(URL, KEY))
@@ -107,7 +100,7 @@ class CooldownMessageTests(unittest.TestCase):
 
 class GateTests(unittest.TestCase):
     def test_requests_wait_for_the_cooldown_within_the_deadline(self):
-        clock, slept = FakeClock(), []
+        clock, slept = FakeClock(1_800_000_000.0), []
         cooldowns = Cooldowns("a", Published(), v5=lambda: True, clock=clock)
         cooldowns.met("p1", 429, 20)
         gate = ProviderGate("openai", "p1", cooldowns, RateLimiter(None, None), slept.append, clock)

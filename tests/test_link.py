@@ -11,7 +11,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from support import BrokerTestCase, ClosingProxy, Mosquitto, Watcher, new_task_id, wait_until
+from support import BrokerTestCase, ClosingProxy, FakeClock, Mosquitto, Watcher, new_task_id, wait_until
 
 from agent2389_lib.config import MqttSettings
 from agent2389_lib.mqtt.link import InboundMessage, Link, MessageStateError
@@ -135,14 +135,6 @@ class ExactlyOnceTests(BrokerTestCase):
         ticket = link.publish("/conversations/denied/qos2", b"refused", qos=2)
         self.assertTrue(ticket.wait(30))
         self.assertEqual((ticket.refusal, ticket.refusal_code), ("Not authorized", 0x87))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ConnectionHistoryTests(unittest.TestCase):

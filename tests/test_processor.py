@@ -62,7 +62,7 @@ class MemoryPublisher:
         refusal = self.refusals.pop(0) if self.refusals else None
         if isinstance(refusal, Exception):
             raise refusal
-        self.journal.append(("publish", topic, json.loads(payload)))
+        self.journal.append(("publish", topic, json.loads(payload) if payload else None))  # None: a retained clear
         self.expiries.append(expiry)
         return Ticket(refusal)
 
