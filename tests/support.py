@@ -701,6 +701,13 @@ class AgentProcess:
     def wait_log(self, text: str, timeout: float = 15) -> None:
         wait_until(lambda: text in self.log(), timeout, f"{text!r} in the log of {self.agent_id}")
 
+    def fetch(self, path: str, accept: str = "application/json") -> str:
+        """What the agent's health server answers on `path` (`text/plain`: Prometheus' format)."""
+        import urllib.request
+        request = urllib.request.Request(f"http://127.0.0.1:{self.env['HEALTH_PORT']}{path}", headers={"Accept": accept})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.read().decode()
+
     def metric(self, path: str, default: Any = 0) -> Any:
         """One figure of the agent's JSON metrics ("tasks.tasks_completed"): what it did, as it
         counts it. `default` before it serves them."""

@@ -114,6 +114,8 @@ class DecisionTests(ApprovalTestCase):
                                     lambda p: p.get("event_type") == "ApprovalRequired")
         self.assertEqual(event["metadata"], {"approval_id": request["approval_id"], "tool_name": "deploy"})
         agent.wait_metric("approvals.pending", 1)
+        self.assertEqual(json.loads(agent.fetch("/health"))["approvals_pending"], 1)
+        self.assertIn("agent2389_approvals_pending 1", agent.fetch("/metrics", "text/plain"))
         self.assertEqual(self.runs(), 0, "nothing runs before the decision")
         for _ in range(3):  # the same decision, three times: one resume
             self.decide(watcher, "deployer", request["approval_id"], "approve")
@@ -123,6 +125,9 @@ class DecisionTests(ApprovalTestCase):
         self.assertEqual(self.runs(), 1)
         agent.wait_metric("approvals.decisions.approved", 1)
         agent.wait_metric("approvals.pending", 0)
+        prometheus = agent.fetch("/metrics", "text/plain")
+        self.assertIn('agent2389_approval_decisions_total{outcome="approved"} 1', prometheus)
+        self.assertIn("agent2389_approval_decision_seconds_count 1", prometheus)
         agent.wait_log(f"ignoring a decision for approval {request['approval_id']}: it is not waiting here")
 
     def test_a_denied_call_tells_the_llm_who_denied_it_and_why_and_hostile_decisions_change_nothing(self):

@@ -251,12 +251,15 @@ class ResumeTests(unittest.TestCase):
             state = LoopState([Message("user", "deploy it")], 1, 0, [ToolCall("c1", "deploy", {"to": "prod"})])
             raise ApprovalNeeded(state, state.pending[0], 600)
 
+        from support import FakeClock
         self.answers = []
-        processor = self.case.make(think=think)
+        self.clock = FakeClock(time.time())
+        processor = self.case.make(think=think, wall_clock=self.clock)
 
         def resume_loop(task, state, answer, deadline):
             record = next(iter(self.case.store.parked().values()))
             self.answers.append((answer, record.get("tool_started"), state.tool_calls))
+            self.seconds_left = deadline - time.monotonic()
             return "done" if answer is None else f"LLM heard: {answer[1]}"
 
         processor.resume_loop = resume_loop
@@ -280,6 +283,21 @@ class ResumeTests(unittest.TestCase):
         self.assertEqual((published[0][1]["response"], published[1][1]), ("done", None), "answered, the request cleared")
         self.assertEqual(self.case.store.parked(), {})
 
+    def test_the_time_parked_does_not_count_against_the_task(self):
+        """It resumes with the time it had left when it parked (task_timeout 5 s here), however
+        long it waited; its expiry still bounds the wait (the request's expires_at)."""
+        task, approval_id = self.parked()
+        self.assertAlmostEqual(self.case.store.parked()[approval_id]["seconds_left"], 5, delta=1)
+        self.case.store.advance(approval_id, "waiting", seconds_left=1234.0)  # as if parked with that much left
+        self.case.processor.desk.decide(approval_id, Decision(True, "ops", ""))
+        self.assertAlmostEqual(self.seconds_left, 1234, delta=5)
+        from support import envelope
+        expiring = envelope(self.agent, expires_at="2099-01-01T00:00:10Z")
+        self.clock.now = 4070908800.0  # 2099-01-01T00:00:00Z: 10 s before it expires
+        self.case.deliver(expiring)
+        ((topic, request),) = self.case.publisher.published()[-1:]
+        self.assertEqual(request["expires_at"], "2099-01-01T00:00:10.000Z", "not 600 s from now")
+
     def test_denied_the_llm_hears_who_and_why(self):
         task, approval_id = self.parked()
         self.case.processor.desk.decide(approval_id, Decision(False, "bob", "not today"))
@@ -293,6 +311,38 @@ class ResumeTests(unittest.TestCase):
         ((answer, started, calls),) = self.answers
         self.assertEqual((answer[0], started, calls), (False, True, 1))
         self.assertIn("it was not run again", answer[1])
+
+
+
+class ElicitationSessionTests(unittest.TestCase):
+    def test_a_form_question_goes_to_a_person_on_a_thread_of_its_own_and_other_modes_are_refused(self):
+        from agent2389_lib.tools.mcp.session import McpSession
+        from support import wait_until
+        sent, asked = [], []
+
+        class Channel:
+            protocol_version = None
+
+            def start(self):
+                pass
+
+            def send(self, message, timeout):
+                sent.append(message)
+
+            def close(self, timeout):
+                pass
+
+        session = McpSession("s", lambda s: Channel(),
+                             elicit=lambda params, asking: asked.append((params, asking)) or {"action": "decline"})
+        session.dispatch({"jsonrpc": "2.0", "id": 7, "method": "elicitation/create",
+                          "params": {"mode": "url", "url": "https://example.com", "message": "m", "elicitationId": "e"}})
+        session.dispatch({"jsonrpc": "2.0", "id": 8, "method": "elicitation/create",
+                          "params": {"message": "Which?", "requestedSchema": {"type": "object"}}})
+        wait_until(lambda: len(sent) == 2, 10, "both answered")
+        answers = {message["id"]: message for message in sent}
+        self.assertEqual(answers[7]["error"]["code"], -32602)
+        self.assertEqual(answers[8]["result"], {"action": "decline"})
+        self.assertEqual(asked, [({"message": "Which?", "requestedSchema": {"type": "object"}}, None)])
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ class RunningTaskTests(CancelTestCase):
         self.assertEqual(len(fake.completions()), 1, "the cancelled request was not retried")
         self.assertEqual(len(self.progress(watcher, task["task_id"], "task_canceled")), 1)
         agent.wait_metric("tasks.tasks_canceled", 2)  # and the marker
-        self.assertIn("agent2389_cancel_to_end_seconds_count 2", _prometheus(agent))
+        self.assertIn("agent2389_cancel_to_end_seconds_count 2", agent.fetch("/metrics", "text/plain"))
 
     def test_a_command_tool_is_killed_with_its_children(self):
         directory = tempfile.mkdtemp(prefix="cancel-tool-")
@@ -276,11 +276,3 @@ def _kept_cancels(path: str, task_id: str) -> int:
         return 0
     finally:
         db.close()
-
-
-def _prometheus(agent: AgentProcess) -> str:
-    import urllib.request
-    request = urllib.request.Request(f"http://127.0.0.1:{agent.env['HEALTH_PORT']}/metrics",
-                                     headers={"Accept": "text/plain"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return response.read().decode()
