@@ -394,6 +394,8 @@ class TaskProcessor:
         """At shutdown, for a store that does not outlive the process (no state_dir): each parked
         task is answered with an error naming its approval, and its request cleared."""
         for approval_id, record in self.dedupe.parked().items():
+            if record["state"] == RUNNING or self.dedupe.advance(approval_id, record["state"], state=RUNNING) is None:
+                continue  # a worker still has it (a shutdown past its grace)
             claim = Claim(record["key"], record["task_id"], protocol.conversation_topic(record["conversation_id"],
                                                                                         self.agent_id),
                           time.monotonic() + _PUBLISH_PATIENCE, None)
