@@ -112,9 +112,10 @@ def wants_prometheus(accept: str) -> bool:
     return "application/openmetrics-text" in accept or ("text/plain" in accept and "application/json" not in accept)
 
 
-class _BoundedHTTPServer(ThreadingHTTPServer):
+class BoundedHTTPServer(ThreadingHTTPServer):
     """Tracks open connections with the time their current request began; evicts the oldest
-    when full and any whose request outlived REQUEST_DEADLINE (shutdown wakes its thread)."""
+    when full and any whose request outlived REQUEST_DEADLINE (shutdown wakes its thread). A
+    connection that streams for longer (the gateway's Server-Sent Events) is `released` from that."""
 
     daemon_threads = True
     request_queue_size = _LISTEN_BACKLOG
@@ -130,6 +131,11 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
                 self._hang_up(min(self._open, key=self._open.__getitem__))
             self._open[request] = time.monotonic()
         super().process_request(request, client_address)
+
+    def release(self, request: socket.socket) -> None:
+        """No deadline for this connection's request, nor eviction: it streams."""
+        with self._open_lock:
+            self._open.pop(request, None)
 
     def request_started(self, request: socket.socket) -> None:
         """A keep-alive connection's next request gets a deadline of its own."""
@@ -161,55 +167,17 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         """Called inside the handler's except block: a client hanging up is no news, a bug is."""
         error = sys.exc_info()[1]
         if isinstance(error, (ConnectionError, TimeoutError, socket.timeout)):
-            log.debug("health client %s went away mid-request (%s)", client_address, type(error).__name__)
+            log.debug("HTTP client %s went away mid-request (%s)", client_address, type(error).__name__)
         else:
-            log.error("health endpoint failed for %s: %s: %s", client_address, type(error).__name__, error)
+            log.error("HTTP endpoint failed for %s: %s: %s", client_address, type(error).__name__, error)
 
 
-class HealthServer:
-    def __init__(self, metrics: Metrics, status: Callable[[], AgentStatus], port: int, bind: str = "0.0.0.0"):
+class HealthEndpoints:
+    """What /, /health, /ready, /live and /metrics answer (the agent's health server, the gateway's port)."""
+
+    def __init__(self, metrics: Metrics, status: Callable[[], AgentStatus]):
         self.metrics = metrics
         self.status = status
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = _CLIENT_TIMEOUT
-            protocol_version = "HTTP/1.1"
-            server_version = f"agent2389/{__version__}"
-
-            def log_message(self, fmt: str, *args: object) -> None:
-                log.debug("health %s - %s", self.address_string(), fmt % args)
-
-            def handle_one_request(self) -> None:
-                server.httpd.request_started(self.connection)
-                super().handle_one_request()
-
-            def do_GET(self) -> None:
-                server.route(self, head=False)
-
-            def do_HEAD(self) -> None:
-                server.route(self, head=True)
-
-            def _not_allowed(self) -> None:
-                server.reply(self, 405, {"error": f"method {self.command} not allowed", "allowed": ["GET", "HEAD"]},
-                             extra={"Allow": "GET, HEAD"})
-
-            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-        self.httpd = _BoundedHTTPServer((bind, port), Handler)
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info("health and metrics on http://%s:%d/ (/health, /ready, /live, /metrics)",
-                 self.httpd.server_address[0], self.port)
-
-    def close(self) -> None:
-        """Stop serving (if it started) and release the port."""
-        if self._thread.is_alive():
-            self.httpd.shutdown()
-        self.httpd.server_close()
 
     def route(self, handler: BaseHTTPRequestHandler, head: bool) -> None:
         path = handler.path.split("?", 1)[0].rstrip("/") or "/"
@@ -251,3 +219,48 @@ class HealthServer:
         handler.end_headers()
         if not head:
             handler.wfile.write(data)
+
+
+class HealthServer(HealthEndpoints):
+    def __init__(self, metrics: Metrics, status: Callable[[], AgentStatus], port: int, bind: str = "0.0.0.0"):
+        super().__init__(metrics, status)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = _CLIENT_TIMEOUT
+            protocol_version = "HTTP/1.1"
+            server_version = f"agent2389/{__version__}"
+
+            def log_message(self, fmt: str, *args: object) -> None:
+                log.debug("health %s - %s", self.address_string(), fmt % args)
+
+            def handle_one_request(self) -> None:
+                server.httpd.request_started(self.connection)
+                super().handle_one_request()
+
+            def do_GET(self) -> None:
+                server.route(self, head=False)
+
+            def do_HEAD(self) -> None:
+                server.route(self, head=True)
+
+            def _not_allowed(self) -> None:
+                server.reply(self, 405, {"error": f"method {self.command} not allowed", "allowed": ["GET", "HEAD"]},
+                             extra={"Allow": "GET, HEAD"})
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+        self.httpd = BoundedHTTPServer((bind, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("health and metrics on http://%s:%d/ (/health, /ready, /live, /metrics)",
+                 self.httpd.server_address[0], self.port)
+
+    def close(self) -> None:
+        """Stop serving (if it started) and release the port."""
+        if self._thread.is_alive():
+            self.httpd.shutdown()
+        self.httpd.server_close()

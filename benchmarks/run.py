@@ -25,15 +25,10 @@ import requests
 
 import cancel
 import fleet
+import gateway
 import instructions
-from harness import AGENT, HERE, Driver, Processes, memory_mb, start_agent, start_broker, start_llm, write_agent_config
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from harness import (AGENT, HERE, Driver, Processes, cpu_seconds, memory_mb, percentiles, start_agent, start_broker,
+                     start_llm, write_agent_config)
 
 
 def requests_baseline(llm_port: int, count: int, threads: int) -> tuple[float, float]:
@@ -52,12 +47,6 @@ def requests_baseline(llm_port: int, count: int, threads: int) -> tuple[float, f
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(call, range(count)))
     return count / (time.perf_counter() - start), (time.process_time() - cpu) / count
-
-
-def percentiles(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]  # noqa: E731
-    return {"p50": round(pick(0.50), 3), "p95": round(pick(0.95), 3), "p99": round(pick(0.99), 3)}
 
 
 def run(quick: bool) -> dict:
@@ -125,6 +114,9 @@ def run(quick: bool) -> dict:
         # cancel: from its publish to the end of the task's LLM connection
         cancel_ms = percentiles(cancel.measure(procs, driver, broker, 100 // scale))
 
+        # the A2A gateway: what it adds to a task, against inject --wait and the bare MQTT round trip
+        a2a = gateway.measure(procs, driver, broker, 500 // scale)
+
         # a pool of 4 x 8 workers against a provider allowing 60 requests a minute, without and with
         without, with_ = fleet.measure(procs, driver, broker, 180.0 / scale)
 
@@ -163,6 +155,10 @@ def run(quick: bool) -> dict:
          round(concurrent_rate / 80, 3), ">= 0.9"),
         ("cancel to the LLM connection's end p50/p99 (ms)", f"{cancel_ms['p50']}/{cancel_ms['p99']}",
          f"{100 // scale} cancels", cancel_ms["p99"], "p99 < 200 ms"),
+        ("A2A send to answer via the gateway p50/p99 (ms)", f"{a2a['gateway']['p50']}/{a2a['gateway']['p99']}",
+         f"MQTT round trip {a2a['direct']['p50']}/{a2a['direct']['p99']}, inject --wait {a2a['inject']['p50']}",
+         round(a2a["gateway"]["p50"] - a2a["direct"]["p50"], 3), "(information: what it adds at p50)"),
+        ("  gateway CPU per task (us)", a2a["gateway_cpu_us"], "", a2a["gateway_cpu_us"], "(information)"),
         ("429s, pool of 4 x 8 vs 60 requests/min, with / without fleet cooldowns and limits", with_["refused"],
          f"without: {without['refused']}", round(with_["refused"] / max(1, without["refused"]), 3), "<= 0.05"),
         ("  tasks answered a minute with them", round(with_["answered_per_minute"], 1), "the provider's limit 60",

@@ -11,7 +11,7 @@ PACKAGE = "agent2389_lib"
 
 # Each module's layer, top (6) to bottom (0); a module imports only from its own layer or below.
 LAYERS = {
-    6: ["cli", "cli.*", "__main__", "build_pyz"],
+    6: ["cli", "cli.*", "gateway", "gateway.*", "__main__", "build_pyz"],
     5: ["runtime"],
     4: ["processor", "router"],
     3: ["mqtt", "mqtt.*"],

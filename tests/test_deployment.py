@@ -188,7 +188,29 @@ class KubernetesTests(unittest.TestCase):
     def test_everything_the_guide_shows_and_more(self):
         self.assertEqual(set(self.kinds), {"Namespace", "ConfigMap", "Secret", "StatefulSet", "Service",
                                            "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding",
-                                           "PodDisruptionBudget", "NetworkPolicy"})
+                                           "PodDisruptionBudget", "NetworkPolicy", "Deployment",
+                                           "PersistentVolumeClaim"})
+
+    def test_the_gateway_is_a_deployment_of_its_own(self):
+        """One replica on its own volume (its task store), probed on its port, the tokens from the Secret."""
+        gateway = self.kinds["Deployment"]
+        spec = gateway["spec"]
+        (container,) = spec["template"]["spec"]["containers"]
+        self.assertEqual((spec["replicas"], spec["strategy"]["type"]), (1, "Recreate"))
+        self.assertEqual(container["args"][:3], ["gateway", "--listen", "0.0.0.0:8389"])
+        self.assertEqual(container["readinessProbe"]["httpGet"], {"path": "/ready", "port": 8389})
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        state = container["args"][container["args"].index("--state") + 1]
+        self.assertTrue(state.startswith("/app/state/"))
+        tokens = container["args"][container["args"].index("--auth-token-file") + 1]
+        self.assertEqual(os.path.dirname(tokens), "/app/secrets")
+        volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+        self.assertEqual(volumes[mounts["/app/state"]]["persistentVolumeClaim"]["claimName"],
+                         self.kinds["PersistentVolumeClaim"]["metadata"]["name"])
+        self.assertIn("gateway-tokens", self.kinds["Secret"]["stringData"])
+        services = [d for d in self.docs if d["kind"] == "Service" and d["spec"]["selector"] == {
+            "app": "agent2389-gateway"}]
+        self.assertEqual(services[0]["spec"]["ports"][0]["port"], 8389)
 
     def test_pool_settings(self):
         statefulset = self.kinds["StatefulSet"]
@@ -236,7 +258,8 @@ class KubernetesTests(unittest.TestCase):
         self.assertEqual(loaded.warnings, ())
 
     def test_network_policy(self):
-        egress = self.kinds["NetworkPolicy"]["spec"]["egress"]
+        egress = next(d for d in self.docs if d["kind"] == "NetworkPolicy" and
+                      d["metadata"]["name"] == "agent2389-network")["spec"]["egress"]
         ports = {p["port"] for rule in egress for p in rule["ports"]}
         self.assertEqual(ports, {1883, 8883, 443, 53})
 
@@ -287,8 +310,11 @@ class ComposeTests(unittest.TestCase):
         with open(os.path.join(ROOT, "docker-compose.yml")) as handle:
             compose = yaml.safe_load(handle)
         services = compose["services"]
-        self.assertEqual(set(services), {"agent2389", "mqtt", "prometheus"})
+        self.assertEqual(set(services), {"agent2389", "gateway", "mqtt", "prometheus"})
         self.assertTrue(os.path.isfile(os.path.join(ROOT, services["agent2389"]["build"], "Dockerfile")))
+        self.assertEqual(services["gateway"]["image"], services["agent2389"]["image"], "the same image")
+        self.assertEqual(services["gateway"]["command"][0], "gateway")
+        self.assertTrue(services["gateway"]["ports"][0].startswith("127.0.0.1:"), "this machine only, without tokens")
         for service in services.values():
             self.assertNotRegex(service["image"], r":latest$")
             for volume in service.get("volumes", []):

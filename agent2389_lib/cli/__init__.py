@@ -172,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="an MCP question's answer, checked against the schema the server asked with")
         _add_broker_args(deciding)
 
+    gateway = _command(sub, "gateway", "serve the available agents to A2A clients: an A2A v1.0 gateway (JSON-RPC, "
+                       "streaming) in front of the broker",
+                       "agent2389 gateway --listen 127.0.0.1:8389 --auth-token-file tokens.txt")
+    gateway.add_argument("--listen", default="127.0.0.1:8389", metavar="HOST:PORT",
+                         help="where to serve (default 127.0.0.1:8389: this machine only)")
+    gateway.add_argument("--public-url", metavar="URL", help="the base URL the cards give clients (behind a proxy "
+                                                             "or an ingress; default: the --listen address)")
+    gateway.add_argument("--auth-token-file", metavar="FILE",
+                         help="bearer tokens, one a line: every JSON-RPC request needs one of them")
+    gateway.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM)")
+    gateway.add_argument("--tls-key", metavar="FILE", help="and its private key (PEM)")
+    gateway.add_argument("--state", default="agent2389-gateway.sqlite3", metavar="FILE",
+                         help="the A2A tasks, kept across restarts (default ./agent2389-gateway.sqlite3)")
+    gateway.add_argument("--name", default="gateway", help="this gateway's name: its MQTT client id is "
+                                                           "agent2389-gateway-NAME (one per gateway process)")
+    gateway.add_argument("--send-wait", type=float, default=300.0, metavar="SECONDS",
+                         help="how long SendMessage waits for a task to finish or need input (default 300)")
+    _add_broker_args(gateway)
+
     tools = _command(sub, "tools", "list the tools the agent would offer the LLM, or run one, from a configuration "
                      "(MCP servers are started to ask them; no broker or LLM needed)",
                      "agent2389 tools call time__get_current_time --args '{\"timezone\": \"UTC\"}' "
@@ -436,6 +455,46 @@ def _approvals(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    import os
+    import ssl
+    from ..config import ConfigError, load_mqtt_settings
+    from ..gateway.run import run_gateway
+    from ..logs import configure_logging
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        print(f"error: --listen {args.listen!r} is not HOST:PORT (e.g. 127.0.0.1:8389)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        settings = load_mqtt_settings(config_path(args.config), broker_url=args.broker_url)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    tokens: frozenset = frozenset()
+    try:
+        if args.auth_token_file:
+            with open(args.auth_token_file) as handle:
+                tokens = frozenset(line.strip().encode() for line in handle
+                                   if line.strip() and not line.lstrip().startswith("#"))
+            if not tokens:
+                print(f"error: --auth-token-file {args.auth_token_file} holds no token", file=sys.stderr)
+                return EXIT_CONFIG
+        tls = None
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+                return EXIT_CONFIG
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"error: {exc} (--auth-token-file, --tls-cert, --tls-key)", file=sys.stderr)
+        return EXIT_CONFIG
+    secrets = [token.decode() for token in tokens] + ([settings.password.reveal()] if settings.password else [])
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO"), os.environ.get("LOG_FORMAT", "json"), secrets)
+    return run_gateway(settings, host.strip("[]"), int(port), args.state, args.name, tokens, tls, args.public_url,
+                       args.send_wait)
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from . import ops
     agents = _agent_ids("--agents", [a.strip() for a in args.agents.split(",") if a.strip()])
@@ -508,7 +567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     handlers = {"version": lambda a: print(f"agent2389 {__version__}") or 0, "check-config": _check_config,
                 "run": _run, "inject": _inject, "pipeline": _pipeline, "monitor": _monitor, "healthcheck": _healthcheck,
-                "tools": _tools, "cancel": _cancel, "approvals": _approvals}
+                "tools": _tools, "cancel": _cancel, "approvals": _approvals, "gateway": _gateway}
     try:
         code = handlers[args.command](args)
     except KeyboardInterrupt:  # `run` stops on SIGINT itself; the other commands end here, without a traceback

@@ -32,10 +32,12 @@ class OperatorClient:
     answer) the broker keeps its MQTT 5 session that long across a lost connection, so an answer
     published meanwhile is delivered once it is back; the session is ended when the command is."""
 
-    def __init__(self, settings: MqttSettings, session_seconds: Optional[float] = None):
+    def __init__(self, settings: MqttSettings, session_seconds: Optional[float] = None,
+                 client_id: Optional[str] = None):
+        """`client_id`: a stable one keeps the session across runs (the gateway's); default, a new one."""
         self.settings = settings
         self.session_seconds = session_seconds
-        self.client_id = f"agent2389-cli-{uuid.uuid4().hex[:10]}"
+        self.client_id = client_id or f"agent2389-cli-{uuid.uuid4().hex[:10]}"
         self.version = "3.1.1" if settings.protocol == "3.1.1" else "5"
         self.messages: "queue.Queue[mqtt.MQTTMessage]" = queue.Queue()
         self.topics: list[str] = []
@@ -159,11 +161,12 @@ class OperatorClient:
         except queue.Empty:
             return None
 
-    def close(self) -> None:
-        """Disconnect; a kept session ends with it (MQTT 5: session expiry 0 in the DISCONNECT)."""
+    def close(self, keep_session: bool = False) -> None:
+        """Disconnect; a kept session ends with it (MQTT 5: session expiry 0 in the DISCONNECT)
+        unless `keep_session` (what arrives meanwhile waits in it for the next run)."""
         self.state.become(LinkState.CLOSING)
         properties = None
-        if self.session_seconds and self.version == "5":
+        if self.session_seconds and self.version == "5" and not keep_session:
             properties = Properties(PacketTypes.DISCONNECT)
             properties.SessionExpiryInterval = 0
         self.client.disconnect(properties=properties)
