@@ -163,6 +163,16 @@ class SendTests(GatewayTestCase):
         (missing,) = sdk({"op": "get", "url": gateway.agent_url("gw-echo"), "task_id": str(uuid.uuid4())})
         self.assertEqual(missing["error"]["type"], "TaskNotFoundError")
 
+    def test_a_send_waits_for_an_answer_longer_than_a_request_may_take_to_arrive(self):
+        """The HTTP server cuts off a request still arriving after 10 s (slow clients); a send
+        waiting for its agent is past that. Before: the connection was closed after 10 s."""
+        self.running(self.echo_agent("gw-patient", latency_ms=11000))
+        gateway = self.gateway()
+        wait_until(lambda: gateway.get("/agents/gw-patient/.well-known/agent-card.json")[0] == 200, 15, "the card")
+        (sent,) = sdk({"op": "send", "url": gateway.agent_url("gw-patient"), "text": "take your time",
+                       "message_id": "m-patient"})
+        self.assertEqual(sent["task"]["status"]["state"], "TASK_STATE_COMPLETED")
+
     def test_a_retried_message_id_is_published_once(self):
         watcher = self.watcher("/control/agents/+/status", "/control/agents/gw-once/input")
         self.running(self.echo_agent("gw-once"), watcher)

@@ -143,6 +143,8 @@ class GatewayServer:
             agent_id = parts[2] if path else _named_agent(params)
             if method in ("SendStreamingMessage", "SubscribeToTask"):
                 return self._stream(handler, request_id, method, agent_id, params)
+            if method in ("SendMessage", "CancelTask"):  # they wait for the agent: no request deadline
+                self.httpd.release(handler.connection)
             value = self._call(method, agent_id, params)
         except RpcError as exc:
             return self.endpoints.reply(handler, 200, exc.body(request_id))
