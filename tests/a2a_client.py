@@ -1,7 +1,7 @@
 """One A2A operation with the official a2a-sdk client, for the gateway tests (run by an
 interpreter that has the SDK: under Python 3.9, which it does not support, .ci/run's side one).
 
-    a2a_client.py '{"op": "send", "url": "http://127.0.0.1:8389/agents/a1", "text": "hi", ...}'
+    echo '{"op": "send", "url": "http://127.0.0.1:8389/agents/a1", "text": "hi", ...}' | a2a_client.py
 
 Prints one JSON object a line as it happens (ProtoJSON of each StreamResponse, Task or card),
 and {"error": {"type", "message"}} for an error the SDK raised.
@@ -51,7 +51,7 @@ async def run(spec: dict) -> None:
 
 def main() -> None:
     try:
-        asyncio.run(run(json.loads(sys.argv[1])))
+        asyncio.run(run(json.loads(sys.stdin.read())))
     except Exception as exc:  # what the SDK raised, for the test to read
         say({"error": {"type": type(exc).__name__, "message": str(exc)}})
 

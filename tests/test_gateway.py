@@ -82,7 +82,7 @@ class GatewayProcess:
 
 def sdk(spec: dict) -> list:
     """What the a2a-sdk client said, one object a line."""
-    result = subprocess.run([a2a_python(), os.path.join(HERE, "a2a_client.py"), json.dumps(spec)],
+    result = subprocess.run([a2a_python(), os.path.join(HERE, "a2a_client.py")], input=json.dumps(spec),
                             capture_output=True, text=True, timeout=120)
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     if not lines:
@@ -92,8 +92,10 @@ def sdk(spec: dict) -> list:
 
 def sdk_stream(spec: dict) -> tuple[subprocess.Popen, list, threading.Event]:
     """A streaming call running in the background: its events as they come."""
-    proc = subprocess.Popen([a2a_python(), os.path.join(HERE, "a2a_client.py"), json.dumps(spec)],
+    proc = subprocess.Popen([a2a_python(), os.path.join(HERE, "a2a_client.py")], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
     events, ended = [], threading.Event()
 
     def read():
@@ -195,6 +197,10 @@ class SendTests(GatewayTestCase):
         status = sent["task"]["status"]
         self.assertEqual(status["state"], "TASK_STATE_FAILED")
         self.assertTrue(status["message"]["parts"][0]["text"].startswith("llm_error: "))
+        (refused,) = sdk({"op": "send", "url": gateway.agent_url("gw-failing"), "text": "too much",
+                          "message_id": "m-big", "data": {"blob": "x" * 300000}})  # over the agent's 256 KiB
+        self.assertEqual(refused["task"]["status"]["state"], "TASK_STATE_REJECTED")
+        self.assertIn("invalid_input: message of", refused["task"]["status"]["message"]["parts"][0]["text"])
         code, body = gateway.post("/agents/nobody", json.dumps({"jsonrpc": "2.0", "id": 1, "method": "SendMessage",
                                   "params": {"message": {"messageId": "x", "role": "ROLE_USER",
                                                          "parts": [{"text": "hi"}]}}}).encode())
@@ -212,10 +218,14 @@ class CancelTests(GatewayTestCase):
         self.addCleanup(proc.kill)
         wait_until(lambda: "TASK_STATE_WORKING" in map(state_of, list(events)), 20, "the agent working")
         task_id = events[0]["task"]["id"]
+        watching, seen, watched = sdk_stream({"op": "subscribe", "url": gateway.agent_url("gw-slow"),
+                                              "task_id": task_id, "stream": True})
+        self.addCleanup(watching.kill)
+        wait_until(lambda: seen, 20, "the subscriber to get the task")
         (canceled,) = sdk({"op": "cancel", "url": gateway.agent_url("gw-slow"), "task_id": task_id})
         self.assertEqual(canceled["status"]["state"], "TASK_STATE_CANCELED")
-        self.assertTrue(ended.wait(20), "the stream ended")
-        self.assertEqual(state_of(events[-1]), "TASK_STATE_CANCELED")
+        self.assertTrue(ended.wait(20) and watched.wait(20), "both streams ended")
+        self.assertEqual((state_of(events[-1]), state_of(seen[-1])), ("TASK_STATE_CANCELED", "TASK_STATE_CANCELED"))
         agent.wait_log(f"cancel for task {task_id}")
         (again,) = sdk({"op": "cancel", "url": gateway.agent_url("gw-slow"), "task_id": task_id})
         self.assertEqual(again["error"]["type"], "TaskNotCancelableError")
