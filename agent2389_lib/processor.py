@@ -114,6 +114,31 @@ class Claim:
         self.forwarded_to: Optional[str] = None  # the agent its forward went to, once the broker took it
 
 
+class _Answered:
+    """Around a claim's work: an exception in it is answered with `internal_error`; a claim left
+    without a published outcome is released unacknowledged (the broker redelivers it). A class,
+    not a generator: it wraps every task, and a generator's context manager costs three times as much."""
+
+    __slots__ = ("processor", "claim")
+
+    def __init__(self, processor: "TaskProcessor", claim: Claim):
+        self.processor, self.claim = processor, claim
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, failure: Optional[BaseException], traceback: object) -> bool:
+        claim = self.claim
+        try:
+            if failure is None or isinstance(failure, PublishAbandoned):
+                return False
+            self.processor._answer_failure(claim, failure)  # a bug, or what ends the worker (SystemExit)
+            return isinstance(failure, Exception)  # SystemExit and the like go on, answered all the same
+        finally:
+            if not claim.published:
+                self.processor.dedupe.finish(claim.key, completed=False)
+
+
 def peek_ids_in_prefix(payload: bytes) -> tuple[Optional[str], Optional[str]]:
     """task_id and conversation_id from the start of a payload too large to parse."""
     head = payload[:_PEEK_BYTES]
@@ -241,27 +266,14 @@ class TaskProcessor:
             return
         claim = Claim(key, task_id, protocol.conversation_topic(cid, self.agent_id),
                       time.monotonic() + self._seconds_allowed(expires_at), expires_at)
-        with self._answered(claim):
+        with _Answered(self, claim):
             yield claim
 
-    @contextmanager
-    def _answered(self, claim: Claim) -> Iterator[None]:
-        """An exception in the body is answered with `internal_error`; a claim left without a
-        published outcome is released unacknowledged (the broker redelivers it)."""
-        try:
-            yield
-        except PublishAbandoned:
-            raise
-        except BaseException as exc:  # a bug, or one that ends the worker (SystemExit): answered all the same
-            log.exception("internal error in task %s", claim.task_id)
-            if not claim.published:
-                self._publish(claim, Outcome(Kind.ERROR, claim.reply_topic, protocol.error_message(
-                    protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT, claim.task_id, self.secrets)))
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            if not claim.published:
-                self.dedupe.finish(claim.key, completed=False)
+    def _answer_failure(self, claim: Claim, failure: BaseException) -> None:
+        log.error("internal error in task %s", claim.task_id, exc_info=failure)
+        if not claim.published:
+            self._publish(claim, Outcome(Kind.ERROR, claim.reply_topic, protocol.error_message(
+                protocol.INTERNAL_ERROR, _INTERNAL_ERROR_TEXT, claim.task_id, self.secrets)))
 
     def _seconds_allowed(self, expires_at: Optional[float]) -> float:
         """A running task's deadline: `task_timeout`, or less when the task expires sooner."""
@@ -385,7 +397,7 @@ class TaskProcessor:
         parent = tracing.extract((), envelope.traceparent, envelope.tracestate)
         with self._task_span(self.input_topic, parent, envelope.task_id, envelope.conversation_id) as task_span:
             task_span.set("agent2389.approval_id", approval_id)
-            with self._answered(claim):
+            with _Answered(self, claim):
                 self._run_claimed(claim, envelope, task_span, payload, resumed)
         if claim.published:  # answered, forwarded, or parked again under a new approval
             self.desk.done(approval_id)

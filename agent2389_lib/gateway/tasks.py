@@ -58,6 +58,7 @@ class TaskStore:
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # as the agent's store: a process crash loses nothing
             self._db.execute("CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, agent_id TEXT, context_id TEXT, "
                              "conversation_id TEXT, message_id TEXT, state TEXT, status TEXT, artifacts TEXT, "
                              "history TEXT, approval TEXT, envelope TEXT, published INTEGER, created REAL, "
