@@ -383,3 +383,4 @@ def _fetch(url: str) -> str:
             return response.read().decode()
     except OSError:
         return ""
+

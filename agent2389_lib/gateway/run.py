@@ -56,7 +56,15 @@ def run_gateway(settings: MqttSettings, host: str, port: int, state: str, name: 
         return EXIT_STARTUP
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: stopping.set())
-    gateway.start()
+    try:
+        gateway.start()
+    except OperatorError as exc:  # a subscription the broker's ACL refuses
+        log.error("startup failed: %s (the gateway reads statuses, conversations, progress and approval requests)",
+                  exc)
+        server.close()
+        client.close(keep_session=True)
+        store.close()
+        return EXIT_UNAVAILABLE
     server.start()
     metrics.set_state("running")
     stopping.wait()
