@@ -162,6 +162,10 @@ class SendTests(GatewayTestCase):
         (got,) = sdk({"op": "get", "url": gateway.agent_url("gw-echo"), "task_id": streamed})
         self.assertEqual((got["status"]["state"], got["contextId"], got["artifacts"][0]["parts"][0]["text"]),
                          ("TASK_STATE_COMPLETED", "ctx-1", "hello stream"))
+        for length, kept in (("lots", 1), (0, 0), (True, 1)):  # anything but a count is all of it
+            _, raw = gateway.post("/agents/gw-echo", json.dumps({"jsonrpc": "2.0", "id": 7, "method": "GetTask",
+                                  "params": {"id": streamed, "historyLength": length}}).encode())
+            self.assertEqual(len(raw["result"].get("history", [])), kept, length)
         (missing,) = sdk({"op": "get", "url": gateway.agent_url("gw-echo"), "task_id": str(uuid.uuid4())})
         self.assertEqual(missing["error"]["type"], "TaskNotFoundError")
 

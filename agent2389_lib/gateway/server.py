@@ -162,19 +162,18 @@ class GatewayServer:
 
     def _call(self, method: str, agent_id: str, params: dict) -> dict:
         gateway = self.gateway
-        history = params.get("historyLength")
-        history_length = history if isinstance(history, int) and history >= 0 else None
         if method == "SendMessage":
-            configuration = params.get("configuration") or {}
+            configuration = params.get("configuration")
+            configuration = configuration if isinstance(configuration, dict) else {}
             task, follow = gateway.send(agent_id, a2a.read_message(params), stream=True)
             assert follow is not None
             if configuration.get("returnImmediately") is True or task.finished or task.state in a2a.INTERRUPTED:
                 gateway.unwatch(task.id, follow)
             else:
                 gateway.wait(task.id, follow, gateway.send_wait)
-            return {"task": gateway.get(task.id).to_json(configuration.get("historyLength"))}
+            return {"task": gateway.get(task.id).to_json(_history_length(configuration))}
         if method == "GetTask":
-            return gateway.get(a2a.task_id_param(params)).to_json(history_length)
+            return gateway.get(a2a.task_id_param(params)).to_json(_history_length(params))
         if method == "CancelTask":
             return gateway.cancel(a2a.task_id_param(params)).to_json()
         if method.endswith("PushNotificationConfig") or method == "ListTaskPushNotificationConfigs":
@@ -228,6 +227,12 @@ class GatewayServer:
 def _event(handler: BaseHTTPRequestHandler, message: dict) -> None:
     handler.wfile.write(b"data: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n")
     handler.wfile.flush()
+
+
+def _history_length(holder: dict) -> Optional[int]:
+    """`historyLength`: how many of the task's messages to give (None: all; anything else but a count: all)."""
+    value = holder.get("historyLength")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _named_agent(params: dict) -> str:
