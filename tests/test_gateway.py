@@ -45,10 +45,11 @@ class GatewayProcess:
         self.proc = None
         case.addCleanup(self.stop)
 
-    def start(self, ready=None) -> "GatewayProcess":
-        self.proc = subprocess.Popen(self.argv, env=base_env(LOG_LEVEL="DEBUG"), stdout=open(self.log_path, "ab"),
-                                     stderr=subprocess.STDOUT)
-        wait_until(ready or (lambda: "A2A gateway on" in self.log()), 20, "the gateway to serve")
+    def start(self) -> "GatewayProcess":
+        with open(self.log_path, "ab") as log:  # the process writes it; this one only reads it
+            self.proc = subprocess.Popen(self.argv, env=base_env(LOG_LEVEL="DEBUG"), stdout=log,
+                                         stderr=subprocess.STDOUT)
+        wait_until(lambda: "A2A gateway on" in self.log(), 20, "the gateway to serve")
         return self
 
     def log(self) -> str:
@@ -99,9 +100,10 @@ def sdk_stream(spec: dict) -> tuple[subprocess.Popen, list, threading.Event]:
     events, ended = [], threading.Event()
 
     def read():
-        for line in proc.stdout:
-            if line.strip():
-                events.append(json.loads(line))
+        with proc.stdout:
+            for line in proc.stdout:
+                if line.strip():
+                    events.append(json.loads(line))
         ended.set()
     threading.Thread(target=read, daemon=True).start()
     return proc, events, ended
@@ -219,11 +221,13 @@ class CancelTests(GatewayTestCase):
         wait_until(lambda: gateway.get("/agents/gw-slow/.well-known/agent-card.json")[0] == 200, 15, "the card")
         proc, events, ended = sdk_stream({"op": "send", "url": gateway.agent_url("gw-slow"), "text": "slow",
                                           "stream": True, "message_id": "m-slow"})
+        self.addCleanup(proc.wait, 10)
         self.addCleanup(proc.kill)
         wait_until(lambda: "TASK_STATE_WORKING" in map(state_of, list(events)), 20, "the agent working")
         task_id = events[0]["task"]["id"]
         watching, seen, watched = sdk_stream({"op": "subscribe", "url": gateway.agent_url("gw-slow"),
                                               "task_id": task_id, "stream": True})
+        self.addCleanup(watching.wait, 10)
         self.addCleanup(watching.kill)
         wait_until(lambda: seen, 20, "the subscriber to get the task")
         (canceled,) = sdk({"op": "cancel", "url": gateway.agent_url("gw-slow"), "task_id": task_id})
