@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -309,8 +310,12 @@ class SecurityTests(GatewayTestCase):
             with self.subTest(body=body):
                 status, answer = gateway.post("/agents/gw-guarded", body, auth)
                 self.assertEqual((status, answer["error"]["code"]), (200, code))
-        status, _ = gateway.post("/agents/gw-guarded", b"x" * (2 << 20), auth)
-        self.assertEqual(status, 413)
+        # refused unread: the headers alone get the 413 (a client still sending 2 MiB may find the
+        # connection closed under it, as on 3.9 in CI)
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(b"POST /agents/gw-guarded HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer "
+                         b"token-one-S3CRET\r\nContent-Type: application/json\r\nContent-Length: 2097152\r\n\r\n")
+            self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 413 "))
         status, _ = gateway.post("/agents/gw-guarded", b'{"jsonrpc": "2.0", "id": 1, "method": "GetTask"}',
                                  {**auth, "A2A-Version": "0.2"})
         self.assertNotIn("S3CRET", gateway.log())
