@@ -243,8 +243,10 @@ class PoolTests(ApprovalTestCase):
         for task in tasks:
             watcher.publish(input_topic("pool-approve"), task)
         requests = [self.request_for(watcher, task) for task in tasks]
-        holders = [next(index for index, member in enumerate(members) if request["approval_id"] in member.log())
-                   for request in requests]
+        # which member parked each: its log says so, a moment after the request is out (CI saw it not yet there)
+        holders = [wait_until(lambda request=request: [index for index, member in enumerate(members)
+                                                       if request["approval_id"] in member.log()], 15,
+                              "the member that parked it to log it")[0] for request in requests]
         self.assertEqual(sorted(set(holders)), [0, 1], "both members parked tasks (the shared subscription)")
         for request in requests:
             self.decide(watcher, "pool-approve", request["approval_id"], "approve")
