@@ -20,7 +20,7 @@ import threading
 import time
 import unittest
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -611,6 +611,19 @@ def base_env(**extra: str) -> dict:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONPATH": ROOT}
     env.update(extra)
     return env
+
+
+def acl_broker(users: Sequence[str], password_suffix: str) -> "Mosquitto":
+    """A started mosquitto that asks for passwords (each user's is its name and `password_suffix`)
+    and applies deploy/mosquitto/acl, the project's ACL."""
+    broker = Mosquitto(anonymous=False)
+    passwords = os.path.join(broker.dir, "passwd")
+    open(passwords, "w").close()
+    for user in users:
+        subprocess.run(["mosquitto_passwd", "-b", passwords, user, f"{user}{password_suffix}"], check=True,
+                       capture_output=True)
+    broker.extra_conf = f"password_file {passwords}\nacl_file {os.path.join(ROOT, 'deploy', 'mosquitto', 'acl')}"
+    return broker.start()
 
 
 class AgentProcess:

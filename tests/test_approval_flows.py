@@ -13,8 +13,8 @@ import sys
 import tempfile
 
 from fake_llm import FakeOpenAI, Reply
-from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, Mosquitto, Watcher, base_env, envelope, installed,
-                     wait_until)
+from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, Watcher, acl_broker, base_env, envelope,
+                     installed, wait_until)
 
 KEY = "sk-test-key-0123456789"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,13 +301,7 @@ class AclTests(ApprovalTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.broker = Mosquitto(anonymous=False)
-        passwords = os.path.join(cls.broker.dir, "passwd")
-        open(passwords, "w").close()
-        for user in ("researcher-agent", "requester", "operator"):
-            subprocess.run(["mosquitto_passwd", "-b", passwords, user, f"{user}-pw"], check=True, capture_output=True)
-        cls.broker.extra_conf = f"password_file {passwords}\nacl_file {os.path.join(ROOT, 'deploy', 'mosquitto', 'acl')}"
-        cls.broker.start()
+        cls.broker = acl_broker(("researcher-agent", "requester", "operator"), "-pw")
 
     def test_a_requester_cannot_decide_an_operator_can(self):
         operator = self.watcher_as("operator", *self.TOPICS)

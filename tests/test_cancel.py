@@ -11,8 +11,8 @@ import tempfile
 import time
 
 from fake_llm import FakeOpenAI, Trickle
-from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, ClosingProxy, Mosquitto, Watcher, base_env, envelope,
-                     new_task_id, process_gone, read_pids, sdk_server, wait_until)
+from support import (AGENT_SCRIPT, AgentProcess, BrokerTestCase, ClosingProxy, Watcher, acl_broker, base_env,
+                     envelope, new_task_id, process_gone, read_pids, sdk_server, wait_until)
 
 KEY = "sk-test-key-0123456789"
 
@@ -222,14 +222,7 @@ class AclTests(CancelTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.broker = Mosquitto(anonymous=False)
-        passwords = os.path.join(cls.broker.dir, "passwd")
-        open(passwords, "w").close()
-        for user in ("researcher-agent", "writer-agent", "requester", "operator"):
-            subprocess.run(["mosquitto_passwd", "-b", passwords, user, f"{user}-pass"], check=True, capture_output=True)
-        acl = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "mosquitto", "acl")
-        cls.broker.extra_conf = f"password_file {passwords}\nacl_file {acl}"
-        cls.broker.start()
+        cls.broker = acl_broker(("researcher-agent", "writer-agent", "requester", "operator"), "-pass")
 
     def test_only_the_operator_cancels(self):
         watcher = Watcher(self.broker.port, "/control/agents/+/status", "/conversations/#", username="operator",
